@@ -1,0 +1,1 @@
+"""Actions: orchestration of one command each. No Typer, no terminal: they return results."""

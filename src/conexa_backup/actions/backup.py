@@ -1,0 +1,219 @@
+"""``backup``: dump the database, archive uploads, store on every target, commit.
+
+Each artifact is produced once and streamed through compression and hashing to all targets
+at the same time. The manifest is written last, and only to targets that stored every
+artifact: a target that failed holds no manifest, so its partial copy is never taken as good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from conexa_backup import __version__, archive, postgres, process
+from conexa_backup.actions.context import Context
+from conexa_backup.catalog import scan
+from conexa_backup.errors import ConexaError, PartialFailure
+from conexa_backup.manifest import (
+    MANIFEST_NAME,
+    Artifact,
+    DatabaseInfo,
+    Manifest,
+    UploadsInfo,
+    new_backup_id,
+)
+from conexa_backup.pipeline import CHUNK, Compressor, HashingSink, Sink, copy_stream, extension
+from conexa_backup.storage.base import Target
+from conexa_backup.storage.fanout import MultiUpload
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PARTS = ("database", "uploads")
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    stored_on: list[str]
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+
+class _Progress:
+    def __init__(self, out: Sink, ctx: Context) -> None:
+        self._out = out
+        self._reporter = ctx.reporter
+
+    def write(self, data: bytes) -> int:
+        self._out.write(data)
+        self._reporter.advance(len(data))
+        return len(data)
+
+
+@dataclass
+class _Run:
+    ctx: Context
+    backup_id: str
+    alive: list[Target]
+    failures: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    def store(self, kind: str, name: str, content: str, produce: Callable[[Sink], T]) -> T:
+        """Stream ``produce``'s bytes, compressed and hashed, to every live target."""
+        algorithm = self.ctx.config.compression.algorithm
+        filename = name + extension(algorithm)
+        multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
+        hashing = HashingSink(_Progress(multi, self.ctx))
+        compressor = Compressor(self.ctx.config.compression, hashing)
+        try:
+            result = produce(compressor)
+            compressor.finish()
+            stored = multi.commit()
+        except BaseException:
+            multi.abort()
+            raise
+        finally:
+            self.failures.update(multi.failures)
+        self.alive = [t for t in self.alive if t.name in stored]
+        self.artifacts.append(Artifact(
+            name=filename, kind=kind, size=hashing.size,  # type: ignore[arg-type]
+            sha256=hashing.hexdigest(), compression=algorithm, content=content,
+        ))
+        return result
+
+
+def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
+    """pg_dump in an exported snapshot; row counts taken in that same snapshot meanwhile."""
+    info = ctx.db
+    full_version, dump_major = postgres.tool_version(info, "pg_dump")
+    with postgres.exported_snapshot(info) as snap:
+        if dump_major < snap.server.major:
+            raise ConexaError(
+                f"pg_dump {full_version} is older than the server ({snap.server.version}); "
+                "install a pg_dump of the server's major version or newer, or set "
+                "database.bin_dir"
+            )
+        counted: dict[str, Any] = {}
+
+        def count() -> None:
+            try:
+                counted["rows"] = postgres.row_counts(snap.conn)
+            except Exception as exc:  # reported by the main thread below
+                counted["error"] = exc
+
+        counter = threading.Thread(target=count, name="row-counts", daemon=True)
+        counter.start()
+        with process.stream(postgres.pg_dump_argv(info, snap.id), env=info.env(),
+                            what="pg_dump") as child:
+            _grow_pipe(child.stdout)
+            copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
+            child.wait_ok()
+        counter.join()
+        if "error" in counted:
+            raise ConexaError(f"counting rows failed: {counted['error']}")
+        server = snap.server
+    return DatabaseInfo(
+        name=info.dbname, server_version=server.version, pg_dump_version=full_version,
+        encoding=server.encoding, collate=server.collate, ctype=server.ctype,
+        owner=server.owner, locale_provider=server.locale_provider,
+        icu_locale=server.icu_locale, tables=counted["rows"],
+    )
+
+
+def _grow_pipe(stream: Any) -> None:
+    """Ask for a 1 MiB pipe so pg_dump blocks less often (best effort, Linux only)."""
+    import fcntl
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        fcntl.fcntl(stream.fileno(), 1031, CHUNK)  # F_SETPIPE_SZ
+
+
+def _dump_globals(ctx: Context, out: Sink) -> None:
+    info = ctx.db
+    with info.connect() as conn:
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    superuser = bool(row and row[0])
+    argv = postgres.pg_dumpall_globals_argv(info, superuser)
+    with process.stream(argv, env=info.env(info.maintenance_db), what="pg_dumpall") as child:
+        copy_stream(child.stdout, out)
+        child.wait_ok()
+
+
+def run_backup(
+    ctx: Context,
+    *,
+    kind: str = "scheduled",
+    parts: Sequence[str] = PARTS,
+    target_names: Sequence[str] | None = None,
+) -> BackupResult:
+    """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
+
+    Raises:
+        ConexaError: nothing usable was stored (every target failed, pg_dump failed...).
+        PartialFailure: stored and committed on some targets only (see ``.result``).
+    """
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    targets = ctx.targets(target_names)
+    taken = {b.id for b in scan(targets, with_manifests=False)}
+    run = _Run(ctx, new_backup_id(started, taken), list(targets))
+    log.info("backup %s started (%s) on %s", run.backup_id, kind,
+             ", ".join(t.name for t in targets))
+    database = uploads = None
+    if "database" in parts:
+        ctx.reporter.step("dumping database")
+        database = run.store("database", "database.dump", "pg_dump-custom",
+                             lambda out: _dump_database(ctx, out))
+        if ctx.config.database.globals:
+            ctx.reporter.step("dumping roles and tablespaces")
+            run.store("globals", "globals.sql", "sql", lambda out: _dump_globals(ctx, out))
+    if "uploads" in parts and ctx.config.uploads is not None:
+        ctx.reporter.step("archiving uploads")
+        root = ctx.config.uploads.path
+        stats = run.store("uploads", "uploads.tar", "tar",
+                          lambda out: archive.write_tree(root, out))
+        uploads = UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
+                              dirs=stats.dirs, symlinks=stats.symlinks)
+    manifest = Manifest(
+        id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
+        hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
+        database=database, uploads=uploads, artifacts=run.artifacts,
+    )
+    ctx.reporter.step("writing manifest")
+    stored = _commit(run, manifest)
+    result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0)
+    log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
+             manifest.size_bytes, result.seconds)
+    if run.failures:
+        failed = "; ".join(run.failures.values())
+        raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
+                             f"but failed on: {failed}", result=result)
+    return result
+
+
+def _commit(run: _Run, manifest: Manifest) -> list[str]:
+    """Write the manifest (the commit marker) to every target that holds all artifacts."""
+    data = manifest.to_json()
+    multi = MultiUpload(run.alive, f"{run.backup_id}/{MANIFEST_NAME}")
+    try:
+        multi.write(data)
+        stored = multi.commit()
+    except BaseException:
+        multi.abort()
+        raise
+    finally:
+        run.failures.update(multi.failures)
+    return [t.name for t in run.alive if t.name in stored]

@@ -1,0 +1,88 @@
+"""What every action needs: the config, its targets, the database and a reporter.
+
+Actions report progress through the small :class:`Reporter` protocol, so they never know
+whether a terminal, cron or a test is listening.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol
+
+from conexa_backup.config import Config
+from conexa_backup.errors import ConexaError, UsageError
+from conexa_backup.postgres import ConnInfo, conninfo
+from conexa_backup.storage.base import Target
+from conexa_backup.storage.registry import create_target
+
+
+class Reporter(Protocol):
+    def step(self, message: str) -> None:
+        """A step of the run starts (``dumping database``...)."""
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` more bytes went through the current step."""
+
+
+class NullReporter:
+    def step(self, message: str) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        pass
+
+
+@dataclass
+class Context:
+    config: Config
+    config_path: Path | None = None
+    reporter: Reporter = field(default_factory=NullReporter)
+
+    @cached_property
+    def all_targets(self) -> list[Target]:
+        return [create_target(t) for t in self.config.targets]
+
+    def targets(self, names: Sequence[str] | None = None) -> list[Target]:
+        """The configured targets, or only those named (in config order).
+
+        Raises:
+            UsageError: a name matches no configured target.
+        """
+        if not names:
+            return self.all_targets
+        known = {t.name for t in self.all_targets}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(
+                f"unknown target {unknown[0]!r}; configured: {', '.join(sorted(known))}"
+            )
+        return [t for t in self.all_targets if t.name in names]
+
+    @cached_property
+    def db(self) -> ConnInfo:
+        return conninfo(self.config.database)
+
+    def secrets(self) -> list[str]:
+        """Values that must never be printed (for redacting error messages)."""
+        found = [v for k, v in self.db.params.items() if k in ("password", "sslpassword") and v]
+        if os.environ.get("PGPASSWORD"):
+            found.append(os.environ["PGPASSWORD"])
+        return found
+
+    def state_dir(self, *parts: str) -> Path:
+        """``state_dir`` (or a folder below it), created private (0700).
+
+        Raises:
+            ConexaError: it cannot be created.
+        """
+        path = self.config.state_dir.joinpath(*parts)
+        try:
+            self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConexaError(f"cannot create state_dir folder {path}: {exc.strerror}") from None
+        return path

@@ -1,0 +1,79 @@
+"""Reading a backup back: every byte checked against the manifest, with fallback.
+
+``read_verified`` streams one artifact from one copy through a hash; ``from_first_good`` tries
+each complete copy in turn (targets in config order, so local first by default) and moves on
+when a copy is missing or corrupt, so one bad disk never stops a restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from conexa_backup.catalog import Backup, Copy
+from conexa_backup.errors import IntegrityError, StorageError
+from conexa_backup.manifest import Artifact, Manifest
+from conexa_backup.pipeline import HashingReader, copy_stream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
+                  consume: Callable[[BinaryIO], T]) -> T:
+    """Run ``consume`` on the artifact's stored bytes, then check size and SHA-256.
+
+    ``consume`` must treat what it produced as provisional until this returns: on a mismatch
+    it raises after ``consume`` ran.
+
+    Raises:
+        IntegrityError: size or checksum differs. StorageError: the object cannot be read.
+    """
+    where = f"target {copy.target.name!r}: {backup_id}/{artifact.name}"
+    with copy.target.open(f"{backup_id}/{artifact.name}") as raw:
+        reader = HashingReader(raw)
+        result = consume(reader)  # type: ignore[arg-type]
+        reader.check(artifact.size, artifact.sha256, where)
+    return result
+
+
+def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
+                    prefer: str | None = None) -> T:
+    """Call ``attempt`` on each complete copy until one succeeds.
+
+    Raises:
+        IntegrityError: every copy failed (the message lists why, per target).
+    """
+    copies = backup.complete_copies
+    if prefer is not None:
+        copies = [c for c in copies if c.target.name == prefer]
+        if not copies:
+            raise IntegrityError(f"backup {backup.id} has no complete copy on target {prefer!r}")
+    problems: list[str] = []
+    for copy in copies:
+        assert copy.manifest is not None
+        try:
+            return attempt(copy, copy.manifest)
+        except (IntegrityError, StorageError) as exc:
+            problems.append(str(exc))
+        except OSError as exc:  # e.g. a truncated zstd frame while decompressing
+            problems.append(f"target {copy.target.name!r}: {exc}")
+        log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
+                    problems[-1])
+    raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
+
+
+def save_verified(copy: Copy, backup_id: str, artifact: Artifact, dest: Path) -> None:
+    """Copy one artifact as stored to ``dest`` (0600), checked; nothing left on failure."""
+    tmp = dest.with_name(f".{dest.name}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            read_verified(copy, backup_id, artifact, lambda raw: copy_stream(raw, out))
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

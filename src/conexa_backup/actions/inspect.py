@@ -1,0 +1,168 @@
+"""``list``, ``status``, ``verify``, ``download`` and ``delete``: backups as they are stored."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.fetch import from_first_good, read_verified, save_verified
+from conexa_backup.catalog import Backup, Copy, resolve, scan
+from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UsageError
+from conexa_backup.manifest import MANIFEST_NAME, Manifest
+from conexa_backup.pipeline import copy_stream
+
+log = logging.getLogger(__name__)
+
+
+def list_backups(ctx: Context, target_names: Sequence[str] | None = None) -> list[Backup]:
+    """Every backup on the selected targets, oldest first (incomplete ones included)."""
+    return scan(ctx.targets(target_names))
+
+
+@dataclass
+class Status:
+    last: Backup | None
+    age_seconds: float | None
+    incomplete: int
+
+
+def status(ctx: Context, now: datetime | None = None) -> Status:
+    """The newest complete backup (any kind) and its age."""
+    backups = scan(ctx.targets())
+    complete = [b for b in backups if b.complete_copies]
+    last = complete[-1] if complete else None
+    age = None
+    if last is not None and last.manifest is not None:
+        age = ((now or datetime.now(UTC)) - last.manifest.finished_at).total_seconds()
+    return Status(last, age, sum(1 for b in backups if not b.complete_copies))
+
+
+@dataclass
+class CopyCheck:
+    """The result of re-reading one backup's copy on one target."""
+
+    backup_id: str
+    target: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def _verify_copy(copy: Copy, backup_id: str) -> CopyCheck:
+    check = CopyCheck(backup_id, copy.target.name, ok=True)
+    if copy.manifest is None:
+        check.ok = False
+        check.problems.append(copy.problem or "no manifest: incomplete copy")
+        return check
+    for artifact in copy.manifest.artifacts:
+        try:
+            read_verified(copy, backup_id, artifact, lambda raw: copy_stream(raw, _Discard()))
+            check.bytes_read += artifact.size
+        except (IntegrityError, StorageError) as exc:
+            check.ok = False
+            check.problems.append(str(exc))
+    return check
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
+           target_names: Sequence[str] | None = None) -> list[CopyCheck]:
+    """Re-read every artifact of the chosen backup(s) on each target and check the manifest.
+
+    Incomplete copies are reported as failures only when a backup is named explicitly.
+
+    Raises:
+        UsageError: no such backup.
+    """
+    backups = scan(ctx.targets(target_names))
+    if all_backups:
+        chosen = [b for b in backups if b.complete_copies or any(c.problem for c in b.copies)]
+    else:
+        chosen = [resolve(backups, ref or "latest")]
+    results = []
+    for backup in chosen:
+        for copy in backup.copies:
+            if copy.manifest is None and copy.problem is None and all_backups:
+                continue  # an incomplete leftover, not a copy anyone relies on
+            ctx.reporter.step(f"verifying {backup.id} on {copy.target.name}")
+            results.append(_verify_copy(copy, backup.id))
+    return results
+
+
+def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> tuple[str, Path]:
+    """Fetch a backup's files as stored (plus manifest) into ``dest/<id>/``, checked.
+
+    Raises:
+        UsageError: no such backup, or the folder already exists.
+        IntegrityError: no copy matches its manifest.
+    """
+    if source is not None:
+        ctx.targets([source])
+    backup = resolve(scan(ctx.targets()), ref)
+    out = dest / backup.id
+    if out.exists():
+        raise UsageError(f"{out} already exists")
+
+    def attempt(copy: Copy, manifest: Manifest) -> Path:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            for artifact in manifest.artifacts:
+                ctx.reporter.step(f"downloading {artifact.name} from {copy.target.name}")
+                save_verified(copy, backup.id, artifact, out / artifact.name)
+            manifest_path = out / MANIFEST_NAME
+            manifest_path.write_bytes(manifest.to_json())
+            manifest_path.chmod(0o600)
+        except BaseException:
+            for child in out.iterdir():
+                child.unlink()
+            out.rmdir()
+            raise
+        return out
+
+    return backup.id, from_first_good(backup, attempt, prefer=source)
+
+
+def delete(ctx: Context, backup_id: str, target_names: Sequence[str] | None = None) -> list[str]:
+    """Remove one backup (complete or not) from the selected targets; return their names.
+
+    The manifest goes first, so an interrupted delete leaves an incomplete backup, never a
+    "complete" one with missing files.
+
+    Raises:
+        UsageError: no such backup on those targets.
+    """
+    if backup_id == "latest":
+        raise UsageError("delete needs an explicit backup id, not 'latest'")
+    backups = [b for b in scan(ctx.targets(target_names), with_manifests=False)
+               if b.id == backup_id]
+    if not backups:
+        raise UsageError(f"no backup with id {backup_id!r} (see `conexa-backup list`)")
+    done = []
+    for copy in backups[0].copies:
+        manifest_key = f"{backup_id}/{MANIFEST_NAME}"
+        keys = sorted((o.key for o in copy.objects), key=lambda k: k != manifest_key)
+        try:
+            for key in keys:
+                copy.target.delete(key)
+        except ConexaError as exc:
+            log.error("delete %s on %s: %s", backup_id, copy.target.name, exc)
+            raise
+        done.append(copy.target.name)
+    log.info("deleted backup %s from %s", backup_id, ", ".join(done))
+    return done
+
+
+def resolve_backup(ctx: Context, ref: str) -> Backup:
+    return resolve(scan(ctx.targets()), ref)
+
+
+__all__ = ["CopyCheck", "Status", "delete", "download", "from_first_good", "list_backups",
+           "resolve_backup", "status", "verify"]

@@ -1,0 +1,188 @@
+"""``restore``: put a backup back without ever leaving the live system half-restored.
+
+Order of work: pick the backup; take a safety backup of whatever will be replaced; restore the
+database into a fresh database and the uploads into a hidden sibling folder, both checked
+against the manifest; only then swap them in (uploads first, undone if the database swap is
+refused). Nothing live is touched until everything restored has been proven.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from conexa_backup.actions import restore_db, restore_uploads
+from conexa_backup.actions.backup import run_backup
+from conexa_backup.actions.context import Context
+from conexa_backup.catalog import Backup, resolve, scan
+from conexa_backup.errors import UsageError
+from conexa_backup.manifest import ID_FORMAT, Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    ref: str = "latest"
+    to_database: str | None = None
+    uploads_to: Path | None = None
+    only: Literal["database", "uploads"] | None = None
+    safety_backup: bool = True
+    source: str | None = None  # restore --from NAME
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    database: str | None = None  # where the database now is
+    previous_database: str | None = None  # the replaced live database, kept
+    uploads: Path | None = None
+    previous_uploads: Path | None = None
+    safety_backup_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    backup: Backup
+    manifest: Manifest
+    database: str | None  # target database name, or None
+    uploads: Path | None  # target folder, or None
+    in_place_db: bool
+    in_place_uploads: bool
+
+
+def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
+    if opts.source is not None:
+        ctx.targets([opts.source])  # validates the name
+    backup = resolve(scan(ctx.targets()), opts.ref)
+    manifest = backup.manifest
+    assert manifest is not None
+    want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
+    want_up = opts.only in (None, "uploads") and manifest.artifact("uploads") is not None
+    if opts.only and not (want_db or want_up):
+        raise UsageError(f"backup {backup.id} holds no {opts.only}")
+    database = uploads = None
+    if want_db:
+        database = opts.to_database or ctx.db.dbname
+        if opts.to_database and restore_db.database_exists(ctx.db, opts.to_database):
+            raise UsageError(f"--to-database {opts.to_database!r} already exists; "
+                             "choose a new name (it is never overwritten)")
+    if want_up:
+        if opts.uploads_to is not None:
+            restore_uploads.check_destination(opts.uploads_to)
+            uploads = opts.uploads_to
+        elif ctx.config.uploads is not None:
+            uploads = ctx.config.uploads.path
+        else:
+            raise UsageError("no [uploads] path configured: pass --uploads-to DIR "
+                             "or --only database")
+    return _Plan(backup, manifest, database, uploads,
+                 in_place_db=want_db and opts.to_database is None,
+                 in_place_uploads=want_up and opts.uploads_to is None)
+
+
+def _safety_backup(ctx: Context, plan: _Plan) -> str | None:
+    """Back up what the restore will replace (parts that exist now)."""
+    parts = []
+    if plan.in_place_db and restore_db.database_exists(ctx.db, ctx.db.dbname):
+        parts.append("database")
+    if plan.in_place_uploads and plan.uploads is not None and plan.uploads.exists():
+        parts.append("uploads")
+    if not parts:
+        return None
+    ctx.reporter.step("taking a safety backup of the live " + " and ".join(parts))
+    return run_backup(ctx, kind="safety", parts=parts).id
+
+
+def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
+    """Restore as ``opts`` says. The caller holds the run lock.
+
+    Raises:
+        UsageError: no such backup, or a destination that must not be overwritten.
+        IntegrityError: no copy of the backup restores to what its manifest recorded.
+        ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
+    """
+    t0 = time.monotonic()
+    plan = _plan(ctx, opts)
+    result = RestoreResult(plan.backup.id)
+    stamp = datetime.now(UTC).strftime(ID_FORMAT)
+    if opts.safety_backup and (plan.in_place_db or plan.in_place_uploads):
+        result.safety_backup_id = _safety_backup(ctx, plan)
+
+    restored_db: str | None = None
+    staged_uploads: Path | None = None
+    try:
+        if plan.database is not None:
+            restored_db = _prepare_database(ctx, plan, opts)
+        if plan.uploads is not None:
+            ctx.reporter.step("extracting uploads")
+            staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source)
+        _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
+    except BaseException:
+        if restored_db is not None and result.database is None:
+            restore_db.drop_database(ctx.db, restored_db)
+        if staged_uploads is not None and staged_uploads.exists():
+            restore_uploads.remove_tree(staged_uploads)
+        raise
+    result.seconds = time.monotonic() - t0
+    log.info("restore of %s finished in %.1f s", plan.backup.id, result.seconds)
+    return result
+
+
+def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
+    """Restore into the final name (side by side) or a temporary one (in place)."""
+    assert plan.database is not None and plan.manifest.database is not None
+    name = plan.database
+    if plan.in_place_db:
+        name = restore_db.derived_name(plan.database, f"__restoring_{plan.backup.id}")
+        restore_db.drop_database(ctx.db, name)  # a leftover of an interrupted restore of ours
+    ctx.reporter.step("fetching database dump")
+    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source)
+    try:
+        ctx.reporter.step(f"restoring database into {name!r}")
+        restore_db.restore_into(ctx, dump, plan.manifest.database, name)
+    finally:
+        dump.unlink(missing_ok=True)
+    return name
+
+
+def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | None,
+          stamp: str, result: RestoreResult) -> None:
+    kept_uploads: Path | None = None
+    if staged is not None and plan.uploads is not None:
+        if plan.in_place_uploads:
+            ctx.reporter.step("swapping in restored uploads")
+            keep = plan.uploads.with_name(f"{plan.uploads.name}.before-restore-{stamp}")
+            kept_uploads = restore_uploads.swap_in(staged, plan.uploads, keep)
+            result.previous_uploads = kept_uploads
+        else:
+            if plan.uploads.exists():
+                plan.uploads.rmdir()  # checked empty by check_destination
+            staged.rename(plan.uploads)
+        result.uploads = plan.uploads
+    if restored_db is not None and plan.database is not None:
+        if plan.in_place_db:
+            ctx.reporter.step("swapping in restored database")
+            keep_db = restore_db.derived_name(plan.database, f"__before_restore_{stamp}")
+            try:
+                result.previous_database = restore_db.swap_in(
+                    ctx.db, plan.database, restored_db, keep_db)
+            except BaseException:
+                if kept_uploads is not None and plan.uploads is not None:
+                    _undo_uploads(plan.uploads, kept_uploads)
+                    result.previous_uploads = None
+                raise
+        result.database = plan.database
+
+
+def _undo_uploads(dest: Path, kept: Path) -> None:
+    """Put the previous uploads back after a refused database swap."""
+    restored = dest.with_name(f".{dest.name}.undone-restore")
+    dest.rename(restored)
+    kept.rename(dest)
+    restore_uploads.remove_tree(restored)

@@ -1,0 +1,183 @@
+"""Restoring the database: into a fresh database, proven, then swapped in by renaming.
+
+The live database is never written to. The dump is restored into a new database with
+``pg_restore --exit-on-error -j N``; every table's row count is compared with the manifest's
+(taken in the dump's own snapshot); only then, for an in-place restore, are the two databases
+swapped by renaming inside one transaction. The old database is kept under a clear name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from conexa_backup import postgres, process
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.fetch import from_first_good, read_verified
+from conexa_backup.catalog import Backup, Copy
+from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
+from conexa_backup.manifest import DatabaseInfo, Manifest
+from conexa_backup.pipeline import copy_stream, decompressing_reader
+from conexa_backup.postgres import ConnInfo, ServerInfo
+
+log = logging.getLogger(__name__)
+MAX_NAME = 63  # PostgreSQL identifier limit, in bytes
+
+
+def derived_name(base: str, suffix: str) -> str:
+    """``base`` + ``suffix`` cut to PostgreSQL's 63-byte limit (cutting ``base``)."""
+    room = MAX_NAME - len(suffix.encode())
+    cut = base.encode()[:room].decode("utf-8", "ignore")
+    return cut + suffix
+
+
+def _execute(conn: psycopg.Connection[Any], query: sql.Composed, what: str) -> None:
+    try:
+        conn.execute(query)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"{what}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def database_exists(info: ConnInfo, name: str) -> bool:
+    with info.connect(info.maintenance_db) as conn:
+        row = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return row is not None
+
+
+def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
+    """Decompress the database artifact of the first good copy into ``state_dir/staging``.
+
+    pg_restore needs a seekable file to restore in parallel; the checksum of the stored bytes
+    is verified while they stream, and the file is discarded if it does not match.
+    """
+    staging = ctx.state_dir("staging") / f"{backup.id}-database.dump"
+
+    def attempt(copy: Copy, manifest: Manifest) -> Path:
+        artifact = manifest.artifact("database")
+        assert artifact is not None
+        try:
+            with open(staging, "wb") as out:
+                staging.chmod(0o600)
+                read_verified(copy, backup.id, artifact, lambda raw: copy_stream(
+                    decompressing_reader(raw, artifact.compression), out))
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        return staging
+
+    return from_first_good(backup, attempt, prefer=source)
+
+
+def _server_from(info: DatabaseInfo) -> ServerInfo:
+    return ServerInfo(info.server_version, 0, info.encoding, info.collate, info.ctype,
+                      info.owner, info.locale_provider, info.icu_locale)
+
+
+def restore_into(ctx: Context, dump: Path, db: DatabaseInfo, name: str) -> None:
+    """Create database ``name`` like the source and restore ``dump`` into it, then prove it.
+
+    On any failure the new database is dropped.
+
+    Raises:
+        ProcessError: pg_restore reported an error. IntegrityError: row counts differ.
+        DatabaseError: the database could not be created.
+    """
+    info = ctx.db
+    with info.connect(info.maintenance_db) as conn:
+        _execute(conn, postgres.create_database_sql(name, _server_from(db)),
+                 f"cannot create database {name!r}")
+        me = conn.execute("SELECT current_user").fetchone()
+        if me is not None and me[0] != db.owner:
+            try:
+                conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(name), sql.Identifier(db.owner)))
+            except psycopg.Error as exc:
+                log.warning("database %s: could not give it to owner %s: %s", name, db.owner,
+                            str(exc).strip().splitlines()[0])
+    try:
+        process.run(postgres.pg_restore_argv(info, dump, name, info.jobs),
+                    env=info.env(name), what="pg_restore")
+        check_row_counts(info, name, db.tables)
+    except BaseException:
+        drop_database(info, name)
+        raise
+
+
+def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> None:
+    """Raise IntegrityError unless every table has exactly the manifest's row count."""
+    with info.connect(name) as conn:
+        actual = postgres.row_counts(conn)
+    problems = [f"{t}: {actual.get(t, 'missing')} rows, expected {n}"
+                for t, n in sorted(expected.items()) if actual.get(t) != n]
+    problems += [f"{t}: unexpected table" for t in sorted(set(actual) - set(expected))]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IntegrityError(f"restored database {name!r} differs from the backup: "
+                             + "; ".join(problems[:5]) + more)
+
+
+def drop_database(info: ConnInfo, name: str) -> None:
+    """Drop a database we created (never raises: it is cleanup)."""
+    try:
+        with info.connect(info.maintenance_db) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+    except (psycopg.Error, DatabaseError) as exc:
+        log.error("could not drop database %s: %s", name, exc)
+
+
+def swap_in(info: ConnInfo, live: str, restored: str, keep_as: str) -> str | None:
+    """Make ``restored`` the live database; keep the old one as ``keep_as``.
+
+    Returns the name the old database is kept under (None if there was no live database).
+
+    Raises:
+        DatabaseError: the swap was refused; the live database is then unchanged.
+    """
+    with info.connect(info.maintenance_db) as conn:
+        rename = sql.SQL("ALTER DATABASE {} RENAME TO {}")
+        if not database_exists(info, live):
+            _execute(conn, rename.format(sql.Identifier(restored), sql.Identifier(live)),
+                     f"cannot rename {restored!r} to {live!r}")
+            return None
+        if database_exists(info, keep_as):
+            raise UsageError(f"database {keep_as!r} already exists; cannot keep the old one")
+        allow = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
+        _execute(conn, allow.format(sql.Identifier(live), sql.SQL("false")),
+                 f"cannot close {live!r} to new connections")
+        try:
+            _disconnect_all(conn, live)
+            try:
+                with conn.transaction():
+                    conn.execute(rename.format(sql.Identifier(live), sql.Identifier(keep_as)))
+                    conn.execute(rename.format(sql.Identifier(restored), sql.Identifier(live)))
+            except psycopg.Error as exc:
+                raise DatabaseError(f"cannot swap in the restored database: "
+                                    f"{str(exc).strip().splitlines()[0]}") from None
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(allow.format(sql.Identifier(live), sql.SQL("true")))
+            raise
+        with contextlib.suppress(psycopg.Error):
+            conn.execute(allow.format(sql.Identifier(keep_as), sql.SQL("true")))
+    return keep_as
+
+
+def _disconnect_all(conn: psycopg.Connection[Any], name: str, timeout: float = 30) -> None:
+    """Terminate every other session on database ``name`` and wait until they are gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        row = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
+        if not row or row[0] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise DatabaseError(f"sessions on {name!r} did not end within {timeout:.0f} s")
+        time.sleep(0.1)

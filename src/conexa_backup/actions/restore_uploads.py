@@ -1,0 +1,118 @@
+"""Restoring uploads: extracted beside the destination, checked, then swapped in.
+
+The archive is extracted into a hidden sibling folder (same file system, so the swap is a
+rename), its file count and bytes are compared with the manifest, and only then does it take
+the destination's place; a live folder is kept under a ``.before-restore-<time>`` name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from conexa_backup import archive
+from conexa_backup.actions.fetch import from_first_good, read_verified
+from conexa_backup.catalog import Backup, Copy
+from conexa_backup.errors import ConexaError, IntegrityError, UsageError
+from conexa_backup.manifest import Manifest
+from conexa_backup.pipeline import decompressing_reader
+
+log = logging.getLogger(__name__)
+
+
+def staging_path(dest: Path, backup_id: str) -> Path:
+    return dest.parent / f".{dest.name}.restoring-{backup_id}"
+
+
+def extract(backup: Backup, dest: Path, source: str | None) -> Path:
+    """Extract the uploads of the first good copy next to ``dest``; return the folder.
+
+    Raises:
+        IntegrityError: no copy extracts to what the manifest recorded.
+        UnsafeArchiveError: the archive tries to write outside its folder.
+    """
+    staging = staging_path(dest, backup.id)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConexaError(f"cannot create {dest.parent}: {exc.strerror}") from None
+
+    def attempt(copy: Copy, manifest: Manifest) -> Path:
+        artifact = manifest.artifact("uploads")
+        assert artifact is not None and manifest.uploads is not None
+        remove_tree(staging)  # a leftover of an interrupted restore of ours
+        try:
+            stats = read_verified(copy, backup.id, artifact, lambda raw: archive.extract_stream(
+                decompressing_reader(raw, artifact.compression), staging))
+            expected = manifest.uploads
+            if (stats.files, stats.bytes) != (expected.files, expected.bytes):
+                raise IntegrityError(
+                    f"uploads from {copy.target.name!r}: {stats.files} files / {stats.bytes} "
+                    f"bytes, manifest says {expected.files} / {expected.bytes}")
+        except BaseException:
+            remove_tree(staging)
+            raise
+        return staging
+
+    return from_first_good(backup, attempt, prefer=source)
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    func = getattr(libc, "renameat2", None)
+    if func is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = func(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def swap_in(staging: Path, dest: Path, keep_as: Path) -> Path | None:
+    """Put ``staging`` at ``dest``; the previous ``dest`` (if any) moves to ``keep_as``.
+
+    Uses an atomic exchange where the kernel offers one, so ``dest`` never disappears.
+    Returns where the previous folder is kept, or None if there was none.
+    """
+    if keep_as.exists():
+        raise UsageError(f"{keep_as} already exists; cannot keep the old uploads there")
+    try:
+        if not dest.exists() and not dest.is_symlink():
+            staging.rename(dest)
+            return None
+        if _renameat2_exchange(staging, dest):
+            staging.rename(keep_as)  # staging now holds the old tree
+        else:
+            dest.rename(keep_as)
+            staging.rename(dest)
+    except OSError as exc:
+        raise ConexaError(f"cannot swap in restored uploads at {dest}: {exc.strerror}") from None
+    return keep_as
+
+
+def check_destination(dest: Path) -> None:
+    """``--uploads-to`` must be a new or empty folder: we never merge into existing files."""
+    if dest.is_symlink() or dest.is_file():
+        raise UsageError(f"--uploads-to {dest}: exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()):
+        raise UsageError(f"--uploads-to {dest}: folder is not empty")

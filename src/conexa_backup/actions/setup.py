@@ -1,0 +1,123 @@
+"""``init`` (write a starter config) and ``check`` (test every connection, back up nothing)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from conexa_backup import postgres
+from conexa_backup.actions.context import Context
+from conexa_backup.errors import ConexaError, UsageError
+from conexa_backup.storage.base import Target
+
+
+def starter_config() -> str:
+    """The commented starter file (the same text as ``backup.toml.example``)."""
+    return (importlib.resources.files("conexa_backup") / "templates" / "backup.toml").read_text(
+        encoding="utf-8")
+
+
+def init(path: Path, *, force: bool = False) -> Path:
+    """Write the starter config to ``path`` (0600). Refuses to overwrite unless ``force``.
+
+    Raises:
+        UsageError: the file exists. ConexaError: it cannot be written.
+    """
+    if path.exists() and not force:
+        raise UsageError(f"{path} already exists (use --force to overwrite)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(starter_config())
+    except OSError as exc:
+        raise ConexaError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _run(name: str, probe: Callable[[], str]) -> CheckResult:
+    try:
+        return CheckResult(name, True, probe())
+    except ConexaError as exc:
+        return CheckResult(name, False, str(exc))
+    except OSError as exc:
+        return CheckResult(name, False, f"{exc.strerror or exc}")
+
+
+def _check_database(ctx: Context) -> str:
+    info = ctx.db
+    with info.connect() as conn:
+        server = postgres.server_info(conn)
+    version, major = postgres.tool_version(info, "pg_dump")
+    if major < server.major:
+        raise ConexaError(f"pg_dump {version} is older than the server {server.version}")
+    return f"{info.describe()}: PostgreSQL {server.version}, pg_dump {version}"
+
+
+def _check_tools(ctx: Context) -> str:
+    found = [f"{tool} {postgres.tool_version(ctx.db, tool)[0]}"
+             for tool in ("pg_restore", "pg_dumpall")]
+    return ", ".join(found)
+
+
+def _check_uploads(ctx: Context) -> str:
+    if ctx.config.uploads is None:
+        return "no [uploads] configured: only the database is backed up"
+    path = ctx.config.uploads.path
+    if not path.is_dir():
+        raise ConexaError(f"{path} does not exist or is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise ConexaError(f"{path} is not readable")
+    return f"{path} readable"
+
+
+def _check_state_dir(ctx: Context) -> str:
+    path = ctx.state_dir()
+    probe = path / f".probe-{secrets.token_hex(4)}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+    return f"{path} writable"
+
+
+def _check_target(target: Target) -> str:
+    key = f"conexa-probe-{secrets.token_hex(6)}"
+    payload = secrets.token_bytes(64)
+    upload = target.writer(key)
+    upload.write(payload)
+    upload.commit()
+    try:
+        with target.open(key) as fh:
+            if fh.read() != payload:
+                raise ConexaError(f"target {target.name!r}: probe object read back differently")
+    finally:
+        with contextlib.suppress(ConexaError):
+            target.delete(key)
+    return f"{target.describe()}: write, read and delete work"
+
+
+def check(ctx: Context) -> list[CheckResult]:
+    """Test the database, client tools, uploads folder, state_dir and every target."""
+    results = [
+        _run("database", lambda: _check_database(ctx)),
+        _run("client tools", lambda: _check_tools(ctx)),
+        _run("uploads", lambda: _check_uploads(ctx)),
+        _run("state_dir", lambda: _check_state_dir(ctx)),
+    ]
+    for target in ctx.targets():
+        results.append(_run(f"target {target.name}", lambda t=target: _check_target(t)))  # type: ignore[misc]
+    return results
+
+
+__all__ = ["CheckResult", "UsageError", "check", "init", "starter_config"]

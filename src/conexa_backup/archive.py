@@ -1,0 +1,185 @@
+"""The uploads folder as a tar stream, and its safe extraction.
+
+Archives are POSIX pax tar (GNU tar, bsdtar and Python read them): symlinks are stored as
+links, never followed; permissions, owners, mtimes, empty folders and non-ASCII names are kept.
+Extraction refuses anything that would land outside the destination (absolute paths, ``..``,
+links pointing out) and device files, using the stdlib's ``data`` filter for the checks while
+keeping modes and owners (which that filter would discard).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from conexa_backup.errors import ConexaError, UnsafeArchiveError
+from conexa_backup.pipeline import CHUNK, Sink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TreeStats:
+    """What an archive holds: regular files and their bytes, folders, links."""
+
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+
+
+class _PaddedFile:
+    """Reads exactly ``size`` bytes: zeros if the file shrank while we read it (like GNU tar)."""
+
+    def __init__(self, raw: BinaryIO, size: int, path: str) -> None:
+        self._raw = raw
+        self._left = size
+        self._path = path
+        self.shrank = False
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._raw.read(n)
+        if len(data) < n:
+            if not self.shrank:
+                log.warning("%s: file shrank while being read; padded with zeros", self._path)
+            self.shrank = True
+            data += b"\0" * (n - len(data))
+        self._left -= len(data)
+        return data
+
+
+def write_tree(root: Path, out: Sink) -> TreeStats:
+    """Write the tree under ``root`` as a tar stream to ``out``; return what it held.
+
+    Files that vanish while the tree is walked are skipped (the uploads folder is live).
+
+    Raises:
+        ConexaError: ``root`` is missing or not a folder, or something in it is unreadable.
+    """
+    if not root.is_dir():
+        raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
+    stats = TreeStats()
+    tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below
+        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK)
+    tar.copybufsize = CHUNK
+    try:
+        tar.addfile(tar.gettarinfo(str(root), arcname="."))  # the folder's own mode and mtime
+        _add_dir(tar, root, ".", stats)
+    finally:
+        tar.close()  # writes the end-of-archive blocks and flushes its buffer
+    return stats
+
+
+def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats) -> None:
+    path = root if rel == "." else root / rel
+    try:
+        names = sorted(os.listdir(path))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConexaError(f"cannot read uploads folder {path}: {exc.strerror}") from None
+    for name in names:
+        child_rel = name if rel == "." else f"{rel}/{name}"
+        child = root / child_rel
+        try:
+            info = tar.gettarinfo(str(child), arcname=child_rel)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConexaError(f"cannot read {child}: {exc.strerror}") from None
+        if info.isreg():
+            _add_file(tar, child, info, stats)
+        elif info.isdir():
+            tar.addfile(info)
+            stats.dirs += 1
+            _add_dir(tar, root, child_rel, stats)
+        elif info.issym():
+            tar.addfile(info)
+            stats.symlinks += 1
+        else:
+            log.warning("%s: not a regular file, folder or symlink; skipped", child)
+
+
+def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: TreeStats) -> None:
+    if info.islnk():  # gettarinfo reports a second hard link as a link: store the content
+        info.type = tarfile.REGTYPE
+        info.linkname = ""
+        info.size = path.stat().st_size
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        tar.addfile(info, _PaddedFile(fh, info.size, str(path)))
+    stats.files += 1
+    stats.bytes += info.size
+
+
+def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """Refuse hazards (stdlib ``data`` filter), keep mode bits (minus set-id) and owners."""
+    try:
+        tarfile.data_filter(member, dest)
+    except tarfile.FilterError as exc:
+        raise UnsafeArchiveError(f"refusing archive member {member.name!r}: {exc}") from None
+    if member.mode is not None:
+        member = member.replace(mode=member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID),
+                                deep=False)
+    return member
+
+
+def extract_stream(stream: IO[bytes], dest: Path) -> TreeStats:
+    """Extract a tar stream into the (new, empty) folder ``dest``; return what it held.
+
+    Raises:
+        UnsafeArchiveError: a member would escape ``dest`` or is a device file.
+        IntegrityError/ConexaError: the stream is not a valid tar archive.
+    """
+    dest.mkdir(mode=0o700, parents=False, exist_ok=True)
+    stats = TreeStats()
+    dest_str = str(dest.resolve())
+
+    def count(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+        safe = _safe_member(member, path)
+        if safe.isreg():
+            stats.files += 1
+            stats.bytes += safe.size
+        elif safe.isdir() and safe.name not in (".", "./"):
+            stats.dirs += 1
+        elif safe.issym():
+            stats.symlinks += 1
+        return safe
+
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
+            tar.extractall(dest_str, filter=count)  # noqa: S202 - every member passes _safe_member
+    except tarfile.TarError as exc:
+        raise ConexaError(f"uploads archive is damaged: {exc}") from None
+    return stats
+
+
+def scan_tree(root: Path) -> TreeStats:
+    """Count what :func:`write_tree` would archive (without reading contents)."""
+    stats = TreeStats()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames):
+            if Path(dirpath, name).is_symlink():
+                stats.symlinks += 1
+                dirnames.remove(name)
+            else:
+                stats.dirs += 1
+        for name in filenames:
+            st = os.lstat(Path(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                stats.files += 1
+                stats.bytes += st.st_size
+            elif stat.S_ISLNK(st.st_mode):
+                stats.symlinks += 1
+    return stats

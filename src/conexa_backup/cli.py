@@ -1,0 +1,332 @@
+"""The command line: parse, load config, call one action, render; map errors to exit codes.
+
+Exit codes (README, "Exit codes"): 0 success, 1 failure, 2 usage or configuration error,
+3 partial success, 4 another run holds the lock. :func:`_guard` is the only place that turns
+exceptions into codes; tracebacks are shown only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from conexa_backup import __version__, render
+from conexa_backup.actions import inspect, setup
+from conexa_backup.actions.backup import run_backup
+from conexa_backup.actions.context import Context, NullReporter, Reporter
+from conexa_backup.actions.restore import RestoreOptions, run_restore
+from conexa_backup.config import load_config
+from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
+from conexa_backup.locking import run_lock
+from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="conexa-backup",
+    help="Backups of the Conexa PostgreSQL database and uploads folder that you can restore.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class State:
+    config_path: Path | None = None
+    verbose: bool = False
+    quiet: bool = False
+    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
+    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+    secrets: list[str] = field(default_factory=list)
+
+
+STATE = State()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--target", "-t", help="Only this target (repeatable)."),
+]
+RefArg = Annotated[str, typer.Argument(help="Backup id, or 'latest'.")]
+
+
+def _redact(text: str) -> str:
+    for secret in STATE.secrets:
+        text = text.replace(secret, "********")
+    return text
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    STATE.err.print(f"[red]error:[/] {_redact(message)}", markup=True, highlight=False)
+    raise typer.Exit(int(code))
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run an action; turn known errors into one line and their exit code."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except ConexaError as exc:
+        logging.getLogger(LOGGER).error("%s", _redact(str(exc)))
+        if STATE.verbose:
+            STATE.err.print(_redact(traceback.format_exc()), markup=False)
+        hint = f" ({exc.hint})" if exc.hint else ""
+        _fail(f"{exc}{hint}", exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", ExitCode.FAILURE)
+    except Exception as exc:  # a bug: say so, briefly, unless asked for details
+        logging.getLogger(LOGGER).exception("unexpected error")
+        if STATE.verbose:
+            STATE.err.print(_redact(traceback.format_exc()), markup=False)
+        _fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for details)",
+              ExitCode.FAILURE)
+
+
+def _context(reporter: Reporter | None = None) -> Context:
+    config, path = load_config(STATE.config_path)
+    ctx = Context(config, path, reporter or NullReporter())
+    with contextlib.suppress(ConexaError):
+        STATE.secrets = ctx.secrets()
+    return ctx
+
+
+@contextlib.contextmanager
+def _session(what: str, *, lock: bool, log_file: bool = True,
+             progress: bool = True) -> Iterator[Context]:
+    """Config, log file, lock and (on a terminal) a progress display for one command."""
+    show = progress and not STATE.quiet and STATE.err.is_terminal
+    reporter = render.ProgressReporter(STATE.err) if show else None
+    ctx = _context(reporter)
+    with contextlib.ExitStack() as stack:
+        if log_file:
+            ctx.state_dir()
+            start_file_log(ctx.config.state_dir)
+            stack.callback(stop_file_logs)
+        if lock:
+            stack.enter_context(run_lock(ctx.state_dir(), what))
+        if reporter is not None:
+            stack.enter_context(reporter)
+        yield ctx
+
+
+def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[Console], None]) -> None:
+    if as_json:
+        render.print_json(STATE.out, data())
+    elif not STATE.quiet:
+        human(STATE.out)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question}: pass --yes to confirm")
+    if not typer.confirm(question + "?", default=False, err=True):
+        raise UsageError("cancelled")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"conexa-backup {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="Config file (default: $CONEXA_BACKUP_CONFIG, ./backup.toml, "
+        "/etc/conexa-backup/backup.toml).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details to stderr; "
+                                          "show tracebacks.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    STATE.config_path, STATE.verbose, STATE.quiet = config, verbose, quiet
+    STATE.secrets = []
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger(LOGGER)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+
+
+@app.command()
+def backup(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
+    """Dump the database, archive uploads, store on every target, commit. Prints the id."""
+    def act() -> None:
+        with _session("backup", lock=True) as ctx:
+            try:
+                result = run_backup(ctx, target_names=target)
+            except PartialFailure as exc:
+                if exc.result is not None:
+                    _show_backup(exc.result, as_json)
+                raise
+        _show_backup(result, as_json)
+    _guard(act)
+
+
+def _show_backup(result: Any, as_json: bool) -> None:
+    if as_json:
+        render.print_json(STATE.out, render.backup_json(result))
+    elif STATE.quiet:
+        return
+    elif STATE.out.is_terminal:
+        render.backup_human(STATE.out, result)
+    else:
+        STATE.out.print(result.id, markup=False, highlight=False)
+
+
+@app.command("list")
+def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
+    """Every backup: id, time, size, where it is stored, status."""
+    def act() -> None:
+        with _session("list", lock=False, log_file=False, progress=False) as ctx:
+            backups = inspect.list_backups(ctx, target)
+        _emit(as_json, lambda: [render.backup_entry(b) for b in reversed(backups)],
+              lambda c: render.list_human(c, backups))
+    _guard(act)
+
+
+@app.command()
+def restore(
+    ref: RefArg = "latest",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm replacing live data.")] = False,
+    to_database: Annotated[str | None, typer.Option(
+        help="Restore into this new database and leave the live one alone.")] = None,
+    uploads_to: Annotated[Path | None, typer.Option(
+        help="Extract uploads into this new or empty folder instead of the live one.")] = None,
+    only: Annotated[str | None, typer.Option(help="Restore only 'database' or 'uploads'.")] = None,
+    no_safety_backup: Annotated[bool, typer.Option(
+        "--no-safety-backup", help="Skip the backup of the live state taken first.")] = False,
+    source: Annotated[str | None, typer.Option("--from", help="Read from this target.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore database and uploads: proven in a fresh copy first, then swapped in."""
+    def act() -> None:
+        if only not in (None, "database", "uploads"):
+            raise UsageError("--only must be 'database' or 'uploads'")
+        in_place_db = only != "uploads" and to_database is None
+        in_place_up = only != "database" and uploads_to is None
+        if in_place_db or in_place_up:
+            _confirm(f"restore {ref} over the live "
+                     + " and ".join(p for p, live in (("database", in_place_db),
+                                                       ("uploads", in_place_up)) if live), yes)
+        opts = RestoreOptions(ref, to_database, uploads_to, only,  # type: ignore[arg-type]
+                              not no_safety_backup, source)
+        with _session("restore", lock=True) as ctx:
+            result = run_restore(ctx, opts)
+        _emit(as_json, lambda: render.restore_json(result),
+              lambda c: render.restore_human(c, result))
+    _guard(act)
+
+
+@app.command()
+def verify(
+    ref: RefArg = "latest",
+    all_backups: Annotated[bool, typer.Option("--all", help="Every backup.")] = False,
+    target: TargetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-read every stored artifact; check size and SHA-256 against the manifest."""
+    def act() -> None:
+        with _session("verify", lock=False) as ctx:
+            checks = inspect.verify(ctx, ref, all_backups=all_backups, target_names=target)
+        _emit(as_json, lambda: render.verify_json(checks),
+              lambda c: render.verify_human(c, checks))
+        if not checks or not all(c.ok for c in checks):
+            raise typer.Exit(int(ExitCode.FAILURE))
+    _guard(act)
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """The last successful backup and its age (exit 1 if there is none)."""
+    def act() -> None:
+        with _session("status", lock=False, log_file=False, progress=False) as ctx:
+            st = inspect.status(ctx)
+        _emit(as_json, lambda: render.status_json(st), lambda c: render.status_human(c, st))
+        if st.last is None:
+            raise typer.Exit(int(ExitCode.FAILURE))
+    _guard(act)
+
+
+@app.command()
+def download(
+    ref: RefArg,
+    to: Annotated[Path, typer.Option("--to", help="Folder to put <id>/ in.")],
+    source: Annotated[str | None, typer.Option("--from", help="Read from this target.")] = None,
+) -> None:
+    """Fetch a backup's files as stored, plus its manifest, checking every byte."""
+    def act() -> None:
+        with _session("download", lock=False) as ctx:
+            _, folder = inspect.download(ctx, ref, to, source)
+        if not STATE.quiet:
+            STATE.out.print(str(folder), markup=False, highlight=False)
+    _guard(act)
+
+
+@app.command()
+def delete(
+    backup_id: Annotated[str, typer.Argument(help="Backup id.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm.")] = False,
+    target: TargetOpt = None,
+) -> None:
+    """Remove one backup (manifest first, so it is never half-listed as complete)."""
+    def act() -> None:
+        _confirm(f"delete backup {backup_id}", yes)
+        with _session("delete", lock=True) as ctx:
+            done = inspect.delete(ctx, backup_id, target)
+        if not STATE.quiet:
+            STATE.out.print(f"deleted {backup_id} from {', '.join(done)}", markup=False)
+    _guard(act)
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path("backup.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter config file (mode 0600)."""
+    def act() -> None:
+        written = setup.init(path, force=force)
+        if not STATE.quiet:
+            STATE.out.print(f"wrote {written}; edit it, then run `conexa-backup check`",
+                            markup=False)
+    _guard(act)
+
+
+@app.command()
+def check(as_json: JsonOpt = False) -> None:
+    """Validate the config and test every connection, without making a backup."""
+    def act() -> None:
+        with _session("check", lock=False, log_file=False, progress=False) as ctx:
+            results = setup.check(ctx)
+        _emit(as_json, lambda: render.check_json(results),
+              lambda c: render.check_human(c, results))
+        if not all(r.ok for r in results):
+            raise typer.Exit(int(ExitCode.FAILURE))
+    _guard(act)
+
+
+COMMANDS: tuple[Literal["backup", "list", "restore", "verify", "status", "download", "delete",
+                        "init", "check"], ...] = (
+    "backup", "list", "restore", "verify", "status", "download", "delete", "init", "check")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,19 @@
+"""Configuration: pydantic models and the loader for ``backup.toml``."""
+
+from conexa_backup.config.loading import find_config, load_config, parse_config
+from conexa_backup.config.models import (
+    CompressionConfig,
+    Config,
+    DatabaseConfig,
+    UploadsConfig,
+)
+
+__all__ = [
+    "CompressionConfig",
+    "Config",
+    "DatabaseConfig",
+    "UploadsConfig",
+    "find_config",
+    "load_config",
+    "parse_config",
+]

@@ -1,0 +1,153 @@
+"""Finding, parsing and validating ``backup.toml``.
+
+Errors name the file, the key path and the problem, with a line number where one can be
+found, and never echo a value (values may be secrets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from conexa_backup.config.models import Config
+from conexa_backup.errors import ConfigError
+
+ENV_CONFIG = "CONEXA_BACKUP_CONFIG"
+SYSTEM_CONFIG = Path("/etc/conexa-backup/backup.toml")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def find_config(explicit: Path | None, env: Mapping[str, str] | None = None) -> Path:
+    """``--config``, else ``$CONEXA_BACKUP_CONFIG``, else ``./backup.toml``, else ``/etc/...``.
+
+    Raises:
+        ConfigError: the chosen file does not exist, or none of the defaults does.
+    """
+    env = os.environ if env is None else env
+    chosen = explicit or (Path(env[ENV_CONFIG]) if env.get(ENV_CONFIG) else None)
+    if chosen is not None:
+        if not chosen.is_file():
+            raise ConfigError(f"{chosen}: config file not found")
+        return chosen
+    for candidate in (Path("backup.toml"), SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no config file: pass --config, set ${ENV_CONFIG}, or create ./backup.toml "
+        f"or {SYSTEM_CONFIG}",
+        hint="`conexa-backup init` writes a starter file",
+    )
+
+
+def _expand(value: Any, path: tuple[str | int, ...], env: Mapping[str, str], src: Path) -> Any:
+    """Replace ``${VAR}`` in every string value from ``env``."""
+    if isinstance(value, str):
+        def repl(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(
+                    f"{src}: {_dotted(path)}: environment variable ${{{name}}} is not set"
+                )
+            return env[name]
+
+        return _VAR.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, (*path, k), env, src) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*path, i), env, src) for i, v in enumerate(value)]
+    return value
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """Honour the seed deployment's ``.env`` variables that map onto this file."""
+    if env.get("DATABASE_URL"):
+        db = data.setdefault("database", {})
+        if isinstance(db, dict):
+            db["url"] = env["DATABASE_URL"]
+
+
+def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:
+    """Best-effort line (1-based) where the key at ``loc`` is written in ``text``."""
+    lines = text.splitlines()
+    start = 0
+    table: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            header = re.compile(r"^\s*\[\[\s*" + re.escape(".".join(table)) + r"\s*\]\]")
+            hits = [i for i, line in enumerate(lines) if header.match(line)]
+            if part >= len(hits):
+                return None
+            start = hits[part] + 1
+            continue
+        key = re.compile(r"^\s*" + re.escape(part) + r"\s*=")
+        for i in range(start, len(lines)):
+            if key.match(lines[i]):
+                return i + 1
+            if i > start and lines[i].lstrip().startswith("["):
+                break
+        header = re.compile(r"^\s*\[\s*" + re.escape(".".join([*table, part])) + r"\s*\]")
+        hits = [i for i, line in enumerate(lines) if header.match(line)]
+        table.append(part)
+        if hits:
+            start = hits[0] + 1
+        elif not any(
+            re.match(r"^\s*\[\[\s*" + re.escape(".".join(table)) + r"\s*\]\]", line)
+            for line in lines
+        ):
+            return None
+    return start if start else None
+
+
+def _format_validation(exc: ValidationError, src: Path, text: str) -> str:
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function")))
+        where = _dotted(loc)
+        line = find_line(text, loc)
+        at = f" (line {line})" if line else ""
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(f"{where}{at}: {msg}")
+    return f"{src}: " + "; ".join(problems)
+
+
+def parse_config(text: str, src: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Parse TOML ``text`` (read from ``src``) into a validated :class:`Config`.
+
+    Raises:
+        ConfigError: malformed TOML (with its line), an unset ``${VAR}``, or invalid values.
+    """
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{src}: invalid TOML: {exc}") from None
+    data = _expand(raw, (), env, src)
+    _apply_seed_env(data, env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, src, text)) from None
+
+
+def load_config(explicit: Path | None = None) -> tuple[Config, Path]:
+    """Find and load the config file; see :func:`find_config` and :func:`parse_config`."""
+    src = find_config(explicit)
+    try:
+        text = src.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{src}: cannot read config file: {exc}") from None
+    return parse_config(text, src), src

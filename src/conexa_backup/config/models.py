@@ -1,0 +1,78 @@
+"""The configuration models: what ``backup.toml`` may say, validated and frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from conexa_backup.storage.base import TargetConfig
+from conexa_backup.storage.registry import target_types
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Model):
+    """``[database]``: the PostgreSQL database to protect."""
+
+    url: str = Field(min_length=1)
+    password_file: Path | None = None
+    jobs: int = Field(default=2, ge=1, le=64)
+    globals: bool = False
+    maintenance_database: str = "postgres"
+    bin_dir: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+
+class UploadsConfig(_Model):
+    """``[uploads]``: the folder of user files."""
+
+    path: Path
+
+
+class CompressionConfig(_Model):
+    """``[compression]``: zstd (default, multi-threaded) or gzip."""
+
+    algorithm: Literal["zstd", "gzip"] = "zstd"
+    level: int | None = Field(default=None, ge=1, le=19)
+    threads: int = Field(default=0, ge=0, le=256)
+
+
+if TYPE_CHECKING:
+    AnyTargetConfig = TargetConfig
+else:
+    # A discriminated union over every registered target type, so that an error points at
+    # the fields of the type the user chose (``targets.0.path``), not at every type's.
+    _models = tuple(t.config_model for t in target_types().values())
+    if len(_models) == 1:
+        AnyTargetConfig = _models[0]
+    else:
+        AnyTargetConfig = Annotated[Union[_models], Field(discriminator="type")]  # noqa: UP007
+
+
+class Config(_Model):
+    """The whole file."""
+
+    state_dir: Path = Path("/var/lib/conexa-backup")
+    database: DatabaseConfig
+    uploads: UploadsConfig | None = None
+    compression: CompressionConfig = CompressionConfig()
+    targets: list[AnyTargetConfig] = Field(min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_names(cls, value: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.name for t in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
+        return value

@@ -1,0 +1,96 @@
+"""The error tree and the exit codes: the only place where codes are chosen.
+
+Every problem the tool knows how to describe is raised as a :class:`ConexaError` subclass
+where it is detected; ``cli.py`` turns it into one line on stderr and the class's exit code.
+Anything else is a bug and is reported as such (with a traceback under ``--verbose``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Documented exit codes (README, "Exit codes")."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2  # bad command line or configuration
+    PARTIAL = 3  # some copies failed, at least one is complete
+    LOCKED = 4  # another run holds the lock
+
+
+class ConexaError(Exception):
+    """Base class: a failure with a message fit to show a user as one line."""
+
+    exit_code: ExitCode = ExitCode.FAILURE
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ConexaError):
+    """The configuration file is missing, malformed or invalid."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(ConexaError):
+    """The command line asks for something impossible (unknown backup id, bad option mix)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class LockedError(ConexaError):
+    """Another conexa-backup run holds the lock in ``state_dir``."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class ProcessError(ConexaError):
+    """A child process (pg_dump, pg_restore, psql...) failed; carries its stderr tail."""
+
+    def __init__(self, message: str, *, returncode: int | None, stderr_tail: str) -> None:
+        detail = f": {stderr_tail.strip()}" if stderr_tail.strip() else ""
+        super().__init__(f"{message}{detail}")
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class DatabaseError(ConexaError):
+    """The database could not be reached or refused an operation."""
+
+
+class StorageError(ConexaError):
+    """A storage target failed (unreachable, full, permission denied, missing object)."""
+
+    def __init__(self, target: str, message: str) -> None:
+        super().__init__(f"target {target!r}: {message}")
+        self.target = target
+
+
+class ObjectNotFoundError(StorageError):
+    """The requested key does not exist on the target."""
+
+
+class IntegrityError(ConexaError):
+    """Stored bytes do not match the manifest (size or SHA-256), or a restore check failed."""
+
+
+class UnsafeArchiveError(IntegrityError):
+    """An archive member would land outside its destination or is a device/special file."""
+
+
+class PartialFailure(ConexaError):
+    """The run completed on some targets but failed on others; ``result`` is what it made."""
+
+    exit_code = ExitCode.PARTIAL
+
+    def __init__(self, message: str, *, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -1,0 +1,113 @@
+"""The per-backup manifest: written last, it is the commit marker of a backup copy.
+
+A backup folder (``<id>/``) on a target without ``manifest.json`` is incomplete: never listed
+as good, never restored, never counted. The manifest says everything needed to restore and to
+prove a restore complete: checksums and sizes of every artifact, versions, per-table row counts
+taken in the dump's own snapshot, and what the uploads tree held.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from conexa_backup.errors import IntegrityError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
+ID_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+class _Model(BaseModel):
+    # Unknown keys are kept (extra="allow") so that an older tool can still read a newer
+    # manifest's essentials; FORMAT_VERSION guards incompatible changes.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Artifact(_Model):
+    """One stored file of a backup."""
+
+    name: str
+    kind: Literal["database", "globals", "uploads"]
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    compression: Literal["zstd", "gzip"]
+    content: str  # "pg_dump-custom", "sql", "tar"
+
+
+class DatabaseInfo(_Model):
+    name: str
+    server_version: str
+    pg_dump_version: str
+    encoding: str
+    collate: str
+    ctype: str
+    owner: str
+    locale_provider: str = "c"
+    icu_locale: str | None = None
+    tables: dict[str, int]  # "schema.table" -> rows, in the dump's snapshot
+
+
+class UploadsInfo(_Model):
+    path: str
+    files: int
+    bytes: int
+    dirs: int
+    symlinks: int
+
+
+class Manifest(_Model):
+    format: int = FORMAT_VERSION
+    id: str = Field(pattern=ID_PATTERN.pattern)
+    kind: Literal["scheduled", "safety"] = "scheduled"
+    tool_version: str
+    hostname: str
+    started_at: datetime
+    finished_at: datetime
+    database: DatabaseInfo | None = None
+    uploads: UploadsInfo | None = None
+    artifacts: list[Artifact]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.size for a in self.artifacts)
+
+    def artifact(self, kind: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.kind == kind), None)
+
+    def to_json(self) -> bytes:
+        return (self.model_dump_json(indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse and validate; raise IntegrityError naming ``where`` when it is unusable."""
+        try:
+            raw = json.loads(data)
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+                raise IntegrityError(f"{where}: unsupported manifest format")
+            return cls.model_validate(raw)
+        except (ValueError, ValidationError) as exc:
+            first = str(exc).splitlines()[0]
+            raise IntegrityError(f"{where}: invalid manifest ({first})") from None
+
+
+def new_backup_id(now: datetime, taken: set[str]) -> str:
+    """A UTC timestamp id (``20261130T021500Z``), suffixed ``-N`` if that second is taken."""
+    base = now.astimezone(UTC).strftime(ID_FORMAT)
+    if base not in taken:
+        return base
+    n = 1
+    while f"{base}-{n}" in taken:
+        n += 1
+    return f"{base}-{n}"
+
+
+def id_sort_key(backup_id: str) -> tuple[str, int]:
+    """Chronological order of ids (``-10`` after ``-9``)."""
+    base, _, n = backup_id.partition("-")
+    return base, int(n) if n else 0

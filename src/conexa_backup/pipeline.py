@@ -1,0 +1,177 @@
+"""Stream stages: compression, hashing, fan-out, on large buffers.
+
+Bytes are pushed through a chain of sinks (anything with ``write(bytes)``):
+producer -> :class:`Compressor` -> :class:`HashingSink` -> target upload(s).
+Heavy work happens in zstd's own threads and in hashlib, which release the GIL on large
+buffers; Python only moves references to 1 MiB chunks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, BinaryIO, Protocol
+
+import zstandard
+
+from conexa_backup.config import CompressionConfig
+from conexa_backup.errors import IntegrityError
+
+CHUNK = 1 << 20
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> object: ...
+
+
+class Compressor:
+    """A sink that compresses and passes compressed bytes on; call :meth:`finish` at the end."""
+
+    def __init__(self, config: CompressionConfig, out: Sink) -> None:
+        self._out = out
+        self.algorithm = config.algorithm
+        self._zstd: zstandard.ZstdCompressionWriter | None = None
+        self._zlib: zlib._Compress | None = None
+        if config.algorithm == "zstd":
+            threads = config.threads or os.cpu_count() or 1
+            cctx = zstandard.ZstdCompressor(
+                level=config.level or 3, threads=threads, write_checksum=True
+            )
+            self._zstd = cctx.stream_writer(out, write_size=CHUNK, closefd=False)  # type: ignore[arg-type]
+        else:
+            # wbits=31: a gzip member, readable by gunzip/``zstd -d``'s gzip support and tar -z.
+            self._zlib = zlib.compressobj(config.level or 6, zlib.DEFLATED, 31)
+
+    def write(self, data: bytes) -> None:
+        if self._zstd is not None:
+            self._zstd.write(data)
+        else:
+            assert self._zlib is not None
+            out = self._zlib.compress(data)
+            if out:
+                self._out.write(out)
+
+    def finish(self) -> None:
+        if self._zstd is not None:
+            self._zstd.flush(zstandard.FLUSH_FRAME)
+        else:
+            assert self._zlib is not None
+            self._out.write(self._zlib.flush())
+
+
+def extension(algorithm: str) -> str:
+    """File-name suffix for an algorithm: what stock tools expect."""
+    return {"zstd": ".zst", "gzip": ".gz"}[algorithm]
+
+
+class _Decompressed:
+    """A readable of decompressed bytes; damaged input raises IntegrityError."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self._inner = inner
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._inner.read(n)
+        except (zstandard.ZstdError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise IntegrityError(f"damaged compressed data: {exc}") from None
+
+    def readable(self) -> bool:
+        return True
+
+
+def decompressing_reader(raw: BinaryIO, algorithm: str) -> IO[bytes]:
+    """A readable of the decompressed bytes of ``raw`` (IntegrityError when damaged)."""
+    inner: IO[bytes]
+    if algorithm == "zstd":
+        inner = zstandard.ZstdDecompressor().stream_reader(
+            raw, read_size=CHUNK, read_across_frames=True
+        )
+    elif algorithm == "gzip":
+        inner = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+    else:
+        raise IntegrityError(f"unknown compression {algorithm!r}")
+    return _Decompressed(inner)  # type: ignore[return-value]
+
+
+class HashingSink:
+    """Counts bytes and computes SHA-256 of everything written, then passes it on."""
+
+    def __init__(self, out: Sink) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        self._out.write(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Tee:
+    """Writes every chunk to each of several sinks (one producer, several targets)."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self._sinks = list(sinks)
+
+    def write(self, data: bytes) -> int:
+        for sink in self._sinks:
+            sink.write(data)
+        return len(data)
+
+
+class HashingReader:
+    """Wraps a readable: hashes and counts what is read; :meth:`check` compares at the end."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self._hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        """Read to the end (so the hash covers the whole object)."""
+        while self.read(CHUNK):
+            pass
+
+    def check(self, size: int, sha256: str, what: str) -> None:
+        """Raise IntegrityError unless everything read matches ``size`` and ``sha256``."""
+        self.drain()
+        if self.size != size:
+            raise IntegrityError(f"{what}: size {self.size} bytes, manifest says {size}")
+        digest = self._hash.hexdigest()
+        if digest != sha256:
+            raise IntegrityError(f"{what}: SHA-256 {digest} does not match the manifest")
+
+
+@dataclass(frozen=True)
+class Digest:
+    size: int
+    sha256: str
+
+
+def copy_stream(src: IO[bytes], dst: Sink, chunk: int = CHUNK) -> int:
+    """Copy ``src`` to ``dst`` in large chunks; return the byte count."""
+    total = 0
+    while True:
+        data = src.read(chunk)
+        if not data:
+            return total
+        dst.write(data)
+        total += len(data)

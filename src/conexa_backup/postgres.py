@@ -1,0 +1,278 @@
+"""PostgreSQL: connection settings, argv builders for the client tools, snapshots, row counts.
+
+Connection settings travel to ``pg_dump``/``pg_restore``/``psql`` as libpq environment
+variables (``PGHOST``, ``PGPASSWORD``...), never in argv; argv only ever names the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from conexa_backup import process
+from conexa_backup.config import DatabaseConfig
+from conexa_backup.errors import ConfigError, DatabaseError
+
+# libpq connection parameters and the environment variables that carry them.
+_ENV_OF = {
+    "host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE",
+    "user": "PGUSER", "password": "PGPASSWORD", "passfile": "PGPASSFILE",
+    "service": "PGSERVICE", "options": "PGOPTIONS", "application_name": "PGAPPNAME",
+    "sslmode": "PGSSLMODE", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY",
+    "sslrootcert": "PGSSLROOTCERT", "sslcrl": "PGSSLCRL", "sslpassword": "PGSSLPASSWORD",
+    "requiressl": "PGREQUIRESSL", "gssencmode": "PGGSSENCMODE",
+    "connect_timeout": "PGCONNECT_TIMEOUT", "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "channel_binding": "PGCHANNELBINDING", "krbsrvname": "PGKRBSRVNAME",
+}
+_SECRET_KEYS = {"password", "sslpassword"}
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """Where the database is and how to log in. ``params`` may hold a password."""
+
+    params: dict[str, str]
+    maintenance_db: str = "postgres"
+    bin_dir: Path | None = None
+    jobs: int = 2
+
+    @property
+    def dbname(self) -> str:
+        return self.params["dbname"]
+
+    def env(self, dbname: str | None = None) -> dict[str, str]:
+        """libpq environment for a child process, pointed at ``dbname`` (default: ours)."""
+        env = {_ENV_OF[k]: v for k, v in self.params.items()}
+        env["PGDATABASE"] = dbname or self.dbname
+        return env
+
+    def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A psycopg connection (autocommit unless told otherwise).
+
+        Raises:
+            DatabaseError: the server is unreachable or refused us (message without secrets).
+        """
+        params: dict[str, Any] = {**self.params, "dbname": dbname or self.dbname}
+        params.setdefault("autocommit", True)
+        params.update(kwargs)
+        try:
+            return psycopg.connect(**params)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot connect to {self.describe(dbname)}: {_first_line(exc)}") \
+                from None
+
+    def describe(self, dbname: str | None = None) -> str:
+        """``user@host:port/db`` for messages; never the password."""
+        host = self.params.get("host", "localhost")
+        port = self.params.get("port", "5432")
+        user = self.params.get("user", "")
+        at = f"{user}@" if user else ""
+        return f"database {dbname or self.dbname!r} at {at}{host}:{port}"
+
+    def tool(self, name: str) -> str:
+        """Path of a client tool (``pg_dump``...), from ``bin_dir`` when configured."""
+        if self.bin_dir is not None:
+            return str(self.bin_dir / name)
+        return shutil.which(name) or name
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def conninfo(config: DatabaseConfig) -> ConnInfo:
+    """Parse ``[database]`` into a :class:`ConnInfo`, reading ``password_file`` if set.
+
+    Raises:
+        ConfigError: the URL cannot be parsed, names no database, or uses an unknown parameter.
+    """
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(config.url).items()}
+    except psycopg.ProgrammingError:
+        raise ConfigError("database.url: not a valid PostgreSQL URL") from None
+    unknown = sorted(set(params) - set(_ENV_OF))
+    if unknown:
+        raise ConfigError(f"database.url: unsupported parameter(s): {', '.join(unknown)}")
+    if not params.get("dbname"):
+        raise ConfigError("database.url: the URL must name a database (…/dbname)")
+    if config.password_file is not None:
+        try:
+            params["password"] = config.password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"database.password_file: cannot read {config.password_file}: {exc.strerror}"
+            ) from None
+    return ConnInfo(params, config.maintenance_database, config.bin_dir, config.jobs)
+
+
+def redact(text: str, info: ConnInfo) -> str:
+    """Remove every secret of ``info`` from ``text`` (for error messages from libpq/tools)."""
+    for key in _SECRET_KEYS:
+        secret = info.params.get(key)
+        if secret:
+            text = text.replace(secret, "********")
+    return text
+
+
+# -- versions ---------------------------------------------------------------------------------
+
+def tool_version(info: ConnInfo, tool: str = "pg_dump") -> tuple[str, int]:
+    """(full version string, major) of a client tool, e.g. ("15.18", 15)."""
+    out = process.run([info.tool(tool), "--version"], what=tool)
+    match = re.search(r"(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise DatabaseError(f"cannot parse {tool} --version output: {out.strip()!r}")
+    return match.group(0), int(match.group(1))
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    version_num: int
+    encoding: str
+    collate: str
+    ctype: str
+    owner: str
+    locale_provider: str = "c"
+    icu_locale: str | None = None
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+def server_info(conn: psycopg.Connection[Any]) -> ServerInfo:
+    """Version and the current database's encoding, locale and owner."""
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+        " pg_encoding_to_char(d.encoding), d.datcollate, d.datctype,"
+        " pg_get_userbyid(d.datdba)"
+        " FROM pg_database d WHERE d.datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    provider, icu = "c", None
+    if int(row[1]) >= 150000:
+        prow = conn.execute(
+            "SELECT datlocprovider::text, daticulocale FROM pg_database"
+            " WHERE datname = current_database()"
+        ).fetchone()
+        if prow is not None:
+            provider, icu = str(prow[0]), prow[1]
+    return ServerInfo(str(row[0]).split()[0], int(row[1]), str(row[2]), str(row[3]),
+                      str(row[4]), str(row[5]), provider, icu)
+
+
+# -- snapshot and row counts ------------------------------------------------------------------
+
+_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_)'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1, 2
+"""
+
+
+def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Exact row count of every user table, keyed ``schema.table`` (names unquoted)."""
+    counts: dict[str, int] = {}
+    for schema, table in conn.execute(_TABLES).fetchall():
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(table)
+        )
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        counts[f"{schema}.{table}"] = int(row[0])
+    return counts
+
+
+@dataclass
+class Snapshot:
+    """An open REPEATABLE READ transaction whose snapshot ``pg_dump --snapshot`` can share."""
+
+    id: str
+    conn: psycopg.Connection[Any]
+    server: ServerInfo
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def exported_snapshot(info: ConnInfo) -> Iterator[Snapshot]:
+    """Open a read-only repeatable-read transaction and export its snapshot.
+
+    The transaction stays open (so the snapshot stays importable) until the block ends.
+
+    Raises:
+        DatabaseError: cannot connect or export.
+    """
+    conn = info.connect(autocommit=False)
+    try:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        try:
+            server = server_info(conn)
+            row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseError(f"{info.describe()}: {_first_line(exc)}") from None
+        assert row is not None
+        yield Snapshot(str(row[0]), conn, server)
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()
+        conn.close()
+
+
+# -- argv builders ----------------------------------------------------------------------------
+
+def pg_dump_argv(info: ConnInfo, snapshot_id: str | None) -> list[str]:
+    """A custom-format, uncompressed dump to stdout (we compress it ourselves, faster)."""
+    argv = [info.tool("pg_dump"), "--format=custom", "--compress=0", "--no-password"]
+    if snapshot_id:
+        argv.append(f"--snapshot={snapshot_id}")
+    return argv
+
+
+def pg_dumpall_globals_argv(info: ConnInfo, superuser: bool) -> list[str]:
+    """Roles and tablespaces; role passwords only when we may read them (superuser)."""
+    argv = [info.tool("pg_dumpall"), "--globals-only", "--no-password",
+            f"--database={info.maintenance_db}"]
+    if not superuser:
+        argv.append("--no-role-passwords")
+    return argv
+
+
+def pg_restore_argv(info: ConnInfo, archive: Path, dbname: str, jobs: int) -> list[str]:
+    """Restore ``archive`` into the existing ``dbname``; any error is fatal."""
+    return [info.tool("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={jobs}",
+            f"--dbname={dbname}", str(archive)]
+
+
+def create_database_sql(name: str, server: ServerInfo | None) -> sql.Composed:
+    """CREATE DATABASE with the source database's encoding and locale."""
+    parts: list[sql.Composable] = [
+        sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name))
+    ]
+    if server is not None:
+        parts.append(sql.SQL(" ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+            sql.Literal(server.encoding), sql.Literal(server.collate), sql.Literal(server.ctype)))
+        if server.locale_provider == "i" and server.icu_locale:
+            parts.append(sql.SQL(" LOCALE_PROVIDER icu ICU_LOCALE {}").format(
+                sql.Literal(server.icu_locale)))
+    return sql.Composed(parts)
+
+
+def quote_names(names: Sequence[str]) -> str:
+    return ", ".join(repr(n) for n in names)

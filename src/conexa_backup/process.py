@@ -1,0 +1,164 @@
+"""The only module that starts subprocesses.
+
+Rules it enforces (principle 5):
+- argument lists only, never a shell;
+- secrets travel in the child's environment, never in argv; logged command lines are the argv
+  alone, and environment values are never logged;
+- stderr is drained by a thread into a bounded tail, so a chatty child never blocks on a full
+  pipe and a failure can say what the child last wrote;
+- a child is killed when the code driving it fails, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO
+
+from conexa_backup.errors import ProcessError
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 20
+
+
+def format_argv(argv: Sequence[str]) -> str:
+    """Quote ``argv`` for a log line (argv never holds secrets; see module docstring)."""
+    return shlex.join(argv)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: ours plus ``extra`` (which may hold secrets)."""
+    env = dict(os.environ)
+    if extra:
+        env.update(extra)
+    return env
+
+
+class _StderrTail:
+    """Drain a pipe in a thread, keeping the last lines (and logging each at debug)."""
+
+    def __init__(self, stream: IO[bytes], name: str) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._thread = threading.Thread(target=self._drain, args=(stream, name), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream: IO[bytes], name: str) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self._lines.append(line)
+                    log.debug("%s: %s", name, line)
+
+    def text(self) -> str:
+        self._thread.join(timeout=5)
+        return "\n".join(self._lines)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    what: str | None = None,
+    stdout_path: str | None = None,
+) -> str:
+    """Run ``argv`` to completion and return its stdout (empty when sent to ``stdout_path``).
+
+    Raises:
+        ProcessError: the program is missing or exited non-zero; the message carries the
+            tail of its stderr.
+    """
+    label = what or os.path.basename(argv[0])
+    log.info("running %s", format_argv(argv))
+    try:
+        if stdout_path is not None:
+            fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                proc = subprocess.run(
+                    list(argv), env=child_env(env), stdout=out, stderr=subprocess.PIPE,
+                    stdin=subprocess.DEVNULL, check=False,
+                )
+            stdout = b""
+        else:
+            proc = subprocess.run(
+                list(argv), env=child_env(env), capture_output=True,
+                stdin=subprocess.DEVNULL, check=False,
+            )
+            stdout = proc.stdout
+    except FileNotFoundError as exc:
+        raise ProcessError(
+            f"{label} not found on PATH", returncode=None, stderr_tail=""
+        ) from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.decode("utf-8", "replace").splitlines()[-STDERR_TAIL_LINES:])
+        raise ProcessError(
+            f"{label} failed (exit {proc.returncode})", returncode=proc.returncode,
+            stderr_tail=tail,
+        )
+    return stdout.decode("utf-8", "replace")
+
+
+class Running:
+    """A started child whose stdout the caller streams; see :func:`stream`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], label: str, tail: _StderrTail) -> None:
+        self.proc = proc
+        self.label = label
+        self._tail = tail
+
+    @property
+    def stdout(self) -> IO[bytes]:
+        assert self.proc.stdout is not None
+        return self.proc.stdout
+
+    def wait_ok(self) -> None:
+        """Wait for exit; raise :class:`ProcessError` (with stderr tail) unless it is 0."""
+        code = self.proc.wait()
+        if code != 0:
+            raise ProcessError(
+                f"{self.label} failed (exit {code})", returncode=code,
+                stderr_tail=self._tail.text(),
+            )
+
+
+@contextlib.contextmanager
+def stream(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, what: str | None = None
+) -> Iterator[Running]:
+    """Start ``argv`` with its stdout as a pipe for the caller to read.
+
+    On leaving the block normally the caller must have called :meth:`Running.wait_ok`; if the
+    block raises, the child is killed and reaped so that no process outlives the failure.
+
+    Raises:
+        ProcessError: the program is missing.
+    """
+    label = what or os.path.basename(argv[0])
+    log.info("running %s", format_argv(argv))
+    try:
+        proc = subprocess.Popen(
+            list(argv), env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, bufsize=0,
+        )
+    except FileNotFoundError as exc:
+        raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
+    assert proc.stderr is not None
+    tail = _StderrTail(proc.stderr, label)
+    running = Running(proc, label, tail)
+    try:
+        yield running
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,212 @@
+"""Turning action results into what people and machines read (no logic, no I/O but output)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+
+from conexa_backup.actions.backup import BackupResult
+from conexa_backup.actions.inspect import CopyCheck, Status
+from conexa_backup.actions.restore import RestoreResult
+from conexa_backup.actions.setup import CheckResult
+from conexa_backup.catalog import Backup
+
+
+def iso(dt: datetime | None) -> str | None:
+    return dt.isoformat().replace("+00:00", "Z") if dt is not None else None
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def human_age(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    return f"{hours // 24} days {hours % 24} h"
+
+
+def print_json(console: Console, data: Any) -> None:
+    """One JSON document on stdout, nothing else."""
+    console.file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    console.file.flush()
+
+
+# -- backup -----------------------------------------------------------------------------------
+
+def backup_json(result: BackupResult) -> dict[str, Any]:
+    m = result.manifest
+    return {
+        "id": m.id,
+        "status": "partial" if result.failures else "complete",
+        "kind": m.kind,
+        "created_at": iso(m.started_at),
+        "finished_at": iso(m.finished_at),
+        "duration_seconds": round(result.seconds, 3),
+        "size_bytes": m.size_bytes,
+        "targets": result.stored_on,
+        "failed_targets": result.failures,
+        "artifacts": [a.model_dump() for a in m.artifacts],
+    }
+
+
+def backup_human(console: Console, result: BackupResult) -> None:
+    m = result.manifest
+    console.print(f"backup [bold]{m.id}[/] complete on {', '.join(result.stored_on)}: "
+                  f"{human_bytes(m.size_bytes)} in {result.seconds:.1f} s")
+    for name, error in result.failures.items():
+        console.print(f"[red]failed on {name}[/]: {error}")
+
+
+# -- list / status ----------------------------------------------------------------------------
+
+def backup_entry(b: Backup) -> dict[str, Any]:
+    m = b.manifest
+    by_kind = {a.kind: a.size for a in m.artifacts} if m else {}
+    return {
+        "id": b.id,
+        "created_at": iso(m.started_at) if m else None,
+        "finished_at": iso(m.finished_at) if m else None,
+        "kind": m.kind if m else None,
+        "status": b.status,
+        "size_bytes": m.size_bytes if m else sum(o.size for c in b.copies for o in c.objects),
+        "database_bytes": by_kind.get("database"),
+        "uploads_bytes": by_kind.get("uploads"),
+        "uploads_files": m.uploads.files if m and m.uploads else None,
+        "targets": [c.target.name for c in b.complete_copies],
+        "incomplete_targets": [c.target.name for c in b.copies if not c.complete],
+    }
+
+
+def list_human(console: Console, backups: Sequence[Backup]) -> None:
+    if not backups:
+        console.print("no backups yet")
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status"):
+        table.add_column(col, justify="right" if col == "Size" else "left")
+    for b in reversed(backups):
+        e = backup_entry(b)
+        created = (e["created_at"] or "-").replace("T", " ").rstrip("Z")[:19]
+        status = e["status"] if e["status"] == "complete" else f"[yellow]{e['status']}[/]"
+        where = ", ".join(e["targets"]) or "-"
+        if e["incomplete_targets"]:
+            where += f" (incomplete: {', '.join(e['incomplete_targets'])})"
+        table.add_row(b.id, created, e["kind"] or "-", human_bytes(e["size_bytes"]), where,
+                      status)
+    console.print(table)
+
+
+def status_json(s: Status) -> dict[str, Any]:
+    return {
+        "last_backup": backup_entry(s.last) if s.last else None,
+        "age_seconds": round(s.age_seconds) if s.age_seconds is not None else None,
+        "incomplete_backups": s.incomplete,
+    }
+
+
+def status_human(console: Console, s: Status) -> None:
+    if s.last is None or s.age_seconds is None:
+        console.print("[red]no complete backup found[/]")
+        return
+    e = backup_entry(s.last)
+    console.print(f"last backup: [bold]{s.last.id}[/], {human_age(s.age_seconds)} ago, "
+                  f"{human_bytes(e['size_bytes'])} on {', '.join(e['targets'])}")
+    if s.incomplete:
+        console.print(f"{s.incomplete} incomplete backup(s) present (see `list`)")
+
+
+# -- verify / check / restore -----------------------------------------------------------------
+
+def verify_json(checks: Sequence[CopyCheck]) -> dict[str, Any]:
+    return {
+        "ok": bool(checks) and all(c.ok for c in checks),
+        "checks": [{"id": c.backup_id, "target": c.target, "ok": c.ok,
+                    "bytes_read": c.bytes_read, "problems": c.problems} for c in checks],
+    }
+
+
+def verify_human(console: Console, checks: Sequence[CopyCheck]) -> None:
+    for c in checks:
+        mark = "[green]ok[/]" if c.ok else "[red]FAILED[/]"
+        console.print(f"{c.backup_id} on {c.target}: {mark} ({human_bytes(c.bytes_read)} read)")
+        for problem in c.problems:
+            console.print(f"  {problem}", markup=False)
+
+
+def check_json(results: Sequence[CheckResult]) -> dict[str, Any]:
+    return {"ok": all(r.ok for r in results),
+            "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail} for r in results]}
+
+
+def check_human(console: Console, results: Sequence[CheckResult]) -> None:
+    for r in results:
+        mark = "[green]ok[/]  " if r.ok else "[red]FAIL[/]"
+        console.print(f"{mark} {r.name}: ", end="")
+        console.print(r.detail, markup=False)
+
+
+def restore_human(console: Console, r: RestoreResult) -> None:
+    console.print(f"restored backup [bold]{r.backup_id}[/] in {r.seconds:.1f} s "
+                  "(recovery time; the objective is under 1 hour)")
+    if r.safety_backup_id:
+        console.print(f"safety backup of the previous state: {r.safety_backup_id}")
+    if r.database:
+        console.print(f"database: {r.database}", markup=False)
+    if r.previous_database:
+        console.print(f"previous database kept as: {r.previous_database}", markup=False)
+    if r.uploads:
+        console.print(f"uploads: {r.uploads}", markup=False)
+    if r.previous_uploads:
+        console.print(f"previous uploads kept in: {r.previous_uploads}", markup=False)
+
+
+def restore_json(r: RestoreResult) -> dict[str, Any]:
+    return {"id": r.backup_id, "database": r.database, "previous_database": r.previous_database,
+            "uploads": str(r.uploads) if r.uploads else None,
+            "previous_uploads": str(r.previous_uploads) if r.previous_uploads else None,
+            "safety_backup_id": r.safety_backup_id, "duration_seconds": round(r.seconds, 3)}
+
+
+class ProgressReporter:
+    """Shows each step with a byte counter on a terminal (stderr)."""
+
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=None),
+            DownloadColumn(), console=console, transient=True,
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def step(self, message: str) -> None:
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(message, total=None)
+
+    def advance(self, nbytes: int) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, nbytes)

@@ -1,0 +1,1 @@
+"""Storage targets: a small protocol (``base``), a registry, one module per type."""

@@ -1,0 +1,80 @@
+"""The storage protocol: the handful of operations every target provides.
+
+A target stores opaque objects under ``/``-separated keys relative to its own root (a folder,
+a bucket prefix). Multipart or resumable details stay inside each target's module. Keys are
+always produced by conexa-backup (``<backup id>/<artifact>``); :func:`check_key` refuses
+anything that could escape the target's root.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if every part is a plain name; raise ValueError otherwise."""
+    parts = key.split("/")
+    if not parts or not all(_KEY_PART.match(p) for p in parts):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class TargetConfig(BaseModel):
+    """Fields common to every ``[[targets]]`` entry; each type subclasses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type_name: ClassVar[str] = ""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    type: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key (relative to the target root), size and time."""
+
+    key: str
+    size: int
+    modified: datetime | None = None
+
+
+class Upload(Protocol):
+    """An object being written. Nothing is visible under the key until :meth:`commit`."""
+
+    def write(self, data: bytes) -> None:
+        """Append bytes. Raises StorageError."""
+
+    def commit(self) -> ObjectInfo:
+        """Make the object visible under its key, durably. Raises StorageError."""
+
+    def abort(self) -> None:
+        """Discard everything written; never raises."""
+
+
+class Target(Protocol):
+    """A place backups are kept. Implementations raise :class:`StorageError` subclasses."""
+
+    name: str
+
+    def describe(self) -> str:
+        """Where this target stores objects, for people (no secrets)."""
+
+    def writer(self, key: str) -> Upload:
+        """Start writing ``key`` (replacing any object there once committed)."""
+
+    def open(self, key: str) -> BinaryIO:
+        """Open ``key`` for streaming reads. Raises ObjectNotFoundError."""
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Committed objects whose key starts with ``prefix`` (in no particular order)."""
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""

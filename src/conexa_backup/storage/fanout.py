@@ -1,0 +1,76 @@
+"""One stream, several targets: a sink that writes to every target's upload.
+
+A target that fails is dropped from the stream and its failure recorded; the others carry on,
+so losing one copy never loses the backup. Only when every target has failed does writing
+raise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from conexa_backup.errors import ConexaError, StorageError
+from conexa_backup.storage.base import ObjectInfo, Target, Upload
+
+log = logging.getLogger(__name__)
+
+
+class AllTargetsFailed(StorageError):
+    def __init__(self, failures: dict[str, str]) -> None:
+        detail = "; ".join(failures.values())
+        super().__init__("all", f"every target failed: {detail}")
+        self.failures = failures
+
+
+class MultiUpload:
+    """Writes ``key`` to every target in ``targets``; see module docstring."""
+
+    def __init__(self, targets: Sequence[Target], key: str) -> None:
+        self.key = key
+        self.failures: dict[str, str] = {}
+        self._uploads: dict[str, Upload] = {}
+        for target in targets:
+            try:
+                self._uploads[target.name] = target.writer(key)
+            except ConexaError as exc:
+                self._fail(target.name, exc)
+        self._check_alive()
+
+    def _fail(self, name: str, exc: BaseException) -> None:
+        upload = self._uploads.pop(name, None)
+        if upload is not None:
+            upload.abort()
+        self.failures[name] = str(exc)
+        log.error("%s: %s", self.key, exc)
+
+    def _check_alive(self) -> None:
+        if not self._uploads:
+            raise AllTargetsFailed(self.failures)
+
+    def write(self, data: bytes) -> int:
+        for name, upload in list(self._uploads.items()):
+            try:
+                upload.write(data)
+            except ConexaError as exc:
+                self._fail(name, exc)
+        self._check_alive()
+        return len(data)
+
+    def commit(self) -> dict[str, ObjectInfo]:
+        """Commit on every live target; return what each stored."""
+        stored: dict[str, ObjectInfo] = {}
+        for name, upload in list(self._uploads.items()):
+            try:
+                stored[name] = upload.commit()
+            except ConexaError as exc:
+                self._fail(name, exc)
+        self._uploads.clear()
+        if not stored:
+            raise AllTargetsFailed(self.failures)
+        return stored
+
+    def abort(self) -> None:
+        for upload in self._uploads.values():
+            upload.abort()
+        self._uploads.clear()
