@@ -1,0 +1,158 @@
+"""The command-line contract: names, help, README, JSON, output modes, files we write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from conexa_backup.cli import app
+from tests.conftest import Workspace
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _commands() -> dict[str, str]:
+    group = typer.main.get_command(app)
+    assert hasattr(group, "commands")
+    return {name: (cmd.help or "") for name, cmd in group.commands.items()}
+
+
+def test_contract_commands_exist() -> None:
+    assert {"backup", "list", "restore", "verify", "status", "download", "delete", "init",
+            "check"} <= set(_commands())
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_has_help_and_is_in_the_readme(name: str) -> None:
+    assert _commands()[name].strip(), f"{name} has no help text"
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+    assert f"conexa-backup {name}" in README.read_text(encoding="utf-8"), \
+        f"`conexa-backup {name}` is not documented in README.md"
+
+
+def test_readme_documents_every_exit_code() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Exit codes"):]
+    for code in range(5):
+        assert f"| {code} |" in section
+
+
+def test_module_entry_point_and_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "conexa_backup", "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("conexa-backup ")
+
+
+def test_json_outputs_are_one_document_and_nothing_else(ws: Workspace) -> None:
+    empty = ws.run("list", "--json")
+    assert empty.returncode == 0 and json.loads(empty.stdout) == []
+    none = ws.run("status", "--json")
+    assert none.returncode == 1 and json.loads(none.stdout)["last_backup"] is None
+
+    made = ws.run("backup", "--json")
+    assert made.returncode == 0, made.stderr
+    backup = json.loads(made.stdout)
+    assert backup["status"] == "complete" and backup["targets"] == ["local"]
+
+    listing = json.loads(ws.run("list", "--json").stdout)
+    assert [b["id"] for b in listing] == [backup["id"]]
+    entry = listing[0]
+    assert {"id", "created_at", "status", "size_bytes", "targets"} <= set(entry)
+    assert datetime.fromisoformat(entry["created_at"]).tzinfo == UTC
+    assert entry["size_bytes"] == backup["size_bytes"] > 0
+
+    status = json.loads(ws.run("status", "--json").stdout)
+    assert status["last_backup"]["id"] == backup["id"] and status["age_seconds"] < 600
+    verify = json.loads(ws.run("verify", "--json").stdout)
+    assert verify["ok"] and verify["checks"][0]["bytes_read"] == backup["size_bytes"]
+    check = json.loads(ws.run("check", "--json").stdout)
+    assert check["ok"], check
+
+
+def test_non_terminal_backup_prints_just_the_id_and_quiet_prints_nothing(ws: Workspace) -> None:
+    plain = ws.run("backup")
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 1 and lines[0][:8].isdigit() and lines[0].endswith("Z")
+    assert plain.stderr == ""
+    quiet = ws.run("--quiet", "backup")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_files_we_write_are_private(ws: Workspace) -> None:
+    backup_id = ws.run("backup").stdout.strip()
+    for path in [ws.backups, ws.backups / backup_id, ws.state, ws.state / "logs"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    files = list((ws.backups / backup_id).iterdir()) + list((ws.state / "logs").iterdir())
+    assert files
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    log = (ws.state / "logs" / f"backup-{day}.log").read_text()
+    assert f"backup {backup_id} complete" in log
+
+
+def test_download_fetches_checked_files_and_manifest(ws: Workspace, tmp_path: Path) -> None:
+    backup_id = ws.run("backup").stdout.strip()
+    result = ws.run("download", backup_id, "--to", str(tmp_path / "dl"))
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.strip())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["id"] == backup_id
+    for artifact in manifest["artifacts"]:
+        data = (folder / artifact["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+        assert stat.S_IMODE((folder / artifact["name"]).stat().st_mode) == 0o600
+    again = ws.run("download", backup_id, "--to", str(tmp_path / "dl"))
+    assert again.returncode == 2  # never overwrites
+
+
+def test_delete_removes_only_that_backup(ws: Workspace) -> None:
+    first = ws.run("backup").stdout.strip()
+    second = ws.run("backup").stdout.strip()
+    assert first != second
+    # Things in the target folder that are not ours must survive.
+    (ws.backups / "notes.txt").write_text("keep me")
+    (ws.backups / "other").mkdir()
+    (ws.backups / "other" / "x").write_text("keep me too")
+    result = ws.run("delete", first, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert not (ws.backups / first).exists()
+    assert [b["id"] for b in json.loads(ws.run("list", "--json").stdout)] == [second]
+    assert (ws.backups / "notes.txt").exists() and (ws.backups / "other" / "x").exists()
+    assert ws.run("verify", second).returncode == 0
+    assert ws.run("delete", "20000101T000000Z", "--yes").returncode == 2
+
+
+def test_init_writes_a_private_starter_file_and_never_overwrites(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "backup.toml"
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(path)]).exit_code == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "[database]" in path.read_text()
+    path.write_text("# edited")
+    assert runner.invoke(app, ["init", str(path)]).exit_code == 2
+    assert path.read_text() == "# edited"
+    assert runner.invoke(app, ["init", str(path), "--force"]).exit_code == 0
+    assert "[database]" in path.read_text()
+
+
+def test_check_names_the_broken_part(ws: Workspace, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    ws.config.write_text(ws.config.read_text().replace(str(ws.backups), str(blocker / "sub")))
+    result = ws.run("check", "--json")
+    assert result.returncode == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["database"]["ok"] and checks["uploads"]["ok"]
+    assert not checks["target local"]["ok"] and "local" in checks["target local"]["detail"]
