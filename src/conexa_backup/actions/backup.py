@@ -116,12 +116,17 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
 
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
         counter.start()
-        with process.stream(postgres.pg_dump_argv(info, snap.id), env=info.env(),
-                            what="pg_dump") as child:
-            _grow_pipe(child.stdout)
-            copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
-            child.wait_ok()
-        counter.join()
+        try:
+            with process.stream(postgres.pg_dump_argv(info, snap.id), env=info.env(),
+                                what="pg_dump") as child:
+                _grow_pipe(child.stdout)
+                copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
+                child.wait_ok()
+        except BaseException:
+            snap.conn.cancel_safe()  # stop counting: the connection is about to close
+            raise
+        finally:
+            counter.join()
         if "error" in counted:
             raise ConexaError(f"counting rows failed: {counted['error']}")
         server = snap.server
