@@ -93,7 +93,7 @@ def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats) -> No
             continue
         except OSError as exc:
             raise ConexaError(f"cannot read {child}: {exc.strerror}") from None
-        if info.isreg():
+        if info.isreg() or info.islnk():  # a second hard link is stored as content
             _add_file(tar, child, info, stats)
         elif info.isdir():
             tar.addfile(info)
@@ -126,9 +126,11 @@ def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: Tr
 def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """Refuse hazards (stdlib ``data`` filter), keep mode bits (minus set-id) and owners."""
     try:
-        tarfile.data_filter(member, dest)
+        checked = tarfile.data_filter(member, dest)
     except tarfile.FilterError as exc:
         raise UnsafeArchiveError(f"refusing archive member {member.name!r}: {exc}") from None
+    if checked.name != member.name:  # the filter stripped a leading "/": never ours to write
+        raise UnsafeArchiveError(f"refusing archive member {member.name!r}: absolute path")
     if member.mode is not None:
         member = member.replace(mode=member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID),
                                 deep=False)

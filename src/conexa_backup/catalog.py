@@ -77,8 +77,8 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True) -> list[Back
     for target in targets:
         grouped: dict[str, list[ObjectInfo]] = defaultdict(list)
         for obj in target.list():
-            backup_id, sep, _ = obj.key.partition("/")
-            if sep and ID_PATTERN.match(backup_id):
+            backup_id, sep, name = obj.key.partition("/")
+            if sep and "/" not in name and ID_PATTERN.match(backup_id):
                 grouped[backup_id].append(obj)
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects)

@@ -85,7 +85,13 @@ class _Decompressed:
 
 
 def decompressing_reader(raw: BinaryIO, algorithm: str) -> IO[bytes]:
-    """A readable of the decompressed bytes of ``raw`` (IntegrityError when damaged)."""
+    """A readable of the decompressed bytes of ``raw`` (IntegrityError when damaged).
+
+    A zstd stream cut at a frame boundary, or mid-frame, may end early without an error:
+    zstandard's bounded-memory reader treats it as end of input. Callers always pair this with
+    the manifest's size and SHA-256 of the stored bytes (``fetch.read_verified``), which is
+    what catches truncation; its output is provisional until that check passes.
+    """
     inner: IO[bytes]
     if algorithm == "zstd":
         inner = zstandard.ZstdDecompressor().stream_reader(

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from conexa_backup.config.models import Config
 from conexa_backup.errors import ConfigError
+from conexa_backup.storage.registry import target_types
 
 ENV_CONFIG = "CONEXA_BACKUP_CONFIG"
 SYSTEM_CONFIG = Path("/etc/conexa-backup/backup.toml")
@@ -93,7 +94,7 @@ def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:
         for i in range(start, len(lines)):
             if key.match(lines[i]):
                 return i + 1
-            if i > start and lines[i].lstrip().startswith("["):
+            if lines[i].lstrip().startswith("["):
                 break
         header = re.compile(r"^\s*\[\s*" + re.escape(".".join([*table, part])) + r"\s*\]")
         hits = [i for i, line in enumerate(lines) if header.match(line)]
@@ -120,6 +121,8 @@ def _format_validation(exc: ValidationError, src: Path, text: str) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif loc[:1] == ("targets",) and loc[-1:] == ("type",):
+            msg = f"unknown target type; known types: {', '.join(sorted(target_types()))}"
         problems.append(f"{where}{at}: {msg}")
     return f"{src}: " + "; ".join(problems)
 

@@ -1,0 +1,345 @@
+"""The storage contract, run against every target type (only ``local`` for now), and fan-out.
+
+To add a type, extend ``TARGET_KINDS`` and ``_make_target``; a ``kind`` fixture parameter
+picks it. Tests that poke at the file system directly live in ``TestLocalSpecifics``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conexa_backup.catalog import scan
+from conexa_backup.errors import ObjectNotFoundError, StorageError
+from conexa_backup.manifest import MANIFEST_NAME
+from conexa_backup.storage.base import ObjectInfo, Target, check_key
+from conexa_backup.storage.fanout import AllTargetsFailed, MultiUpload
+from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
+from conexa_backup.storage.registry import create_target, target_types
+
+TARGET_KINDS = ["local"]
+BID = "20260301T021500Z"
+
+
+def _make_target(kind: str, base: Path, name: str = "t1") -> Target:
+    if kind == "local":
+        return LocalTarget(LocalTargetConfig(name=name, type="local", path=base / name))
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=TARGET_KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_target(kind: str, tmp_path: Path) -> Callable[[str], Target]:
+    return lambda name: _make_target(kind, tmp_path, name)
+
+
+@pytest.fixture
+def target(make_target: Callable[[str], Target]) -> Target:
+    return make_target("t1")
+
+
+def put(target: Target, key: str, data: bytes, pieces: int = 3) -> ObjectInfo:
+    upload = target.writer(key)
+    step = max(1, len(data) // pieces)
+    for i in range(0, len(data), step):
+        upload.write(data[i:i + step])
+    return upload.commit()
+
+
+def read(target: Target, key: str) -> bytes:
+    with target.open(key) as fh:
+        return fh.read()
+
+
+def keys(target: Target, prefix: str = "") -> list[str]:
+    return sorted(o.key for o in target.list(prefix))
+
+
+def broken_local(tmp_path: Path, name: str) -> LocalTarget:
+    """A target whose folder cannot be created, even by root: its parent is a regular file."""
+    blocker = tmp_path / f"{name}-is-a-file"
+    blocker.write_bytes(b"not a folder")
+    return LocalTarget(LocalTargetConfig(name=name, type="local", path=blocker / "backups"))
+
+
+# -- the contract -------------------------------------------------------------------------------
+
+class TestTargetContract:
+    def test_commit_makes_object_visible(self, target: Target) -> None:
+        data = os.urandom(300_000)
+        upload = target.writer(f"{BID}/db.dump.zst")
+        upload.write(data[:1000])
+        assert keys(target) == []  # nothing visible before commit
+        upload.write(data[1000:])
+        info = upload.commit()
+        assert info.key == f"{BID}/db.dump.zst"
+        assert info.size == len(data)
+        assert read(target, f"{BID}/db.dump.zst") == data
+        listed = list(target.list())
+        assert [(o.key, o.size) for o in listed] == [(f"{BID}/db.dump.zst", len(data))]
+        assert listed[0].modified is not None and listed[0].modified.tzinfo is not None
+
+    def test_empty_object(self, target: Target) -> None:
+        info = target.writer(f"{BID}/empty").commit()
+        assert info.size == 0
+        assert read(target, f"{BID}/empty") == b""
+
+    def test_commit_replaces_existing(self, target: Target) -> None:
+        put(target, f"{BID}/x", b"old contents")
+        put(target, f"{BID}/x", b"new")
+        assert read(target, f"{BID}/x") == b"new"
+        assert keys(target) == [f"{BID}/x"]
+
+    def test_abort_leaves_nothing(self, target: Target) -> None:
+        upload = target.writer(f"{BID}/db.dump.zst")
+        upload.write(b"partial" * 1000)
+        upload.abort()
+        upload.abort()  # idempotent, never raises
+        assert keys(target) == []
+        with pytest.raises(ObjectNotFoundError):
+            target.open(f"{BID}/db.dump.zst")
+
+    def test_abort_keeps_previous_version(self, target: Target) -> None:
+        put(target, f"{BID}/x", b"committed")
+        upload = target.writer(f"{BID}/x")
+        upload.write(b"replacement that never lands")
+        upload.abort()
+        assert read(target, f"{BID}/x") == b"committed"
+
+    def test_list_prefix_filters(self, target: Target) -> None:
+        other = "20260302T021500Z"
+        for key in (f"{BID}/a", f"{BID}/b", f"{other}/a", "README"):
+            put(target, key, key.encode())
+        assert keys(target, f"{BID}/") == [f"{BID}/a", f"{BID}/b"]
+        assert keys(target, f"{other}/") == [f"{other}/a"]
+        assert keys(target, "2026030") == [f"{BID}/a", f"{BID}/b", f"{other}/a"]
+        assert keys(target, "nothing") == []
+        assert keys(target) == sorted([f"{BID}/a", f"{BID}/b", f"{other}/a", "README"])
+        sizes = {o.key: o.size for o in target.list()}
+        assert sizes[f"{BID}/a"] == len(f"{BID}/a")
+
+    def test_list_of_never_used_target_is_empty(self, target: Target) -> None:
+        assert keys(target) == []
+
+    def test_delete_is_idempotent(self, target: Target) -> None:
+        put(target, f"{BID}/a", b"1")
+        put(target, f"{BID}/b", b"2")
+        target.delete(f"{BID}/a")
+        target.delete(f"{BID}/a")
+        target.delete(f"{BID}/never-existed")
+        target.delete("20991231T000000Z/nothing-here-either")
+        assert keys(target) == [f"{BID}/b"]
+        assert read(target, f"{BID}/b") == b"2"
+
+    def test_open_missing_key(self, target: Target) -> None:
+        with pytest.raises(ObjectNotFoundError) as info:
+            target.open(f"{BID}/nope")
+        assert info.value.target == "t1"
+        assert f"{BID}/nope" in str(info.value)
+        put(target, f"{BID}/other", b"x")
+        with pytest.raises(ObjectNotFoundError):
+            target.open(f"{BID}/nope")
+
+    @pytest.mark.parametrize("bad", [
+        "../x", "/abs", "a//b", ".hidden", "", "a/../b", "a/.tmp-x", "a/", "..", ".",
+        "a\\b", "a b", "ü",
+    ])
+    def test_invalid_keys_rejected(self, target: Target, bad: str) -> None:
+        with pytest.raises(ValueError, match="invalid storage key"):
+            target.writer(bad)
+        with pytest.raises(ValueError, match="invalid storage key"):
+            target.open(bad)
+        with pytest.raises(ValueError, match="invalid storage key"):
+            target.delete(bad)
+        assert keys(target) == []
+
+    def test_targets_are_independent(self, make_target: Callable[[str], Target]) -> None:
+        one, two = make_target("one"), make_target("two")
+        put(one, f"{BID}/a", b"1")
+        assert keys(two) == []
+        assert one.describe() != two.describe()
+
+    def test_catalog_ignores_foreign_keys(self, target: Target) -> None:
+        put(target, f"{BID}/db.dump.zst", b"dump")
+        for key in ("README.txt", "notes/todo.txt", "2026-03-01/db.dump", "20260301/x"):
+            put(target, key, b"someone else's")
+        assert "README.txt" in keys(target)  # the target lists what is there...
+        backups = scan([target])  # ...but the catalog only sees <backup id>/<name>
+        assert [b.id for b in backups] == [BID]
+        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/db.dump.zst"]
+        assert backups[0].status == "incomplete"
+
+    def test_catalog_ignores_nested_keys(self, target: Target) -> None:
+        put(target, f"{BID}/db.dump.zst", b"dump")
+        put(target, f"{BID}/extra/notes.txt", b"someone else's")
+        backups = scan([target])
+        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/db.dump.zst"]
+
+
+# -- local specifics ------------------------------------------------------------------------------
+
+class TestLocalSpecifics:
+    @pytest.fixture
+    def local(self, tmp_path: Path) -> LocalTarget:
+        target = _make_target("local", tmp_path, "nas")
+        assert isinstance(target, LocalTarget)
+        return target
+
+    def test_created_through_registry(self, tmp_path: Path) -> None:
+        assert "local" in target_types()
+        config = LocalTargetConfig(name="reg", type="local", path=tmp_path / "reg")
+        target = create_target(config)
+        assert isinstance(target, LocalTarget)
+        assert target.describe() == str(tmp_path / "reg")
+
+    def test_modes(self, local: LocalTarget) -> None:
+        old = os.umask(0o022)
+        try:
+            put(local, f"{BID}/db.dump.zst", b"secret dump")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(local.root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((local.root / BID).stat().st_mode) == 0o700
+        assert stat.S_IMODE((local.root / BID / "db.dump.zst").stat().st_mode) == 0o600
+
+    def test_modes_with_permissive_umask(self, local: LocalTarget) -> None:
+        old = os.umask(0)
+        try:
+            put(local, f"{BID}/db.dump.zst", b"secret dump")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(local.root.stat().st_mode) == 0o700
+        assert stat.S_IMODE((local.root / BID).stat().st_mode) == 0o700
+        assert stat.S_IMODE((local.root / BID / "db.dump.zst").stat().st_mode) == 0o600
+
+    def test_abort_removes_temporary_file(self, local: LocalTarget) -> None:
+        upload = local.writer(f"{BID}/x")
+        upload.write(b"data")
+        temps = [p for p in (local.root / BID).iterdir() if p.name.startswith(".")]
+        assert len(temps) == 1  # written under a hidden name...
+        assert keys(local) == []  # ...which is never listed
+        upload.abort()
+        assert list((local.root / BID).iterdir()) == []
+
+    def test_commit_leaves_no_temporary_file(self, local: LocalTarget) -> None:
+        put(local, f"{BID}/x", b"data")
+        assert [p.name for p in (local.root / BID).iterdir()] == ["x"]
+
+    def test_hidden_files_and_folders_ignored(self, local: LocalTarget) -> None:
+        put(local, f"{BID}/x", b"data")
+        (local.root / ".DS_Store").write_bytes(b"junk")
+        (local.root / BID / ".tmp-x.999").write_bytes(b"leftover of a crash")
+        (local.root / ".snapshot" / BID).mkdir(parents=True)
+        (local.root / ".snapshot" / BID / "x").write_bytes(b"nas snapshot")
+        assert keys(local) == [f"{BID}/x"]
+
+    def test_delete_removes_empty_backup_folder_only(self, local: LocalTarget) -> None:
+        put(local, f"{BID}/a", b"1")
+        put(local, f"{BID}/b", b"2")
+        put(local, "top-level", b"3")
+        local.delete(f"{BID}/a")
+        assert (local.root / BID).is_dir()  # not empty yet
+        local.delete(f"{BID}/b")
+        assert not (local.root / BID).exists()
+        local.delete("top-level")
+        assert local.root.is_dir()  # the root itself is never removed
+        assert list(local.root.iterdir()) == []
+
+    def test_delete_keeps_folder_with_foreign_files(self, local: LocalTarget) -> None:
+        put(local, f"{BID}/a", b"1")
+        (local.root / BID / ".keep").write_bytes(b"")
+        local.delete(f"{BID}/a")
+        assert (local.root / BID / ".keep").exists()
+
+    def test_catalog_sees_foreign_files_only_when_shaped_like_backups(
+            self, local: LocalTarget) -> None:
+        local.root.mkdir(mode=0o700)
+        (local.root / "random.tar").write_bytes(b"placed by hand")
+        (local.root / "old-backups").mkdir()
+        (local.root / "old-backups" / "dump.sql").write_bytes(b"placed by hand")
+        assert keys(local) == ["old-backups/dump.sql", "random.tar"]
+        assert scan([local]) == []
+
+    def test_unwritable_location_is_storage_error(self, tmp_path: Path) -> None:
+        target = broken_local(tmp_path, "usb")
+        with pytest.raises(StorageError) as info:
+            target.writer(f"{BID}/x")
+        assert info.value.target == "usb"
+        assert str(info.value).startswith("target 'usb': ")
+        assert str(target.root) in str(info.value)
+
+    def test_unreadable_location_is_storage_error(self, tmp_path: Path) -> None:
+        target = broken_local(tmp_path, "usb")
+        with pytest.raises(StorageError) as info:
+            target.open(f"{BID}/x")
+        assert info.value.target == "usb"
+        assert keys(target) == []  # not a folder: nothing there
+
+    def test_check_key_accepts_our_keys(self) -> None:
+        for key in (f"{BID}/db.dump.zst", f"{BID}-2/uploads.tar.gz", "a", f"{BID}/{MANIFEST_NAME}"):
+            assert check_key(key) == key
+
+
+# -- fan-out --------------------------------------------------------------------------------------
+
+class TestMultiUpload:
+    def test_one_broken_target(self, tmp_path: Path) -> None:
+        good = _make_target("local", tmp_path, "good")
+        bad = broken_local(tmp_path, "bad")
+        upload = MultiUpload([bad, good], f"{BID}/db.dump.zst")
+        assert set(upload.failures) == {"bad"}
+        assert "target 'bad'" in upload.failures["bad"]
+        assert upload.write(b"abc") == 3
+        upload.write(b"def")
+        stored = upload.commit()
+        assert list(stored) == ["good"]
+        assert stored["good"].size == 6
+        assert read(good, f"{BID}/db.dump.zst") == b"abcdef"
+        assert set(upload.failures) == {"bad"}
+
+    def test_all_good_targets(self, tmp_path: Path) -> None:
+        targets = [_make_target("local", tmp_path, n) for n in ("a", "b", "c")]
+        upload = MultiUpload(targets, f"{BID}/x")
+        upload.write(b"same bytes everywhere")
+        stored = upload.commit()
+        assert sorted(stored) == ["a", "b", "c"]
+        assert upload.failures == {}
+        for t in targets:
+            assert read(t, f"{BID}/x") == b"same bytes everywhere"
+
+    def test_all_broken(self, tmp_path: Path) -> None:
+        targets = [broken_local(tmp_path, "x"), broken_local(tmp_path, "y")]
+        with pytest.raises(AllTargetsFailed) as info:
+            MultiUpload(targets, f"{BID}/x")
+        assert set(info.value.failures) == {"x", "y"}
+        assert isinstance(info.value, StorageError)
+        assert "every target failed" in str(info.value)
+
+    def test_target_failing_mid_stream(self, tmp_path: Path) -> None:
+        good = _make_target("local", tmp_path, "good")
+        flaky = _make_target("local", tmp_path, "flaky")
+        upload = MultiUpload([good, flaky], f"{BID}/x")
+        upload.write(b"first")
+        # Pull the folder out from under the flaky target: its commit (rename) must fail.
+        (tmp_path / "flaky" / BID / f".tmp-x.{os.getpid()}").unlink()
+        upload.write(b"second")
+        stored = upload.commit()
+        assert list(stored) == ["good"]
+        assert set(upload.failures) == {"flaky"}
+        assert read(good, f"{BID}/x") == b"firstsecond"
+        assert keys(flaky) == []
+
+    def test_abort(self, tmp_path: Path) -> None:
+        targets = [_make_target("local", tmp_path, n) for n in ("a", "b")]
+        upload = MultiUpload(targets, f"{BID}/x")
+        upload.write(b"data")
+        upload.abort()
+        assert all(keys(t) == [] for t in targets)
