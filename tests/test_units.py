@@ -176,7 +176,7 @@ def test_argv_shapes() -> None:
     restore = postgres.pg_restore_argv(info, Path("/s/x.dump"), "conexa_restored", 3)
     assert restore[0] == "/pg/pg_restore"
     assert "--exit-on-error" in restore and "--jobs=3" in restore
-    assert "--dbname=conexa_restored" in restore and restore[-1] == "/s/x.dump"
+    assert "--dbname=dbname=conexa_restored" in restore and restore[-1] == "/s/x.dump"
 
 
 # =================================================================================================

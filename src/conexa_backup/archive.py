@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from conexa_backup.errors import ConexaError, UnsafeArchiveError
+from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
 from conexa_backup.pipeline import CHUNK, Sink
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def extract_stream(stream: IO[bytes], dest: Path) -> TreeStats:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
             tar.extractall(dest_str, filter=count)  # noqa: S202 - every member passes _safe_member
     except tarfile.TarError as exc:
-        raise ConexaError(f"uploads archive is damaged: {exc}") from None
+        raise IntegrityError(f"uploads archive is damaged: {exc}") from None
     return stats
 
 

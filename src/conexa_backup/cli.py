@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from conexa_backup import __version__, render
 from conexa_backup.actions import inspect, setup
@@ -68,7 +69,7 @@ def _redact(text: str) -> str:
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
-    STATE.err.print(f"[red]error:[/] {_redact(message)}", markup=True, highlight=False)
+    STATE.err.print(f"[red]error:[/] {escape(_redact(message))}", highlight=False)
     raise typer.Exit(int(code))
 
 
@@ -79,7 +80,6 @@ def _guard(fn: Callable[[], T]) -> T:
     except typer.Exit:
         raise
     except ConexaError as exc:
-        logging.getLogger(LOGGER).error("%s", _redact(str(exc)))
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         hint = f" ({exc.hint})" if exc.hint else ""
@@ -118,7 +118,11 @@ def _session(what: str, *, lock: bool, log_file: bool = True,
             stack.enter_context(run_lock(ctx.state_dir(), what))
         if reporter is not None:
             stack.enter_context(reporter)
-        yield ctx
+        try:
+            yield ctx
+        except ConexaError as exc:  # record why in the run's log file, while it is open
+            logging.getLogger(LOGGER).error("%s failed: %s", what, _redact(str(exc)))
+            raise
 
 
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[Console], None]) -> None:

@@ -8,6 +8,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 LOGGER = "conexa_backup"
+# Without a handler, Python's last-resort handler would echo records on stderr, doubling the
+# CLI's own error line; records go only where we send them.
+logging.getLogger(LOGGER).addHandler(logging.NullHandler())
 _FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 

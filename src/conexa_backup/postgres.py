@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conexa_backup import process
 from conexa_backup.config import DatabaseConfig
@@ -256,8 +256,9 @@ def pg_dumpall_globals_argv(info: ConnInfo, superuser: bool) -> list[str]:
 
 def pg_restore_argv(info: ConnInfo, archive: Path, dbname: str, jobs: int) -> list[str]:
     """Restore ``archive`` into the existing ``dbname``; any error is fatal."""
+    # A bare name containing "=" would be read as a connection string: always pass one.
     return [info.tool("pg_restore"), "--exit-on-error", "--no-password", f"--jobs={jobs}",
-            f"--dbname={dbname}", str(archive)]
+            f"--dbname={make_conninfo(dbname=dbname)}", str(archive)]
 
 
 def create_database_sql(name: str, server: ServerInfo | None) -> sql.Composed:
@@ -273,6 +274,3 @@ def create_database_sql(name: str, server: ServerInfo | None) -> sql.Composed:
                 sql.Literal(server.icu_locale)))
     return sql.Composed(parts)
 
-
-def quote_names(names: Sequence[str]) -> str:
-    return ", ".join(repr(n) for n in names)

@@ -70,6 +70,16 @@ class _Run:
     alive: list[Target]
     failures: dict[str, str] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
+    written: dict[str, list[str]] = field(default_factory=dict)  # target name -> keys stored
+
+    def discard(self, targets: Sequence[Target]) -> None:
+        """Delete what this run stored on ``targets`` (a failed copy frees its space)."""
+        for target in targets:
+            for key in self.written.pop(target.name, []):
+                try:
+                    target.delete(key)
+                except ConexaError as exc:
+                    log.warning("could not remove %s from %s: %s", key, target.name, exc)
 
     def store(self, kind: str, name: str, content: str, produce: Callable[[Sink], T]) -> T:
         """Stream ``produce``'s bytes, compressed and hashed, to every live target."""
@@ -87,6 +97,8 @@ class _Run:
             raise
         finally:
             self.failures.update(multi.failures)
+        for name in stored:
+            self.written.setdefault(name, []).append(multi.key)
         self.alive = [t for t in self.alive if t.name in stored]
         self.artifacts.append(Artifact(
             name=filename, kind=kind, size=hashing.size,  # type: ignore[arg-type]
@@ -166,6 +178,9 @@ def run_backup(
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
 
+    Whatever a failed run stored is removed again (it has no manifest and would only take
+    space); earlier backups are never touched.
+
     Raises:
         ConexaError: nothing usable was stored (every target failed, pg_dump failed...).
         PartialFailure: stored and committed on some targets only (see ``.result``).
@@ -177,6 +192,27 @@ def run_backup(
     run = _Run(ctx, new_backup_id(started, taken), list(targets))
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in targets))
+    try:
+        manifest = _produce(ctx, run, kind, parts, started)
+        ctx.reporter.step("writing manifest")
+        stored = _commit(run, manifest)
+    except BaseException:
+        run.discard(targets)  # no manifest anywhere: nothing of this run may linger
+        raise
+    run.discard([t for t in targets if t.name not in stored])
+    result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0)
+    log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
+             manifest.size_bytes, result.seconds)
+    if run.failures:
+        failed = "; ".join(run.failures.values())
+        raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
+                             f"but failed on: {failed}", result=result)
+    return result
+
+
+def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
+             started: datetime) -> Manifest:
+    """Store every artifact of ``parts``; return the manifest describing them."""
     database = uploads = None
     if "database" in parts:
         ctx.reporter.step("dumping database")
@@ -192,21 +228,11 @@ def run_backup(
                           lambda out: archive.write_tree(root, out))
         uploads = UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
                               dirs=stats.dirs, symlinks=stats.symlinks)
-    manifest = Manifest(
+    return Manifest(
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
         database=database, uploads=uploads, artifacts=run.artifacts,
     )
-    ctx.reporter.step("writing manifest")
-    stored = _commit(run, manifest)
-    result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0)
-    log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
-             manifest.size_bytes, result.seconds)
-    if run.failures:
-        failed = "; ".join(run.failures.values())
-        raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
-                             f"but failed on: {failed}", result=result)
-    return result
 
 
 def _commit(run: _Run, manifest: Manifest) -> list[str]:

@@ -58,7 +58,8 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
         try:
             return attempt(copy, copy.manifest)
         except (IntegrityError, StorageError) as exc:
-            problems.append(str(exc))
+            where = f"target {copy.target.name!r}"
+            problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
         except OSError as exc:  # e.g. a truncated zstd frame while decompressing
             problems.append(f"target {copy.target.name!r}: {exc}")
         log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,

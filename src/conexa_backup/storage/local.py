@@ -75,6 +75,7 @@ class _LocalUpload:
             self._file.close()
         with contextlib.suppress(OSError):
             self._tmp.unlink()
+        self._target.remove_if_empty(self._final.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,13 +138,15 @@ class LocalTarget:
         path = self.path_of(key)
         try:
             path.unlink(missing_ok=True)
-            # Remove the backup's folder once it is empty; leave anything else alone.
-            with contextlib.suppress(OSError):
-                parent = path.parent
-                if parent != self.root and not any(parent.iterdir()):
-                    parent.rmdir()
         except OSError as exc:
             raise self.error(exc) from exc
+        self.remove_if_empty(path.parent)
+
+    def remove_if_empty(self, folder: Path) -> None:
+        """Remove a backup's folder once it is empty; never the root, never anything else."""
+        with contextlib.suppress(OSError):
+            if folder != self.root and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def create(config: LocalTargetConfig) -> LocalTarget:

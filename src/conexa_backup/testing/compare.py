@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 __all__ = ["plain_dump", "table_row_counts", "tree_snapshot"]
 
@@ -91,7 +92,7 @@ def plain_dump(conninfo_env: Mapping[str, str], dbname: str) -> str:
     """
     env = {**os.environ, **conninfo_env}
     proc = subprocess.run(
-        ["pg_dump", "-d", dbname],
+        ["pg_dump", "-d", make_conninfo(dbname=dbname)],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
