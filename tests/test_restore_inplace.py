@@ -106,3 +106,15 @@ def test_open_application_sessions_do_not_block_the_swap(ws: Workspace) -> None:
     with psycopg.connect(ws.cluster.url(ws.dbname)) as conn:
         row = conn.execute("SELECT count(*) FROM students").fetchone()
     assert row is not None and row[0] > 0
+
+
+def test_two_restores_in_the_same_second_keep_both_old_states(ws: Workspace) -> None:
+    backup_id = _backup(ws)
+    kept = []
+    for _ in range(2):  # fast enough to share a timestamp: names must still be unique
+        result = ws.cli("restore", backup_id, "--yes", "--json", "--no-safety-backup")
+        assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
+        report = json.loads(result.stdout)  # type: ignore[attr-defined]
+        kept.append((report["previous_database"], report["previous_uploads"]))
+    assert kept[0][0] != kept[1][0] and kept[0][1] != kept[1][1]
+    assert {kept[0][0], kept[1][0]} <= ws.cluster.databases()

@@ -8,12 +8,14 @@ refused). Nothing live is touched until everything restored has been proven.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
@@ -23,6 +25,7 @@ from conexa_backup.errors import UsageError
 from conexa_backup.manifest import ID_FORMAT, Manifest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,10 @@ def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | Non
     if staged is not None and plan.uploads is not None:
         if plan.in_place_uploads:
             ctx.reporter.step("swapping in restored uploads")
-            keep = plan.uploads.with_name(f"{plan.uploads.name}.before-restore-{stamp}")
+            base = plan.uploads
+            keep = _first_free(
+                lambda n: base.with_name(f"{base.name}.before-restore-{stamp}{_n(n, '-')}"),
+                Path.exists)
             kept_uploads = restore_uploads.swap_in(staged, plan.uploads, keep)
             result.previous_uploads = kept_uploads
         else:
@@ -168,7 +174,10 @@ def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | Non
     if restored_db is not None and plan.database is not None:
         if plan.in_place_db:
             ctx.reporter.step("swapping in restored database")
-            keep_db = restore_db.derived_name(plan.database, f"__before_restore_{stamp}")
+            live = plan.database
+            keep_db = _first_free(
+                lambda n: restore_db.derived_name(live, f"__before_restore_{stamp}{_n(n, '_')}"),
+                lambda name: restore_db.database_exists(ctx.db, name))
             try:
                 result.previous_database = restore_db.swap_in(
                     ctx.db, plan.database, restored_db, keep_db)
@@ -178,6 +187,15 @@ def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | Non
                     result.previous_uploads = None
                 raise
         result.database = plan.database
+
+
+def _n(n: int, sep: str) -> str:
+    return f"{sep}{n}" if n else ""
+
+
+def _first_free(make: Callable[[int], T], taken: Callable[[T], bool]) -> T:
+    """``make(0)``, or ``make(1)``... : the first name not yet taken (two restores a second)."""
+    return next(name for name in map(make, itertools.count()) if not taken(name))
 
 
 def _undo_uploads(dest: Path, kept: Path) -> None:
