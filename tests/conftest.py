@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conexa_backup.cli import app
 from conexa_backup.testing.cluster import Cluster
+from conexa_backup.testing.emulators import GCSServer, S3Server
 from conexa_backup.testing.sample import load_conexa, make_uploads_tree
 
 TEMPLATE_DB = "conexa_template"
@@ -95,3 +96,23 @@ def _no_ambient_config(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never pick up a developer's real config or database URL."""
     for var in ("CONEXA_BACKUP_CONFIG", "DATABASE_URL", "PGPASSWORD", "PGDATABASE"):
         monkeypatch.delenv(var, raising=False)
+
+
+S3_BUCKET = "conexa-test"
+GCS_BUCKET = "conexa-test-gcs"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 API over HTTP on 127.0.0.1, with bucket ``S3_BUCKET``."""
+    with S3Server() as server:
+        server.create_bucket(S3_BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GCSServer]:
+    """fake-gcs-server on 127.0.0.1 (sets STORAGE_EMULATOR_HOST), with bucket ``GCS_BUCKET``."""
+    with GCSServer() as server:
+        server.create_bucket(GCS_BUCKET)
+        yield server

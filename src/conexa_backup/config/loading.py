@@ -70,11 +70,25 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 
 
 def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Honour the seed deployment's ``.env`` variables that map onto this file."""
+    """Honour the seed deployment's ``.env`` variables that map onto this file.
+
+    ``DATABASE_URL`` overrides ``[database].url``. As in the seed (a cloud copy is enabled by
+    its bucket variable), ``AWS_S3_BUCKET`` / ``GCS_BUCKET`` add an ``s3`` / ``gcs`` target
+    when none of that type is configured; the targets read the seed's other variables
+    (``AWS_REGION``, ``GCS_PROJECT_ID``, ``GCS_KEY_FILE``; AWS keys via the standard chain).
+    """
     if env.get("DATABASE_URL"):
         db = data.setdefault("database", {})
         if isinstance(db, dict):
             db["url"] = env["DATABASE_URL"]
+    targets = data.get("targets")
+    if not isinstance(targets, list):
+        return
+    types = {t.get("type") for t in targets if isinstance(t, dict)}
+    names = {t.get("name") for t in targets if isinstance(t, dict)}
+    for var, kind in (("AWS_S3_BUCKET", "s3"), ("GCS_BUCKET", "gcs")):
+        if env.get(var) and kind not in types and kind not in names:
+            targets.append({"name": kind, "type": kind, "bucket": env[var]})
 
 
 def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:

@@ -1,13 +1,17 @@
 """One stream, several targets: a sink that writes to every target's upload.
 
-A target that fails is dropped from the stream and its failure recorded; the others carry on,
-so losing one copy never loses the backup. Only when every target has failed does writing
-raise.
+Each target's upload runs in its own thread behind a small bounded queue, so the producer runs
+once and the targets receive concurrently; the slowest target sets the pace (backpressure), and
+memory stays at a few chunks per target. A target that fails is dropped from the stream and its
+failure recorded; the others carry on, so losing one copy never loses the backup. Only when
+every target has failed does writing raise.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Sequence
 
 from conexa_backup.errors import ConexaError, StorageError
@@ -23,6 +27,52 @@ class AllTargetsFailed(StorageError):
         self.failures = failures
 
 
+QUEUE_CHUNKS = 8
+_END = object()
+
+
+class ThreadedUpload:
+    """Feeds an :class:`Upload` from a bounded queue in a thread of its own.
+
+    An error in the thread is raised by the next ``write`` or by ``commit``.
+    """
+
+    def __init__(self, inner: Upload, name: str) -> None:
+        self._inner = inner
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _END:
+            if self._error is None:
+                try:
+                    self._inner.write(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # handed to the producer's thread
+                    self._error = exc
+
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(_END)
+            self._thread.join()
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def commit(self) -> ObjectInfo:
+        self._finish()
+        if self._error is not None:
+            raise self._error
+        return self._inner.commit()
+
+    def abort(self) -> None:
+        self._finish()
+        self._inner.abort()
+
+
 class MultiUpload:
     """Writes ``key`` to every target in ``targets``; see module docstring."""
 
@@ -32,7 +82,7 @@ class MultiUpload:
         self._uploads: dict[str, Upload] = {}
         for target in targets:
             try:
-                self._uploads[target.name] = target.writer(key)
+                self._uploads[target.name] = ThreadedUpload(target.writer(key), target.name)
             except ConexaError as exc:
                 self._fail(target.name, exc)
         self._check_alive()

@@ -26,7 +26,11 @@ ENTRY_POINT_GROUP = "conexa_backup.targets"
 
 BUILTIN: dict[str, str] = {
     "local": "conexa_backup.storage.local",
+    "s3": "conexa_backup.storage.s3",
+    "gcs": "conexa_backup.storage.gcs",
 }
+# The SDK each built-in type needs, and the extra that installs it.
+_SDK_EXTRA = {"s3": ("boto3", "s3"), "gcs": ("google.cloud.storage", "gcs")}
 
 
 @dataclass(frozen=True)
@@ -64,5 +68,15 @@ def target_types() -> dict[str, TargetType]:
 
 
 def create_target(config: TargetConfig) -> Target:
-    """Build the target for one ``[[targets]]`` entry."""
-    return target_types()[config.type].create(config)
+    """Build the target for one ``[[targets]]`` entry.
+
+    Raises:
+        ConfigError: the SDK the type needs is not installed.
+    """
+    try:
+        return target_types()[config.type].create(config)
+    except ImportError as exc:
+        module, extra = _SDK_EXTRA.get(config.type, (exc.name or "?", ""))
+        hint = f"pip install 'conexa-backup[{extra}]'" if extra else f"install {module}"
+        raise ConfigError(f"target {config.name!r} (type {config.type}) needs {module}: "
+                          f"{hint}") from None

@@ -1,11 +1,15 @@
-"""The storage contract, run against every target type (only ``local`` for now), and fan-out.
+"""The storage contract, run against every target type, and fan-out.
 
-To add a type, extend ``TARGET_KINDS`` and ``_make_target``; a ``kind`` fixture parameter
-picks it. Tests that poke at the file system directly live in ``TestLocalSpecifics``.
+``local`` on a temporary folder, ``s3`` through moto's real HTTP S3 API (boto3 over HTTP), and
+``gcs`` through fake-gcs-server (google-cloud-storage over HTTP). To add a type, extend
+``TARGET_KINDS`` and ``_make_target``. Tests that poke at the file system directly live in
+``TestLocalSpecifics``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import os
 import stat
 from collections.abc import Callable
@@ -18,27 +22,43 @@ from conexa_backup.errors import ObjectNotFoundError, StorageError
 from conexa_backup.manifest import MANIFEST_NAME
 from conexa_backup.storage.base import ObjectInfo, Target, check_key
 from conexa_backup.storage.fanout import AllTargetsFailed, MultiUpload
+from conexa_backup.storage.gcs import GCSTargetConfig
 from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
 from conexa_backup.storage.registry import create_target, target_types
+from conexa_backup.storage.s3 import MAX_PART, MAX_PARTS, S3TargetConfig, max_object_size, part_size
+from conexa_backup.testing.emulators import S3Server
+from tests.conftest import GCS_BUCKET, S3_BUCKET
 
-TARGET_KINDS = ["local"]
+TARGET_KINDS = ["local", "s3", "gcs"]
 BID = "20260301T021500Z"
+_prefixes = itertools.count()
 
 
-def _make_target(kind: str, base: Path, name: str = "t1") -> Target:
+def _make_target(kind: str, base: Path, name: str = "t1", *, s3: S3Server | None = None) -> Target:
+    # Each cloud target gets a fresh prefix in the shared bucket: tests never see each other.
+    prefix = f"test-{os.getpid()}-{next(_prefixes)}/{name}"
     if kind == "local":
         return LocalTarget(LocalTargetConfig(name=name, type="local", path=base / name))
+    if kind == "s3":
+        assert s3 is not None
+        return create_target(S3TargetConfig(name=name, type="s3", bucket=S3_BUCKET,
+                                            prefix=prefix, endpoint_url=s3.endpoint))
+    if kind == "gcs":
+        return create_target(GCSTargetConfig(name=name, type="gcs", bucket=GCS_BUCKET,
+                                             prefix=prefix))
     raise AssertionError(kind)
 
 
 @pytest.fixture(params=TARGET_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "gcs":
+        request.getfixturevalue("gcs_server")
     return str(request.param)
 
 
 @pytest.fixture
-def make_target(kind: str, tmp_path: Path) -> Callable[[str], Target]:
-    return lambda name: _make_target(kind, tmp_path, name)
+def make_target(kind: str, tmp_path: Path, s3_server: S3Server) -> Callable[[str], Target]:
+    return lambda name: _make_target(kind, tmp_path, name, s3=s3_server)
 
 
 @pytest.fixture
@@ -343,3 +363,46 @@ class TestMultiUpload:
         upload.write(b"data")
         upload.abort()
         assert all(keys(t) == [] for t in targets)
+
+
+# -- large objects and S3 part arithmetic ----------------------------------------------------------
+
+def test_object_larger_than_one_part(target: Target) -> None:
+    """Crosses the first multipart boundary (16 MiB) and GCS's 8 MiB chunks."""
+    data = os.urandom(1 << 20) * 17 + b"tail"
+    info = put(target, f"{BID}/big.bin", data, pieces=40)
+    assert info.size == len(data)
+    assert hashlib.sha256(read(target, f"{BID}/big.bin")).digest() == \
+        hashlib.sha256(data).digest()
+    assert [o.size for o in target.list(BID)] == [len(data)]
+
+
+def test_missing_bucket_is_a_clear_storage_error(kind: str, tmp_path: Path,
+                                                 s3_server: S3Server) -> None:
+    if kind == "local":
+        target: Target = broken_local(tmp_path, "gone")
+    elif kind == "s3":
+        target = create_target(S3TargetConfig(name="gone", type="s3", bucket="no-such-bucket",
+                                              endpoint_url=s3_server.endpoint))
+    else:
+        target = create_target(GCSTargetConfig(name="gone", type="gcs", bucket="no-such-bucket"))
+    with pytest.raises(StorageError, match="gone") as excinfo:
+        upload = target.writer(f"{BID}/x")
+        upload.write(b"x")
+        upload.commit()
+    if kind != "local":
+        assert "no-such-bucket" in str(excinfo.value) and "does not exist" in str(excinfo.value)
+        with pytest.raises(StorageError, match="does not exist"):
+            list(target.list())
+
+
+def test_part_sizes_fit_a_terabyte_and_s3_limits() -> None:
+    tb = 10**12
+    sizes = []
+    while sum(sizes) < tb:
+        sizes.append(part_size(len(sizes) + 1))
+    assert len(sizes) <= MAX_PARTS  # S3's 10,000-part limit
+    assert all(5 << 20 <= s <= MAX_PART for s in sizes)  # 5 MiB minimum, 5 GiB maximum
+    assert 5000 < len(sizes) <= 6000 and sizes[-1] == 512 << 20  # tier 6: 512 MiB parts
+    assert max_object_size() >= 5 * (1 << 40)  # S3's 5 TiB object limit is reachable
+    assert part_size(1) == part_size(1000) == 16 << 20 and part_size(1001) == 32 << 20

@@ -1,0 +1,186 @@
+"""``type = "gcs"``: Google Cloud Storage through google-cloud-storage.
+
+Uploads are resumable uploads sent in 8 MiB chunks (GCS has no part-count limit; memory is one
+chunk), with a CRC32C of the whole stream checked against the store's when the upload is
+finalised. Nothing is visible under the key before that; an aborted upload is cancelled.
+Honours ``STORAGE_EMULATOR_HOST`` (then no credentials are used).
+
+google-cloud-storage is imported only when a GCS target is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, Literal
+
+from pydantic import Field
+
+from conexa_backup.errors import ObjectNotFoundError, StorageError
+from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
+
+CHUNK = 8 << 20  # a multiple of 256 KiB, as resumable uploads require
+
+
+class GCSTargetConfig(TargetConfig):
+    """A GCS bucket (and prefix). Credentials: ``credentials_file``, else the default chain."""
+
+    type_name: ClassVar[str] = "gcs"
+    type: Literal["gcs"]
+    bucket: str = Field(default_factory=lambda: os.environ.get("GCS_BUCKET", ""), min_length=3)
+    prefix: str = ""
+    project: str | None = Field(default_factory=lambda: os.environ.get("GCS_PROJECT_ID"))
+    credentials_file: Path | None = Field(
+        default_factory=lambda: Path(os.environ["GCS_KEY_FILE"])
+        if os.environ.get("GCS_KEY_FILE") else None)
+    storage_class: str | None = None
+
+
+class _GCSUpload:
+    def __init__(self, target: GCSTarget, key: str) -> None:
+        from google.cloud.storage.fileio import BlobWriter
+
+        self._t = target
+        self._key = key
+        blob = target.bucket.blob(target.full_key(key), chunk_size=CHUNK)
+        if target.config.storage_class:
+            blob.storage_class = target.config.storage_class
+        self._writer = BlobWriter(blob, chunk_size=CHUNK, checksum="crc32c",
+                                  content_type="application/octet-stream")
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+        except Exception as exc:
+            self.abort()
+            raise self._t.error(exc, self._key) from None
+        self._size += len(data)
+
+    def commit(self) -> ObjectInfo:
+        try:
+            self._writer.close()  # sends the last chunk; the library compares CRC32C
+        except Exception as exc:
+            self.abort()
+            raise self._t.error(exc, self._key) from None
+        return ObjectInfo(self._key, self._size)
+
+    def abort(self) -> None:
+        # Cancels the resumable session: nothing is finalised. Best effort: an unfinished
+        # session expires by itself.
+        with contextlib.suppress(Exception):
+            self._writer.terminate()
+
+
+class _Reader:
+    def __init__(self, inner: Any, target: GCSTarget, key: str) -> None:
+        self._inner, self._t, self._key = inner, target, key
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data: bytes = self._inner.read(n)
+            return data
+        except Exception as exc:
+            raise self._t.error(exc, self._key) from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GCSTarget:
+    """Implements :class:`conexa_backup.storage.base.Target` on a GCS bucket."""
+
+    def __init__(self, config: GCSTargetConfig) -> None:
+        from google.cloud import storage
+
+        self.name = config.name
+        self.config = config
+        self.prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
+        try:
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                from google.auth.credentials import AnonymousCredentials
+
+                client = storage.Client(project=config.project or "emulator",
+                                        credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
+            elif config.credentials_file is not None:
+                client = storage.Client.from_service_account_json(
+                    str(config.credentials_file), project=config.project)
+            else:
+                client = storage.Client(project=config.project)
+        except Exception as exc:
+            raise StorageError(self.name, f"cannot create a GCS client: {exc}") from None
+        self.client = client
+        self.bucket = client.bucket(config.bucket)
+
+    def describe(self) -> str:
+        return f"gs://{self.config.bucket}/{self.prefix}"
+
+    def full_key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def error(self, exc: Exception, key: str | None) -> StorageError:
+        from google.api_core import exceptions as gexc
+
+        # Resumable-upload errors carry the HTTP response rather than an api_core class.
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, gexc.NotFound) or status == 404:
+            if key is not None and self._bucket_exists():
+                return ObjectNotFoundError(self.name, f"no object {key!r}")
+            return StorageError(self.name, f"bucket {self.config.bucket!r} does not exist")
+        if isinstance(exc, gexc.Forbidden | gexc.Unauthorized) or status in (401, 403):
+            return StorageError(self.name, f"access denied to bucket {self.config.bucket!r}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StorageError(self.name, f"{self.describe()}: {first}")
+
+    def _bucket_exists(self) -> bool:
+        try:
+            return bool(self.bucket.exists())
+        except Exception:
+            return False
+
+    def writer(self, key: str) -> _GCSUpload:
+        check_key(key)
+        return _GCSUpload(self, key)
+
+    def open(self, key: str) -> BinaryIO:
+        blob = self.bucket.blob(self.full_key(key))
+        try:
+            blob.reload()
+            reader = blob.open("rb", chunk_size=CHUNK)
+        except Exception as exc:
+            raise self.error(exc, key) from None
+        return _Reader(reader, self, key)  # type: ignore[return-value]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        try:
+            for blob in self.client.list_blobs(self.bucket, prefix=self.prefix + prefix):
+                yield ObjectInfo(blob.name[len(self.prefix):], int(blob.size or 0), blob.updated)
+        except Exception as exc:
+            raise self.error(exc, None) from None
+
+    def delete(self, key: str) -> None:
+        from google.api_core import exceptions as gexc
+
+        blob = self.bucket.blob(self.full_key(key))
+        try:
+            blob.delete()
+        except gexc.NotFound:
+            pass
+        except Exception as exc:
+            raise self.error(exc, key) from None
+
+
+def create(config: GCSTargetConfig) -> GCSTarget:
+    """Registry entry point."""
+    return GCSTarget(config)

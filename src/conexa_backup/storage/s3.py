@@ -1,0 +1,277 @@
+"""``type = "s3"``: AWS S3 and S3-compatible stores (MinIO, R2, B2, Wasabi) through boto3.
+
+Uploads are multipart, streamed: bytes are spooled into one part at a time (in memory up to
+32 MiB, on disk beyond) and each part is sent with its SHA-256, which S3 verifies. Part sizes
+grow with the object (16 MiB for the first 1,000 parts, doubling every 1,000), so any object up
+to S3's 5 TiB limit fits in its 10,000 parts without knowing the size in advance. After
+completion the store's composite SHA-256 is compared with ours: what S3 holds is what we sent.
+Nothing is visible under the key before ``CompleteMultipartUpload``.
+
+boto3 is imported only when an S3 target is created.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, Literal
+
+from pydantic import Field, SecretStr
+
+from conexa_backup.errors import ObjectNotFoundError, StorageError
+from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
+
+MiB = 1 << 20
+MIN_PART = 16 * MiB
+MAX_PART = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+PARTS_PER_TIER = 1_000
+SPOOL_IN_MEMORY = 32 * MiB
+
+
+class S3TargetConfig(TargetConfig):
+    """An S3 bucket (and key prefix). Credentials: the config, else the standard AWS chain."""
+
+    type_name: ClassVar[str] = "s3"
+    type: Literal["s3"]
+    bucket: str = Field(default_factory=lambda: os.environ.get("AWS_S3_BUCKET", ""),
+                        min_length=3)
+    prefix: str = ""
+    region: str | None = Field(default_factory=lambda: os.environ.get("AWS_REGION"))
+    endpoint_url: str | None = None
+    storage_class: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_file: Path | None = None
+
+
+def part_size(part_number: int) -> int:
+    """Size of part ``part_number`` (1-based): 16 MiB, doubling every 1,000 parts, max 5 GiB."""
+    tier = (part_number - 1) // PARTS_PER_TIER
+    return min(MIN_PART << tier, MAX_PART)
+
+
+def max_object_size(parts: int = MAX_PARTS) -> int:
+    """The largest object ``parts`` parts can hold under :func:`part_size`."""
+    return sum(part_size(n) for n in range(1, parts + 1))
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+class _S3Upload:
+    """A multipart upload fed by ``write``; see the module docstring."""
+
+    def __init__(self, target: S3Target, key: str) -> None:
+        self._t = target
+        self._key = key
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._part_digests: list[bytes] = []
+        self._spool = self._new_spool()
+        self._spool_hash = hashlib.sha256()
+        self._spool_len = 0
+        self._size = 0
+
+    @staticmethod
+    def _new_spool() -> tempfile.SpooledTemporaryFile[bytes]:
+        return tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="conexa-part-")
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = part_size(len(self._parts) + 1) - self._spool_len
+            piece = view[:room]
+            self._spool.write(piece)
+            self._spool_hash.update(piece)
+            self._spool_len += len(piece)
+            self._size += len(piece)
+            view = view[len(piece):]
+            if self._spool_len == part_size(len(self._parts) + 1):
+                self._send_part()
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._t.call(
+                "create_multipart_upload", Key=self._t.full_key(self._key),
+                ChecksumAlgorithm="SHA256", **self._t.put_args())["UploadId"]
+        number = len(self._parts) + 1
+        digest = self._spool_hash.digest()
+        self._spool.seek(0)
+        response = self._t.call(
+            "upload_part", Key=self._t.full_key(self._key), UploadId=self._upload_id,
+            PartNumber=number, Body=self._spool, ContentLength=self._spool_len,
+            ChecksumSHA256=_b64(digest))
+        self._parts.append({"PartNumber": number, "ETag": response["ETag"],
+                            "ChecksumSHA256": _b64(digest)})
+        self._part_digests.append(digest)
+        self._spool.close()
+        self._spool, self._spool_hash, self._spool_len = self._new_spool(), hashlib.sha256(), 0
+
+    def commit(self) -> ObjectInfo:
+        key = self._t.full_key(self._key)
+        if self._upload_id is None:  # small object: one PUT, whole-object checksum
+            digest = self._spool_hash.digest()
+            self._spool.seek(0)
+            response = self._t.call("put_object", Key=key, Body=self._spool,
+                                    ContentLength=self._spool_len, ChecksumSHA256=_b64(digest),
+                                    **self._t.put_args())
+            expected = _b64(digest)
+        else:
+            if self._spool_len or not self._parts:
+                self._send_part()
+            response = self._t.call(
+                "complete_multipart_upload", Key=key, UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts})
+            composite = hashlib.sha256(b"".join(self._part_digests)).digest()
+            expected = f"{_b64(composite)}-{len(self._parts)}"
+        self._spool.close()
+        stored = response.get("ChecksumSHA256")
+        if stored and stored.split("-")[0] != expected.split("-")[0]:
+            self._t.delete(self._key)
+            raise StorageError(self._t.name, f"{self._key}: the store's SHA-256 ({stored}) "
+                                             f"differs from what was sent ({expected})")
+        return ObjectInfo(self._key, self._size)
+
+    def abort(self) -> None:
+        self._spool.close()
+        if self._upload_id is not None:
+            # An unfinished upload is invisible anyway; lifecycle rules expire it.
+            with contextlib.suppress(StorageError):
+                self._t.call("abort_multipart_upload", Key=self._t.full_key(self._key),
+                             UploadId=self._upload_id)
+
+
+class _Body:
+    """The body of a GET: read errors become StorageError (so restores fall back)."""
+
+    def __init__(self, body: Any, target: S3Target, key: str) -> None:
+        self._body, self._t, self._key = body, target, key
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data: bytes = self._body.read(None if n < 0 else n)
+            return data
+        except Exception as exc:  # botocore/urllib3 errors have no common base
+            raise StorageError(self._t.name, f"reading {self._key}: {exc}") from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3Target:
+    """Implements :class:`conexa_backup.storage.base.Target` on an S3 bucket."""
+
+    def __init__(self, config: S3TargetConfig) -> None:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        self.name = config.name
+        self.config = config
+        self.prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
+        secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+        if config.secret_access_key_file is not None:
+            try:
+                secret = config.secret_access_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise StorageError(self.name, f"cannot read secret_access_key_file: "
+                                              f"{exc.strerror}") from None
+        session = boto3.session.Session(
+            aws_access_key_id=config.access_key_id, aws_secret_access_key=secret,
+            region_name=config.region)
+        self.client: Any = session.client(
+            "s3", endpoint_url=config.endpoint_url,
+            config=BotoConfig(retries={"max_attempts": 6, "mode": "standard"},
+                              connect_timeout=10, read_timeout=120,
+                              request_checksum_calculation="when_required",
+                              response_checksum_validation="when_required"))
+
+    def describe(self) -> str:
+        where = f" at {self.config.endpoint_url}" if self.config.endpoint_url else ""
+        return f"s3://{self.config.bucket}/{self.prefix}{where}"
+
+    def full_key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put_args(self) -> dict[str, str]:
+        args: dict[str, str] = {}
+        if self.config.storage_class:
+            args["StorageClass"] = self.config.storage_class
+        if self.config.sse:
+            args["ServerSideEncryption"] = self.config.sse
+            if self.config.kms_key_id:
+                args["SSEKMSKeyId"] = self.config.kms_key_id
+        return args
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """Call a client method on our bucket; map failures to StorageError (no secrets).
+
+        botocore retries throttling, 5xx and dropped connections itself ("standard" mode,
+        with backoff); what reaches us is permanent or persistent.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(Bucket=self.config.bucket, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, kwargs.get("Key")) from None
+
+    def _error(self, exc: Exception, key: str | None) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        if not isinstance(exc, ClientError):
+            return StorageError(self.name, f"{self.describe()}: {exc}")
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "error"))
+        if code in ("NoSuchKey", "404", "NotFound") and key:
+            return ObjectNotFoundError(self.name, f"no object {key!r}")
+        what = {"NoSuchBucket": f"bucket {self.config.bucket!r} does not exist",
+                "AccessDenied": f"access denied to bucket {self.config.bucket!r}"}.get(
+            code, f"{code}: {err.get('Message', '')}".strip())
+        return StorageError(self.name, what)
+
+    def writer(self, key: str) -> _S3Upload:
+        check_key(key)
+        return _S3Upload(self, key)
+
+    def open(self, key: str) -> BinaryIO:
+        response = self.call("get_object", Key=self.full_key(key))
+        return _Body(response["Body"], self, key)  # type: ignore[return-value]
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.config.bucket,
+                                           Prefix=self.prefix + prefix):
+                for obj in page.get("Contents", []):
+                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"],
+                                     obj.get("LastModified"))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, None) from None
+
+    def delete(self, key: str) -> None:
+        self.call("delete_object", Key=self.full_key(key))
+
+
+def create(config: S3TargetConfig) -> S3Target:
+    """Registry entry point."""
+    return S3Target(config)
