@@ -186,7 +186,7 @@ def test_out_of_range_and_bad_choice() -> None:
 def test_unknown_target_type() -> None:
     message = error_of(VALID.replace('type = "local"', 'type = "ftp"'))
     assert "targets.0.type (line 8)" in message
-    assert "unknown target type; known types: local" in message  # what is accepted
+    assert "unknown target type; known types: gcs, local, s3" in message  # what is accepted
     assert "ftp" not in message
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from conexa_backup.errors import ConexaError, IntegrityError, UsageError
+from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, Manifest, id_sort_key
 from conexa_backup.storage.base import ObjectInfo, Target
 
@@ -67,19 +67,29 @@ def read_manifest(target: Target, backup_id: str) -> Manifest:
     return manifest
 
 
-def scan(targets: Sequence[Target], *, with_manifests: bool = True) -> list[Backup]:
+def scan(targets: Sequence[Target], *, with_manifests: bool = True,
+         unreachable: dict[str, str] | None = None) -> list[Backup]:
     """Every backup id found on ``targets``, oldest first.
 
+    A target that cannot be listed is skipped (one dead target must not hide the copies on
+    the others) and its error recorded in ``unreachable`` when given.
+
     Raises:
-        StorageError: a target cannot be listed.
+        StorageError: every target failed to list (the first target's error).
     """
     backups: dict[str, Backup] = {}
+    failed: dict[str, StorageError] = {}
     for target in targets:
         grouped: dict[str, list[ObjectInfo]] = defaultdict(list)
-        for obj in target.list():
-            backup_id, sep, name = obj.key.partition("/")
-            if sep and "/" not in name and ID_PATTERN.match(backup_id):
-                grouped[backup_id].append(obj)
+        try:
+            for obj in target.list():
+                backup_id, sep, name = obj.key.partition("/")
+                if sep and "/" not in name and ID_PATTERN.match(backup_id):
+                    grouped[backup_id].append(obj)
+        except StorageError as exc:
+            log.warning("%s", exc)
+            failed[target.name] = exc
+            continue
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects)
             has_manifest = any(o.key == f"{backup_id}/{MANIFEST_NAME}" for o in objects)
@@ -90,6 +100,10 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True) -> list[Back
                     copy.problem = str(exc)
                     log.warning("%s", exc)
             backups.setdefault(backup_id, Backup(backup_id)).copies.append(copy)
+    if targets and len(failed) == len(targets):
+        raise next(iter(failed.values()))
+    if unreachable is not None:
+        unreachable.update({name: str(exc) for name, exc in failed.items()})
     return [backups[k] for k in sorted(backups, key=id_sort_key)]
 
 

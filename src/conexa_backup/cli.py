@@ -198,10 +198,13 @@ def _show_backup(result: Any, as_json: bool) -> None:
 def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     """Every backup: id, time, size, where it is stored, status."""
     def act() -> None:
+        unreachable: dict[str, str] = {}
         with _session("list", lock=False, log_file=False, progress=False) as ctx:
-            backups = inspect.list_backups(ctx, target)
+            backups = inspect.list_backups(ctx, target, unreachable)
         _emit(as_json, lambda: [render.backup_entry(b) for b in reversed(backups)],
               lambda c: render.list_human(c, backups))
+        if unreachable:
+            _fail("could not list " + "; ".join(unreachable.values()), ExitCode.PARTIAL)
     _guard(act)
 
 
@@ -272,7 +275,8 @@ def status(as_json: JsonOpt = False) -> None:
 def download(
     ref: RefArg,
     to: Annotated[Path, typer.Option("--to", help="Folder to put <id>/ in.")],
-    source: Annotated[str | None, typer.Option("--from", help="Read from this target.")] = None,
+    source: Annotated[str | None, typer.Option(
+        "--from", "--target", help="Read from this target (default: the first good copy).")] = None,
 ) -> None:
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
     def act() -> None:

@@ -188,8 +188,10 @@ def run_backup(
     started = datetime.now(UTC)
     t0 = time.monotonic()
     targets = ctx.targets(target_names)
-    taken = {b.id for b in scan(targets, with_manifests=False)}
-    run = _Run(ctx, new_backup_id(started, taken), list(targets))
+    unreachable: dict[str, str] = {}
+    taken = {b.id for b in scan(targets, with_manifests=False, unreachable=unreachable)}
+    run = _Run(ctx, new_backup_id(started, taken),
+               [t for t in targets if t.name not in unreachable], dict(unreachable))
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in targets))
     try:

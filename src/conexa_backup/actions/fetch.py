@@ -35,7 +35,10 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
     where = f"target {copy.target.name!r}: {backup_id}/{artifact.name}"
     with copy.target.open(f"{backup_id}/{artifact.name}") as raw:
         reader = HashingReader(raw)
-        result = consume(reader)  # type: ignore[arg-type]
+        try:
+            result = consume(reader)  # type: ignore[arg-type]
+        except IntegrityError as exc:  # e.g. damaged compressed data: say which object
+            raise IntegrityError(f"{where}: {exc}") from None
         reader.check(artifact.size, artifact.sha256, where)
     return result
 

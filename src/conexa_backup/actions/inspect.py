@@ -18,9 +18,13 @@ from conexa_backup.pipeline import copy_stream
 log = logging.getLogger(__name__)
 
 
-def list_backups(ctx: Context, target_names: Sequence[str] | None = None) -> list[Backup]:
-    """Every backup on the selected targets, oldest first (incomplete ones included)."""
-    return scan(ctx.targets(target_names))
+def list_backups(ctx: Context, target_names: Sequence[str] | None = None,
+                 unreachable: dict[str, str] | None = None) -> list[Backup]:
+    """Every backup on the selected targets, oldest first (incomplete ones included).
+
+    Targets that cannot be listed are recorded in ``unreachable``.
+    """
+    return scan(ctx.targets(target_names), unreachable=unreachable)
 
 
 @dataclass
@@ -82,7 +86,8 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
     Raises:
         UsageError: no such backup.
     """
-    backups = scan(ctx.targets(target_names))
+    unreachable: dict[str, str] = {}
+    backups = scan(ctx.targets(target_names), unreachable=unreachable)
     if all_backups:
         chosen = [b for b in backups if b.complete_copies or any(c.problem for c in b.copies)]
     else:
@@ -94,6 +99,8 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
                 continue  # an incomplete leftover, not a copy anyone relies on
             ctx.reporter.step(f"verifying {backup.id} on {copy.target.name}")
             results.append(_verify_copy(copy, backup.id))
+    for name, error in unreachable.items():  # a copy we cannot read is not a verified copy
+        results.append(CopyCheck("-", name, ok=False, problems=[error]))
     return results
 
 

@@ -125,18 +125,23 @@ def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:
 
 def _format_validation(exc: ValidationError, src: Path, text: str) -> str:
     problems = []
+    known = target_types()
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function")))
-        where = _dotted(loc)
-        line = find_line(text, loc)
-        at = f" (line {line})" if line else ""
+        if len(loc) >= 3 and loc[0] == "targets" and loc[2] in known:
+            loc = loc[:2] + loc[3:]  # drop the union's tag: the user wrote targets.N.key
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif err["type"] == "missing":
+        elif err["type"] in ("missing", "union_tag_not_found"):
             msg = "required key is missing"
-        elif loc[:1] == ("targets",) and loc[-1:] == ("type",):
-            msg = f"unknown target type; known types: {', '.join(sorted(target_types()))}"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = (*loc, "type")
+        if loc[:1] == ("targets",) and loc[-1:] == ("type",) and msg != "required key is missing":
+            msg = f"unknown target type; known types: {', '.join(sorted(known))}"
+        where = _dotted(loc)
+        line = find_line(text, loc)
+        at = f" (line {line})" if line else ""
         problems.append(f"{where}{at}: {msg}")
     return f"{src}: " + "; ".join(problems)
 

@@ -50,6 +50,7 @@ class S3TargetConfig(TargetConfig):
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     secret_access_key_file: Path | None = None
+    retries: int = Field(default=6, ge=1, le=20)  # attempts per request, with backoff
 
 
 def part_size(part_number: int) -> int:
@@ -198,7 +199,7 @@ class S3Target:
             region_name=config.region)
         self.client: Any = session.client(
             "s3", endpoint_url=config.endpoint_url,
-            config=BotoConfig(retries={"max_attempts": 6, "mode": "standard"},
+            config=BotoConfig(retries={"max_attempts": config.retries, "mode": "standard"},
                               connect_timeout=10, read_timeout=120,
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"))
