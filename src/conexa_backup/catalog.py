@@ -7,12 +7,14 @@ never listed, restored or deleted).
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UsageError
-from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, Manifest, id_sort_key
+from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,12 @@ class Copy:
     @property
     def complete(self) -> bool:
         return self.manifest is not None
+
+    def owned_keys(self, backup_id: str) -> list[str]:
+        """Keys of objects we wrote in this copy, manifest first (delete in this order)."""
+        manifest = f"{backup_id}/{MANIFEST_NAME}"
+        keys = [o.key for o in self.objects if OWNED_NAME.match(o.key.partition("/")[2])]
+        return sorted(keys, key=lambda k: k != manifest)
 
 
 @dataclass
@@ -52,15 +60,51 @@ class Backup:
         return "complete" if self.complete_copies else "incomplete"
 
 
-def read_manifest(target: Target, backup_id: str) -> Manifest:
-    """Read and validate ``<id>/manifest.json`` from ``target``.
+class ManifestCache:
+    """Manifests already read, kept in ``state_dir/cache``: once committed a manifest never
+    changes, so listing a target with a year of backups costs one request, not hundreds.
+    An entry is used only while its size matches the stored object's."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, target: str, backup_id: str) -> Path:
+        return self.root / target / f"{backup_id}.json"
+
+    def get(self, target: str, backup_id: str, size: int) -> bytes | None:
+        try:
+            data = self._path(target, backup_id).read_bytes()
+        except OSError:
+            return None
+        return data if len(data) == size else None
+
+    def put(self, target: str, backup_id: str, data: bytes) -> None:
+        path = self._path(target, backup_id)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            tmp.replace(path)
+        except OSError as exc:  # a cache: never worth failing a run for
+            log.debug("manifest cache: %s", exc)
+
+
+def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = None,
+                  size: int | None = None) -> Manifest:
+    """Read and validate ``<id>/manifest.json`` from ``target`` (or the cache).
 
     Raises:
         ObjectNotFoundError: no manifest there. IntegrityError: unreadable manifest.
     """
     key = f"{backup_id}/{MANIFEST_NAME}"
-    with target.open(key) as fh:
-        data = fh.read(16 << 20)  # a manifest is a few KB; refuse to slurp anything huge
+    data = cache.get(target.name, backup_id, size) if cache and size is not None else None
+    if data is None:
+        with target.open(key) as fh:
+            data = fh.read(16 << 20)  # a manifest is a few KB; refuse to slurp anything huge
+        if cache is not None:
+            cache.put(target.name, backup_id, data)
     manifest = Manifest.from_json(data, f"target {target.name!r}: {key}")
     if manifest.id != backup_id:
         raise IntegrityError(f"target {target.name!r}: {key} describes backup {manifest.id}")
@@ -68,7 +112,8 @@ def read_manifest(target: Target, backup_id: str) -> Manifest:
 
 
 def scan(targets: Sequence[Target], *, with_manifests: bool = True,
-         unreachable: dict[str, str] | None = None) -> list[Backup]:
+         unreachable: dict[str, str] | None = None,
+         cache: ManifestCache | None = None) -> list[Backup]:
     """Every backup id found on ``targets``, oldest first.
 
     A target that cannot be listed is skipped (one dead target must not hide the copies on
@@ -92,10 +137,11 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             continue
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects)
-            has_manifest = any(o.key == f"{backup_id}/{MANIFEST_NAME}" for o in objects)
-            if has_manifest and with_manifests:
+            size = next((o.size for o in objects if o.key == f"{backup_id}/{MANIFEST_NAME}"),
+                        None)
+            if size is not None and with_manifests:
                 try:
-                    copy.manifest = read_manifest(target, backup_id)
+                    copy.manifest = read_manifest(target, backup_id, cache, size)
                 except ConexaError as exc:
                     copy.problem = str(exc)
                     log.warning("%s", exc)

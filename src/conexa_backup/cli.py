@@ -13,8 +13,9 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +25,7 @@ from conexa_backup import __version__, render
 from conexa_backup.actions import inspect, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
+from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
 from conexa_backup.config import load_config
 from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
@@ -169,17 +171,25 @@ def _main(
 
 
 @app.command()
-def backup(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
+def backup(
+    as_json: JsonOpt = False,
+    target: TargetOpt = None,
+    no_prune: Annotated[bool, typer.Option(
+        "--no-prune", help="Do not apply retention after the backup.")] = False,
+) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     def act() -> None:
         with _session("backup", lock=True) as ctx:
             try:
-                result = run_backup(ctx, target_names=target)
+                result = run_backup(ctx, target_names=target, prune=not no_prune)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)
                 raise
         _show_backup(result, as_json)
+        if result.prune_errors:
+            _fail("backup complete, but pruning failed: " + "; ".join(result.prune_errors),
+                  ExitCode.PARTIAL)
     _guard(act)
 
 
@@ -304,6 +314,40 @@ def delete(
 
 
 @app.command()
+def prune(
+    target: TargetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; delete nothing.")]
+    = False,
+    at: Annotated[str | None, typer.Option(
+        "--at", help="Preview the policy as of this time (ISO 8601, UTC if no zone); "
+        "implies --dry-run.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply each target's retention policy, showing why each backup stays or goes."""
+    def act() -> None:
+        when = _parse_time(at) if at else None
+        preview = dry_run or when is not None  # --at previews: never delete by a future clock
+        with _session("prune", lock=not preview) as ctx:
+            results = run_prune(ctx, target, dry_run=preview, at=when)
+        _emit(as_json, lambda: [render.prune_entry(p) for p in results],
+              lambda c: render.prune_human(c, results, preview))
+        problems = [f"{p.target}: {e}" for p in results for e in p.errors]
+        problems += [f"{p.target}: {p.skipped}" for p in results if p.skipped]
+        if problems:
+            _fail("prune incomplete: " + "; ".join(problems), ExitCode.PARTIAL)
+    _guard(act)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--at {text!r}: not an ISO 8601 time (e.g. 2026-12-31T00:00Z)") \
+            from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@app.command()
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path("backup.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
@@ -328,11 +372,6 @@ def check(as_json: JsonOpt = False) -> None:
         if not all(r.ok for r in results):
             raise typer.Exit(int(ExitCode.FAILURE))
     _guard(act)
-
-
-COMMANDS: tuple[Literal["backup", "list", "restore", "verify", "status", "download", "delete",
-                        "init", "check"], ...] = (
-    "backup", "list", "restore", "verify", "status", "download", "delete", "init", "check")
 
 
 def main() -> None:

@@ -21,6 +21,9 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.
+OWNED_NAME = re.compile(r"^(?:manifest\.json|(?:database\.dump|globals\.sql|uploads\.tar)"
+                        r"\.(?:zst|gz))$")
 
 
 class _Model(BaseModel):

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from conexa_backup.actions.backup import BackupResult
 from conexa_backup.actions.inspect import CopyCheck, Status
+from conexa_backup.actions.prune import TargetPrune
 from conexa_backup.actions.restore import RestoreResult
 from conexa_backup.actions.setup import CheckResult
 from conexa_backup.catalog import Backup
@@ -63,6 +64,8 @@ def backup_json(result: BackupResult) -> dict[str, Any]:
         "size_bytes": m.size_bytes,
         "targets": result.stored_on,
         "failed_targets": result.failures,
+        "skipped_targets": result.skipped,
+        "pruned": [prune_entry(p) for p in result.pruned],
         "artifacts": [a.model_dump() for a in m.artifacts],
     }
 
@@ -72,7 +75,16 @@ def backup_human(console: Console, result: BackupResult) -> None:
     console.print(f"backup [bold]{m.id}[/] complete on {', '.join(result.stored_on)}: "
                   f"{human_bytes(m.size_bytes)} in {result.seconds:.1f} s")
     for name, error in result.failures.items():
-        console.print(f"[red]failed on {name}[/]: {error}")
+        console.print(f"[red]failed on {name}[/]: ", end="")
+        console.print(error, markup=False)
+    for name, why in result.skipped.items():
+        console.print(f"not stored on {name}: {why}", markup=False)
+    for p in result.pruned:
+        if p.deleted:
+            console.print(f"pruned {len(p.deleted)} backup(s) from {p.target}", markup=False)
+        for error in p.errors:
+            console.print(f"[red]prune failed on {p.target}[/]: ", end="")
+            console.print(error, markup=False)
 
 
 # -- list / status ----------------------------------------------------------------------------
@@ -210,3 +222,34 @@ class ProgressReporter:
     def advance(self, nbytes: int) -> None:
         if self._task is not None:
             self._progress.advance(self._task, nbytes)
+
+
+# -- prune --------------------------------------------------------------------------------------
+
+def prune_entry(p: TargetPrune) -> dict[str, Any]:
+    return {
+        "target": p.target,
+        "skipped": p.skipped,
+        "deleted": p.deleted,
+        "errors": p.errors,
+        "plan": [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in p.decisions],
+    }
+
+
+def prune_human(console: Console, results: Sequence[TargetPrune], dry_run: bool) -> None:
+    for p in results:
+        if p.skipped:
+            console.print(f"[yellow]{p.target}: not pruned[/] ({p.skipped})")
+            continue
+        table = Table(title=f"{p.target}", box=None, pad_edge=False, title_justify="left")
+        table.add_column("ID")
+        table.add_column("Decision")
+        for d in p.decisions:
+            verdict = "keep" if d.keep else ("would delete" if dry_run else "deleted")
+            if not d.keep and not dry_run and d.id not in p.deleted:
+                verdict = "[red]delete failed[/]"
+            table.add_row(d.id, f"{verdict} ({'; '.join(d.reasons)})")
+        console.print(table)
+        for error in p.errors:
+            console.print("[red]error[/]: ", end="")
+            console.print(error, markup=False)

@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 
 from conexa_backup import __version__, archive, postgres, process
 from conexa_backup.actions.context import Context
-from conexa_backup.catalog import scan
+from conexa_backup.actions.prune import TargetPrune, candidates
+from conexa_backup.actions.prune import prune as run_prune
+from conexa_backup.catalog import Backup
 from conexa_backup.errors import ConexaError, PartialFailure
 from conexa_backup.manifest import (
     MANIFEST_NAME,
@@ -31,6 +33,7 @@ from conexa_backup.manifest import (
     new_backup_id,
 )
 from conexa_backup.pipeline import CHUNK, Compressor, HashingSink, Sink, copy_stream, extension
+from conexa_backup.retention import Candidate, would_retain
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.fanout import MultiUpload
 
@@ -46,6 +49,12 @@ class BackupResult:
     stored_on: list[str]
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # target -> why not uploaded there
+    pruned: list[TargetPrune] = field(default_factory=list)
+
+    @property
+    def prune_errors(self) -> list[str]:
+        return [f"{p.target}: {e}" for p in self.pruned for e in p.errors]
 
     @property
     def id(self) -> str:
@@ -175,11 +184,15 @@ def run_backup(
     kind: str = "scheduled",
     parts: Sequence[str] = PARTS,
     target_names: Sequence[str] | None = None,
+    prune: bool = True,
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
 
+    A target whose retention would not keep this backup (a monthly tier mid-month) is skipped.
     Whatever a failed run stored is removed again (it has no manifest and would only take
-    space); earlier backups are never touched.
+    space); earlier backups are never touched. With ``prune``, each target that stored the
+    backup is then pruned by its policy (``prune_after_backup``); a target where the backup
+    failed is never pruned in that run.
 
     Raises:
         ConexaError: nothing usable was stored (every target failed, pg_dump failed...).
@@ -189,11 +202,14 @@ def run_backup(
     t0 = time.monotonic()
     targets = ctx.targets(target_names)
     unreachable: dict[str, str] = {}
-    taken = {b.id for b in scan(targets, with_manifests=False, unreachable=unreachable)}
-    run = _Run(ctx, new_backup_id(started, taken),
-               [t for t in targets if t.name not in unreachable], dict(unreachable))
+    existing = ctx.scan(targets, unreachable=unreachable)
+    backup_id = new_backup_id(started, {b.id for b in existing})
+    reachable = [t for t in targets if t.name not in unreachable]
+    skipped = _not_retained(ctx, reachable, existing, Candidate(backup_id, True, kind))
+    run = _Run(ctx, backup_id, [t for t in reachable if t.name not in skipped],
+               dict(unreachable))
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
-             ", ".join(t.name for t in targets))
+             ", ".join(t.name for t in run.alive))
     try:
         manifest = _produce(ctx, run, kind, parts, started)
         ctx.reporter.step("writing manifest")
@@ -202,14 +218,37 @@ def run_backup(
         run.discard(targets)  # no manifest anywhere: nothing of this run may linger
         raise
     run.discard([t for t in targets if t.name not in stored])
-    result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0)
+    result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0, skipped)
     log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
              manifest.size_bytes, result.seconds)
+    if prune:
+        auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
+        if auto:
+            result.pruned = run_prune(ctx, auto, skip=run.failures)
     if run.failures:
         failed = "; ".join(run.failures.values())
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
                              f"but failed on: {failed}", result=result)
     return result
+
+
+def _not_retained(ctx: Context, targets: Sequence[Target], existing: Sequence[Backup],
+                  new: Candidate) -> dict[str, str]:
+    """Targets whose retention would not keep ``new``: it is not uploaded there.
+
+    If that is every target, the backup goes everywhere anyway: a run never stores nothing.
+    """
+    skipped = {}
+    for target in targets:
+        policy = ctx.config.retention_for(target.name).policy()
+        cands, _ = candidates(existing, target.name)
+        if not would_retain(cands, new, policy):
+            skipped[target.name] = "its retention would not keep a backup made now"
+    if len(skipped) == len(targets):
+        return {}
+    for name, why in skipped.items():
+        log.info("not uploading to %s: %s", name, why)
+    return skipped
 
 
 def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],

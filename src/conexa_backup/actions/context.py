@@ -13,6 +13,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
+from pydantic import SecretStr
+
+from conexa_backup.catalog import Backup, ManifestCache, scan
 from conexa_backup.config import Config
 from conexa_backup.errors import ConexaError, UsageError
 from conexa_backup.postgres import ConnInfo, conninfo
@@ -69,9 +72,21 @@ class Context:
     def secrets(self) -> list[str]:
         """Values that must never be printed (for redacting error messages)."""
         found = [v for k, v in self.db.params.items() if k in ("password", "sslpassword") and v]
-        if os.environ.get("PGPASSWORD"):
-            found.append(os.environ["PGPASSWORD"])
+        for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
+            if os.environ.get(var):
+                found.append(os.environ[var])
+        for target in self.config.targets:  # SecretStr fields (e.g. an S3 secret key)
+            for value in target.__dict__.values():
+                if isinstance(value, SecretStr) and value.get_secret_value():
+                    found.append(value.get_secret_value())
         return found
+
+    def scan(self, targets: Sequence[Target], *, with_manifests: bool = True,
+             unreachable: dict[str, str] | None = None) -> list[Backup]:
+        """:func:`catalog.scan` with the manifest cache in ``state_dir/cache``."""
+        cache = ManifestCache(self.config.state_dir / "cache" / "manifests")
+        return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
+                    cache=cache)
 
     def state_dir(self, *parts: str) -> Path:
         """``state_dir`` (or a folder below it), created private (0700).

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, read_verified, save_verified
-from conexa_backup.catalog import Backup, Copy, resolve, scan
-from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UsageError
+from conexa_backup.catalog import Backup, Copy, resolve
+from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
+from conexa_backup.state import record_verified
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def list_backups(ctx: Context, target_names: Sequence[str] | None = None,
 
     Targets that cannot be listed are recorded in ``unreachable``.
     """
-    return scan(ctx.targets(target_names), unreachable=unreachable)
+    return ctx.scan(ctx.targets(target_names), unreachable=unreachable)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Status:
 
 def status(ctx: Context, now: datetime | None = None) -> Status:
     """The newest complete backup (any kind) and its age."""
-    backups = scan(ctx.targets())
+    backups = ctx.scan(ctx.targets())
     complete = [b for b in backups if b.complete_copies]
     last = complete[-1] if complete else None
     age = None
@@ -87,7 +88,7 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
         UsageError: no such backup.
     """
     unreachable: dict[str, str] = {}
-    backups = scan(ctx.targets(target_names), unreachable=unreachable)
+    backups = ctx.scan(ctx.targets(target_names), unreachable=unreachable)
     if all_backups:
         chosen = [b for b in backups if b.complete_copies or any(c.problem for c in b.copies)]
     else:
@@ -98,7 +99,10 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
             if copy.manifest is None and copy.problem is None and all_backups:
                 continue  # an incomplete leftover, not a copy anyone relies on
             ctx.reporter.step(f"verifying {backup.id} on {copy.target.name}")
-            results.append(_verify_copy(copy, backup.id))
+            check = _verify_copy(copy, backup.id)
+            if check.ok:  # the newest verified backup is protected from pruning
+                record_verified(ctx.state_dir(), backup.id, copy.target.name)
+            results.append(check)
     for name, error in unreachable.items():  # a copy we cannot read is not a verified copy
         results.append(CopyCheck("-", name, ok=False, problems=[error]))
     return results
@@ -113,7 +117,7 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> t
     """
     if source is not None:
         ctx.targets([source])
-    backup = resolve(scan(ctx.targets()), ref)
+    backup = resolve(ctx.scan(ctx.targets()), ref)
     out = dest / backup.id
     if out.exists():
         raise UsageError(f"{out} already exists")
@@ -148,28 +152,26 @@ def delete(ctx: Context, backup_id: str, target_names: Sequence[str] | None = No
     """
     if backup_id == "latest":
         raise UsageError("delete needs an explicit backup id, not 'latest'")
-    backups = [b for b in scan(ctx.targets(target_names), with_manifests=False)
+    backups = [b for b in ctx.scan(ctx.targets(target_names), with_manifests=False)
                if b.id == backup_id]
     if not backups:
         raise UsageError(f"no backup with id {backup_id!r} (see `conexa-backup list`)")
     done = []
     for copy in backups[0].copies:
-        manifest_key = f"{backup_id}/{MANIFEST_NAME}"
-        keys = sorted((o.key for o in copy.objects), key=lambda k: k != manifest_key)
-        try:
-            for key in keys:
-                copy.target.delete(key)
-        except ConexaError as exc:
-            log.error("delete %s on %s: %s", backup_id, copy.target.name, exc)
-            raise
+        delete_copy(copy, backup_id)
         done.append(copy.target.name)
     log.info("deleted backup %s from %s", backup_id, ", ".join(done))
     return done
 
 
-def resolve_backup(ctx: Context, ref: str) -> Backup:
-    return resolve(scan(ctx.targets()), ref)
+def delete_copy(copy: Copy, backup_id: str) -> None:
+    """Delete the objects we wrote for one backup on one target, manifest first.
 
+    An interrupted delete thus leaves an incomplete backup (removed by a later prune), never
+    one listed as complete with files missing. Objects we did not write are left alone.
 
-__all__ = ["CopyCheck", "Status", "delete", "download", "from_first_good", "list_backups",
-           "resolve_backup", "status", "verify"]
+    Raises:
+        StorageError: the target refused; what was deleted stays deleted.
+    """
+    for key in copy.owned_keys(backup_id):
+        copy.target.delete(key)

@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
-from conexa_backup.catalog import Backup, resolve, scan
+from conexa_backup.catalog import Backup, resolve
 from conexa_backup.errors import UsageError
 from conexa_backup.manifest import ID_FORMAT, Manifest
 
@@ -62,7 +62,7 @@ class _Plan:
 def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
     if opts.source is not None:
         ctx.targets([opts.source])  # validates the name
-    backup = resolve(scan(ctx.targets()), opts.ref)
+    backup = resolve(ctx.scan(ctx.targets()), opts.ref)
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
@@ -99,7 +99,7 @@ def _safety_backup(ctx: Context, plan: _Plan) -> str | None:
     if not parts:
         return None
     ctx.reporter.step("taking a safety backup of the live " + " and ".join(parts))
-    return run_backup(ctx, kind="safety", parts=parts).id
+    return run_backup(ctx, kind="safety", parts=parts, prune=False).id
 
 
 def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:

@@ -72,7 +72,8 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     """Honour the seed deployment's ``.env`` variables that map onto this file.
 
-    ``DATABASE_URL`` overrides ``[database].url``. As in the seed (a cloud copy is enabled by
+    ``DATABASE_URL`` overrides ``[database].url``; ``BACKUP_RETENTION_DAYS=N`` sets the default
+    ``[retention] keep_within = "Nd"``. As in the seed (a cloud copy is enabled by
     its bucket variable), ``AWS_S3_BUCKET`` / ``GCS_BUCKET`` add an ``s3`` / ``gcs`` target
     when none of that type is configured; the targets read the seed's other variables
     (``AWS_REGION``, ``GCS_PROJECT_ID``, ``GCS_KEY_FILE``; AWS keys via the standard chain).
@@ -81,6 +82,11 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         db = data.setdefault("database", {})
         if isinstance(db, dict):
             db["url"] = env["DATABASE_URL"]
+    days = env.get("BACKUP_RETENTION_DAYS", "").strip()
+    if days:
+        retention = data.setdefault("retention", {})
+        if isinstance(retention, dict):
+            retention["keep_within"] = f"{days}d"
     targets = data.get("targets")
     if not isinstance(targets, list):
         return

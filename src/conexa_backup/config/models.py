@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from conexa_backup.retention import RetentionConfig
 from conexa_backup.storage.base import TargetConfig
 from conexa_backup.storage.registry import target_types
 
@@ -66,7 +67,15 @@ class Config(_Model):
     database: DatabaseConfig
     uploads: UploadsConfig | None = None
     compression: CompressionConfig = CompressionConfig()
+    retention: RetentionConfig = RetentionConfig()
     targets: list[AnyTargetConfig] = Field(min_length=1)
+
+    def retention_for(self, target: str) -> RetentionConfig:
+        """The target's own retention table, else the top-level one."""
+        for t in self.targets:
+            if t.name == target and t.retention is not None:
+                return t.retention
+        return self.retention
 
     @field_validator("targets")
     @classmethod

@@ -16,6 +16,8 @@ from typing import BinaryIO, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conexa_backup.retention import RetentionConfig
+
 _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -35,6 +37,7 @@ class TargetConfig(BaseModel):
     type_name: ClassVar[str] = ""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     type: str
+    retention: RetentionConfig | None = None  # else the top-level [retention]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,98 @@
+"""``prune``: apply each target's retention policy (see ``retention.py`` for the rules).
+
+The plan comes from the pure planner; this module only lists, decides what may be touched, and
+deletes (manifest first). It never deletes objects the tool did not write, and it skips a target
+it was told not to touch (one whose backup just failed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.inspect import delete_copy
+from conexa_backup.catalog import Backup, Copy
+from conexa_backup.errors import ConexaError
+from conexa_backup.retention import Candidate, Decision, plan
+from conexa_backup.state import newest_verified
+from conexa_backup.storage.base import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetPrune:
+    """One target's plan and what was done about it."""
+
+    target: str
+    decisions: list[Decision] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why the target was not pruned at all
+
+
+def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate], dict[str, Copy]]:
+    """What the planner needs of every backup on ``target``, and the copies by id."""
+    cands, copies = [], {}
+    for backup in backups:
+        for copy in backup.copies:
+            if copy.target.name != target:
+                continue
+            if copy.problem is not None:
+                continue  # a manifest we cannot read: never delete what we cannot judge
+            kind = copy.manifest.kind if copy.manifest is not None else "scheduled"
+            cands.append(Candidate(backup.id, copy.complete, kind))
+            copies[backup.id] = copy
+    return cands, copies
+
+
+def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now: datetime,
+                 dry_run: bool) -> TargetPrune:
+    """Plan and (unless ``dry_run``) apply retention on one target."""
+    result = TargetPrune(target.name)
+    policy = ctx.config.retention_for(target.name).policy()
+    cands, copies = candidates(backups, target.name)
+    protected = [p for p in [newest_verified(ctx.config.state_dir)] if p]
+    result.decisions = plan(cands, policy, now, protected)
+    damaged = [b.id for b in backups for c in b.copies
+               if c.target.name == target.name and c.problem is not None]
+    result.decisions += [Decision(i, True, ["manifest unreadable: kept for inspection"])
+                         for i in damaged]
+    if dry_run:
+        return result
+    for decision in result.decisions:
+        if decision.keep:
+            continue
+        try:
+            delete_copy(copies[decision.id], decision.id)
+            result.deleted.append(decision.id)
+            log.info("pruned %s from %s (%s)", decision.id, target.name, decision.reason)
+        except ConexaError as exc:
+            result.errors.append(f"{decision.id}: {exc}")
+            log.error("prune %s on %s: %s", decision.id, target.name, exc)
+    return result
+
+
+def prune(ctx: Context, target_names: Sequence[str] | None = None, *, dry_run: bool = False,
+          at: datetime | None = None, skip: dict[str, str] | None = None) -> list[TargetPrune]:
+    """Prune the selected targets as of ``at`` (default now); the caller holds the lock.
+
+    ``skip`` names targets that must not be touched, with the reason (e.g. the backup of
+    this run failed there). A target that cannot be listed is reported, not pruned.
+    """
+    now = at or datetime.now(UTC)
+    targets = ctx.targets(target_names)
+    unreachable: dict[str, str] = {}
+    backups = ctx.scan(targets, unreachable=unreachable)
+    results = []
+    for target in targets:
+        why = (skip or {}).get(target.name) or unreachable.get(target.name)
+        if why:
+            results.append(TargetPrune(target.name, skipped=why))
+            continue
+        ctx.reporter.step(f"pruning {target.name}")
+        results.append(prune_target(ctx, target, backups, now=now, dry_run=dry_run))
+    return results

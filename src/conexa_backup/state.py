@@ -1,0 +1,56 @@
+"""Small records kept in ``state_dir``: which backups passed verification, and when.
+
+Written atomically (temporary file, fsync, rename), mode 0600. Losing them loses no data: they
+only protect more backups from pruning and feed status reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from conexa_backup.manifest import id_sort_key
+
+VERIFIED = "verified.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` atomically with ``data`` as JSON (0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def record_verified(state_dir: Path, backup_id: str, target: str,
+                    when: datetime | None = None) -> None:
+    """Remember that ``backup_id`` on ``target`` passed verification."""
+    path = state_dir / VERIFIED
+    data = _read(path)
+    data.setdefault(backup_id, {})[target] = (when or datetime.now(UTC)).isoformat()
+    write_json(path, data)
+
+
+def verified(state_dir: Path) -> dict[str, dict[str, str]]:
+    """backup id -> {target: ISO time of its last successful verification}."""
+    return _read(state_dir / VERIFIED)
+
+
+def newest_verified(state_dir: Path) -> str | None:
+    """The newest backup id that passed verification on any target."""
+    ids = [i for i, targets in verified(state_dir).items() if targets]
+    return max(ids, key=id_sort_key) if ids else None
