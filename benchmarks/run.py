@@ -620,7 +620,8 @@ def result_row(res: Result, runs: int) -> list[str]:
             mb(res.size()), mb(res.peak_bytes()), "; ".join(notes)]
 
 
-def group_sections(results: dict[str, Result], runs: int) -> list[str]:
+def group_sections(results: dict[str, Result], runs: int,
+                   extras: Mapping[str, list[str]]) -> list[str]:
     header = ["pipeline", "median s", "min-max s", "output MB", "peak RSS MB", "notes"]
     lines: list[str] = []
     for title, keys, blurb in GROUPS:
@@ -628,7 +629,8 @@ def group_sections(results: dict[str, Result], runs: int) -> list[str]:
             continue
         present = [results[k] for k in keys if k in results]
         lines += [f"### {title}", "", blurb, "",
-                  *md_table(header, [result_row(r, runs) for r in present]), ""]
+                  *md_table(header, [result_row(r, runs) for r in present]), "",
+                  *extras.get(title, [])]
     return lines
 
 
@@ -659,15 +661,16 @@ def rss_goals(results: dict[str, Result]) -> list[Goal]:
     return goals
 
 
-def flat_goal(results: dict[str, Result], key: str, text: str) -> list[Goal]:
-    """Peak RSS of ``key`` within 10% of the regular backup's."""
+def flat_goal(results: dict[str, Result], key: str, text: str, *, both_ways: bool) -> list[Goal]:
+    """Peak RSS of ``key`` within 10% of the regular backup's (or at most 10% above it)."""
     if key not in results:
         return []
     base, other = results["conexa"].peak_bytes(), results[key].peak_bytes()
     if not base or other is None:
         return [(text, "not measured", None)]
     change = other / base - 1
-    return [(text, f"{mb(base)} → {mb(other)} MB ({change:+.0%})", abs(change) <= 0.10)]
+    met = abs(change) <= 0.10 if both_ways else change <= 0.10
+    return [(text, f"{mb(base)} → {mb(other)} MB ({change:+.0%})", met)]
 
 
 def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
@@ -691,10 +694,10 @@ def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
         *rss_goals(results),
         *flat_goal(results, "large_conexa",
                    f"peak RSS at scale {args.large_scale:g} within 10% of scale {args.scale:g}"
-                   if args.large_scale else ""),
+                   if args.large_scale else "", both_ways=True),
         *flat_goal(results, "small_conexa",
-                   f"peak RSS with {args.many_small_files} small files within 10% of the "
-                   "regular uploads tree's"),
+                   f"peak RSS with {args.many_small_files} small files at most 10% above the "
+                   "regular uploads tree's", both_ways=False),
     ]
 
 
@@ -772,7 +775,8 @@ def render_report(bench: Bench, machine: list[tuple[str, str]], data: list[tuple
         f"Produced by `{command_line()}` from {when[0]:%Y-%m-%d %H:%M} to {when[1]:%H:%M} UTC "
         f"(`benchmarks/run.py`; rerun it to refresh this file).", "",
         "## Goals", "", *goal_lines(goals(results, args)), "",
-        "## Results", "", *group_sections(results, args.runs), *throughput_lines(bench, results),
+        "## Results", "", *group_sections(results, args.runs, {
+            "Many small files": throughput_lines(bench, results)}),
         "## Machine", "", *md_table(["", ""], [*machine, ("load average at end", loadavg())]),
         "", "## Data", "", *md_table(["", ""], data), "",
         "## How it was measured", "",

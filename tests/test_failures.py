@@ -363,6 +363,31 @@ def test_backup_killed_mid_way(ws: Any, tmp_path: Path) -> None:
     assert_ok(ws.run("verify", backup_id))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_backup_stopped_by_a_signal_cleans_up(ws: Any, tmp_path: Path, sig: int) -> None:
+    """SIGTERM/SIGINT: stop cleanly, remove partial files, say so, exit non-zero."""
+    first = backup_ok(ws)
+    started = tmp_path / "pg_dump streaming"
+    body = f'"$REAL" "$@" | {{ head -c 20000; touch {_q(started)}; sleep 5; cat; }}'
+    configure(ws, bin_dir=make_bin_dir(tmp_path / "slow bin", body))
+    marker = f"conexa-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen(cli_argv(ws, "backup"), env={**os.environ, "CONEXA_MARK": marker},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(started.exists, 20, "pg_dump to stream its first bytes")
+    assert temp_files(ws.backups), "the dump should be in progress"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert f"interrupted by {signal.Signals(sig).name}" in stderr and "Traceback" not in stderr
+    assert temp_files(ws.backups) == []
+    assert complete_ids(ws) == [first]
+    assert {p.name for p in ws.backups.iterdir()} == {first}  # no leftover folder
+    wait_for(lambda: not processes_with_env(marker), 8, "pg_dump to exit")
+    log = "".join(p.read_text() for p in (ws.state / "logs").iterdir())
+    assert "interrupted" in log
+
+
 # -- awkward names ---------------------------------------------------------------------------
 
 def test_names_with_spaces_quotes_and_shell_metacharacters(ws: Any, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -86,8 +87,9 @@ def _guard(fn: Callable[[], T]) -> T:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         hint = f" ({exc.hint})" if exc.hint else ""
         _fail(f"{exc}{hint}", exc.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", ExitCode.FAILURE)
+    except KeyboardInterrupt as exc:
+        how = f" by {exc.args[0]}" if exc.args else ""
+        _fail(f"interrupted{how}; partial work was removed", ExitCode.FAILURE)
     except Exception as exc:  # a bug: say so, briefly, unless asked for details
         logging.getLogger(LOGGER).exception("unexpected error")
         if STATE.verbose:
@@ -124,6 +126,10 @@ def _session(what: str, *, lock: bool, log_file: bool = True,
             yield ctx
         except ConexaError as exc:  # record why in the run's log file, while it is open
             logging.getLogger(LOGGER).error("%s failed: %s", what, _redact(str(exc)))
+            raise
+        except KeyboardInterrupt as exc:
+            how = f" by {exc.args[0]}" if exc.args else ""
+            logging.getLogger(LOGGER).error("%s interrupted%s", what, how)
             raise
 
 
@@ -374,6 +380,14 @@ def check(as_json: JsonOpt = False) -> None:
     _guard(act)
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    # SIGTERM (systemd, `timeout`, a CI runner) takes the same path as Ctrl-C: every
+    # ``finally`` runs, so partial files and throwaway databases are removed on the way out.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> None:
     """Console-script entry point."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     app()
