@@ -9,10 +9,12 @@ keeping modes and owners (which that filter would discard).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -33,14 +35,21 @@ class TreeStats:
     symlinks: int = 0
 
 
+FileHook = Callable[[str, int, str], None]  # (archive path, size, sha256 hex)
+
+
 class _PaddedFile:
-    """Reads exactly ``size`` bytes: zeros if the file shrank while we read it (like GNU tar)."""
+    """Reads exactly ``size`` bytes: zeros if the file shrank while we read it (like GNU tar).
+
+    Hashes what it returns, so the uploads index records exactly what the archive holds.
+    """
 
     def __init__(self, raw: BinaryIO, size: int, path: str) -> None:
         self._raw = raw
         self._left = size
         self._path = path
         self.shrank = False
+        self.sha256 = hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
         n = self._left if n < 0 else min(n, self._left)
@@ -51,13 +60,15 @@ class _PaddedFile:
             self.shrank = True
             data += b"\0" * (n - len(data))
         self._left -= len(data)
+        self.sha256.update(data)
         return data
 
 
-def write_tree(root: Path, out: Sink) -> TreeStats:
+def write_tree(root: Path, out: Sink, on_file: FileHook | None = None) -> TreeStats:
     """Write the tree under ``root`` as a tar stream to ``out``; return what it held.
 
-    Files that vanish while the tree is walked are skipped (the uploads folder is live).
+    ``on_file`` is called for every regular file stored, with its SHA-256. Files that vanish
+    while the tree is walked are skipped (the uploads folder is live).
 
     Raises:
         ConexaError: ``root`` is missing or not a folder, or something in it is unreadable.
@@ -70,13 +81,14 @@ def write_tree(root: Path, out: Sink) -> TreeStats:
     tar.copybufsize = CHUNK
     try:
         tar.addfile(tar.gettarinfo(str(root), arcname="."))  # the folder's own mode and mtime
-        _add_dir(tar, root, ".", stats)
+        _add_dir(tar, root, ".", stats, on_file)
     finally:
         tar.close()  # writes the end-of-archive blocks and flushes its buffer
     return stats
 
 
-def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats) -> None:
+def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
+             on_file: FileHook | None) -> None:
     path = root if rel == "." else root / rel
     try:
         names = sorted(os.listdir(path))
@@ -94,11 +106,11 @@ def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats) -> No
         except OSError as exc:
             raise ConexaError(f"cannot read {child}: {exc.strerror}") from None
         if info.isreg() or info.islnk():  # a second hard link is stored as content
-            _add_file(tar, child, info, stats)
+            _add_file(tar, child, info, stats, on_file)
         elif info.isdir():
             tar.addfile(info)
             stats.dirs += 1
-            _add_dir(tar, root, child_rel, stats)
+            _add_dir(tar, root, child_rel, stats, on_file)
         elif info.issym():
             tar.addfile(info)
             stats.symlinks += 1
@@ -106,7 +118,8 @@ def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats) -> No
             log.warning("%s: not a regular file, folder or symlink; skipped", child)
 
 
-def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: TreeStats) -> None:
+def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: TreeStats,
+              on_file: FileHook | None) -> None:
     if info.islnk():  # gettarinfo reports a second hard link as a link: store the content
         info.type = tarfile.REGTYPE
         info.linkname = ""
@@ -118,9 +131,12 @@ def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: Tr
     except OSError as exc:
         raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
     with fh:
-        tar.addfile(info, _PaddedFile(fh, info.size, str(path)))
+        padded = _PaddedFile(fh, info.size, str(path))
+        tar.addfile(info, padded)
     stats.files += 1
     stats.bytes += info.size
+    if on_file is not None:
+        on_file(info.name, info.size, padded.sha256.hexdigest())
 
 
 def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

@@ -22,8 +22,8 @@ FORMAT_VERSION = 1
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.
-OWNED_NAME = re.compile(r"^(?:manifest\.json|(?:database\.dump|globals\.sql|uploads\.tar)"
-                        r"\.(?:zst|gz))$")
+OWNED_NAME = re.compile(r"^(?:manifest\.json|(?:database\.dump|globals\.sql|uploads\.tar"
+                        r"|uploads\.index\.jsonl)\.(?:zst|gz))$")
 
 
 class _Model(BaseModel):
@@ -36,7 +36,7 @@ class Artifact(_Model):
     """One stored file of a backup."""
 
     name: str
-    kind: Literal["database", "globals", "uploads"]
+    kind: Literal["database", "globals", "uploads", "uploads-index"]
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     compression: Literal["zstd", "gzip"]
@@ -54,6 +54,8 @@ class DatabaseInfo(_Model):
     locale_provider: str = "c"
     icu_locale: str | None = None
     tables: dict[str, int]  # "schema.table" -> rows, in the dump's snapshot
+    # kind ("tables", "sequences", "views", "functions", "extensions") -> sorted names
+    objects: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class UploadsInfo(_Model):
@@ -62,6 +64,7 @@ class UploadsInfo(_Model):
     bytes: int
     dirs: int
     symlinks: int
+    # An "uploads-index" artifact lists every file's path, size and SHA-256 (JSON lines).
 
 
 class Manifest(_Model):

@@ -199,6 +199,45 @@ def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return counts
 
 
+_OBJECTS = {
+    "tables": """
+        SELECT n.nspname || '.' || c.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' AND {user_ns} AND {not_ext}""",
+    "sequences": """
+        SELECT n.nspname || '.' || c.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind = 'S' AND c.relpersistence <> 't' AND {user_ns} AND {not_ext}""",
+    "views": """
+        SELECT n.nspname || '.' || c.relname FROM pg_class c
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('v', 'm') AND {user_ns} AND {not_ext}""",
+    "functions": """
+        SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid)
+               || ')'
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE {user_ns} AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid =
+              'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')""",
+    "extensions": "SELECT extname FROM pg_extension",
+}
+_USER_NS = ("n.nspname NOT IN ('pg_catalog', 'information_schema')"
+            " AND n.nspname !~ '^pg_(toast|temp_)'")
+_NOT_EXT = ("NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+            " AND d.objid = c.oid AND d.deptype = 'e')")
+
+
+def schema_objects(conn: psycopg.Connection[Any]) -> dict[str, list[str]]:
+    """Names of the user's tables, sequences, views, functions and extensions, sorted.
+
+    Recorded in the manifest so that a restore drill can prove every object came back.
+    """
+    found = {}
+    for kind, query in _OBJECTS.items():
+        text = query.format(user_ns=_USER_NS, not_ext=_NOT_EXT)
+        found[kind] = sorted(str(r[0]) for r in conn.execute(text).fetchall())
+    return found
+
+
 @dataclass
 class Snapshot:
     """An open REPEATABLE READ transaction whose snapshot ``pg_dump --snapshot`` can share."""

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from conexa_backup import __version__, archive, postgres, process
@@ -132,6 +135,7 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
         def count() -> None:
             try:
                 counted["rows"] = postgres.row_counts(snap.conn)
+                counted["objects"] = postgres.schema_objects(snap.conn)
             except Exception as exc:  # reported by the main thread below
                 counted["error"] = exc
 
@@ -155,7 +159,7 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
         name=info.dbname, server_version=server.version, pg_dump_version=full_version,
         encoding=server.encoding, collate=server.collate, ctype=server.ctype,
         owner=server.owner, locale_provider=server.locale_provider,
-        icu_locale=server.icu_locale, tables=counted["rows"],
+        icu_locale=server.icu_locale, tables=counted["rows"], objects=counted["objects"],
     )
 
 
@@ -264,16 +268,31 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
             run.store("globals", "globals.sql", "sql", lambda out: _dump_globals(ctx, out))
     if "uploads" in parts and ctx.config.uploads is not None:
         ctx.reporter.step("archiving uploads")
-        root = ctx.config.uploads.path
-        stats = run.store("uploads", "uploads.tar", "tar",
-                          lambda out: archive.write_tree(root, out))
-        uploads = UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
-                              dirs=stats.dirs, symlinks=stats.symlinks)
+        uploads = _store_uploads(ctx, run, ctx.config.uploads.path)
     return Manifest(
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
         database=database, uploads=uploads, artifacts=run.artifacts,
     )
+
+
+def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
+    """The uploads tar, then its index: every file's path, size and SHA-256 (JSON lines),
+    so that a restore drill can prove each file came back. The index is spooled (memory up
+    to 8 MiB, then ``state_dir/staging``) while the tar streams."""
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+b",
+                                       dir=str(ctx.state_dir("staging"))) as index:
+        def record(path: str, size: int, sha256: str) -> None:
+            line = {"path": path, "size": size, "sha256": sha256}
+            index.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+
+        stats = run.store("uploads", "uploads.tar", "tar",
+                          lambda out: archive.write_tree(root, out, record))
+        index.seek(0)
+        run.store("uploads-index", "uploads.index.jsonl", "jsonl",
+                  lambda out: copy_stream(index, out))
+    return UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
+                       dirs=stats.dirs, symlinks=stats.symlinks)
 
 
 def _commit(run: _Run, manifest: Manifest) -> list[str]:
