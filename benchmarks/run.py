@@ -57,7 +57,7 @@ class CommandFailed(Exception):
     """A benchmarked or preparatory command exited non-zero."""
 
 
-# -- running one command ------------------------------------------------------------------------
+# -- running one command ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Step:
@@ -137,6 +137,8 @@ def run_step(cmd: Step, env: Mapping[str, str], scratch: Path) -> int | None:
             if cmd.drain:
                 _drain(procs[-1].stdout)
             codes = [p.wait() for p in procs]
+        except OSError as exc:  # a program is missing
+            raise CommandFailed(f"{shlex.join(cmd.stages[-1])}: {exc}") from exc
         finally:
             for proc in procs:
                 _kill_group(proc)
@@ -150,7 +152,7 @@ def run_step(cmd: Step, env: Mapping[str, str], scratch: Path) -> int | None:
     return max(peaks) if peaks else None
 
 
-# -- cases and results --------------------------------------------------------------------------
+# -- cases and results -----------------------------------------------------------------------------
 
 def _nothing() -> None:
     return None
@@ -239,7 +241,7 @@ def run_all(cases: list[Case], runs: int, warmup: int,
     return results
 
 
-# -- small filesystem helpers -------------------------------------------------------------------
+# -- small filesystem helpers ----------------------------------------------------------------------
 
 def tree_stats(root: Path) -> tuple[int, int]:
     """(regular files, their bytes) below ``root``, never following symlinks."""
@@ -266,13 +268,13 @@ def unlink(*paths: Path) -> str:
     return ""
 
 
-# -- the benchmark ------------------------------------------------------------------------------
+# -- the benchmark ---------------------------------------------------------------------------------
 
 class Bench:
     """The data, fixtures and cases of one benchmark, inside the work folder ``work``."""
 
     def __init__(self, args: argparse.Namespace, work: Path, cluster: Cluster,
-                 s3: S3Server | None) -> None:
+                 s3: S3Server) -> None:
         self.args, self.work, self.cluster, self.s3 = args, work, cluster, s3
         for sub in ("scratch", "configs", "out", "fixtures"):
             (work / sub).mkdir()
@@ -376,7 +378,6 @@ class Bench:
                                        finish=lambda: unlink(out)))
 
     def cloud_targets(self, tag: str) -> list[dict[str, str]]:
-        assert self.s3 is not None
         return [{"name": "s3", "type": "s3", "bucket": S3_BUCKET,
                  "endpoint_url": self.s3.endpoint, "prefix": f"run-{tag}"},
                 {"name": "gcs", "type": "gcs", "bucket": GCS_BUCKET, "prefix": f"run-{tag}"}]
@@ -496,7 +497,7 @@ def log(text: str) -> None:
     print(f"-- {text}", file=sys.stderr, flush=True)
 
 
-# -- what the report says about the machine and the data -----------------------------------------
+# -- what the report says about the machine and the data -------------------------------------------
 
 def first_line(argv: Sequence[str]) -> str:
     try:
@@ -577,7 +578,7 @@ def data_info(bench: Bench) -> list[tuple[str, str]]:
     return rows
 
 
-# -- the report -----------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 
 # (title, case keys, blurb); a group is shown when its last case was measured (the optional
 # groups end with a case that only their option creates).
@@ -609,19 +610,18 @@ def mb(value: int | None) -> str:
     return "—" if value is None else f"{value / MB:.1f}"
 
 
-def result_row(res: Result, runs: int) -> list[str]:
+def result_row(res: Result) -> list[str]:
     walls = [s.wall for s in res.samples]
     notes = sorted({s.note for s in res.samples if s.note})
     if res.errors:
-        notes.append(f"FAILED {len(res.errors)} of {runs}: {res.errors[0][:300]}")
+        notes.append(f"FAILED {len(res.errors)} time(s): {res.errors[0][:300]}")
     median = res.median()
     return [res.case.label, "—" if median is None else f"{median:.2f}",
             f"{min(walls):.2f}-{max(walls):.2f}" if walls else "—",
             mb(res.size()), mb(res.peak_bytes()), "; ".join(notes)]
 
 
-def group_sections(results: dict[str, Result], runs: int,
-                   extras: Mapping[str, list[str]]) -> list[str]:
+def group_sections(results: dict[str, Result], extras: Mapping[str, list[str]]) -> list[str]:
     header = ["pipeline", "median s", "min-max s", "output MB", "peak RSS MB", "notes"]
     lines: list[str] = []
     for title, keys, blurb in GROUPS:
@@ -629,7 +629,7 @@ def group_sections(results: dict[str, Result], runs: int,
             continue
         present = [results[k] for k in keys if k in results]
         lines += [f"### {title}", "", blurb, "",
-                  *md_table(header, [result_row(r, runs) for r in present]), "",
+                  *md_table(header, [result_row(r) for r in present]), "",
                   *extras.get(title, [])]
     return lines
 
@@ -750,6 +750,8 @@ METHOD = """\
   Python is the largest of them, and is an upper bound on it otherwise, which is what the
   150 MB goal is about. PostgreSQL server backends (which serve pg_dump, pg_restore and psql)
   and the emulators are not descendants and are not counted. MB = 10^6 bytes.
+- All data is in the page cache (freshly generated, then read again by any warm-up round):
+  this measures the pipelines' CPU and I/O-path cost, not cold reads from disk.
 - Output is the bytes of the files each pipeline wrote (all files of the backup folder for
   conexa-backup, manifest included); `—` when it wrote to /dev/null or restored.
 - `tar -cf -` is read through a pipe and discarded by the benchmark: GNU tar detects an archive
@@ -775,7 +777,7 @@ def render_report(bench: Bench, machine: list[tuple[str, str]], data: list[tuple
         f"Produced by `{command_line()}` from {when[0]:%Y-%m-%d %H:%M} to {when[1]:%H:%M} UTC "
         f"(`benchmarks/run.py`; rerun it to refresh this file).", "",
         "## Goals", "", *goal_lines(goals(results, args)), "",
-        "## Results", "", *group_sections(results, args.runs, {
+        "## Results", "", *group_sections(results, {
             "Many small files": throughput_lines(bench, results)}),
         "## Machine", "", *md_table(["", ""], [*machine, ("load average at end", loadavg())]),
         "", "## Data", "", *md_table(["", ""], data), "",
@@ -862,6 +864,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; everything created was removed")
         return 130
+    except CommandFailed as exc:
+        log(f"setup failed: {exc}")
+        return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)

@@ -26,6 +26,7 @@ from conexa_backup import __version__, render
 from conexa_backup.actions import inspect, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
+from conexa_backup.actions.drill import run_drills
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
 from conexa_backup.config import load_config
@@ -262,10 +263,24 @@ def verify(
     ref: RefArg = "latest",
     all_backups: Annotated[bool, typer.Option("--all", help="Every backup.")] = False,
     target: TargetOpt = None,
+    drill: Annotated[bool, typer.Option(
+        "--drill", help="Restore into a throwaway database and folder and prove it complete, "
+        "within the RTO.")] = False,
+    source: Annotated[str | None, typer.Option(
+        "--from", help="With --drill: the target whose copy to drill.")] = None,
+    all_targets: Annotated[bool, typer.Option(
+        "--all-targets", help="With --drill: drill the copy on every target.")] = False,
+    junit: Annotated[Path | None, typer.Option(
+        help="With --drill: write a JUnit XML report here (one test case per check).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-read every stored artifact; check size and SHA-256 against the manifest."""
+    """Re-read every stored artifact and check it; with --drill, prove the backup restores."""
     def act() -> None:
+        if drill:
+            _drill(ref, source, all_targets, junit, as_json)
+            return
+        if source or all_targets or junit:
+            raise UsageError("--from, --all-targets and --junit go with --drill")
         with _session("verify", lock=False) as ctx:
             checks = inspect.verify(ctx, ref, all_backups=all_backups, target_names=target)
         _emit(as_json, lambda: render.verify_json(checks),
@@ -273,6 +288,22 @@ def verify(
         if not checks or not all(c.ok for c in checks):
             raise typer.Exit(int(ExitCode.FAILURE))
     _guard(act)
+
+
+def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
+           as_json: bool) -> None:
+    if source and all_targets:
+        raise UsageError("--from and --all-targets exclude each other")
+    with _session("drill", lock=False) as ctx:
+        results = run_drills(ctx, ref, source=source, all_targets=all_targets)
+    if junit is not None:
+        try:
+            junit.write_text(render.drill_junit(results), encoding="utf-8")
+        except OSError as exc:
+            raise ConexaError(f"cannot write {junit}: {exc.strerror}") from None
+    _emit(as_json, lambda: render.drills_json(results), lambda c: render.drills_human(c, results))
+    if not all(r.ok for r in results):
+        raise typer.Exit(int(ExitCode.FAILURE))
 
 
 @app.command()

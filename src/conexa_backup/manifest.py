@@ -22,8 +22,8 @@ FORMAT_VERSION = 1
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.
-OWNED_NAME = re.compile(r"^(?:manifest\.json|(?:database\.dump|globals\.sql|uploads\.tar"
-                        r"|uploads\.index\.jsonl)\.(?:zst|gz))$")
+OWNED_NAME = re.compile(r"^(?:manifest\.json|drill\.json|(?:database\.dump|globals\.sql"
+                        r"|uploads\.tar|uploads\.index\.jsonl)\.(?:zst|gz))$")
 
 
 class _Model(BaseModel):

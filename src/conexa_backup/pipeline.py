@@ -166,6 +166,15 @@ class HashingReader:
             raise IntegrityError(f"{what}: SHA-256 {digest} does not match the manifest")
 
 
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex of a file's contents, read in large chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(CHUNK):
+            digest.update(data)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class Digest:
     size: int

@@ -96,23 +96,34 @@ def conninfo(config: DatabaseConfig) -> ConnInfo:
     Raises:
         ConfigError: the URL cannot be parsed, names no database, or uses an unknown parameter.
     """
+    params = parse_url(config.url, config.password_file, "database")
+    return ConnInfo(params, config.maintenance_database, config.bin_dir, config.jobs)
+
+
+def parse_url(url: str, password_file: Path | None, section: str,
+              need_dbname: bool = True) -> dict[str, str]:
+    """libpq parameters of ``url`` (plus the password from ``password_file``).
+
+    Raises:
+        ConfigError: naming ``section``, when the URL is unusable.
+    """
     try:
-        params = {k: str(v) for k, v in conninfo_to_dict(config.url).items()}
+        params = {k: str(v) for k, v in conninfo_to_dict(url).items()}
     except psycopg.ProgrammingError:
-        raise ConfigError("database.url: not a valid PostgreSQL URL") from None
+        raise ConfigError(f"{section}.url: not a valid PostgreSQL URL") from None
     unknown = sorted(set(params) - set(_ENV_OF))
     if unknown:
-        raise ConfigError(f"database.url: unsupported parameter(s): {', '.join(unknown)}")
-    if not params.get("dbname"):
-        raise ConfigError("database.url: the URL must name a database (…/dbname)")
-    if config.password_file is not None:
+        raise ConfigError(f"{section}.url: unsupported parameter(s): {', '.join(unknown)}")
+    if need_dbname and not params.get("dbname"):
+        raise ConfigError(f"{section}.url: the URL must name a database (…/dbname)")
+    if password_file is not None:
         try:
-            params["password"] = config.password_file.read_text(encoding="utf-8").strip()
+            params["password"] = password_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(
-                f"database.password_file: cannot read {config.password_file}: {exc.strerror}"
+                f"{section}.password_file: cannot read {password_file}: {exc.strerror}"
             ) from None
-    return ConnInfo(params, config.maintenance_database, config.bin_dir, config.jobs)
+    return params
 
 
 def redact(text: str, info: ConnInfo) -> str:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from conexa_backup.actions.backup import BackupResult
+from conexa_backup.actions.drill import DrillResult
 from conexa_backup.actions.inspect import CopyCheck, Status
 from conexa_backup.actions.prune import TargetPrune
 from conexa_backup.actions.restore import RestoreResult
@@ -253,3 +256,45 @@ def prune_human(console: Console, results: Sequence[TargetPrune], dry_run: bool)
         for error in p.errors:
             console.print("[red]error[/]: ", end="")
             console.print(error, markup=False)
+
+
+# -- drills -------------------------------------------------------------------------------------
+
+def drills_json(results: Sequence[DrillResult]) -> dict[str, Any]:
+    return {"ok": bool(results) and all(r.ok for r in results),
+            "drills": [r.to_dict() for r in results]}
+
+
+def drills_human(console: Console, results: Sequence[DrillResult]) -> None:
+    for r in results:
+        verdict = "[green]PASSED[/]" if r.ok else "[red]FAILED[/]"
+        table = Table(title=f"restore drill of {r.backup_id} from {r.target}: {verdict}",
+                      box=None, pad_edge=False, title_justify="left")
+        for col in ("Step", "Result", "Time", "Detail"):
+            table.add_column(col, justify="right" if col == "Time" else "left")
+        for s in r.steps:
+            table.add_row(escape(s.name), "[green]ok[/]" if s.ok else "[red]FAIL[/]",
+                          f"{s.seconds:.2f} s", escape(s.detail))
+        console.print(table)
+        console.print(f"recovery time {r.recovery_seconds:.1f} s; objective "
+                      f"{r.rto_objective_seconds:.0f} s\n")
+
+
+def drill_junit(results: Sequence[DrillResult]) -> str:
+    """JUnit XML: a test suite per drilled copy, a test case per step."""
+    suites = ET.Element("testsuites", name="conexa-backup restore drills")
+    for r in results:
+        failures = sum(1 for s in r.steps if not s.ok)
+        suite = ET.SubElement(suites, "testsuite", {
+            "name": f"drill {r.backup_id} {r.target}", "tests": str(len(r.steps)),
+            "failures": str(failures), "errors": "0", "time": f"{r.recovery_seconds:.3f}",
+            "timestamp": r.started_at.isoformat()})
+        for s in r.steps:
+            case = ET.SubElement(suite, "testcase", {
+                "classname": f"drill.{r.target}", "name": s.name, "time": f"{s.seconds:.3f}"})
+            if not s.ok:
+                ET.SubElement(case, "failure", message=s.detail).text = s.detail
+            else:
+                ET.SubElement(case, "system-out").text = s.detail
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, "unicode") + "\n"

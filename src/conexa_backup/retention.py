@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from conexa_backup.durations import human_duration, parse_duration
 from conexa_backup.manifest import ID_FORMAT, id_sort_key
 
 LEFTOVER_AGE = timedelta(days=1)
@@ -120,7 +121,7 @@ def retaining_rules(backups: Sequence[Candidate], policy: Policy,
     if policy.keep_within is not None:
         within = policy.keep_within
         add((b.id for b in complete if now - b.time <= within),
-            lambda _: f"within {_human(within)}")
+            lambda _: f"within {human_duration(within)}")
     scheduled = [b for b in complete if b.kind != "safety"]
     for rule in PERIODS:
         reps = _period_keeps(scheduled, rule, getattr(policy, f"keep_{rule}"))
@@ -182,22 +183,6 @@ def _why_not(b: Candidate, policy: Policy) -> str:
 def _newest_first(backups: Iterable[Candidate]) -> list[Candidate]:
     return sorted(backups, key=lambda b: id_sort_key(b.id), reverse=True)
 
-
-def _human(delta: timedelta) -> str:
-    if delta.seconds == 0 and delta.microseconds == 0:
-        return f"{delta.days}d"
-    hours = delta.days * 24 + delta.seconds // 3600
-    return f"{hours}h"
-
-
-def parse_duration(text: str) -> timedelta:
-    """``"30d"``, ``"12h"``, ``"2w"``, ``"90m"`` (minutes) -> timedelta; ValueError otherwise."""
-    units = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1),
-             "w": timedelta(weeks=1)}
-    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
-    if unit not in units or not value.isdigit() or int(value) <= 0:
-        raise ValueError(f"invalid duration {text!r}: use a number and d, h, w or m (minutes)")
-    return int(value) * units[unit]
 
 
 Count = int | None

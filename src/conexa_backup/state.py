@@ -15,6 +15,8 @@ from typing import Any
 from conexa_backup.manifest import id_sort_key
 
 VERIFIED = "verified.json"
+DRILLS = "drills.json"
+KEEP_DRILLS = 500
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -54,3 +56,24 @@ def newest_verified(state_dir: Path) -> str | None:
     """The newest backup id that passed verification on any target."""
     ids = [i for i, targets in verified(state_dir).items() if targets]
     return max(ids, key=id_sort_key) if ids else None
+
+
+def record_drill(state_dir: Path, result: dict[str, Any]) -> None:
+    """Append a drill result (``DrillResult.to_dict()``); the newest ``KEEP_DRILLS`` are kept."""
+    path = state_dir / DRILLS
+    history = _read(path).get("drills", [])
+    history.append(result)
+    write_json(path, {"drills": history[-KEEP_DRILLS:]})
+    if result.get("ok"):
+        record_verified(state_dir, str(result["backup_id"]), str(result["target"]))
+
+
+def drills(state_dir: Path) -> list[dict[str, Any]]:
+    """Recorded drill results, oldest first."""
+    found = _read(state_dir / DRILLS).get("drills", [])
+    return [d for d in found if isinstance(d, dict)]
+
+
+def last_drills(state_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(backup id, target) -> the newest drill result of that copy."""
+    return {(str(d.get("backup_id")), str(d.get("target"))): d for d in drills(state_dir)}

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from conexa_backup.catalog import Backup, ManifestCache, scan
 from conexa_backup.config import Config
 from conexa_backup.errors import ConexaError, UsageError
-from conexa_backup.postgres import ConnInfo, conninfo
+from conexa_backup.postgres import ConnInfo, conninfo, parse_url
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
 
@@ -69,9 +69,21 @@ class Context:
     def db(self) -> ConnInfo:
         return conninfo(self.config.database)
 
+    @cached_property
+    def drill_db(self) -> ConnInfo:
+        """Where drills restore: ``[drill].database_url``, else the configured server."""
+        drill = self.config.drill
+        if drill.database_url is None:
+            return self.db
+        params = parse_url(drill.database_url, drill.password_file, "drill", need_dbname=False)
+        params.setdefault("dbname", "postgres")
+        return ConnInfo(params, params["dbname"], self.config.database.bin_dir,
+                        self.config.database.jobs)
+
     def secrets(self) -> list[str]:
         """Values that must never be printed (for redacting error messages)."""
-        found = [v for k, v in self.db.params.items() if k in ("password", "sslpassword") and v]
+        found = [v for info in (self.db, self.drill_db) for k, v in info.params.items()
+                 if k in ("password", "sslpassword") and v]
         for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
             if os.environ.get(var):
                 found.append(os.environ[var])

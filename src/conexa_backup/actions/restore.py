@@ -148,7 +148,7 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
     dump = restore_db.fetch_dump(ctx, plan.backup, opts.source)
     try:
         ctx.reporter.step(f"restoring database into {name!r}")
-        restore_db.restore_into(ctx, dump, plan.manifest.database, name)
+        restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)
     finally:
         dump.unlink(missing_ok=True)
     return name

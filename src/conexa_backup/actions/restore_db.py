@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
     pg_restore needs a seekable file to restore in parallel; the checksum of the stored bytes
     is verified while they stream, and the file is discarded if it does not match.
     """
-    staging = ctx.state_dir("staging") / f"{backup.id}-database.dump"
+    staging = ctx.state_dir("staging") / f"{backup.id}-{secrets.token_hex(3)}-database.dump"
 
     def attempt(copy: Copy, manifest: Manifest) -> Path:
         artifact = manifest.artifact("database")
@@ -79,7 +80,7 @@ def _server_from(info: DatabaseInfo) -> ServerInfo:
                       info.owner, info.locale_provider, info.icu_locale)
 
 
-def restore_into(ctx: Context, dump: Path, db: DatabaseInfo, name: str) -> None:
+def restore_into(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) -> None:
     """Create database ``name`` like the source and restore ``dump`` into it, then prove it.
 
     On any failure the new database is dropped.
@@ -88,7 +89,21 @@ def restore_into(ctx: Context, dump: Path, db: DatabaseInfo, name: str) -> None:
         ProcessError: pg_restore reported an error. IntegrityError: row counts differ.
         DatabaseError: the database could not be created.
     """
-    info = ctx.db
+    try:
+        create_and_restore(info, dump, db, name)
+        check_row_counts(info, name, db.tables)
+    except BaseException:
+        drop_database(info, name)
+        raise
+
+
+def create_and_restore(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) -> None:
+    """Create database ``name`` with the source's encoding, locale and owner; restore into it.
+
+    Raises:
+        DatabaseError: it could not be created. ProcessError: pg_restore reported an error
+        (the database is then left for the caller to drop).
+    """
     with info.connect(info.maintenance_db) as conn:
         _execute(conn, postgres.create_database_sql(name, _server_from(db)),
                  f"cannot create database {name!r}")
@@ -100,26 +115,29 @@ def restore_into(ctx: Context, dump: Path, db: DatabaseInfo, name: str) -> None:
             except psycopg.Error as exc:
                 log.warning("database %s: could not give it to owner %s: %s", name, db.owner,
                             str(exc).strip().splitlines()[0])
-    try:
-        process.run(postgres.pg_restore_argv(info, dump, name, info.jobs),
-                    env=info.env(name), what="pg_restore")
-        check_row_counts(info, name, db.tables)
-    except BaseException:
-        drop_database(info, name)
-        raise
+    process.run(postgres.pg_restore_argv(info, dump, name, info.jobs),
+                env=info.env(name), what="pg_restore")
 
 
-def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> None:
-    """Raise IntegrityError unless every table has exactly the manifest's row count."""
+def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> str:
+    """Raise IntegrityError unless every table has exactly the manifest's row count.
+
+    Returns a one-line summary ("12 tables, 176547 rows").
+    """
     with info.connect(name) as conn:
         actual = postgres.row_counts(conn)
     problems = [f"{t}: {actual.get(t, 'missing')} rows, expected {n}"
                 for t, n in sorted(expected.items()) if actual.get(t) != n]
     problems += [f"{t}: unexpected table" for t in sorted(set(actual) - set(expected))]
+    fail_if(problems, f"restored database {name!r} differs from the backup")
+    return f"{len(expected)} tables, {sum(expected.values())} rows"
+
+
+def fail_if(problems: list[str], what: str) -> None:
+    """Raise IntegrityError listing the first few ``problems``, if there are any."""
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise IntegrityError(f"restored database {name!r} differs from the backup: "
-                             + "; ".join(problems[:5]) + more)
+        raise IntegrityError(f"{what}: " + "; ".join(problems[:5]) + more)
 
 
 def drop_database(info: ConnInfo, name: str) -> None:

@@ -5,6 +5,7 @@ from conexa_backup.config.models import (
     CompressionConfig,
     Config,
     DatabaseConfig,
+    DrillConfig,
     UploadsConfig,
 )
 
@@ -12,6 +13,7 @@ __all__ = [
     "CompressionConfig",
     "Config",
     "DatabaseConfig",
+    "DrillConfig",
     "UploadsConfig",
     "find_config",
     "load_config",

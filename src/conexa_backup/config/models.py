@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from conexa_backup.durations import parse_duration
 from conexa_backup.retention import RetentionConfig
 from conexa_backup.storage.base import TargetConfig
 from conexa_backup.storage.registry import target_types
@@ -48,6 +49,32 @@ class CompressionConfig(_Model):
     threads: int = Field(default=0, ge=0, le=256)
 
 
+class DrillConfig(_Model):
+    """``[drill]``: how ``verify --drill`` proves a backup restores."""
+
+    # Restore on another server (recommended); default: the configured database's server.
+    database_url: str | None = None
+    password_file: Path | None = None
+    # SQL queries run in the restored database; each must return one true value.
+    checks: list[str] = Field(default_factory=list)
+    rto_objective: str = "1h"
+    # Hash at most this many uploads files (a random sample) instead of all of them.
+    uploads_sample: int | None = Field(default=None, ge=1)
+
+    @field_validator("rto_objective")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _url_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+
 if TYPE_CHECKING:
     AnyTargetConfig = TargetConfig
 else:
@@ -68,6 +95,7 @@ class Config(_Model):
     uploads: UploadsConfig | None = None
     compression: CompressionConfig = CompressionConfig()
     retention: RetentionConfig = RetentionConfig()
+    drill: DrillConfig = DrillConfig()
     targets: list[AnyTargetConfig] = Field(min_length=1)
 
     def retention_for(self, target: str) -> RetentionConfig:

@@ -1,0 +1,261 @@
+"""``verify --drill``: prove that a backup restores, completely, within the RTO.
+
+For one backup copy on one target: fetch every artifact (checking SHA-256 as it streams),
+restore the database into a throwaway database with errors fatal, prove it complete (every
+table's row count as recorded in the dump's snapshot, every schema object, the configured check
+queries), extract the uploads into a throwaway folder and prove every file (count, bytes, the
+SHA-256 of each file, or of a random sample), and time the whole recovery against
+``rto_objective``. Everything it creates is dropped at the end, also on failure or interrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+from conexa_backup import postgres
+from conexa_backup.actions import restore_db, restore_uploads
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.fetch import read_verified
+from conexa_backup.catalog import Backup, Copy, resolve
+from conexa_backup.durations import parse_duration
+from conexa_backup.errors import ConexaError, IntegrityError, UsageError
+from conexa_backup.manifest import Manifest
+from conexa_backup.pipeline import decompressing_reader, hash_file
+from conexa_backup.postgres import ConnInfo
+from conexa_backup.state import record_drill
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    seconds: float
+    detail: str
+
+
+@dataclass
+class DrillResult:
+    backup_id: str
+    target: str
+    started_at: datetime
+    rto_objective_seconds: float
+    steps: list[Step] = field(default_factory=list)
+    recovery_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.steps) and all(s.ok for s in self.steps)
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
+        data["ok"] = self.ok
+        return data
+
+
+class _Stop(Exception):
+    """A failed step: later steps that depend on it cannot run."""
+
+
+class _Drill:
+    """One drill of one copy; collects steps; ``cleanup`` undoes everything it made."""
+
+    def __init__(self, ctx: Context, backup: Backup, copy: Copy, manifest: Manifest) -> None:
+        self.ctx, self.backup, self.copy, self.manifest = ctx, backup, copy, manifest
+        self.info: ConnInfo = ctx.drill_db
+        token = secrets.token_hex(3)
+        self.dbname = restore_db.derived_name("conexa_drill", f"_{backup.id}_{token}").lower()
+        self.workdir = ctx.state_dir("drills") / f"{backup.id}-{copy.target.name}-{token}"
+        objective = parse_duration(ctx.config.drill.rto_objective).total_seconds()
+        self.result = DrillResult(backup.id, copy.target.name, datetime.now(UTC), objective)
+        self.created_db = False
+
+    def step(self, name: str, action: Callable[[], str], *, critical: bool = True) -> None:
+        """Run one step and record it; a failed ``critical`` step raises _Stop (what follows
+        depends on it); other failures are recorded and the drill goes on."""
+        self.ctx.reporter.step(f"drill {self.backup.id} on {self.copy.target.name}: {name}")
+        t0 = time.monotonic()
+        try:
+            detail, ok = action(), True
+        except (ConexaError, psycopg.Error, OSError) as exc:
+            detail, ok = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), False
+        self.result.steps.append(Step(name, ok, round(time.monotonic() - t0, 3), detail))
+        log.info("drill %s/%s: %s: %s (%s)", self.backup.id, self.copy.target.name, name,
+                 "ok" if ok else "FAILED", detail)
+        if not ok and critical:
+            raise _Stop(name)
+
+    def cleanup(self) -> None:
+        if self.created_db:
+            restore_db.drop_database(self.info, self.dbname)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _database_steps(d: _Drill) -> None:
+    db = d.manifest.database
+    if db is None:
+        return
+    dump: dict[str, Path] = {}
+
+    def fetch() -> str:
+        dump["path"] = restore_db.fetch_dump(d.ctx, d.backup, d.copy.target.name)
+        return f"{dump['path'].stat().st_size} bytes, SHA-256 verified"
+
+    def restore() -> str:
+        d.created_db = True
+        try:
+            restore_db.create_and_restore(d.info, dump["path"], db, d.dbname)
+        finally:
+            dump["path"].unlink(missing_ok=True)
+        return (f"pg_restore --exit-on-error -j {d.info.jobs} into a throwaway database, "
+                f"{d.info.describe(d.dbname).split(' at ')[-1]}")
+
+    d.step("fetch database", fetch)
+    d.step("restore database", restore)
+    d.step("row counts", lambda: restore_db.check_row_counts(d.info, d.dbname, db.tables),
+           critical=False)
+    d.step("schema objects", lambda: _check_objects(d.info, d.dbname, db.objects),
+           critical=False)
+    for query in d.ctx.config.drill.checks:
+        d.step(f"check: {query}", lambda q=query: _run_check(d.info, d.dbname, q),  # type: ignore[misc]
+               critical=False)
+
+
+def _check_objects(info: ConnInfo, name: str, expected: dict[str, list[str]]) -> str:
+    if not expected:
+        return "not recorded in this backup's manifest"
+    with info.connect(name) as conn:
+        actual = postgres.schema_objects(conn)
+    problems = [f"missing {kind[:-1]} {obj}" for kind, names in expected.items()
+                for obj in sorted(set(names) - set(actual.get(kind, [])))]
+    restore_db.fail_if(problems, "restored schema is incomplete")
+    return ", ".join(f"{len(v)} {k}" for k, v in expected.items())
+
+
+def _run_check(info: ConnInfo, name: str, query: str) -> str:
+    with info.connect(name) as conn:
+        rows = conn.execute(query).fetchall()  # the admin's own SQL, from the config file
+    if len(rows) != 1 or len(rows[0]) != 1 or rows[0][0] is not True:
+        raise IntegrityError(f"check returned {rows[:3]!r}, expected one true value")
+    return "true"
+
+
+def _uploads_steps(d: _Drill) -> None:
+    up, artifact = d.manifest.uploads, d.manifest.artifact("uploads")
+    if up is None or artifact is None:
+        return
+    folder: dict[str, Path] = {}
+
+    def extract() -> str:
+        folder["path"] = restore_uploads.extract(d.backup, d.workdir / "uploads",
+                                                 d.copy.target.name)
+        return f"{up.files} files, {up.bytes} bytes, SHA-256 of the archive verified"
+
+    d.step("fetch and extract uploads", extract)
+    d.step("uploads files", lambda: _check_files(d, folder["path"]), critical=False)
+
+
+def _index_entries(d: _Drill) -> Iterator[dict[str, object]]:
+    artifact = d.manifest.artifact("uploads-index")
+    if artifact is None:
+        return
+    chunks: list[bytes] = []
+    # The index is small next to the uploads themselves (about 100 bytes a file).
+    read_verified(d.copy, d.backup.id, artifact,
+                  lambda raw: chunks.append(decompressing_reader(raw, artifact.compression).read()))
+    for line in b"".join(chunks).splitlines():
+        yield json.loads(line)
+
+
+def _check_files(d: _Drill, root: Path) -> str:
+    entries = list(_index_entries(d))
+    if not entries:
+        return "no per-file index in this backup: count and bytes checked at extraction"
+    sample = d.ctx.config.drill.uploads_sample
+    chosen = entries if not sample or sample >= len(entries) else \
+        random.SystemRandom().sample(entries, sample)
+    problems = []
+    for entry in chosen:
+        path = root / str(entry["path"])
+        if not path.is_file():
+            problems.append(f"missing {entry['path']}")
+        elif path.stat().st_size != entry["size"] or hash_file(path) != entry["sha256"]:
+            problems.append(f"content differs: {entry['path']}")
+    restore_db.fail_if(problems, "restored uploads differ from the backup")
+    scope = "every file" if chosen is entries else f"a sample of {len(chosen)} of {len(entries)}"
+    return f"SHA-256 of {scope} matches"
+
+
+def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:
+    """Drill one copy; never raises for a failed check (see the result's steps)."""
+    assert copy.manifest is not None
+    d = _Drill(ctx, backup, copy, copy.manifest)
+    t0 = time.monotonic()
+    try:
+        for part in (_database_steps, _uploads_steps):  # independent: report both
+            with contextlib.suppress(_Stop):
+                part(d)
+        d.result.recovery_seconds = round(time.monotonic() - t0, 3)
+        objective = d.result.rto_objective_seconds
+        d.step("recovery time", lambda: _check_rto(d.result.recovery_seconds, objective),
+               critical=False)
+    finally:
+        d.cleanup()
+    return d.result
+
+
+def _check_rto(seconds: float, objective: float) -> str:
+    verdict = f"{seconds:.1f} s (objective {objective:.0f} s)"
+    if seconds > objective:
+        raise IntegrityError(f"recovery took {verdict}: RTO exceeded")
+    return verdict
+
+
+def run_drills(ctx: Context, ref: str, *, source: str | None = None,
+               all_targets: bool = False) -> list[DrillResult]:
+    """Drill the copy on ``source`` (default: the first target holding one), or on every target.
+
+    Raises:
+        UsageError: no such backup, or no complete copy on the named target.
+    """
+    if source is not None:
+        ctx.targets([source])
+    backup = resolve(ctx.scan(ctx.targets()), ref)
+    copies = backup.complete_copies
+    if source is not None:
+        copies = [c for c in copies if c.target.name == source]
+        if not copies:
+            raise UsageError(f"backup {backup.id} has no complete copy on target {source!r}")
+    elif not all_targets:
+        copies = copies[:1]
+    results = [drill_copy(ctx, backup, copy) for copy in copies]
+    record(ctx, results)
+    return results
+
+
+def record(ctx: Context, results: list[DrillResult]) -> None:
+    """Keep drill results in ``state_dir/drills.json`` and as ``drill.json`` beside the copy."""
+    for result in results:
+        data = result.to_dict()
+        record_drill(ctx.config.state_dir, data)
+        target = next(t for t in ctx.targets() if t.name == result.target)
+        try:
+            upload = target.writer(f"{result.backup_id}/drill.json")
+            upload.write(json.dumps(data, indent=2).encode())
+            upload.commit()
+        except ConexaError as exc:  # the result itself is what matters; say so, carry on
+            log.warning("could not store the drill result beside the backup: %s", exc)
