@@ -33,6 +33,7 @@ from conexa_backup.config import load_config
 from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
 from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
+from conexa_backup.state import last_drills
 
 T = TypeVar("T")
 
@@ -51,7 +52,9 @@ class State:
     config_path: Path | None = None
     verbose: bool = False
     quiet: bool = False
-    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
+    # Not a terminal (cron, a pipe): wide enough that tables never cut an id.
+    out: Console = field(default_factory=lambda: Console(
+        soft_wrap=True, width=None if sys.stdout.isatty() else 160))
     err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
     secrets: list[str] = field(default_factory=list)
 
@@ -218,8 +221,9 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
         unreachable: dict[str, str] = {}
         with _session("list", lock=False, log_file=False, progress=False) as ctx:
             backups = inspect.list_backups(ctx, target, unreachable)
-        _emit(as_json, lambda: [render.backup_entry(b) for b in reversed(backups)],
-              lambda c: render.list_human(c, backups))
+            proven = last_drills(ctx.config.state_dir)
+        _emit(as_json, lambda: [render.backup_entry(b, proven) for b in reversed(backups)],
+              lambda c: render.list_human(c, backups, proven))
         if unreachable:
             _fail("could not list " + "; ".join(unreachable.values()), ExitCode.PARTIAL)
     _guard(act)

@@ -92,9 +92,14 @@ def backup_human(console: Console, result: BackupResult) -> None:
 
 # -- list / status ----------------------------------------------------------------------------
 
-def backup_entry(b: Backup) -> dict[str, Any]:
+Drills = dict[tuple[str, str], dict[str, Any]]  # (id, target) -> newest drill result
+
+
+def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
     m = b.manifest
     by_kind = {a.kind: a.size for a in m.artifacts} if m else {}
+    proven = {c.target.name: _drill_summary(drills[(b.id, c.target.name)])
+              for c in b.copies if drills and (b.id, c.target.name) in drills}
     return {
         "id": b.id,
         "created_at": iso(m.started_at) if m else None,
@@ -107,25 +112,35 @@ def backup_entry(b: Backup) -> dict[str, Any]:
         "uploads_files": m.uploads.files if m and m.uploads else None,
         "targets": [c.target.name for c in b.complete_copies],
         "incomplete_targets": [c.target.name for c in b.copies if not c.complete],
+        "drills": proven,
     }
 
 
-def list_human(console: Console, backups: Sequence[Backup]) -> None:
+def _drill_summary(d: dict[str, Any]) -> dict[str, Any]:
+    return {"at": d.get("started_at"), "ok": d.get("ok"),
+            "recovery_seconds": d.get("recovery_seconds")}
+
+
+def list_human(console: Console, backups: Sequence[Backup], drills: Drills | None = None) -> None:
     if not backups:
         console.print("no backups yet")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status"):
-        table.add_column(col, justify="right" if col == "Size" else "left")
+    for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status", "Drill"):
+        # Ids and times are what scripts and people copy: never wrap or cut them.
+        table.add_column(col, justify="right" if col == "Size" else "left",
+                         no_wrap=col in ("ID", "Created (UTC)", "Size", "Status"))
     for b in reversed(backups):
-        e = backup_entry(b)
+        e = backup_entry(b, drills)
         created = (e["created_at"] or "-").replace("T", " ").rstrip("Z")[:19]
         status = e["status"] if e["status"] == "complete" else f"[yellow]{e['status']}[/]"
         where = ", ".join(e["targets"]) or "-"
         if e["incomplete_targets"]:
             where += f" (incomplete: {', '.join(e['incomplete_targets'])})"
+        proven = ", ".join(f"{'ok' if d['ok'] else '[red]FAILED[/]'} ({t})"
+                           for t, d in e["drills"].items()) or "-"
         table.add_row(b.id, created, e["kind"] or "-", human_bytes(e["size_bytes"]), where,
-                      status)
+                      status, proven)
     console.print(table)
 
 
@@ -134,6 +149,7 @@ def status_json(s: Status) -> dict[str, Any]:
         "last_backup": backup_entry(s.last) if s.last else None,
         "age_seconds": round(s.age_seconds) if s.age_seconds is not None else None,
         "incomplete_backups": s.incomplete,
+        "last_drill": s.last_drill,
     }
 
 
@@ -146,6 +162,14 @@ def status_human(console: Console, s: Status) -> None:
                   f"{human_bytes(e['size_bytes'])} on {', '.join(e['targets'])}")
     if s.incomplete:
         console.print(f"{s.incomplete} incomplete backup(s) present (see `list`)")
+    d = s.last_drill
+    if d is None:
+        console.print("no restore drill recorded yet (`conexa-backup verify --drill`)")
+    else:
+        verdict = "[green]passed[/]" if d.get("ok") else "[red]FAILED[/]"
+        console.print(f"last restore drill: {d.get('backup_id')} from {d.get('target')} at "
+                      f"{d.get('started_at')}: {verdict}, recovery "
+                      f"{float(d.get('recovery_seconds') or 0):.1f} s")
 
 
 # -- verify / check / restore -----------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, read_verified, save_verified
@@ -14,7 +15,7 @@ from conexa_backup.catalog import Backup, Copy, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
-from conexa_backup.state import record_verified
+from conexa_backup.state import drills, record_verified
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Status:
     last: Backup | None
     age_seconds: float | None
     incomplete: int
+    last_drill: dict[str, Any] | None = None
 
 
 def status(ctx: Context, now: datetime | None = None) -> Status:
@@ -43,7 +45,9 @@ def status(ctx: Context, now: datetime | None = None) -> Status:
     age = None
     if last is not None and last.manifest is not None:
         age = ((now or datetime.now(UTC)) - last.manifest.finished_at).total_seconds()
-    return Status(last, age, sum(1 for b in backups if not b.complete_copies))
+    recorded = drills(ctx.config.state_dir)
+    return Status(last, age, sum(1 for b in backups if not b.complete_copies),
+                  recorded[-1] if recorded else None)
 
 
 @dataclass
