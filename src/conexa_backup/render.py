@@ -6,20 +6,21 @@ import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from conexa_backup.actions.backup import BackupResult
-from conexa_backup.actions.drill import DrillResult
-from conexa_backup.actions.inspect import CopyCheck, Status
-from conexa_backup.actions.prune import TargetPrune
-from conexa_backup.actions.restore import RestoreResult
-from conexa_backup.actions.setup import CheckResult
-from conexa_backup.catalog import Backup
+if TYPE_CHECKING:  # types only: the CLI imports each action when its command runs
+    from conexa_backup.actions.backup import BackupResult
+    from conexa_backup.actions.drill import DrillResult
+    from conexa_backup.actions.inspect import CopyCheck, Status
+    from conexa_backup.actions.prune import TargetPrune
+    from conexa_backup.actions.restore import RestoreResult
+    from conexa_backup.actions.setup import CheckResult
+    from conexa_backup.catalog import Backup
 
 
 def iso(dt: datetime | None) -> str | None:
