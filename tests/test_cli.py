@@ -57,7 +57,7 @@ def test_json_outputs_are_one_document_and_nothing_else(ws: Workspace) -> None:
     empty = ws.run("list", "--json")
     assert empty.returncode == 0 and json.loads(empty.stdout) == []
     none = ws.run("status", "--json")
-    assert none.returncode == 1 and json.loads(none.stdout)["last_backup"] is None
+    assert none.returncode == 2 and json.loads(none.stdout)["last_backup"] is None  # CRITICAL
 
     made = ws.run("backup", "--json")
     assert made.returncode == 0, made.stderr

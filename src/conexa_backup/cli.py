@@ -22,8 +22,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from conexa_backup import __version__, render
-from conexa_backup.actions import inspect, setup
+from conexa_backup import __version__, events, render
+from conexa_backup.actions import inspect, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
 from conexa_backup.actions.drill import run_drills
@@ -33,7 +33,9 @@ from conexa_backup.config import load_config
 from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
 from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
-from conexa_backup.state import last_drills
+from conexa_backup.notify.base import Event, Kind
+from conexa_backup.notify.dispatch import dispatch
+from conexa_backup.state import last_drills, record_run
 
 T = TypeVar("T")
 
@@ -111,30 +113,54 @@ def _context(reporter: Reporter | None = None) -> Context:
 
 
 @contextlib.contextmanager
-def _session(what: str, *, lock: bool, log_file: bool = True,
-             progress: bool = True) -> Iterator[Context]:
-    """Config, log file, lock and (on a terminal) a progress display for one command."""
+def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = True,
+             alert: Kind | None = None) -> Iterator[Context]:
+    """Config, log file, lock and (on a terminal) a progress display for one command.
+
+    With ``alert``, a failure (or interruption) is recorded and sent to the notifiers, and a
+    backup pings heartbeat monitors when it starts.
+    """
     show = progress and not STATE.quiet and STATE.err.is_terminal
     reporter = render.ProgressReporter(STATE.err) if show else None
     ctx = _context(reporter)
     with contextlib.ExitStack() as stack:
-        if log_file:
-            ctx.state_dir()
-            start_file_log(ctx.config.state_dir)
-            stack.callback(stop_file_logs)
-        if lock:
-            stack.enter_context(run_lock(ctx.state_dir(), what))
-        if reporter is not None:
-            stack.enter_context(reporter)
         try:
+            if log_file:
+                ctx.state_dir()
+                start_file_log(ctx.config.state_dir)
+                stack.callback(stop_file_logs)
+            if lock:
+                stack.enter_context(run_lock(ctx.state_dir(), what))
+            if reporter is not None:
+                stack.enter_context(reporter)
+            if alert == "backup":
+                _alert(ctx, Event("backup", "start", "backup started"))
             yield ctx
-        except ConexaError as exc:  # record why in the run's log file, while it is open
-            logging.getLogger(LOGGER).error("%s failed: %s", what, _redact(str(exc)))
+        except (ConexaError, KeyboardInterrupt) as exc:  # logged while the log file is open
+            how = f" by {exc.args[0]}" if isinstance(exc, KeyboardInterrupt) and exc.args else ""
+            logging.getLogger(LOGGER).error(
+                "%s %s", what, f"interrupted{how}" if isinstance(exc, KeyboardInterrupt)
+                else f"failed: {_redact(str(exc))}")
+            if alert is not None:
+                _alert(ctx, events.failure_event(alert, exc))
             raise
-        except KeyboardInterrupt as exc:
-            how = f" by {exc.args[0]}" if exc.args else ""
-            logging.getLogger(LOGGER).error("%s interrupted%s", what, how)
-            raise
+
+
+def _alert(ctx: Context, event: Event) -> None:
+    """Record a run's outcome, update the metrics file, tell the notifiers.
+
+    Nothing here may change the run's result: problems become warnings on stderr.
+    """
+    try:
+        if event.outcome != "start" and event.kind != "test":
+            record_run(ctx.state_dir(), event.to_json())
+            monitor.write_metrics(ctx)
+    except (OSError, ConexaError) as exc:
+        STATE.err.print(f"warning: could not record the run: {escape(str(exc))}")
+    for delivery in dispatch(ctx.config.notify, event):
+        if not delivery.ok:
+            STATE.err.print(f"warning: notification via {escape(delivery.notifier)} failed: "
+                            f"{escape(_redact(delivery.detail))}", highlight=False)
 
 
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[Console], None]) -> None:
@@ -189,13 +215,14 @@ def backup(
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     def act() -> None:
-        with _session("backup", lock=True) as ctx:
+        with _session("backup", lock=True, alert="backup") as ctx:
             try:
                 result = run_backup(ctx, target_names=target, prune=not no_prune)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)
                 raise
+            _alert(ctx, events.backup_event(result))
         _show_backup(result, as_json)
         if result.prune_errors:
             _fail("backup complete, but pruning failed: " + "; ".join(result.prune_errors),
@@ -255,8 +282,9 @@ def restore(
                                                        ("uploads", in_place_up)) if live), yes)
         opts = RestoreOptions(ref, to_database, uploads_to, only,  # type: ignore[arg-type]
                               not no_safety_backup, source)
-        with _session("restore", lock=True) as ctx:
+        with _session("restore", lock=True, alert="restore") as ctx:
             result = run_restore(ctx, opts)
+            _alert(ctx, events.restore_event(result))
         _emit(as_json, lambda: render.restore_json(result),
               lambda c: render.restore_human(c, result))
     _guard(act)
@@ -285,8 +313,13 @@ def verify(
             return
         if source or all_targets or junit:
             raise UsageError("--from, --all-targets and --junit go with --drill")
-        with _session("verify", lock=False) as ctx:
+        with _session("verify", lock=False, alert="verify") as ctx:
             checks = inspect.verify(ctx, ref, all_backups=all_backups, target_names=target)
+            bad = [f"{c.backup_id} on {c.target}: {'; '.join(c.problems)}"
+                   for c in checks if not c.ok]
+            if bad:
+                _alert(ctx, Event("verify", "failure", "verification FAILED",
+                                  error="\n".join(bad)))
         _emit(as_json, lambda: render.verify_json(checks),
               lambda c: render.verify_human(c, checks))
         if not checks or not all(c.ok for c in checks):
@@ -298,8 +331,9 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
            as_json: bool) -> None:
     if source and all_targets:
         raise UsageError("--from and --all-targets exclude each other")
-    with _session("drill", lock=False) as ctx:
+    with _session("drill", lock=False, alert="drill") as ctx:
         results = run_drills(ctx, ref, source=source, all_targets=all_targets)
+        _alert(ctx, events.drill_event(results))
     if junit is not None:
         try:
             junit.write_text(render.drill_junit(results), encoding="utf-8")
@@ -312,13 +346,22 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
 
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
-    """The last successful backup and its age (exit 1 if there is none)."""
+    """Health of every target; Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
     def act() -> None:
-        with _session("status", lock=False, log_file=False, progress=False) as ctx:
-            st = inspect.status(ctx)
-        _emit(as_json, lambda: render.status_json(st), lambda c: render.status_human(c, st))
-        if st.last is None:
-            raise typer.Exit(int(ExitCode.FAILURE))
+        try:
+            with _session("status", lock=False, log_file=False, progress=False) as ctx:
+                health = monitor.health(ctx)
+        except ConexaError as exc:  # status speaks Nagios: what it cannot read is UNKNOWN
+            summary = _redact(str(exc))
+            if as_json:
+                render.print_json(STATE.out, {"status": "UNKNOWN", "code": 3,
+                                              "summary": summary})
+            else:
+                STATE.out.print(f"CONEXA-BACKUP UNKNOWN - {escape(summary)}")
+            raise typer.Exit(3) from None
+        _emit(as_json, lambda: render.status_json(health),
+              lambda c: render.status_human(c, health))
+        raise typer.Exit(health.level)
     _guard(act)
 
 
@@ -368,8 +411,10 @@ def prune(
     def act() -> None:
         when = _parse_time(at) if at else None
         preview = dry_run or when is not None  # --at previews: never delete by a future clock
-        with _session("prune", lock=not preview) as ctx:
+        with _session("prune", lock=not preview, alert=None if preview else "prune") as ctx:
             results = run_prune(ctx, target, dry_run=preview, at=when)
+            if not preview:
+                _alert(ctx, events.prune_event(results))
         _emit(as_json, lambda: [render.prune_entry(p) for p in results],
               lambda c: render.prune_human(c, results, preview))
         problems = [f"{p.target}: {e}" for p in results for e in p.errors]
@@ -386,6 +431,54 @@ def _parse_time(text: str) -> datetime:
         raise UsageError(f"--at {text!r}: not an ISO 8601 time (e.g. 2026-12-31T00:00Z)") \
             from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@app.command()
+def report(
+    days: Annotated[int, typer.Option("--days", min=1, help="Length of the period.")] = 7,
+    send: Annotated[bool, typer.Option(
+        "--send", help="Also send it through the notifiers that take 'report' events.")]
+    = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Summary of a period: backups, failures, sizes, drills, RPO/RTO, storage and cost."""
+    def act() -> None:
+        with _session("report", lock=False, log_file=False, progress=False) as ctx:
+            data = monitor.report(ctx, days)
+            text = render.report_text(data)
+            deliveries = dispatch(ctx.config.notify, events.report_event(data, text)) \
+                if send else []
+        if as_json:
+            render.print_json(STATE.out, {**data, "sent": [d.__dict__ for d in deliveries]})
+        elif not STATE.quiet:
+            STATE.out.print(text, markup=False, highlight=False)
+        if send and not deliveries:
+            _fail("no notifier takes 'report' events (add \"report\" to a notifier's events)",
+                  ExitCode.USAGE)
+        failed = [f"{d.notifier}: {d.detail}" for d in deliveries if not d.ok]
+        if failed:
+            _fail("report not sent via " + "; ".join(failed), ExitCode.FAILURE)
+    _guard(act)
+
+
+@app.command("notify-test")
+def notify_test(as_json: JsonOpt = False) -> None:
+    """Send a test message through every configured notifier; report each outcome."""
+    def act() -> None:
+        with _session("notify-test", lock=False, log_file=True, progress=False) as ctx:
+            if not ctx.config.notify:
+                raise UsageError("no [[notify]] configured")
+            deliveries = dispatch(ctx.config.notify, events.test_event())
+        if as_json:
+            render.print_json(STATE.out, {"ok": all(d.ok for d in deliveries),
+                                          "notifiers": [d.__dict__ for d in deliveries]})
+        elif not STATE.quiet:
+            for d in deliveries:
+                mark = "[green]ok[/]  " if d.ok else "[red]FAIL[/]"
+                STATE.out.print(f"{mark} {escape(d.notifier)}: {escape(_redact(d.detail))}")
+        if not all(d.ok for d in deliveries):
+            raise typer.Exit(int(ExitCode.FAILURE))
+    _guard(act)
 
 
 @app.command()

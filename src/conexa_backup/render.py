@@ -13,10 +13,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
+from conexa_backup.actions.monitor import LEVELS
+
 if TYPE_CHECKING:  # types only: the CLI imports each action when its command runs
     from conexa_backup.actions.backup import BackupResult
     from conexa_backup.actions.drill import DrillResult
-    from conexa_backup.actions.inspect import CopyCheck, Status
+    from conexa_backup.actions.inspect import CopyCheck
+    from conexa_backup.actions.monitor import Health
     from conexa_backup.actions.prune import TargetPrune
     from conexa_backup.actions.restore import RestoreResult
     from conexa_backup.actions.setup import CheckResult
@@ -145,32 +148,39 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
     console.print(table)
 
 
-def status_json(s: Status) -> dict[str, Any]:
+def status_json(h: Health) -> dict[str, Any]:
     return {
-        "last_backup": backup_entry(s.last) if s.last else None,
-        "age_seconds": round(s.age_seconds) if s.age_seconds is not None else None,
-        "incomplete_backups": s.incomplete,
-        "last_drill": s.last_drill,
+        "status": h.label,
+        "code": h.level,
+        "summary": h.summary,
+        "last_backup": backup_entry(h.last) if h.last else None,
+        "age_seconds": round(h.age_seconds) if h.age_seconds is not None else None,
+        "incomplete_backups": h.incomplete,
+        "last_backup_run": h.last_run,
+        "last_drill": h.last_drill,
+        "targets": [{
+            "target": t.target, "status": LEVELS[t.level], "newest_backup": t.newest_backup,
+            "backup_age_seconds": round(t.backup_age_seconds)
+            if t.backup_age_seconds is not None else None,
+            "newest_successful_drill": t.newest_drill,
+            "drill_age_seconds": round(t.drill_age_seconds)
+            if t.drill_age_seconds is not None else None,
+            "problems": t.problems} for t in h.targets],
     }
 
 
-def status_human(console: Console, s: Status) -> None:
-    if s.last is None or s.age_seconds is None:
-        console.print("[red]no complete backup found[/]")
-        return
-    e = backup_entry(s.last)
-    console.print(f"last backup: [bold]{s.last.id}[/], {human_age(s.age_seconds)} ago, "
-                  f"{human_bytes(e['size_bytes'])} on {', '.join(e['targets'])}")
-    if s.incomplete:
-        console.print(f"{s.incomplete} incomplete backup(s) present (see `list`)")
-    d = s.last_drill
-    if d is None:
-        console.print("no restore drill recorded yet (`conexa-backup verify --drill`)")
-    else:
-        verdict = "[green]passed[/]" if d.get("ok") else "[red]FAILED[/]"
-        console.print(f"last restore drill: {d.get('backup_id')} from {d.get('target')} at "
-                      f"{d.get('started_at')}: {verdict}, recovery "
-                      f"{float(d.get('recovery_seconds') or 0):.1f} s")
+def status_human(console: Console, h: Health) -> None:
+    """A Nagios-style first line, then one line per target."""
+    console.print(f"CONEXA-BACKUP {h.label} - {escape(h.summary)}", highlight=False)
+    for t in h.targets:
+        age = human_age(t.backup_age_seconds) if t.backup_age_seconds is not None else "never"
+        drill = human_age(t.drill_age_seconds) if t.drill_age_seconds is not None else "never"
+        console.print(f"  {t.target}: {LEVELS[t.level]}; newest backup "
+                      f"{t.newest_backup or '-'} ({age} ago); last good drill {drill} ago",
+                      markup=False, highlight=False)
+    if h.last_run is not None:
+        console.print(f"  last backup run: {h.last_run.get('outcome')} at "
+                      f"{h.last_run.get('time')}", markup=False, highlight=False)
 
 
 # -- verify / check / restore -----------------------------------------------------------------
@@ -323,3 +333,36 @@ def drill_junit(results: Sequence[DrillResult]) -> str:
                 ET.SubElement(case, "system-out").text = s.detail
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, "unicode") + "\n"
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def report_text(r: dict[str, Any]) -> str:
+    """The periodic report as plain text (printed, and the body sent to notifiers)."""
+    b, d = r["backups"], r["drills"]
+    lines = [f"period: {r['from'][:16]} to {r['to'][:16]} UTC ({r['period_days']} days)",
+             f"backups: {b['runs']} runs, {b['success']} ok, {b['partial']} partial, "
+             f"{b['failure']} failed"]
+    lines += [f"  failed {f['time']}: {f['error']}" for f in b["failures"]]
+    if b["sizes"]:
+        lines.append("sizes: " + ", ".join(f"{s['id'][:8]} {human_bytes(s['bytes'])}"
+                                           for s in b["sizes"][-14:]))
+    gap = r["rpo"]["largest_gap_seconds"]
+    lines.append(f"RPO: largest gap between backups "
+                 f"{human_age(gap) if gap is not None else 'n/a'} "
+                 f"(objective {human_age(r['rpo']['objective_seconds'])}): "
+                 f"{'met' if r['rpo']['met'] else 'NOT MET'}")
+    rec = d["recovery_seconds"]
+    lines.append(f"drills: {d['runs']} run, {d['passed']} passed, {d['failed']} failed"
+                 + (f"; recovery {rec['min']:.0f}-{rec['max']:.0f} s (median "
+                    f"{rec['median']:.0f} s)" if rec else ""))
+    lines.append(f"RTO (objective {human_age(r['rto']['objective_seconds'])}): "
+                 f"{'met' if r['rto']['met'] else 'NOT MET (no passing drill, or too slow)'}")
+    for s in r["storage"]:
+        cost = f", about {r['currency']} {s['monthly_cost']:.2f}/month" \
+            if s["monthly_cost"] is not None else ""
+        where = f" (could not list: {s['unreachable']})" if s["unreachable"] else ""
+        lines.append(f"storage {s['target']}: {human_bytes(s['bytes'])}{cost}{where}")
+    if r["monthly_cost"] is not None:
+        lines.append(f"estimated storage cost: {r['currency']} {r['monthly_cost']:.2f}/month")
+    return "\n".join(lines)

@@ -77,3 +77,21 @@ def drills(state_dir: Path) -> list[dict[str, Any]]:
 def last_drills(state_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """(backup id, target) -> the newest drill result of that copy."""
     return {(str(d.get("backup_id")), str(d.get("target"))): d for d in drills(state_dir)}
+
+
+RUNS = "runs.json"
+KEEP_RUNS = 2000
+
+
+def record_run(state_dir: Path, run: dict[str, Any]) -> None:
+    """Append one run's outcome (an event's JSON); the newest ``KEEP_RUNS`` are kept."""
+    path = state_dir / RUNS
+    history = _read(path).get("runs", [])
+    history.append(run)
+    write_json(path, {"runs": history[-KEEP_RUNS:]})
+
+
+def runs(state_dir: Path) -> list[dict[str, Any]]:
+    """Recorded runs, oldest first."""
+    found = _read(state_dir / RUNS).get("runs", [])
+    return [r for r in found if isinstance(r, dict)]

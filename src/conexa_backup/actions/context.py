@@ -87,10 +87,12 @@ class Context:
         for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
             if os.environ.get(var):
                 found.append(os.environ[var])
-        for target in self.config.targets:  # SecretStr fields (e.g. an S3 secret key)
-            for value in target.__dict__.values():
-                if isinstance(value, SecretStr) and value.get_secret_value():
-                    found.append(value.get_secret_value())
+        for model in [*self.config.targets, *self.config.notify]:
+            # SecretStr fields: an S3 secret key, a Slack webhook URL, webhook headers...
+            for value in model.__dict__.values():
+                values = value.values() if isinstance(value, dict) else [value]
+                found += [v.get_secret_value() for v in values
+                          if isinstance(v, SecretStr) and v.get_secret_value()]
         return found
 
     def scan(self, targets: Sequence[Target], *, with_manifests: bool = True,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, read_verified, save_verified
@@ -15,7 +13,7 @@ from conexa_backup.catalog import Backup, Copy, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
-from conexa_backup.state import drills, record_verified
+from conexa_backup.state import record_verified
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +25,6 @@ def list_backups(ctx: Context, target_names: Sequence[str] | None = None,
     Targets that cannot be listed are recorded in ``unreachable``.
     """
     return ctx.scan(ctx.targets(target_names), unreachable=unreachable)
-
-
-@dataclass
-class Status:
-    last: Backup | None
-    age_seconds: float | None
-    incomplete: int
-    last_drill: dict[str, Any] | None = None
-
-
-def status(ctx: Context, now: datetime | None = None) -> Status:
-    """The newest complete backup (any kind) and its age."""
-    backups = ctx.scan(ctx.targets())
-    complete = [b for b in backups if b.complete_copies]
-    last = complete[-1] if complete else None
-    age = None
-    if last is not None and last.manifest is not None:
-        age = ((now or datetime.now(UTC)) - last.manifest.finished_at).total_seconds()
-    recorded = drills(ctx.config.state_dir)
-    return Status(last, age, sum(1 for b in backups if not b.complete_copies),
-                  recorded[-1] if recorded else None)
 
 
 @dataclass

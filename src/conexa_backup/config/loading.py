@@ -87,6 +87,7 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         retention = data.setdefault("retention", {})
         if isinstance(retention, dict):
             retention["keep_within"] = f"{days}d"
+    _seed_notifiers(data, env)
     targets = data.get("targets")
     if not isinstance(targets, list):
         return
@@ -95,6 +96,28 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for var, kind in (("AWS_S3_BUCKET", "s3"), ("GCS_BUCKET", "gcs")):
         if env.get(var) and kind not in types and kind not in names:
             targets.append({"name": kind, "type": kind, "bucket": env[var]})
+
+
+def _seed_notifiers(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``SLACK_WEBHOOK_URL`` and ``BACKUP_NOTIFY_EMAIL`` (with ``SMTP_*``) add notifiers."""
+    notify = data.setdefault("notify", [])
+    if not isinstance(notify, list):
+        return
+    types = {n.get("type") for n in notify if isinstance(n, dict)}
+    if env.get("SLACK_WEBHOOK_URL") and "slack" not in types:
+        notify.append({"type": "slack", "webhook_url": env["SLACK_WEBHOOK_URL"]})
+    if env.get("BACKUP_NOTIFY_EMAIL") and "email" not in types:
+        email: dict[str, Any] = {
+            "type": "email",
+            "to": [a.strip() for a in env["BACKUP_NOTIFY_EMAIL"].split(",") if a.strip()]}
+        for var, key in (("SMTP_HOST", "host"), ("SMTP_USER", "username"),
+                         ("SMTP_PASSWORD", "password"), ("SMTP_FROM", "from"),
+                         ("SMTP_SECURITY", "security")):
+            if env.get(var):
+                email[key] = env[var]
+        if env.get("SMTP_PORT", "").isdigit():
+            email["port"] = int(env["SMTP_PORT"])
+        notify.append(email)
 
 
 def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:

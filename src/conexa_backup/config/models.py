@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from conexa_backup.durations import parse_duration
+from conexa_backup.notify.base import NotifierConfig
+from conexa_backup.notify.registry import REGISTRY as NOTIFIERS
 from conexa_backup.retention import RetentionConfig
 from conexa_backup.storage.base import TargetConfig
-from conexa_backup.storage.registry import target_types
+from conexa_backup.storage.registry import REGISTRY as TARGETS
 
 
 class _Model(BaseModel):
@@ -75,16 +77,29 @@ class DrillConfig(_Model):
         return value
 
 
+class MonitoringConfig(_Model):
+    """``[monitoring]``: what ``status`` calls fresh, and the Prometheus textfile."""
+
+    max_backup_age: str = "26h"  # RPO of one day, plus slack
+    max_drill_age: str = "8d"  # a weekly drill, plus slack
+    metrics_file: Path | None = None
+    currency: str = "R$"  # for price_per_gb_month in `report`
+
+    @field_validator("max_backup_age", "max_drill_age")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
 if TYPE_CHECKING:
     AnyTargetConfig = TargetConfig
+    AnyNotifierConfig = NotifierConfig
 else:
-    # A discriminated union over every registered target type, so that an error points at
-    # the fields of the type the user chose (``targets.0.path``), not at every type's.
-    _models = tuple(t.config_model for t in target_types().values())
-    if len(_models) == 1:
-        AnyTargetConfig = _models[0]
-    else:
-        AnyTargetConfig = Annotated[Union[_models], Field(discriminator="type")]  # noqa: UP007
+    # Discriminated unions over every registered type, so that an error points at the
+    # fields of the type the user chose (``targets.0.path``), not at every type's.
+    AnyTargetConfig = TARGETS.union()
+    AnyNotifierConfig = NOTIFIERS.union()
 
 
 class Config(_Model):
@@ -96,7 +111,9 @@ class Config(_Model):
     compression: CompressionConfig = CompressionConfig()
     retention: RetentionConfig = RetentionConfig()
     drill: DrillConfig = DrillConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     targets: list[AnyTargetConfig] = Field(min_length=1)
+    notify: list[AnyNotifierConfig] = Field(default_factory=list)
 
     def retention_for(self, target: str) -> RetentionConfig:
         """The target's own retention table, else the top-level one."""

@@ -38,6 +38,7 @@ class TargetConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     type: str
     retention: RetentionConfig | None = None  # else the top-level [retention]
+    price_per_gb_month: float | None = Field(default=None, ge=0)  # for `report` estimates
 
 
 @dataclass(frozen=True)

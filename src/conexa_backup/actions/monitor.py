@@ -1,0 +1,250 @@
+"""``status`` (Nagios-style health), the Prometheus textfile, and the periodic ``report``.
+
+Status levels follow the Nagios plugin convention so ``status`` plugs into existing monitoring:
+OK (0); WARNING (1): no successful drill within ``max_drill_age``, or the last backup run
+failed or was partial while copies are still fresh; CRITICAL (2): a target's newest complete
+backup is older than ``max_backup_age`` (or there is none); UNKNOWN (3): the state cannot be
+read (bad config, a target that cannot be listed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from conexa_backup.actions.context import Context
+from conexa_backup.catalog import Backup
+from conexa_backup.durations import human_duration, parse_duration
+from conexa_backup.state import drills, runs
+
+LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+
+
+@dataclass
+class TargetHealth:
+    target: str
+    level: int
+    newest_backup: str | None = None
+    backup_age_seconds: float | None = None
+    newest_drill: dict[str, Any] | None = None
+    drill_age_seconds: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Health:
+    level: int
+    targets: list[TargetHealth]
+    last_run: dict[str, Any] | None
+    summary: str
+    incomplete: int = 0
+    last: Backup | None = None  # the newest complete backup anywhere
+    age_seconds: float | None = None
+    last_drill: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        return LEVELS[self.level]
+
+
+def _parse_time(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
+                   now: datetime) -> TargetHealth:
+    mon = ctx.config.monitoring
+    health = TargetHealth(name, 0)
+    complete = [b for b in backups for c in b.complete_copies if c.target.name == name]
+    if complete and complete[-1].manifest is not None:
+        health.newest_backup = complete[-1].id
+        health.backup_age_seconds = (now - complete[-1].manifest.finished_at).total_seconds()
+    max_age = parse_duration(mon.max_backup_age)
+    if health.backup_age_seconds is None:
+        health.level = 2
+        health.problems.append("no complete backup")
+    elif health.backup_age_seconds > max_age.total_seconds():
+        health.level = 2
+        health.problems.append(f"newest backup older than {mon.max_backup_age}")
+    passed = [d for d in drills(ctx.config.state_dir) if d.get("target") == name and d.get("ok")]
+    when = _parse_time(passed[-1].get("started_at")) if passed else None
+    if passed and when is not None:
+        health.newest_drill = passed[-1]
+        health.drill_age_seconds = (now - when).total_seconds()
+    if when is None or (now - when) > parse_duration(mon.max_drill_age):
+        health.level = max(health.level, 1)
+        health.problems.append(f"no successful restore drill within {mon.max_drill_age}")
+    return health
+
+
+def health(ctx: Context, now: datetime | None = None) -> Health:
+    """The health of every target (see module docstring for the levels)."""
+    now = now or datetime.now(UTC)
+    unreachable: dict[str, str] = {}
+    backups = ctx.scan(ctx.targets(), unreachable=unreachable)
+    targets = []
+    for target in ctx.targets():
+        if target.name in unreachable:
+            targets.append(TargetHealth(target.name, 3, problems=[unreachable[target.name]]))
+        else:
+            targets.append(_target_health(ctx, target.name, backups, now))
+    backup_runs = [r for r in runs(ctx.config.state_dir) if r.get("kind") == "backup"]
+    last = backup_runs[-1] if backup_runs else None
+    level = max(t.level for t in targets)
+    if last is not None and last.get("outcome") in ("failure", "partial") and level < 1:
+        level = 1
+    problems = [f"{t.target}: {p}" for t in targets for p in t.problems]
+    if last is not None and last.get("outcome") in ("failure", "partial"):
+        problems.append(f"last backup run: {last.get('outcome')}")
+    summary = "; ".join(problems) if problems else _ok_summary(targets)
+    complete = [b for b in backups if b.complete_copies and b.manifest is not None]
+    newest = complete[-1] if complete else None
+    age = (now - newest.manifest.finished_at).total_seconds() \
+        if newest is not None and newest.manifest is not None else None
+    recorded = drills(ctx.config.state_dir)
+    return Health(level, targets, last, summary,
+                  sum(1 for b in backups if not b.complete_copies), newest, age,
+                  recorded[-1] if recorded else None)
+
+
+def _ok_summary(targets: Sequence[TargetHealth]) -> str:
+    ages = [t.backup_age_seconds for t in targets if t.backup_age_seconds is not None]
+    drill_ages = [t.drill_age_seconds for t in targets if t.drill_age_seconds is not None]
+    age = human_duration(timedelta(minutes=int(max(ages) // 60) or 1))
+    drill = human_duration(timedelta(minutes=int(max(drill_ages) // 60) or 1))
+    return (f"newest backup at most {age} old on all {len(targets)} target(s); "
+            f"drilled within {drill}")
+
+
+# -- Prometheus textfile ------------------------------------------------------------------------
+
+def metrics_text(ctx: Context) -> str:
+    """node_exporter textfile metrics from the recorded runs and drills."""
+    lines: list[str] = []
+
+    def gauge(name: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        if samples:
+            lines.extend([f"# HELP conexa_backup_{name} {help_text}",
+                          f"# TYPE conexa_backup_{name} gauge"])
+            lines.extend(f"conexa_backup_{name}{labels} {value:g}" for labels, value in samples)
+
+    history = runs(ctx.config.state_dir)
+    last: dict[str, dict[str, Any]] = {}
+    last_ok: dict[str, dict[str, Any]] = {}
+    per_target: dict[str, float] = {}
+    for run in history:
+        kind = str(run.get("kind"))
+        last[kind] = run
+        when = _parse_time(run.get("time"))
+        if run.get("outcome") in ("success", "partial") and when is not None:
+            last_ok[kind] = run
+            if kind == "backup":
+                for target in (run.get("targets") or {}).get("ok", []):
+                    per_target[target] = when.timestamp()
+    ts = {k: (_parse_time(r.get("time")) or datetime.fromtimestamp(0, UTC)).timestamp()
+          for k, r in last.items()}
+    gauge("last_run_timestamp_seconds", "End of the last run, by kind.",
+          [(f'{{kind="{k}"}}', v) for k, v in ts.items()])
+    gauge("last_run_success", "1 if the last run of that kind succeeded (partial counts 0).",
+          [(f'{{kind="{k}"}}', float(r.get("outcome") == "success")) for k, r in last.items()])
+    gauge("last_run_duration_seconds", "Duration of the last run, by kind.",
+          [(f'{{kind="{k}"}}', float(r["duration_seconds"])) for k, r in last.items()
+           if r.get("duration_seconds") is not None])
+    gauge("last_success_timestamp_seconds", "End of the last successful run, by kind.",
+          [(f'{{kind="{k}"}}', (_parse_time(r.get("time")) or datetime.now(UTC)).timestamp())
+           for k, r in last_ok.items()])
+    gauge("last_backup_size_bytes", "Stored size of the last successful backup.",
+          [("", float(last_ok["backup"]["size_bytes"]))]
+          if "backup" in last_ok and last_ok["backup"].get("size_bytes") is not None else [])
+    gauge("target_last_success_timestamp_seconds", "Last backup stored on each target.",
+          [(f'{{target="{t}"}}', v) for t, v in per_target.items()])
+    newest: dict[str, dict[str, Any]] = {str(d.get("target")): d
+                                         for d in drills(ctx.config.state_dir)}
+    gauge("drill_last_success", "1 if the last restore drill of the target's copy passed.",
+          [(f'{{target="{t}"}}', float(bool(d.get("ok")))) for t, d in newest.items()])
+    gauge("drill_recovery_seconds", "Recovery time measured by the last drill (RTO).",
+          [(f'{{target="{t}"}}', float(d.get("recovery_seconds") or 0))
+           for t, d in newest.items()])
+    gauge("drill_last_timestamp_seconds", "Start of the last drill, by target.",
+          [(f'{{target="{t}"}}', (_parse_time(d.get("started_at")) or datetime.now(UTC))
+            .timestamp()) for t, d in newest.items()])
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(ctx: Context) -> None:
+    """Write the textfile atomically (node_exporter must never read half a file)."""
+    path = ctx.config.monitoring.metrics_file
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(metrics_text(ctx), encoding="utf-8")
+    tmp.chmod(0o644)  # read by node_exporter; holds no secret
+    tmp.replace(path)
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, Any]:
+    """A summary of the last ``days`` days: runs, sizes, drills, RPO/RTO, storage and cost."""
+    now = now or datetime.now(UTC)
+    since = now - timedelta(days=days)
+    mon = ctx.config.monitoring
+    period_runs = [r for r in runs(ctx.config.state_dir)
+                   if (t := _parse_time(r.get("time"))) is not None and t >= since]
+    backups_made = [r for r in period_runs if r.get("kind") == "backup"]
+    unreachable: dict[str, str] = {}
+    catalog = ctx.scan(ctx.targets(), unreachable=unreachable)
+    in_period = [b for b in catalog if b.manifest and b.manifest.finished_at >= since
+                 and b.manifest.kind == "scheduled"]
+    times = sorted(b.manifest.finished_at for b in in_period if b.manifest)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    if times:
+        gaps.append((now - times[-1]).total_seconds())
+    period_drills = [d for d in drills(ctx.config.state_dir)
+                     if (t := _parse_time(d.get("started_at"))) is not None and t >= since]
+    recovery = [float(d.get("recovery_seconds") or 0) for d in period_drills if d.get("ok")]
+    rto = parse_duration(ctx.config.drill.rto_objective).total_seconds()
+    storage: list[dict[str, Any]] = []
+    for target in ctx.targets():
+        size = sum(o.size for b in catalog for c in b.copies if c.target.name == target.name
+                   for o in c.objects)
+        price = next((t.price_per_gb_month for t in ctx.config.targets if t.name == target.name),
+                     None)
+        storage.append({"target": target.name, "bytes": size,
+                        "monthly_cost": round(size / 1e9 * price, 2) if price is not None
+                        else None, "unreachable": unreachable.get(target.name)})
+    costs = [float(s["monthly_cost"]) for s in storage if s["monthly_cost"] is not None]
+    return {
+        "period_days": days, "from": since.isoformat(), "to": now.isoformat(),
+        "backups": {
+            "runs": len(backups_made),
+            "success": sum(1 for r in backups_made if r.get("outcome") == "success"),
+            "partial": sum(1 for r in backups_made if r.get("outcome") == "partial"),
+            "failure": sum(1 for r in backups_made if r.get("outcome") == "failure"),
+            "failures": [{"time": r.get("time"), "error": r.get("error")}
+                         for r in backups_made if r.get("outcome") == "failure"],
+            "sizes": [{"id": b.id, "bytes": b.manifest.size_bytes} for b in in_period
+                      if b.manifest],
+        },
+        "rpo": {"objective_seconds": parse_duration(mon.max_backup_age).total_seconds(),
+                "largest_gap_seconds": max(gaps) if gaps else None,
+                "met": bool(gaps) and max(gaps) <= parse_duration(mon.max_backup_age)
+                .total_seconds()},
+        "drills": {"runs": len(period_drills),
+                   "passed": sum(1 for d in period_drills if d.get("ok")),
+                   "failed": sum(1 for d in period_drills if not d.get("ok")),
+                   "recovery_seconds": {"min": min(recovery), "median": statistics.median(
+                       recovery), "max": max(recovery)} if recovery else None},
+        "rto": {"objective_seconds": rto, "met": bool(recovery) and max(recovery) <= rto},
+        "storage": storage,
+        "monthly_cost": round(sum(costs), 2) if costs else None,
+        "currency": mon.currency,
+    }

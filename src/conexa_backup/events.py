@@ -1,0 +1,81 @@
+"""Events from action results: what notifiers, the run history and the metrics are told."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from conexa_backup.errors import ConexaError, PartialFailure
+from conexa_backup.notify.base import Event, Kind
+
+if TYPE_CHECKING:
+    from conexa_backup.actions.backup import BackupResult
+    from conexa_backup.actions.drill import DrillResult
+    from conexa_backup.actions.prune import TargetPrune
+    from conexa_backup.actions.restore import RestoreResult
+
+
+def backup_event(result: BackupResult) -> Event:
+    partial = bool(result.failures) or bool(result.prune_errors)
+    m = result.manifest
+    return Event(
+        "backup", "partial" if partial else "success",
+        f"backup {m.id} {'partially ' if partial else ''}complete",
+        backup_id=m.id, duration_seconds=round(result.seconds, 3), size_bytes=m.size_bytes,
+        targets_ok=list(result.stored_on), targets_failed=dict(result.failures),
+        error="; ".join(result.prune_errors) or None,
+        details={"skipped_targets": result.skipped,
+                 "pruned": sum(len(p.deleted) for p in result.pruned)})
+
+
+def restore_event(result: RestoreResult) -> Event:
+    return Event("restore", "success", f"backup {result.backup_id} restored",
+                 backup_id=result.backup_id, duration_seconds=round(result.seconds, 3),
+                 details={"database": result.database, "uploads": str(result.uploads or "")})
+
+
+def drill_event(results: Sequence[DrillResult]) -> Event:
+    ok = all(r.ok for r in results)
+    first = results[0]
+    failed = {r.target: "; ".join(f"{s.name}: {s.detail}" for s in r.steps if not s.ok)
+              for r in results if not r.ok}
+    return Event(
+        "drill", "success" if ok else "failure",
+        f"restore drill of {first.backup_id} {'passed' if ok else 'FAILED'}",
+        backup_id=first.backup_id,
+        duration_seconds=max(r.recovery_seconds for r in results),
+        targets_ok=[r.target for r in results if r.ok], targets_failed=failed,
+        details={"recovery_seconds": {r.target: r.recovery_seconds for r in results},
+                 "rto_objective_seconds": first.rto_objective_seconds})
+
+
+def prune_event(results: Sequence[TargetPrune]) -> Event:
+    errors = {p.target: "; ".join(p.errors) or str(p.skipped) for p in results
+              if p.errors or p.skipped}
+    deleted = sum(len(p.deleted) for p in results)
+    return Event("prune", "partial" if errors else "success",
+                 f"prune deleted {deleted} backup cop{'y' if deleted == 1 else 'ies'}",
+                 targets_ok=[p.target for p in results if p.target not in errors],
+                 targets_failed=errors,
+                 details={"deleted": {p.target: p.deleted for p in results}})
+
+
+def failure_event(kind: Kind, exc: BaseException) -> Event:
+    """A run that ended with an error (or was interrupted)."""
+    if isinstance(exc, PartialFailure) and exc.result is not None:
+        return backup_event(exc.result)  # type: ignore[arg-type]
+    if isinstance(exc, KeyboardInterrupt):
+        how = f" by {exc.args[0]}" if exc.args else ""
+        return Event(kind, "failure", f"{kind} interrupted{how}", error=f"interrupted{how}")
+    message = str(exc) if isinstance(exc, ConexaError) else f"{type(exc).__name__}: {exc}"
+    return Event(kind, "failure", f"{kind} FAILED", error=message)
+
+
+def test_event() -> Event:
+    return Event("test", "success", "conexa-backup test notification",
+                 details={"note": "sent by `conexa-backup notify-test`"})
+
+
+def report_event(report: dict[str, Any], text: str) -> Event:
+    return Event("report", "success", f"conexa-backup report, last {report['period_days']} days",
+                 body=text)

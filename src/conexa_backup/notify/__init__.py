@@ -1,0 +1,1 @@
+"""Notifiers: a small protocol (``base``), a registry, one module per type, a dispatcher."""
