@@ -1,7 +1,7 @@
 """What the targets hold: backups grouped by id, complete only where a manifest is stored.
 
-Only keys shaped ``<backup id>/<name>`` are ours; anything else on a target is ignored (and so
-never listed, restored or deleted).
+Only keys shaped ``<backup id>/<name>`` with a name we write (``manifest.OWNED_NAME``) are
+ours; anything else on a target is ignored (and so never listed, restored or deleted).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
         try:
             for obj in target.list():
                 backup_id, sep, name = obj.key.partition("/")
-                if sep and "/" not in name and ID_PATTERN.match(backup_id):
+                if sep and OWNED_NAME.match(name) and ID_PATTERN.match(backup_id):
                     grouped[backup_id].append(obj)
         except StorageError as exc:
             log.warning("%s", exc)

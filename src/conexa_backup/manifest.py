@@ -22,8 +22,9 @@ FORMAT_VERSION = 1
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.
-OWNED_NAME = re.compile(r"^(?:manifest\.json|drill\.json|(?:database\.dump|globals\.sql"
-                        r"|uploads\.tar|uploads\.index\.jsonl)\.(?:zst|gz))$")
+OWNED_NAME = re.compile(r"^(?:manifest\.json|manifest\.json\.sig|drill\.json"
+                        r"|(?:database\.dump|globals\.sql|uploads\.tar|uploads\.index\.jsonl)"
+                        r"\.(?:zst|gz)(?:\.age)?)$")
 
 
 class _Model(BaseModel):
@@ -41,6 +42,8 @@ class Artifact(_Model):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     compression: Literal["zstd", "gzip"]
     content: str  # "pg_dump-custom", "sql", "tar"
+    encryption: Literal["age"] | None = None
+    recipients: list[str] = Field(default_factory=list)  # fingerprints of the age recipients
 
 
 class DatabaseInfo(_Model):

@@ -309,7 +309,7 @@ def drills_human(console: Console, results: Sequence[DrillResult]) -> None:
             table.add_column(col, justify="right" if col == "Time" else "left")
         for s in r.steps:
             table.add_row(escape(s.name), "[green]ok[/]" if s.ok else "[red]FAIL[/]",
-                          f"{s.seconds:.2f} s", escape(s.detail))
+                          f"{s.seconds:.2f} s", escape(s.detail.splitlines()[0]))
         console.print(table)
         console.print(f"recovery time {r.recovery_seconds:.1f} s; objective "
                       f"{r.rto_objective_seconds:.0f} s\n")
@@ -328,7 +328,7 @@ def drill_junit(results: Sequence[DrillResult]) -> str:
             case = ET.SubElement(suite, "testcase", {
                 "classname": f"drill.{r.target}", "name": s.name, "time": f"{s.seconds:.3f}"})
             if not s.ok:
-                ET.SubElement(case, "failure", message=s.detail).text = s.detail
+                ET.SubElement(case, "failure", message=s.detail.splitlines()[0]).text = s.detail
             else:
                 ET.SubElement(case, "system-out").text = s.detail
     ET.indent(suites)

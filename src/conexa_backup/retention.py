@@ -20,7 +20,7 @@ Definitions (UTC throughout, from the backup id's timestamp):
 - Always kept, whatever the policy: the newest complete backup, any backup in ``protected``
   (the newest one that passed verification), and incomplete backups less than a day old (a
   run may still be writing them). Incomplete backups older than that are deleted.
-- An empty policy keeps everything.
+- An empty policy keeps every complete backup (old incomplete leftovers still go).
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ class Policy:
     keep_yearly: int | None = None
     keep_within: timedelta | None = None
     min_keep: int = 1
+
+    @property
+    def period_tier(self) -> bool:
+        """Only weekly/monthly/yearly rules: an archive tier that wants one backup a period."""
+        return (not self.empty and self.keep_last is None and self.keep_within is None
+                and self.keep_daily in (None, 0))
 
     @property
     def empty(self) -> bool:
@@ -133,8 +139,6 @@ def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
          protected: Iterable[str] = ()) -> list[Decision]:
     """Decide, for every backup of one target, whether it stays; newest first."""
     protected = set(protected)
-    if policy.empty:
-        return [Decision(b.id, True, ["no retention policy"]) for b in _newest_first(backups)]
     rules = retaining_rules(backups, policy, now)
     complete = _newest_first(b for b in backups if b.complete)
     floor = {b.id for b in complete[:max(policy.min_keep, 0)]}
@@ -156,6 +160,8 @@ def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
             reasons.append(f"min_keep {policy.min_keep}")
         if b.id in protected:
             reasons.append("newest verified backup")
+        if policy.empty:
+            reasons.append("no retention policy")
         decisions.append(Decision(b.id, bool(reasons), reasons or [_why_not(b, policy)]))
     return decisions
 
@@ -209,6 +215,12 @@ class RetentionConfig(BaseModel):
                               and value < 0):
             return ALL
         return value
+
+    @field_validator("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", mode="after")
+    @classmethod
+    def _negative_is_all(cls, value: int | None) -> int | None:
+        # "-3" from a ${VAR}, or -3.0: every negative means "keep every period".
+        return ALL if value is not None and value < 0 else value
 
     @field_validator("keep_within")
     @classmethod

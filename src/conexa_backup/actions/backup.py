@@ -26,6 +26,7 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import TargetPrune, candidates
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.catalog import Backup
+from conexa_backup.crypto import SIGNATURE_NAME, Encryptor, fingerprint, parse_recipients, sign
 from conexa_backup.errors import ConexaError, PartialFailure
 from conexa_backup.manifest import (
     MANIFEST_NAME,
@@ -94,17 +95,23 @@ class _Run:
                     log.warning("could not remove %s from %s: %s", key, target.name, exc)
 
     def store(self, kind: str, name: str, content: str, produce: Callable[[Sink], T]) -> T:
-        """Stream ``produce``'s bytes, compressed and hashed, to every live target."""
+        """Stream ``produce``'s bytes, compressed, (encrypted,) hashed, to every live target."""
         algorithm = self.ctx.config.compression.algorithm
-        filename = name + extension(algorithm)
+        recipients = self.ctx.config.encryption.recipients
+        filename = name + extension(algorithm) + (".age" if recipients else "")
         multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
         hashing = HashingSink(_Progress(multi, self.ctx))
-        compressor = Compressor(self.ctx.config.compression, hashing)
+        encryptor = Encryptor(parse_recipients(recipients), hashing) if recipients else None
+        compressor = Compressor(self.ctx.config.compression, encryptor or hashing)
         try:
             result = produce(compressor)
             compressor.finish()
+            if encryptor is not None:
+                encryptor.finish()
             stored = multi.commit()
         except BaseException:
+            if encryptor is not None:
+                encryptor.abort()
             multi.abort()
             raise
         finally:
@@ -115,6 +122,8 @@ class _Run:
         self.artifacts.append(Artifact(
             name=filename, kind=kind, size=hashing.size,  # type: ignore[arg-type]
             sha256=hashing.hexdigest(), compression=algorithm, content=content,
+            encryption="age" if recipients else None,
+            recipients=[fingerprint(r) for r in recipients],
         ))
         return result
 
@@ -238,18 +247,22 @@ def run_backup(
 
 def _not_retained(ctx: Context, targets: Sequence[Target], existing: Sequence[Backup],
                   new: Candidate) -> dict[str, str]:
-    """Targets whose retention would not keep ``new``: it is not uploaded there.
+    """Archive tiers whose retention would not keep ``new``: it is not uploaded there.
 
-    If that is every target, the backup goes everywhere anyway: a run never stores nothing.
+    Only pure period tiers (weekly/monthly/yearly rules, no keep_last, keep_within or
+    keep_daily) are skipped: a tier that keeps recent backups keeps this one too, at least as
+    its newest. If every target would be skipped, the first one still gets it: a run never
+    stores nothing.
     """
     skipped = {}
     for target in targets:
         policy = ctx.config.retention_for(target.name).policy()
         cands, _ = candidates(existing, target.name)
-        if not would_retain(cands, new, policy):
-            skipped[target.name] = "its retention would not keep a backup made now"
-    if len(skipped) == len(targets):
-        return {}
+        if policy.period_tier and not would_retain(cands, new, policy):
+            skipped[target.name] = ("not for this archive tier: its retention keeps the first "
+                                    "backup of each period, and this period already has one")
+    if targets and len(skipped) == len(targets):
+        skipped.pop(targets[0].name)
     for name, why in skipped.items():
         log.info("not uploading to %s: %s", name, why)
     return skipped
@@ -296,9 +309,19 @@ def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
 
 
 def _commit(run: _Run, manifest: Manifest) -> list[str]:
-    """Write the manifest (the commit marker) to every target that holds all artifacts."""
+    """Write the manifest (the commit marker) to every target that holds all artifacts,
+    preceded by its signature when ``[signing]`` has a key."""
     data = manifest.to_json()
-    multi = MultiUpload(run.alive, f"{run.backup_id}/{MANIFEST_NAME}")
+    key_file = run.ctx.config.signing.key_file
+    if key_file is not None:
+        _put_everywhere(run, SIGNATURE_NAME, sign(data, key_file))
+    _put_everywhere(run, MANIFEST_NAME, data)
+    return [t.name for t in run.alive]
+
+
+def _put_everywhere(run: _Run, name: str, data: bytes) -> None:
+    """Store a small object on every live target; those that fail drop out."""
+    multi = MultiUpload(run.alive, f"{run.backup_id}/{name}")
     try:
         multi.write(data)
         stored = multi.commit()
@@ -307,4 +330,6 @@ def _commit(run: _Run, manifest: Manifest) -> list[str]:
         raise
     finally:
         run.failures.update(multi.failures)
-    return [t.name for t in run.alive if t.name in stored]
+    for target in stored:
+        run.written.setdefault(target, []).append(multi.key)
+    run.alive = [t for t in run.alive if t.name in stored]

@@ -11,13 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 
+from conexa_backup.actions.fetch import Keys
 from conexa_backup.catalog import Backup, ManifestCache, scan
 from conexa_backup.config import Config
-from conexa_backup.errors import ConexaError, UsageError
+from conexa_backup.crypto import load_identities
+from conexa_backup.errors import ConexaError, ConfigError, UsageError
 from conexa_backup.postgres import ConnInfo, conninfo, parse_url
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
@@ -96,11 +98,33 @@ class Context:
         return found
 
     def scan(self, targets: Sequence[Target], *, with_manifests: bool = True,
-             unreachable: dict[str, str] | None = None) -> list[Backup]:
-        """:func:`catalog.scan` with the manifest cache in ``state_dir/cache``."""
-        cache = ManifestCache(self.config.state_dir / "cache" / "manifests")
+             unreachable: dict[str, str] | None = None, fresh: bool = False) -> list[Backup]:
+        """:func:`catalog.scan` with the manifest cache in ``state_dir/cache``.
+
+        ``fresh`` reads every manifest from its target: what restore, verify and drills
+        prove must be what is stored now, not what this host saw before.
+        """
+        cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / "manifests")
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
                     cache=cache)
+
+    def keys(self) -> Keys:
+        """Scratch space and age identities for reading backups (identities loaded on use)."""
+        return Keys(self.state_dir("staging"), self._identities)
+
+    def _identities(self) -> list[Any]:
+        enc = self.config.encryption
+        if enc.identity is not None:
+            return load_identities(enc.identity.get_secret_value(), "encryption.identity")
+        if enc.identity_file is not None:
+            try:
+                text = enc.identity_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"encryption.identity_file: cannot read "
+                                  f"{enc.identity_file}: {exc.strerror}") from None
+            return load_identities(text, f"encryption.identity_file {enc.identity_file}")
+        raise ConfigError("this backup is encrypted: set [encryption] identity_file (or "
+                          "identity) where restores and drills run")
 
     def state_dir(self, *parts: str) -> Path:
         """``state_dir`` (or a folder below it), created private (0700).

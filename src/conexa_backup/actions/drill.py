@@ -27,12 +27,12 @@ import psycopg
 from conexa_backup import postgres
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import read_verified
+from conexa_backup.actions.fetch import read_plain
 from conexa_backup.catalog import Backup, Copy, resolve
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ConexaError, IntegrityError, UsageError
 from conexa_backup.manifest import Manifest
-from conexa_backup.pipeline import decompressing_reader, hash_file
+from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
 from conexa_backup.state import record_drill
 
@@ -92,7 +92,7 @@ class _Drill:
         try:
             detail, ok = action(), True
         except (ConexaError, psycopg.Error, OSError) as exc:
-            detail, ok = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc), False
+            detail, ok = str(exc).strip() or repr(exc), False  # whole: pg_restore's context
         self.result.steps.append(Step(name, ok, round(time.monotonic() - t0, 3), detail))
         log.info("drill %s/%s: %s: %s (%s)", self.backup.id, self.copy.target.name, name,
                  "ok" if ok else "FAILED", detail)
@@ -131,7 +131,9 @@ def _database_steps(d: _Drill) -> None:
     d.step("schema objects", lambda: _check_objects(d.info, d.dbname, db.objects),
            critical=False)
     for query in d.ctx.config.drill.checks:
-        d.step(f"check: {query}", lambda q=query: _run_check(d.info, d.dbname, q),  # type: ignore[misc]
+        d.step(f"check: {query}",
+               lambda q=query: _run_check(d.info, d.dbname, q,  # type: ignore[misc]
+                                          d.result.rto_objective_seconds),
                critical=False)
 
 
@@ -146,8 +148,10 @@ def _check_objects(info: ConnInfo, name: str, expected: dict[str, list[str]]) ->
     return ", ".join(f"{len(v)} {k}" for k, v in expected.items())
 
 
-def _run_check(info: ConnInfo, name: str, query: str) -> str:
+def _run_check(info: ConnInfo, name: str, query: str, timeout: float) -> str:
     with info.connect(name) as conn:
+        # A check that hangs must not hang the drill: it may take at most the RTO.
+        conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
         rows = conn.execute(query).fetchall()  # the admin's own SQL, from the config file
     if len(rows) != 1 or len(rows[0]) != 1 or rows[0][0] is not True:
         raise IntegrityError(f"check returned {rows[:3]!r}, expected one true value")
@@ -162,7 +166,7 @@ def _uploads_steps(d: _Drill) -> None:
 
     def extract() -> str:
         folder["path"] = restore_uploads.extract(d.backup, d.workdir / "uploads",
-                                                 d.copy.target.name)
+                                                 d.copy.target.name, d.ctx.keys())
         return f"{up.files} files, {up.bytes} bytes, SHA-256 of the archive verified"
 
     d.step("fetch and extract uploads", extract)
@@ -175,8 +179,8 @@ def _index_entries(d: _Drill) -> Iterator[dict[str, object]]:
         return
     chunks: list[bytes] = []
     # The index is small next to the uploads themselves (about 100 bytes a file).
-    read_verified(d.copy, d.backup.id, artifact,
-                  lambda raw: chunks.append(decompressing_reader(raw, artifact.compression).read()))
+    read_plain(d.copy, d.backup.id, artifact, lambda plain: chunks.append(plain.read()),
+               d.ctx.keys())
     for line in b"".join(chunks).splitlines():
         yield json.loads(line)
 
@@ -234,7 +238,7 @@ def run_drills(ctx: Context, ref: str, *, source: str | None = None,
     """
     if source is not None:
         ctx.targets([source])
-    backup = resolve(ctx.scan(ctx.targets()), ref)
+    backup = resolve(ctx.scan(ctx.targets(), fresh=True), ref)
     copies = backup.complete_copies
     if source is not None:
         copies = [c for c in copies if c.target.name == source]

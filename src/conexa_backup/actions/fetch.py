@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, Any, BinaryIO, TypeVar
 
 from conexa_backup.catalog import Backup, Copy
+from conexa_backup.crypto import decrypt_to
 from conexa_backup.errors import IntegrityError, StorageError
 from conexa_backup.manifest import Artifact, Manifest
-from conexa_backup.pipeline import HashingReader, copy_stream
+from conexa_backup.pipeline import HashingReader, copy_stream, decompressing_reader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +44,40 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
             raise IntegrityError(f"{where}: {exc}") from None
         reader.check(artifact.size, artifact.sha256, where)
     return result
+
+
+@dataclass
+class Keys:
+    """What reading plaintext needs: a private scratch folder and (lazily) age identities."""
+
+    staging: Path
+    identities: Callable[[], list[Any]]
+
+
+def read_plain(copy: Copy, backup_id: str, artifact: Artifact,
+               consume: Callable[[IO[bytes]], T], keys: Keys) -> T:
+    """Run ``consume`` on the artifact's decrypted, decompressed bytes; check the stored ones.
+
+    Unencrypted artifacts stream straight through (``consume``'s output is provisional until
+    the size and SHA-256 check that follows). Encrypted ones are first verified and decrypted
+    into a private temporary file, used only once decryption authenticated every byte.
+
+    Raises:
+        IntegrityError: damaged, altered or undecryptable data. StorageError: unreadable.
+    """
+    if artifact.encryption is None:
+        return read_verified(copy, backup_id, artifact, lambda raw: consume(
+            decompressing_reader(raw, artifact.compression)))
+    identities = keys.identities()
+    with tempfile.TemporaryFile(dir=keys.staging, prefix="decrypted-") as plain:
+        read_verified(copy, backup_id, artifact,
+                      lambda raw: decrypt_to(raw, plain, identities))
+        plain.seek(0)
+        try:
+            return consume(decompressing_reader(plain, artifact.compression))
+        except IntegrityError as exc:
+            raise IntegrityError(f"target {copy.target.name!r}: {backup_id}/{artifact.name}: "
+                                 f"{exc}") from None
 
 
 def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],

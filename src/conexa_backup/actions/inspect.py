@@ -69,7 +69,7 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
         UsageError: no such backup.
     """
     unreachable: dict[str, str] = {}
-    backups = ctx.scan(ctx.targets(target_names), unreachable=unreachable)
+    backups = ctx.scan(ctx.targets(target_names), unreachable=unreachable, fresh=True)
     if all_backups:
         chosen = [b for b in backups if b.complete_copies or any(c.problem for c in b.copies)]
     else:
@@ -98,7 +98,7 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> t
     """
     if source is not None:
         ctx.targets([source])
-    backup = resolve(ctx.scan(ctx.targets()), ref)
+    backup = resolve(ctx.scan(ctx.targets(), fresh=True), ref)
     out = dest / backup.id
     if out.exists():
         raise UsageError(f"{out} already exists")

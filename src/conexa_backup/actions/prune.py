@@ -43,6 +43,8 @@ def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate],
                 continue
             if copy.problem is not None:
                 continue  # a manifest we cannot read: never delete what we cannot judge
+            if not copy.owned_keys(backup.id):
+                continue  # only files we did not write: not a backup, nothing of ours to do
             kind = copy.manifest.kind if copy.manifest is not None else "scheduled"
             cands.append(Candidate(backup.id, copy.complete, kind))
             copies[backup.id] = copy

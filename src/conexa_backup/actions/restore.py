@@ -62,7 +62,7 @@ class _Plan:
 def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
     if opts.source is not None:
         ctx.targets([opts.source])  # validates the name
-    backup = resolve(ctx.scan(ctx.targets()), opts.ref)
+    backup = resolve(ctx.scan(ctx.targets(), fresh=True), opts.ref)
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
@@ -124,7 +124,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
             restored_db = _prepare_database(ctx, plan, opts)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
-            staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source)
+            staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source,
+                                                     ctx.keys())
         _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
         if restored_db is not None and result.database is None:

@@ -20,11 +20,11 @@ from psycopg import sql
 
 from conexa_backup import postgres, process
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import from_first_good, read_verified
+from conexa_backup.actions.fetch import from_first_good, read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
 from conexa_backup.manifest import DatabaseInfo, Manifest
-from conexa_backup.pipeline import copy_stream, decompressing_reader
+from conexa_backup.pipeline import copy_stream
 from conexa_backup.postgres import ConnInfo, ServerInfo
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
         try:
             with open(staging, "wb") as out:
                 staging.chmod(0o600)
-                read_verified(copy, backup.id, artifact, lambda raw: copy_stream(
-                    decompressing_reader(raw, artifact.compression), out))
+                read_plain(copy, backup.id, artifact, lambda plain: copy_stream(plain, out),
+                           ctx.keys())
         except BaseException:
             staging.unlink(missing_ok=True)
             raise

@@ -16,11 +16,10 @@ import shutil
 from pathlib import Path
 
 from conexa_backup import archive
-from conexa_backup.actions.fetch import from_first_good, read_verified
+from conexa_backup.actions.fetch import Keys, from_first_good, read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError, IntegrityError, UsageError
 from conexa_backup.manifest import Manifest
-from conexa_backup.pipeline import decompressing_reader
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def staging_path(dest: Path, backup_id: str) -> Path:
     return dest.parent / f".{dest.name}.restoring-{backup_id}"
 
 
-def extract(backup: Backup, dest: Path, source: str | None) -> Path:
+def extract(backup: Backup, dest: Path, source: str | None, keys: Keys) -> Path:
     """Extract the uploads of the first good copy next to ``dest``; return the folder.
 
     Raises:
@@ -47,8 +46,8 @@ def extract(backup: Backup, dest: Path, source: str | None) -> Path:
         assert artifact is not None and manifest.uploads is not None
         remove_tree(staging)  # a leftover of an interrupted restore of ours
         try:
-            stats = read_verified(copy, backup.id, artifact, lambda raw: archive.extract_stream(
-                decompressing_reader(raw, artifact.compression), staging))
+            stats = read_plain(copy, backup.id, artifact,
+                               lambda plain: archive.extract_stream(plain, staging), keys)
             expected = manifest.uploads
             if (stats.files, stats.bytes) != (expected.files, expected.bytes):
                 raise IntegrityError(

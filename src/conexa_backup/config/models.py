@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from conexa_backup.durations import parse_duration
 from conexa_backup.notify.base import NotifierConfig
@@ -77,6 +77,22 @@ class DrillConfig(_Model):
         return value
 
 
+class EncryptionConfig(_Model):
+    """``[encryption]``: age encryption at rest, off unless recipients are set."""
+
+    recipients: list[str] = Field(default_factory=list)  # age1... public keys
+    # Where restores and drills happen (never needed on the backup host):
+    identity_file: Path | None = None
+    identity: SecretStr | None = None  # e.g. "${AGE_IDENTITY}"
+
+
+class SigningConfig(_Model):
+    """``[signing]``: Ed25519 manifest signatures (PEM keys, e.g. made with openssl)."""
+
+    key_file: Path | None = None  # private key, on the backup host: sign every manifest
+    public_key_file: Path | None = None  # where backups are read: refuse unsigned/altered ones
+
+
 class MonitoringConfig(_Model):
     """``[monitoring]``: what ``status`` calls fresh, and the Prometheus textfile."""
 
@@ -112,6 +128,8 @@ class Config(_Model):
     retention: RetentionConfig = RetentionConfig()
     drill: DrillConfig = DrillConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
+    signing: SigningConfig = SigningConfig()
     targets: list[AnyTargetConfig] = Field(min_length=1)
     notify: list[AnyNotifierConfig] = Field(default_factory=list)
 

@@ -1,0 +1,425 @@
+"""Monitoring (README, "Monitoring"): ``status`` for Nagios, the Prometheus textfile, ``report``.
+
+Real backups and restore drills against the session's PostgreSQL, the CLI as a subprocess.
+``status`` speaks the Nagios plugin convention (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, and a
+first line ``CONEXA-BACKUP <LEVEL> - <summary>``); a stale backup is made by moving its
+manifest's times into the past (and dropping the manifest cache), never by waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_httpserver import HTTPServer
+
+from conexa_backup.testing.cluster import free_port
+
+# pytest-httpserver listens on "localhost" by default, which may resolve to ::1 first; its
+# session fixture reads this when first used, after collection.
+os.environ.setdefault("PYTEST_HTTPSERVER_HOST", "127.0.0.1")
+
+MISSING_DB = "conexa_no_such_database"
+ID_RE = re.compile(r"\d{8}T\d{6}Z(-\d+)?")
+
+
+@pytest.fixture(autouse=True)
+def _no_seed_notifiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("SLACK_WEBHOOK_URL", "BACKUP_NOTIFY_EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def backup(ws: Any) -> str:
+    result = ws.run("backup")
+    assert result.returncode == 0, result.stderr
+    backup_id = result.stdout.strip().splitlines()[-1]
+    assert ID_RE.fullmatch(backup_id), result.stdout
+    return backup_id
+
+
+def failed_backup(ws: Any, extra: str = "") -> None:
+    """A backup run that fails (the database does not exist); the config is then restored."""
+    ws.write_config(extra, database=MISSING_DB)
+    result = ws.run("backup")
+    assert result.returncode == 1, result.stderr
+    assert "does not exist" in result.stderr
+    ws.write_config(extra)
+
+
+def drill(ws: Any) -> dict[str, Any]:
+    result = ws.run("verify", "--drill", "--json")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def status(ws: Any) -> tuple[int, str, dict[str, Any]]:
+    """``status`` twice: (exit code, first human line, the --json document)."""
+    human = ws.run("status")
+    as_json = ws.run("status", "--json")
+    assert human.returncode == as_json.returncode, (human.stdout, as_json.stdout)
+    assert human.stderr == "" and as_json.stderr == "", (human.stderr, as_json.stderr)
+    data: dict[str, Any] = json.loads(as_json.stdout)
+    assert data["code"] == human.returncode
+    return human.returncode, human.stdout.splitlines()[0], data
+
+
+def age_backup(ws: Any, backup_id: str, by: timedelta, folder: Path | None = None) -> None:
+    """Make a stored backup look ``by`` older: move its manifest's times, drop the cache."""
+    path = (folder or ws.backups) / backup_id / "manifest.json"
+    data = json.loads(path.read_text())
+    for key in ("started_at", "finished_at"):
+        when = datetime.fromisoformat(data[key].replace("Z", "+00:00")) - by
+        data[key] = when.isoformat().replace("+00:00", "Z")
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    for cached in (ws.state / "cache").rglob("*.json"):
+        cached.unlink()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+# -- status -------------------------------------------------------------------------------------
+
+def test_status_without_any_backup_is_critical(ws: Any) -> None:
+    code, line, data = status(ws)
+
+    assert code == 2
+    assert line.startswith("CONEXA-BACKUP CRITICAL - ")
+    assert "local: no complete backup" in line
+    assert data["status"] == "CRITICAL"
+    assert data["last_backup"] is None
+    assert [t["status"] for t in data["targets"]] == ["CRITICAL"]
+
+
+def test_status_fresh_backup_warns_until_a_drill_passes(ws: Any) -> None:
+    backup_id = backup(ws)
+
+    code, line, data = status(ws)
+    assert code == 1
+    assert line.startswith("CONEXA-BACKUP WARNING - ")
+    assert "no successful restore drill within 8d" in line
+    assert data["status"] == "WARNING"
+    assert data["last_backup"]["id"] == backup_id
+    assert data["targets"][0]["newest_backup"] == backup_id
+    assert 0 <= data["targets"][0]["backup_age_seconds"] < 120
+
+    drill(ws)
+
+    code, line, data = status(ws)
+    assert code == 0, line
+    assert line.startswith("CONEXA-BACKUP OK - ")
+    assert "on all 1 target(s)" in line
+    assert data["status"] == "OK"
+    assert data["targets"][0]["problems"] == []
+    assert data["targets"][0]["newest_successful_drill"]["backup_id"] == backup_id
+    assert data["last_backup_run"]["outcome"] == "success"
+
+
+def test_status_stale_backup_is_critical(ws: Any) -> None:
+    ws.write_config('[monitoring]\nmax_backup_age = "1m"\n')
+    backup_id = backup(ws)
+    drill(ws)
+    assert status(ws)[0] == 0  # fresh: within one minute
+
+    age_backup(ws, backup_id, timedelta(hours=2))
+
+    code, line, data = status(ws)
+    assert code == 2
+    assert line.startswith("CONEXA-BACKUP CRITICAL - ")
+    assert "local: newest backup older than 1m" in line
+    target = data["targets"][0]
+    assert target["status"] == "CRITICAL"
+    assert target["backup_age_seconds"] >= 2 * 3600
+    assert data["age_seconds"] >= 2 * 3600
+
+
+@pytest.mark.parametrize("bad", [
+    '[monitoring]\nmax_backup_age = "soon"\n',   # invalid value
+    '[monitoring\n',                             # invalid TOML
+])
+def test_status_with_a_bad_config_is_unknown(ws: Any, bad: str) -> None:
+    ws.write_config(bad)
+
+    human = ws.run("status")
+    as_json = ws.run("status", "--json")
+
+    assert human.returncode == 3 and as_json.returncode == 3
+    assert human.stdout.startswith("CONEXA-BACKUP UNKNOWN - ")
+    assert str(ws.config) in human.stdout
+    data = json.loads(as_json.stdout)
+    assert data["status"] == "UNKNOWN" and data["code"] == 3
+    assert str(ws.config) in data["summary"]
+
+
+def test_status_missing_config_file_is_unknown(ws: Any) -> None:
+    ws.config.unlink()
+
+    result = ws.run("status")
+
+    assert result.returncode == 3
+    assert result.stdout.startswith("CONEXA-BACKUP UNKNOWN - ")
+    assert "config file not found" in result.stdout
+
+
+def _unreachable_s3(port: int) -> str:
+    return (f'[[targets]]\nname = "cloud"\ntype = "s3"\nbucket = "conexa-bkt"\n'
+            f'endpoint_url = "http://127.0.0.1:{port}"\nretries = 1\n')
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_status_with_a_target_that_cannot_be_listed_is_unknown(ws: Any) -> None:
+    backup(ws)
+    drill(ws)
+    ws.write_config(_unreachable_s3(free_port()))  # nothing listens there
+
+    result = ws.run("status", env=AWS_ENV)
+
+    assert result.returncode == 3, result.stdout
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("CONEXA-BACKUP UNKNOWN - cloud: target 'cloud'")
+    assert "local" not in first  # the local copy is fine
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "monitor.health takes max() of the numeric levels, so UNKNOWN (3) from one unreachable "
+    "target hides a CRITICAL (2) 'no complete backup' on another; Nagios plugins rank "
+    "CRITICAL above UNKNOWN (monitoring-plugins' max_state), and a known missing backup is "
+    "the more urgent fact. Fix: rank levels by severity (OK < UNKNOWN < WARNING < CRITICAL) "
+    "when combining targets"))
+def test_status_a_missing_backup_stays_critical_when_another_target_is_unreadable(
+        ws: Any) -> None:
+    ws.write_config(_unreachable_s3(free_port()))
+
+    result = ws.run("status", env=AWS_ENV)
+
+    assert "local: no complete backup" in result.stdout
+    assert result.returncode == 2, result.stdout
+
+
+def test_status_last_run_failed_while_a_copy_is_fresh_warns(ws: Any) -> None:
+    backup_id = backup(ws)
+    drill(ws)
+    assert status(ws)[0] == 0
+
+    failed_backup(ws)
+
+    code, line, data = status(ws)
+    assert code == 1
+    assert line.startswith("CONEXA-BACKUP WARNING - ")
+    assert "last backup run: failure" in line
+    assert data["last_backup_run"]["outcome"] == "failure"
+    assert "does not exist" in data["last_backup_run"]["error"]
+    assert data["last_backup"]["id"] == backup_id  # the older copy still counts
+    assert data["targets"][0]["status"] == "OK"
+
+
+# -- Prometheus textfile ------------------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_PAIR = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+_LABELS = rf"\{{{_PAIR}(?:,{_PAIR})*\}}"
+_VALUE = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|NaN|[-+]Inf"
+SAMPLE = re.compile(rf"^(?P<name>{_NAME})(?P<labels>{_LABELS})? (?P<value>{_VALUE})$")
+COMMENT = re.compile(rf"^# (?P<what>HELP|TYPE) (?P<name>{_NAME}) (?P<rest>.+)$")
+
+
+def parse_textfile(text: str) -> dict[str, float]:
+    """Check node_exporter textfile syntax; return ``{"name{labels}": value}``."""
+    assert text.endswith("\n")
+    samples: dict[str, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if comment := COMMENT.match(line):
+            if comment["what"] == "TYPE":
+                assert comment["rest"] in ("gauge", "counter", "untyped"), line
+                assert comment["name"] not in typed, f"TYPE twice: {line}"
+                typed.add(comment["name"])
+            continue
+        sample = SAMPLE.match(line)
+        assert sample, f"not textfile syntax: {line!r}"
+        assert sample["name"] in typed, f"sample before its TYPE: {line}"
+        key = sample["name"] + (sample["labels"] or "")
+        assert key not in samples, f"duplicate sample: {line}"
+        samples[key] = float(sample["value"])
+    return samples
+
+
+def test_metrics_textfile_after_backup_drill_and_failure(ws: Any, tmp_path: Path) -> None:
+    prom_dir = tmp_path / "textfile"
+    prom_dir.mkdir()
+    prom = prom_dir / "conexa.prom"
+    extra = f'[monitoring]\nmetrics_file = "{prom}"\n'
+    ws.write_config(extra)
+
+    backup(ws)
+    drill(ws)
+
+    assert sorted(p.name for p in prom_dir.iterdir()) == ["conexa.prom"]  # no temp file left
+    assert prom.stat().st_mode & 0o777 == 0o644
+    samples = parse_textfile(prom.read_text())
+    assert samples['conexa_backup_last_run_success{kind="backup"}'] == 1
+    assert samples['conexa_backup_last_run_success{kind="drill"}'] == 1
+    assert samples['conexa_backup_drill_last_success{target="local"}'] == 1
+    assert 0 < samples['conexa_backup_drill_recovery_seconds{target="local"}'] < 3600
+    assert samples['conexa_backup_last_run_duration_seconds{kind="backup"}'] > 0
+    assert samples["conexa_backup_last_backup_size_bytes"] > 0
+    for key in ('conexa_backup_last_run_timestamp_seconds{kind="backup"}',
+                'conexa_backup_last_success_timestamp_seconds{kind="backup"}',
+                'conexa_backup_target_last_success_timestamp_seconds{target="local"}',
+                'conexa_backup_drill_last_timestamp_seconds{target="local"}'):
+        assert key in samples, key
+
+    failed_backup(ws, extra)
+
+    assert sorted(p.name for p in prom_dir.iterdir()) == ["conexa.prom"]
+    samples = parse_textfile(prom.read_text())
+    assert samples['conexa_backup_last_run_success{kind="backup"}'] == 0
+    assert samples['conexa_backup_drill_last_success{target="local"}'] == 1  # unchanged
+    # the last success is still the earlier backup's
+    assert 'conexa_backup_last_success_timestamp_seconds{kind="backup"}' in samples
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "monitor.metrics_text formats every value with '{value:g}' (6 significant digits): a Unix "
+    "timestamp like 1796012345 is written 1.79601e+09, off by up to ~5000 s, and sizes above "
+    "1 MB are rounded too; fix: format with repr(float(value)) or f'{value:.17g}' (integers "
+    "as ints)"))
+def test_metrics_timestamps_and_sizes_are_exact(ws: Any, tmp_path: Path) -> None:
+    prom = tmp_path / "conexa.prom"
+    ws.write_config(f'[monitoring]\nmetrics_file = "{prom}"\n')
+
+    backup_id = backup(ws)
+
+    samples = parse_textfile(prom.read_text())
+    (run,) = json.loads((ws.state / "runs.json").read_text())["runs"]
+    ended = datetime.fromisoformat(run["time"].replace("Z", "+00:00")).timestamp()
+    for key in ('conexa_backup_last_run_timestamp_seconds{kind="backup"}',
+                'conexa_backup_last_success_timestamp_seconds{kind="backup"}',
+                'conexa_backup_target_last_success_timestamp_seconds{target="local"}'):
+        assert math.isclose(samples[key], ended, abs_tol=1.0), (key, samples[key], ended)
+    manifest = json.loads((ws.backups / backup_id / "manifest.json").read_text())
+    size = sum(a["size"] for a in manifest["artifacts"])
+    assert samples["conexa_backup_last_backup_size_bytes"] == size
+
+
+def test_no_metrics_file_unless_configured(ws: Any) -> None:
+    backup(ws)
+
+    assert not list(ws.root.rglob("*.prom"))
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def test_report_summarises_backups_drills_and_storage_cost(ws: Any, tmp_path: Path) -> None:
+    priced = tmp_path / "priced"
+    extra = (f'[[targets]]\nname = "priced"\ntype = "local"\npath = "{priced}"\n'
+             "price_per_gb_month = 250000.0\n"
+             '[monitoring]\ncurrency = "US$"\n')
+    ws.write_config(extra)
+    backup_id = backup(ws)
+    failed_backup(ws, extra)
+
+    before = ws.run("report", "--days", "7", "--json")
+    assert before.returncode == 0, before.stderr
+    early = json.loads(before.stdout)
+    assert early["drills"]["runs"] == 0
+    assert early["rto"]["met"] is False  # no passing drill yet
+
+    drill(ws)
+    result = ws.run("report", "--days", "7", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["period_days"] == 7
+    assert report["sent"] == []
+    b = report["backups"]
+    assert (b["runs"], b["success"], b["partial"], b["failure"]) == (2, 1, 0, 1)
+    assert len(b["failures"]) == 1 and "does not exist" in b["failures"][0]["error"]
+    manifest = json.loads((ws.backups / backup_id / "manifest.json").read_text())
+    assert b["sizes"] == [{"id": backup_id,
+                           "bytes": sum(a["size"] for a in manifest["artifacts"])}]
+    d = report["drills"]
+    assert (d["runs"], d["passed"], d["failed"]) == (1, 1, 0)
+    rec = d["recovery_seconds"]
+    assert 0 < rec["min"] <= rec["median"] <= rec["max"] < 3600
+    assert report["rpo"]["met"] is True
+    assert report["rpo"]["objective_seconds"] == 26 * 3600
+    assert 0 <= report["rpo"]["largest_gap_seconds"] < 300
+    assert report["rto"] == {"objective_seconds": 3600.0, "met": True}
+    storage = {s["target"]: s for s in report["storage"]}
+    assert set(storage) == {"local", "priced"}
+    assert storage["local"]["bytes"] == folder_bytes(ws.backups)  # includes drill.json
+    assert storage["priced"]["bytes"] == folder_bytes(priced)
+    assert storage["local"]["monthly_cost"] is None
+    cost = round(storage["priced"]["bytes"] / 1e9 * 250000.0, 2)
+    assert cost > 0
+    assert storage["priced"]["monthly_cost"] == cost
+    assert report["monthly_cost"] == cost
+    assert report["currency"] == "US$"
+
+    human = ws.run("report", "--days", "7")
+    assert human.returncode == 0
+    assert "backups: 2 runs, 1 ok, 0 partial, 1 failed" in human.stdout
+    assert f"estimated storage cost: US$ {cost:.2f}/month" in human.stdout
+
+
+def test_report_rpo_not_met_when_the_newest_backup_is_old(ws: Any) -> None:
+    ws.write_config('[monitoring]\nmax_backup_age = "1h"\n')
+    backup_id = backup(ws)
+    age_backup(ws, backup_id, timedelta(hours=3))
+
+    result = ws.run("report", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rpo"]["met"] is False
+    assert report["rpo"]["largest_gap_seconds"] >= 3 * 3600
+
+
+def test_report_send_goes_to_notifiers_taking_reports(ws: Any, httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    ws.write_config(
+        f'[[notify]]\ntype = "webhook"\nurl = "{httpserver.url_for("/hook")}"\n'
+        'events = ["report"]\n'
+        f'[[notify]]\ntype = "slack"\nwebhook_url = "{httpserver.url_for("/slack")}"\n')
+    backup(ws)
+
+    result = ws.run("report", "--send", "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sent"] == [
+        {"notifier": "webhook", "ok": True, "detail": "sent"}]
+    httpserver.check_assertions()  # nothing reached the slack notifier (failures only)
+    (request,) = [r for r, _ in httpserver.log]
+    assert request.path == "/hook"
+    event = request.get_json()
+    assert event["schema"] == "conexa-backup/event/v1"
+    assert (event["kind"], event["outcome"]) == ("report", "success")
+    assert event["title"] == "conexa-backup report, last 7 days"
+    assert "backups: 1 runs, 1 ok" in event["body"]
+    assert "RPO:" in event["body"] and "RTO" in event["body"]
+
+
+def test_report_send_without_a_report_notifier_is_a_usage_error(
+        ws: Any, httpserver: HTTPServer) -> None:
+    ws.write_config(f'[[notify]]\ntype = "slack"\nwebhook_url = "{httpserver.url_for("/s")}"\n')
+
+    result = ws.run("report", "--send")
+
+    assert result.returncode == 2
+    assert "no notifier takes 'report' events" in result.stderr
+    assert httpserver.log == []
+    httpserver.check_assertions()
