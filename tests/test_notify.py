@@ -379,7 +379,8 @@ def test_a_notifier_that_never_answers_is_bounded_by_its_timeout(ws: Any) -> Non
 
     assert result.returncode == 0, result.stderr
     _last_line_id(result.stdout)
-    assert "warning: notification via webhook failed" in result.stderr
+    assert re.search(r"warning: notification via webhook failed: .*timed out", result.stderr)
+    # the dispatcher itself would give up after timeout x retries + 20 s: stay well below
     assert elapsed < 20, f"the run took {elapsed:.1f} s"
 
 

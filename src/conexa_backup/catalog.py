@@ -12,8 +12,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UsageError
+from conexa_backup.crypto import SIGNATURE_NAME, check_signature
+from conexa_backup.errors import (
+    ConexaError,
+    IntegrityError,
+    ObjectNotFoundError,
+    StorageError,
+    UsageError,
+)
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
 from conexa_backup.storage.base import ObjectInfo, Target
 
@@ -57,7 +65,10 @@ class Backup:
 
     @property
     def status(self) -> str:
-        return "complete" if self.complete_copies else "incomplete"
+        """complete; damaged (a manifest that is unreadable, unsigned or altered); incomplete."""
+        if self.complete_copies:
+            return "complete"
+        return "damaged" if any(c.problem for c in self.copies) else "incomplete"
 
 
 class ManifestCache:
@@ -92,17 +103,24 @@ class ManifestCache:
 
 
 def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = None,
-                  size: int | None = None) -> Manifest:
+                  size: int | None = None, verifier: Any = None) -> Manifest:
     """Read and validate ``<id>/manifest.json`` from ``target`` (or the cache).
 
+    With ``verifier`` (an Ed25519 public key), the manifest must carry a valid signature
+    (``manifest.json.sig``); only verified manifests are cached.
+
     Raises:
-        ObjectNotFoundError: no manifest there. IntegrityError: unreadable manifest.
+        ObjectNotFoundError: no manifest there. IntegrityError: unreadable, unsigned or
+        altered manifest.
     """
     key = f"{backup_id}/{MANIFEST_NAME}"
     data = cache.get(target.name, backup_id, size) if cache and size is not None else None
     if data is None:
         with target.open(key) as fh:
             data = fh.read(16 << 20)  # a manifest is a few KB; refuse to slurp anything huge
+        if verifier is not None:
+            check_signature(verifier, data, _read_signature(target, backup_id),
+                            f"target {target.name!r}: {key}")
         if cache is not None:
             cache.put(target.name, backup_id, data)
     manifest = Manifest.from_json(data, f"target {target.name!r}: {key}")
@@ -111,9 +129,18 @@ def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = 
     return manifest
 
 
+def _read_signature(target: Target, backup_id: str) -> bytes | None:
+    try:
+        with target.open(f"{backup_id}/{SIGNATURE_NAME}") as fh:
+            data: bytes = fh.read(4096)
+            return data
+    except ObjectNotFoundError:
+        return None
+
+
 def scan(targets: Sequence[Target], *, with_manifests: bool = True,
          unreachable: dict[str, str] | None = None,
-         cache: ManifestCache | None = None) -> list[Backup]:
+         cache: ManifestCache | None = None, verifier: Any = None) -> list[Backup]:
     """Every backup id found on ``targets``, oldest first.
 
     A target that cannot be listed is skipped (one dead target must not hide the copies on
@@ -141,7 +168,7 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
                         None)
             if size is not None and with_manifests:
                 try:
-                    copy.manifest = read_manifest(target, backup_id, cache, size)
+                    copy.manifest = read_manifest(target, backup_id, cache, size, verifier)
                 except ConexaError as exc:
                     copy.problem = str(exc)
                     log.warning("%s", exc)

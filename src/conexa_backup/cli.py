@@ -30,6 +30,7 @@ from conexa_backup.actions.drill import run_drills
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
 from conexa_backup.config import load_config
+from conexa_backup.config.loading import permission_warning
 from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
 from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
@@ -106,6 +107,10 @@ def _guard(fn: Callable[[], T]) -> T:
 
 def _context(reporter: Reporter | None = None) -> Context:
     config, path = load_config(STATE.config_path)
+    with contextlib.suppress(OSError):
+        warning = permission_warning(path, path.read_text(encoding="utf-8"))
+        if warning:
+            STATE.err.print(f"warning: {escape(warning)}", highlight=False)
     ctx = Context(config, path, reporter or NullReporter())
     with contextlib.suppress(ConexaError):
         STATE.secrets = ctx.secrets()

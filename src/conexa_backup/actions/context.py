@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from conexa_backup.actions.fetch import Keys
 from conexa_backup.catalog import Backup, ManifestCache, scan
 from conexa_backup.config import Config
-from conexa_backup.crypto import load_identities
+from conexa_backup.crypto import load_identities, load_public_key
 from conexa_backup.errors import ConexaError, ConfigError, UsageError
 from conexa_backup.postgres import ConnInfo, conninfo, parse_url
 from conexa_backup.storage.base import Target
@@ -104,9 +104,17 @@ class Context:
         ``fresh`` reads every manifest from its target: what restore, verify and drills
         prove must be what is stored now, not what this host saw before.
         """
-        cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / "manifests")
+        # Manifests cached before signatures were required were never checked: separate cache.
+        name = "manifests-signed" if self.config.signing.public_key_file else "manifests"
+        cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / name)
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
-                    cache=cache)
+                    cache=cache, verifier=self.verifier)
+
+    @cached_property
+    def verifier(self) -> Any:
+        """The Ed25519 public key manifests must be signed with, if ``[signing]`` has one."""
+        path = self.config.signing.public_key_file
+        return load_public_key(path) if path is not None else None
 
     def keys(self) -> Keys:
         """Scratch space and age identities for reading backups (identities loaded on use)."""

@@ -202,3 +202,50 @@ def load_config(explicit: Path | None = None) -> tuple[Config, Path]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{src}: cannot read config file: {exc}") from None
     return parse_config(text, src), src
+
+
+_SECRET_KEYS = {"password", "secret_access_key", "webhook_url", "identity", "url", "headers"}
+_URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]+@")
+_ONLY_VARS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}\s*)+$")
+
+
+def secrets_written_in(text: str) -> list[str]:
+    """Key paths of secrets written literally in the file (not ``${VAR}`` references)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []
+    found: list[str] = []
+
+    def walk(value: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, (*path, k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, (*path, i))
+        elif isinstance(value, str) and value and not _ONLY_VARS.match(value):
+            keys = {p for p in path if isinstance(p, str)}
+            if path and path[-1] == "url" and not _URL_PASSWORD.search(value):
+                if "webhook" not in str(value) and "notify" not in keys:
+                    return  # an ordinary URL without a password
+            if keys & _SECRET_KEYS:
+                found.append(_dotted(path))
+
+    walk(raw, ())
+    return found
+
+
+def permission_warning(path: Path, text: str) -> str | None:
+    """A warning when a file holding literal secrets is readable by other users."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    secrets = secrets_written_in(text)
+    if not secrets:
+        return None
+    return (f"{path} is readable by other users and holds secrets ({', '.join(secrets)}): "
+            f"chmod 600 {path}, or move them to ${{VAR}}s or *_file keys")

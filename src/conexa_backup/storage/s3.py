@@ -18,11 +18,13 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
+from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ObjectNotFoundError, StorageError
 from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
 
@@ -51,6 +53,35 @@ class S3TargetConfig(TargetConfig):
     secret_access_key: SecretStr | None = None
     secret_access_key_file: Path | None = None
     retries: int = Field(default=6, ge=1, le=20)  # attempts per request, with backoff
+    # S3 Object Lock (the bucket must have it enabled): copies cannot be deleted or
+    # overwritten before their time, even with stolen credentials.
+    object_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"] | None = None
+    object_lock_days: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _lock_days(self) -> S3TargetConfig:
+        if self.object_lock_mode and self.lock_days() is None:
+            raise ValueError("object_lock_mode needs object_lock_days, or a retention table "
+                             "on this target with finite keep_* counts to derive it from")
+        return self
+
+    def lock_days(self) -> int | None:
+        """Days to lock each object: ``object_lock_days``, else as long as this target's own
+        retention could keep a backup (daily N: N days, weekly N: 7N, monthly N: 31N, yearly
+        N: 366N, keep_within)."""
+        if self.object_lock_days is not None:
+            return self.object_lock_days
+        r = self.retention
+        if r is None:
+            return None
+        counts = [(r.keep_daily, 1), (r.keep_weekly, 7), (r.keep_monthly, 31),
+                  (r.keep_yearly, 366)]
+        if any(c is not None and c < 0 for c, _ in counts):
+            return None  # "keep all": no finite lock to derive
+        days = [c * d for c, d in counts if c]
+        if r.keep_within:
+            days.append(max(1, parse_duration(r.keep_within).days))
+        return max(days) if days else None
 
 
 def part_size(part_number: int) -> int:
@@ -110,7 +141,7 @@ class _S3Upload:
         response = self._t.call(
             "upload_part", Key=self._t.full_key(self._key), UploadId=self._upload_id,
             PartNumber=number, Body=self._spool, ContentLength=self._spool_len,
-            ChecksumSHA256=_b64(digest))
+            ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(digest))
         self._parts.append({"PartNumber": number, "ETag": response["ETag"],
                             "ChecksumSHA256": _b64(digest)})
         self._part_digests.append(digest)
@@ -123,8 +154,8 @@ class _S3Upload:
             digest = self._spool_hash.digest()
             self._spool.seek(0)
             response = self._t.call("put_object", Key=key, Body=self._spool,
-                                    ContentLength=self._spool_len, ChecksumSHA256=_b64(digest),
-                                    **self._t.put_args())
+                                    ContentLength=self._spool_len, ChecksumAlgorithm="SHA256",
+                                    ChecksumSHA256=_b64(digest), **self._t.put_args())
             expected = _b64(digest)
         else:
             if self._spool_len or not self._parts:
@@ -211,8 +242,12 @@ class S3Target:
     def full_key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def put_args(self) -> dict[str, str]:
-        args: dict[str, str] = {}
+    def put_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.config.object_lock_mode:
+            days = self.config.lock_days() or 1
+            args["ObjectLockMode"] = self.config.object_lock_mode
+            args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=days)
         if self.config.storage_class:
             args["StorageClass"] = self.config.storage_class
         if self.config.sse:
