@@ -226,9 +226,9 @@ def secrets_written_in(text: str) -> list[str]:
                 walk(v, (*path, i))
         elif isinstance(value, str) and value and not _ONLY_VARS.match(value):
             keys = {p for p in path if isinstance(p, str)}
-            if path and path[-1] == "url" and not _URL_PASSWORD.search(value):
-                if "webhook" not in str(value) and "notify" not in keys:
-                    return  # an ordinary URL without a password
+            if (path and path[-1] == "url" and not _URL_PASSWORD.search(value)
+                    and "notify" not in keys):
+                return  # an ordinary URL without a password (a notifier's URL is a secret)
             if keys & _SECRET_KEYS:
                 found.append(_dotted(path))
 
