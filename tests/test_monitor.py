@@ -40,7 +40,7 @@ def _no_seed_notifiers(monkeypatch: pytest.MonkeyPatch) -> None:
 def backup(ws: Any) -> str:
     result = ws.run("backup")
     assert result.returncode == 0, result.stderr
-    backup_id = result.stdout.strip().splitlines()[-1]
+    backup_id: str = result.stdout.strip().splitlines()[-1]
     assert ID_RE.fullmatch(backup_id), result.stdout
     return backup_id
 
