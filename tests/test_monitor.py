@@ -193,12 +193,6 @@ def test_status_with_a_target_that_cannot_be_listed_is_unknown(ws: Any) -> None:
     assert "local" not in first  # the local copy is fine
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "monitor.health takes max() of the numeric levels, so UNKNOWN (3) from one unreachable "
-    "target hides a CRITICAL (2) 'no complete backup' on another; Nagios plugins rank "
-    "CRITICAL above UNKNOWN (monitoring-plugins' max_state), and a known missing backup is "
-    "the more urgent fact. Fix: rank levels by severity (OK < UNKNOWN < WARNING < CRITICAL) "
-    "when combining targets"))
 def test_status_a_missing_backup_stays_critical_when_another_target_is_unreadable(
         ws: Any) -> None:
     ws.write_config(_unreachable_s3(free_port()))
@@ -292,11 +286,6 @@ def test_metrics_textfile_after_backup_drill_and_failure(ws: Any, tmp_path: Path
     assert 'conexa_backup_last_success_timestamp_seconds{kind="backup"}' in samples
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "monitor.metrics_text formats every value with '{value:g}' (6 significant digits): a Unix "
-    "timestamp like 1796012345 is written 1.79601e+09, off by up to ~5000 s, and sizes above "
-    "1 MB are rounded too; fix: format with repr(float(value)) or f'{value:.17g}' (integers "
-    "as ints)"))
 def test_metrics_timestamps_and_sizes_are_exact(ws: Any, tmp_path: Path) -> None:
     prom = tmp_path / "conexa.prom"
     ws.write_config(f'[monitoring]\nmetrics_file = "{prom}"\n')

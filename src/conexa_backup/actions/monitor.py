@@ -23,6 +23,13 @@ from conexa_backup.durations import human_duration, parse_duration
 from conexa_backup.state import drills, runs
 
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+# How bad, to combine targets: a target with no backup (CRITICAL) must not hide behind
+# another one that cannot be read (UNKNOWN).
+SEVERITY = {0: 0, 3: 1, 1: 2, 2: 3}
+
+
+def worst(levels: Sequence[int]) -> int:
+    return max(levels, key=SEVERITY.__getitem__, default=0)
 
 
 @dataclass
@@ -98,9 +105,9 @@ def health(ctx: Context, now: datetime | None = None) -> Health:
             targets.append(_target_health(ctx, target.name, backups, now))
     backup_runs = [r for r in runs(ctx.config.state_dir) if r.get("kind") == "backup"]
     last = backup_runs[-1] if backup_runs else None
-    level = max(t.level for t in targets)
-    if last is not None and last.get("outcome") in ("failure", "partial") and level < 1:
-        level = 1
+    level = worst([t.level for t in targets])
+    if last is not None and last.get("outcome") in ("failure", "partial"):
+        level = worst([level, 1])
     problems = [f"{t.target}: {p}" for t in targets for p in t.problems]
     if last is not None and last.get("outcome") in ("failure", "partial"):
         problems.append(f"last backup run: {last.get('outcome')}")
@@ -126,6 +133,11 @@ def _ok_summary(targets: Sequence[TargetHealth]) -> str:
 
 # -- Prometheus textfile ------------------------------------------------------------------------
 
+def _number(value: float) -> str:
+    """Exact: integers as integers, floats with every digit (timestamps need them all)."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def metrics_text(ctx: Context) -> str:
     """node_exporter textfile metrics from the recorded runs and drills."""
     lines: list[str] = []
@@ -134,7 +146,8 @@ def metrics_text(ctx: Context) -> str:
         if samples:
             lines.extend([f"# HELP conexa_backup_{name} {help_text}",
                           f"# TYPE conexa_backup_{name} gauge"])
-            lines.extend(f"conexa_backup_{name}{labels} {value:g}" for labels, value in samples)
+            lines.extend(f"conexa_backup_{name}{labels} {_number(value)}"
+                         for labels, value in samples)
 
     history = runs(ctx.config.state_dir)
     last: dict[str, dict[str, Any]] = {}

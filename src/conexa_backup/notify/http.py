@@ -32,8 +32,11 @@ def request(url: str, *, payload: Any = None, timeout: float, retries: int,
         hdrs["Content-Type"] = "application/json"
     last = "no attempt"
     for attempt in range(1, retries + 1):
-        req = urllib.request.Request(url, data=data, headers=hdrs,  # noqa: S310 - our config
-                                     method="GET" if data is None else "POST")
+        try:
+            req = urllib.request.Request(url, data=data, headers=hdrs,  # noqa: S310 - config
+                                         method="GET" if data is None else "POST")
+        except ValueError:  # its message quotes the URL, which is a secret
+            raise NotifyError(f"{what}: invalid URL (it must start with https://)") from None
         delay = min(2.0 ** (attempt - 1), 8.0)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
@@ -45,6 +48,8 @@ def request(url: str, *, payload: Any = None, timeout: float, retries: int,
             retry_after = exc.headers.get("Retry-After") if exc.headers else None
             if retry_after and retry_after.strip().isdigit():
                 delay = min(float(retry_after), MAX_RETRY_AFTER)
+        except ValueError:
+            raise NotifyError(f"{what}: invalid URL") from None
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason

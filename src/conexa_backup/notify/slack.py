@@ -27,7 +27,9 @@ class SlackNotifier:
         self.config = config
 
     def message(self, event: Event) -> dict[str, object]:
-        head, _, rest = event.text().partition("\n")
+        # Slack's mrkdwn reserves &, < and >: escape them as its documentation says.
+        text = event.text().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        head, _, rest = text.partition("\n")
         icon = ICONS.get(event.outcome, "")
         body = rest.replace("\nerror:\n", "\n*error:*\n```") + ("```" if event.error else "")
         return {"text": f"{icon} *{head}*\n{body}".strip()}

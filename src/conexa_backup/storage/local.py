@@ -117,10 +117,16 @@ class LocalTarget:
             raise self.error(exc) from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.exists():
+            return  # never written to yet
         if not self.root.is_dir():
-            return
+            raise StorageError(self.name, f"{self.root} is not a folder")
+
+        def fail(exc: OSError) -> None:
+            raise exc
+
         try:
-            for dirpath, dirnames, filenames in os.walk(self.root):
+            for dirpath, dirnames, filenames in os.walk(self.root, onerror=fail):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for fname in filenames:
                     if fname.startswith("."):
