@@ -199,7 +199,7 @@ def test_unknown_files_survive_and_old_leftovers_go(ws: Workspace) -> None:
     (ws.backups / newest / "README").write_text("a note next to the newest backup")
     (ws.backups / doomed / "README").write_text("a note inside a pruned backup")
     assert listed(ws) == {newest: "complete", doomed: "complete", leftover: "incomplete",
-                          young: "incomplete", damaged: "incomplete"}
+                          young: "incomplete", damaged: "damaged"}
 
     report = prune_of(run_json(ws, "prune"), "local")
     plan = planned(report)

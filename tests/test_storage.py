@@ -95,16 +95,16 @@ def broken_local(tmp_path: Path, name: str) -> LocalTarget:
 class TestTargetContract:
     def test_commit_makes_object_visible(self, target: Target) -> None:
         data = os.urandom(300_000)
-        upload = target.writer(f"{BID}/db.dump.zst")
+        upload = target.writer(f"{BID}/database.dump.zst")
         upload.write(data[:1000])
         assert keys(target) == []  # nothing visible before commit
         upload.write(data[1000:])
         info = upload.commit()
-        assert info.key == f"{BID}/db.dump.zst"
+        assert info.key == f"{BID}/database.dump.zst"
         assert info.size == len(data)
-        assert read(target, f"{BID}/db.dump.zst") == data
+        assert read(target, f"{BID}/database.dump.zst") == data
         listed = list(target.list())
-        assert [(o.key, o.size) for o in listed] == [(f"{BID}/db.dump.zst", len(data))]
+        assert [(o.key, o.size) for o in listed] == [(f"{BID}/database.dump.zst", len(data))]
         assert listed[0].modified is not None and listed[0].modified.tzinfo is not None
 
     def test_empty_object(self, target: Target) -> None:
@@ -119,13 +119,13 @@ class TestTargetContract:
         assert keys(target) == [f"{BID}/x"]
 
     def test_abort_leaves_nothing(self, target: Target) -> None:
-        upload = target.writer(f"{BID}/db.dump.zst")
+        upload = target.writer(f"{BID}/database.dump.zst")
         upload.write(b"partial" * 1000)
         upload.abort()
         upload.abort()  # idempotent, never raises
         assert keys(target) == []
         with pytest.raises(ObjectNotFoundError):
-            target.open(f"{BID}/db.dump.zst")
+            target.open(f"{BID}/database.dump.zst")
 
     def test_abort_keeps_previous_version(self, target: Target) -> None:
         put(target, f"{BID}/x", b"committed")
@@ -188,20 +188,20 @@ class TestTargetContract:
         assert one.describe() != two.describe()
 
     def test_catalog_ignores_foreign_keys(self, target: Target) -> None:
-        put(target, f"{BID}/db.dump.zst", b"dump")
+        put(target, f"{BID}/database.dump.zst", b"dump")
         for key in ("README.txt", "notes/todo.txt", "2026-03-01/db.dump", "20260301/x"):
             put(target, key, b"someone else's")
         assert "README.txt" in keys(target)  # the target lists what is there...
         backups = scan([target])  # ...but the catalog only sees <backup id>/<name>
         assert [b.id for b in backups] == [BID]
-        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/db.dump.zst"]
+        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/database.dump.zst"]
         assert backups[0].status == "incomplete"
 
     def test_catalog_ignores_nested_keys(self, target: Target) -> None:
-        put(target, f"{BID}/db.dump.zst", b"dump")
+        put(target, f"{BID}/database.dump.zst", b"dump")
         put(target, f"{BID}/extra/notes.txt", b"someone else's")
         backups = scan([target])
-        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/db.dump.zst"]
+        assert [o.key for o in backups[0].copies[0].objects] == [f"{BID}/database.dump.zst"]
 
 
 # -- local specifics ------------------------------------------------------------------------------
@@ -223,22 +223,22 @@ class TestLocalSpecifics:
     def test_modes(self, local: LocalTarget) -> None:
         old = os.umask(0o022)
         try:
-            put(local, f"{BID}/db.dump.zst", b"secret dump")
+            put(local, f"{BID}/database.dump.zst", b"secret dump")
         finally:
             os.umask(old)
         assert stat.S_IMODE(local.root.stat().st_mode) == 0o700
         assert stat.S_IMODE((local.root / BID).stat().st_mode) == 0o700
-        assert stat.S_IMODE((local.root / BID / "db.dump.zst").stat().st_mode) == 0o600
+        assert stat.S_IMODE((local.root / BID / "database.dump.zst").stat().st_mode) == 0o600
 
     def test_modes_with_permissive_umask(self, local: LocalTarget) -> None:
         old = os.umask(0)
         try:
-            put(local, f"{BID}/db.dump.zst", b"secret dump")
+            put(local, f"{BID}/database.dump.zst", b"secret dump")
         finally:
             os.umask(old)
         assert stat.S_IMODE(local.root.stat().st_mode) == 0o700
         assert stat.S_IMODE((local.root / BID).stat().st_mode) == 0o700
-        assert stat.S_IMODE((local.root / BID / "db.dump.zst").stat().st_mode) == 0o600
+        assert stat.S_IMODE((local.root / BID / "database.dump.zst").stat().st_mode) == 0o600
 
     def test_abort_removes_temporary_file(self, local: LocalTarget) -> None:
         upload = local.writer(f"{BID}/x")
@@ -304,7 +304,8 @@ class TestLocalSpecifics:
         assert keys(target) == []  # not a folder: nothing there
 
     def test_check_key_accepts_our_keys(self) -> None:
-        for key in (f"{BID}/db.dump.zst", f"{BID}-2/uploads.tar.gz", "a", f"{BID}/{MANIFEST_NAME}"):
+        for key in (f"{BID}/database.dump.zst", f"{BID}-2/uploads.tar.gz", "a",
+                    f"{BID}/{MANIFEST_NAME}"):
             assert check_key(key) == key
 
 
@@ -314,7 +315,7 @@ class TestMultiUpload:
     def test_one_broken_target(self, tmp_path: Path) -> None:
         good = _make_target("local", tmp_path, "good")
         bad = broken_local(tmp_path, "bad")
-        upload = MultiUpload([bad, good], f"{BID}/db.dump.zst")
+        upload = MultiUpload([bad, good], f"{BID}/database.dump.zst")
         assert set(upload.failures) == {"bad"}
         assert "target 'bad'" in upload.failures["bad"]
         assert upload.write(b"abc") == 3
@@ -322,7 +323,7 @@ class TestMultiUpload:
         stored = upload.commit()
         assert list(stored) == ["good"]
         assert stored["good"].size == 6
-        assert read(good, f"{BID}/db.dump.zst") == b"abcdef"
+        assert read(good, f"{BID}/database.dump.zst") == b"abcdef"
         assert set(upload.failures) == {"bad"}
 
     def test_all_good_targets(self, tmp_path: Path) -> None:

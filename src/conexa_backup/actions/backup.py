@@ -94,34 +94,50 @@ class _Run:
                 except ConexaError as exc:
                     log.warning("could not remove %s from %s: %s", key, target.name, exc)
 
+    def upload(self, filename: str, feed: Callable[[Sink], T]) -> T:
+        """Write ``<id>/<filename>`` to every live target with what ``feed`` writes; targets
+        that fail drop out (their error recorded); raises only when every target failed."""
+        multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
+        try:
+            result = feed(multi)
+            stored = multi.commit()
+        except BaseException:
+            multi.abort()
+            raise
+        finally:
+            self.failures.update(multi.failures)
+        for target in stored:
+            self.written.setdefault(target, []).append(multi.key)
+        self.alive = [t for t in self.alive if t.name in stored]
+        return result
+
     def store(self, kind: str, name: str, content: str, produce: Callable[[Sink], T]) -> T:
         """Stream ``produce``'s bytes, compressed, (encrypted,) hashed, to every live target."""
         algorithm = self.ctx.config.compression.algorithm
         recipients = self.ctx.config.encryption.recipients
         filename = name + extension(algorithm) + (".age" if recipients else "")
-        multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
-        hashing = HashingSink(_Progress(multi, self.ctx))
-        encryptor = Encryptor(parse_recipients(recipients), hashing) if recipients else None
-        compressor = Compressor(self.ctx.config.compression, encryptor or hashing)
-        try:
-            result = produce(compressor)
-            compressor.finish()
-            if encryptor is not None:
-                encryptor.finish()
-            stored = multi.commit()
-        except BaseException:
-            if encryptor is not None:
-                encryptor.abort()
-            multi.abort()
-            raise
-        finally:
-            self.failures.update(multi.failures)
-        for name in stored:
-            self.written.setdefault(name, []).append(multi.key)
-        self.alive = [t for t in self.alive if t.name in stored]
+        hashing: list[HashingSink] = []
+
+        def feed(multi: Sink) -> T:
+            hashing.append(HashingSink(_Progress(multi, self.ctx)))
+            encryptor = Encryptor(parse_recipients(recipients), hashing[0]) \
+                if recipients else None
+            compressor = Compressor(self.ctx.config.compression, encryptor or hashing[0])
+            try:
+                result = produce(compressor)
+                compressor.finish()
+                if encryptor is not None:
+                    encryptor.finish()
+            except BaseException:
+                if encryptor is not None:
+                    encryptor.abort()
+                raise
+            return result
+
+        result = self.upload(filename, feed)
         self.artifacts.append(Artifact(
-            name=filename, kind=kind, size=hashing.size,  # type: ignore[arg-type]
-            sha256=hashing.hexdigest(), compression=algorithm, content=content,
+            name=filename, kind=kind, size=hashing[0].size,  # type: ignore[arg-type]
+            sha256=hashing[0].hexdigest(), compression=algorithm, content=content,
             encryption="age" if recipients else None,
             recipients=[fingerprint(r) for r in recipients],
         ))
@@ -314,22 +330,7 @@ def _commit(run: _Run, manifest: Manifest) -> list[str]:
     data = manifest.to_json()
     key_file = run.ctx.config.signing.key_file
     if key_file is not None:
-        _put_everywhere(run, SIGNATURE_NAME, sign(data, key_file))
-    _put_everywhere(run, MANIFEST_NAME, data)
+        signature = sign(data, key_file)
+        run.upload(SIGNATURE_NAME, lambda out: out.write(signature))
+    run.upload(MANIFEST_NAME, lambda out: out.write(data))
     return [t.name for t in run.alive]
-
-
-def _put_everywhere(run: _Run, name: str, data: bytes) -> None:
-    """Store a small object on every live target; those that fail drop out."""
-    multi = MultiUpload(run.alive, f"{run.backup_id}/{name}")
-    try:
-        multi.write(data)
-        stored = multi.commit()
-    except BaseException:
-        multi.abort()
-        raise
-    finally:
-        run.failures.update(multi.failures)
-    for target in stored:
-        run.written.setdefault(target, []).append(multi.key)
-    run.alive = [t for t in run.alive if t.name in stored]

@@ -9,13 +9,14 @@ anything that could escape the target's root.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, ClassVar, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conexa_backup.errors import StorageError
 from conexa_backup.retention import RetentionConfig
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -82,3 +83,30 @@ class Target(Protocol):
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+
+
+class GuardedReader:
+    """A readable whose errors (SDK-specific, with no common base) become StorageError via
+    ``to_error``, so that a failing read makes restores fall back to the next copy."""
+
+    def __init__(self, inner: Any, to_error: Callable[[Exception], StorageError]) -> None:
+        self._inner, self._to_error = inner, to_error
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data: bytes = self._inner.read(n)
+            return data
+        except Exception as exc:
+            raise self._to_error(exc) from None
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self) -> GuardedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -14,12 +14,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Literal
+from typing import BinaryIO, ClassVar, Literal
 
 from pydantic import Field
 
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
+from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
 CHUNK = 8 << 20  # a multiple of 256 KiB, as resumable uploads require
 
@@ -72,30 +72,6 @@ class _GCSUpload:
         # session expires by itself.
         with contextlib.suppress(Exception):
             self._writer.terminate()
-
-
-class _Reader:
-    def __init__(self, inner: Any, target: GCSTarget, key: str) -> None:
-        self._inner, self._t, self._key = inner, target, key
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data: bytes = self._inner.read(n)
-            return data
-        except Exception as exc:
-            raise self._t.error(exc, self._key) from None
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class GCSTarget:
@@ -160,7 +136,7 @@ class GCSTarget:
             reader = blob.open("rb", chunk_size=CHUNK)
         except Exception as exc:
             raise self.error(exc, key) from None
-        return _Reader(reader, self, key)  # type: ignore[return-value]
+        return GuardedReader(reader, lambda exc: self.error(exc, key))  # type: ignore[return-value]
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:

@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, model_validator
 
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
+from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
 MiB = 1 << 20
 MIN_PART = 16 * MiB
@@ -182,30 +182,18 @@ class _S3Upload:
                              UploadId=self._upload_id)
 
 
-class _Body:
-    """The body of a GET: read errors become StorageError (so restores fall back)."""
+class _Sized:
+    """botocore's StreamingBody reads everything on ``read(None)``, not ``read(-1)``."""
 
-    def __init__(self, body: Any, target: S3Target, key: str) -> None:
-        self._body, self._t, self._key = body, target, key
+    def __init__(self, body: Any) -> None:
+        self._body = body
 
     def read(self, n: int = -1) -> bytes:
-        try:
-            data: bytes = self._body.read(None if n < 0 else n)
-            return data
-        except Exception as exc:  # botocore/urllib3 errors have no common base
-            raise StorageError(self._t.name, f"reading {self._key}: {exc}") from None
-
-    def readable(self) -> bool:
-        return True
+        data: bytes = self._body.read(None if n < 0 else n)
+        return data
 
     def close(self) -> None:
         self._body.close()
-
-    def __enter__(self) -> _Body:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class S3Target:
@@ -289,7 +277,10 @@ class S3Target:
 
     def open(self, key: str) -> BinaryIO:
         response = self.call("get_object", Key=self.full_key(key))
-        return _Body(response["Body"], self, key)  # type: ignore[return-value]
+        body = response["Body"]
+        # botocore/urllib3 read errors have no common base: any of them fails this copy.
+        return GuardedReader(_Sized(body), lambda exc: StorageError(  # type: ignore[return-value]
+            self.name, f"reading {key}: {exc}"))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
