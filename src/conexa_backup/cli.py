@@ -98,10 +98,9 @@ def _guard(fn: Callable[[], T]) -> T:
         how = f" by {exc.args[0]}" if exc.args else ""
         _fail(f"interrupted{how}; partial work was removed", ExitCode.FAILURE)
     except Exception as exc:  # a bug: say so, briefly, unless asked for details
-        logging.getLogger(LOGGER).exception("unexpected error")
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
-        _fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for details)",
+        _fail(f"unexpected {type(exc).__name__}: {exc} (a bug; run with --verbose for details)",
               ExitCode.FAILURE)
 
 
@@ -141,11 +140,17 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
             if alert == "backup":
                 _alert(ctx, Event("backup", "start", "backup started"))
             yield ctx
-        except (ConexaError, KeyboardInterrupt) as exc:  # logged while the log file is open
-            how = f" by {exc.args[0]}" if isinstance(exc, KeyboardInterrupt) and exc.args else ""
-            logging.getLogger(LOGGER).error(
-                "%s %s", what, f"interrupted{how}" if isinstance(exc, KeyboardInterrupt)
-                else f"failed: {_redact(str(exc))}")
+        except typer.Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:  # logged while the log file is open
+            log = logging.getLogger(LOGGER)
+            if isinstance(exc, KeyboardInterrupt):
+                how = f" by {exc.args[0]}" if exc.args else ""
+                log.error("%s interrupted%s", what, how)
+            elif isinstance(exc, ConexaError):
+                log.error("%s failed: %s", what, _redact(str(exc)))
+            else:  # a bug: keep the traceback for whoever debugs it (redacted)
+                log.error("%s failed unexpectedly:\n%s", what, _redact(traceback.format_exc()))
             if alert is not None:
                 _alert(ctx, events.failure_event(alert, exc))
             raise
