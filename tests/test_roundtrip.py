@@ -131,3 +131,19 @@ def test_manual_restore_with_stock_tools(ws: Workspace, tmp_path: Path) -> None:
     subprocess.run(["tar", "-xpf", "-", "-C", str(out)], stdin=zstd.stdout, check=True)
     assert zstd.wait() == 0
     assert tree_snapshot(out) == tree_snapshot(ws.uploads)
+
+
+def test_parallel_directory_dump_round_trip(ws: Workspace) -> None:
+    """``dump_jobs = 2``: a directory-format dump by parallel workers, stored as one tar."""
+    ws.config.write_text(ws.config.read_text().replace(
+        "[database]\n", "[database]\ndump_jobs = 2\n"))
+    backup_id, copy_db, _ = _backup_and_restore(ws, ws.dbname)
+    manifest = json.loads((ws.backups / backup_id / "manifest.json").read_text())
+    database = next(a for a in manifest["artifacts"] if a["kind"] == "database")
+    assert (database["name"], database["content"]) == ("database.dir.tar.zst",
+                                                        "pg_dump-directory")
+    _assert_same_database(ws.cluster, ws.dbname, copy_db)
+    assert manifest["database"]["tables"] == table_row_counts(ws.cluster.url(ws.dbname))
+    drill = ws.run("verify", "--drill", backup_id, "--json")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert not list((ws.state / "staging").iterdir())  # the spooled folder is gone

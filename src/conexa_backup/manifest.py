@@ -23,7 +23,8 @@ ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.
 OWNED_NAME = re.compile(r"^(?:manifest\.json|manifest\.json\.sig|drill\.json"
-                        r"|(?:database\.dump|globals\.sql|uploads\.tar|uploads\.index\.jsonl)"
+                        r"|(?:database\.dump|database\.dir\.tar|globals\.sql|uploads\.tar"
+                        r"|uploads\.index\.jsonl)"
                         r"\.(?:zst|gz)(?:\.age)?)$")
 
 
@@ -41,7 +42,7 @@ class Artifact(_Model):
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     compression: Literal["zstd", "gzip"]
-    content: str  # "pg_dump-custom", "sql", "tar"
+    content: str  # "pg_dump-custom", "pg_dump-directory" (a tar of it), "sql", "tar", "jsonl"
     encryption: Literal["age"] | None = None
     recipients: list[str] = Field(default_factory=list)  # fingerprints of the age recipients
 

@@ -295,6 +295,17 @@ def pg_dump_argv(info: ConnInfo, snapshot_id: str | None) -> list[str]:
     return argv
 
 
+def pg_dump_directory_argv(info: ConnInfo, snapshot_id: str | None, jobs: int,
+                           folder: Path) -> list[str]:
+    """A directory-format dump by ``jobs`` workers into ``folder`` (uncompressed: we compress
+    the whole folder with zstd afterwards)."""
+    argv = [info.tool("pg_dump"), "--format=directory", "--compress=0", "--no-password",
+            f"--jobs={jobs}", f"--file={folder}"]
+    if snapshot_id:
+        argv.append(f"--snapshot={snapshot_id}")
+    return argv
+
+
 def pg_dumpall_globals_argv(info: ConnInfo, superuser: bool) -> list[str]:
     """Roles and tablespaces; role passwords only when we may read them (superuser)."""
     argv = [info.tool("pg_dumpall"), "--globals-only", "--no-password",

@@ -11,6 +11,9 @@ import contextlib
 import io
 import json
 import logging
+import os
+import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -145,7 +148,12 @@ class _Run:
 
 
 def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
-    """pg_dump in an exported snapshot; row counts taken in that same snapshot meanwhile."""
+    """pg_dump in an exported snapshot; row counts taken in that same snapshot meanwhile.
+
+    One job: a custom-format archive streamed from pg_dump's stdout. Several (``dump_jobs``):
+    a directory-format dump by parallel workers into ``state_dir/staging``, then that folder
+    as a tar stream; pg_restore reads either one, in parallel.
+    """
     info = ctx.db
     full_version, dump_major = postgres.tool_version(info, "pg_dump")
     with postgres.exported_snapshot(info) as snap:
@@ -167,11 +175,11 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
         counter.start()
         try:
-            with process.stream(postgres.pg_dump_argv(info, snap.id), env=info.env(),
-                                what="pg_dump") as child:
-                _grow_pipe(child.stdout)
-                copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
-                child.wait_ok()
+            jobs = ctx.config.database.dump_jobs
+            if jobs > 1:
+                _dump_directory(ctx, snap.id, jobs, out)
+            else:
+                _dump_custom(ctx, snap.id, out)
         except BaseException:
             snap.conn.cancel_safe()  # stop counting: the connection is about to close
             raise
@@ -186,6 +194,26 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
         owner=server.owner, locale_provider=server.locale_provider,
         icu_locale=server.icu_locale, tables=counted["rows"], objects=counted["objects"],
     )
+
+
+def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:
+    info = ctx.db
+    with process.stream(postgres.pg_dump_argv(info, snapshot_id), env=info.env(),
+                        what="pg_dump") as child:
+        _grow_pipe(child.stdout)
+        copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
+        child.wait_ok()
+
+
+def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> None:
+    info = ctx.db
+    folder = ctx.state_dir("staging") / f"dump-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        process.run(postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder),
+                    env=info.env(), what="pg_dump")
+        archive.write_tree(folder, out)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _grow_pipe(stream: Any) -> None:
@@ -290,7 +318,9 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
     database = uploads = None
     if "database" in parts:
         ctx.reporter.step("dumping database")
-        database = run.store("database", "database.dump", "pg_dump-custom",
+        directory = ctx.config.database.dump_jobs > 1
+        database = run.store("database", "database.dir.tar" if directory else "database.dump",
+                             "pg_dump-directory" if directory else "pg_dump-custom",
                              lambda out: _dump_database(ctx, out))
         if ctx.config.database.globals:
             ctx.reporter.step("dumping roles and tablespaces")

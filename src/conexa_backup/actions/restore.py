@@ -151,7 +151,7 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
         ctx.reporter.step(f"restoring database into {name!r}")
         restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)
     finally:
-        dump.unlink(missing_ok=True)
+        restore_db.discard(dump)
     return name
 
 

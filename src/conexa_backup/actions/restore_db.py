@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from psycopg import sql
 from conexa_backup import postgres, process
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, read_plain
+from conexa_backup.archive import extract_stream
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
 from conexa_backup.manifest import DatabaseInfo, Manifest
@@ -52,10 +54,12 @@ def database_exists(info: ConnInfo, name: str) -> bool:
 
 
 def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
-    """Decompress the database artifact of the first good copy into ``state_dir/staging``.
+    """Decompress the database artifact of the first good copy into ``state_dir/staging``:
+    a custom-format file, or a directory-format folder. Remove it with :func:`discard`.
 
-    pg_restore needs a seekable file to restore in parallel; the checksum of the stored bytes
-    is verified while they stream, and the file is discarded if it does not match.
+    pg_restore needs a seekable file (or a folder) to restore in parallel; the checksum of the
+    stored bytes is verified while they stream, and the result is discarded if it does not
+    match.
     """
     staging = ctx.state_dir("staging") / f"{backup.id}-{secrets.token_hex(3)}-database.dump"
 
@@ -63,16 +67,28 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
         artifact = manifest.artifact("database")
         assert artifact is not None
         try:
-            with open(staging, "wb") as out:
-                staging.chmod(0o600)
-                read_plain(copy, backup.id, artifact, lambda plain: copy_stream(plain, out),
-                           ctx.keys())
+            if artifact.content == "pg_dump-directory":
+                read_plain(copy, backup.id, artifact,
+                           lambda plain: extract_stream(plain, staging), ctx.keys())
+            else:
+                with open(staging, "wb") as out:
+                    staging.chmod(0o600)
+                    read_plain(copy, backup.id, artifact,
+                               lambda plain: copy_stream(plain, out), ctx.keys())
         except BaseException:
-            staging.unlink(missing_ok=True)
+            discard(staging)
             raise
         return staging
 
     return from_first_good(backup, attempt, prefer=source)
+
+
+def discard(dump: Path) -> None:
+    """Remove a fetched dump (file or folder); never raises."""
+    if dump.is_dir():
+        shutil.rmtree(dump, ignore_errors=True)
+    else:
+        dump.unlink(missing_ok=True)
 
 
 def _server_from(info: DatabaseInfo) -> ServerInfo:

@@ -24,7 +24,10 @@ class DatabaseConfig(_Model):
 
     url: str = Field(min_length=1)
     password_file: Path | None = None
-    jobs: int = Field(default=2, ge=1, le=64)
+    jobs: int = Field(default=2, ge=1, le=64)  # pg_restore -j
+    # pg_dump -j: above 1, a directory-format dump by N workers, spooled to state_dir/staging
+    # (needs room for the uncompressed dump), then archived, compressed and stored.
+    dump_jobs: int = Field(default=1, ge=1, le=64)
     globals: bool = False
     maintenance_database: str = "postgres"
     bin_dir: Path | None = None
