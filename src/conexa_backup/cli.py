@@ -524,8 +524,26 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _tune_malloc() -> None:
+    """Keep peak RSS flat on glibc (elsewhere a no-op; measured in docs/benchmarks.md).
+
+    The byte path allocates and frees 1 MiB buffers in several threads. glibc would give each
+    thread its own arena and, after the first frees, raise its mmap threshold so those
+    buffers come from (fragmenting) heaps: two arenas and a fixed 256 KiB threshold keep
+    large buffers in mmap, returned to the system as soon as they are freed.
+    """
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (also stops its dynamic growth)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _tune_malloc()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     app()

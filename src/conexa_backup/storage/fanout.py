@@ -27,7 +27,7 @@ class AllTargetsFailed(StorageError):
         self.failures = failures
 
 
-QUEUE_CHUNKS = 8
+QUEUE_CHUNKS = 3
 _END = object()
 
 

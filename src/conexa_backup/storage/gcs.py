@@ -21,7 +21,7 @@ from pydantic import Field
 from conexa_backup.errors import ObjectNotFoundError, StorageError
 from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
-CHUNK = 8 << 20  # a multiple of 256 KiB, as resumable uploads require
+CHUNK = 4 << 20  # a multiple of 256 KiB, as resumable uploads require
 
 
 class GCSTargetConfig(TargetConfig):

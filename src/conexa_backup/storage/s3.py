@@ -33,7 +33,7 @@ MIN_PART = 16 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 PARTS_PER_TIER = 1_000
-SPOOL_IN_MEMORY = 32 * MiB
+SPOOL_IN_MEMORY = 8 * MiB
 
 
 class S3TargetConfig(TargetConfig):
