@@ -180,6 +180,21 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
     return [backups[k] for k in sorted(backups, key=id_sort_key)]
 
 
+def refresh(backup: Backup, verifier: Any = None) -> None:
+    """Re-read each copy's manifest from its target (not the cache): what a restore, download
+    or drill relies on must be what is stored now."""
+    key = f"{backup.id}/{MANIFEST_NAME}"
+    for copy in backup.copies:
+        if not any(o.key == key for o in copy.objects):
+            continue
+        try:
+            copy.manifest, copy.problem = read_manifest(copy.target, backup.id,
+                                                        verifier=verifier), None
+        except ConexaError as exc:
+            copy.manifest, copy.problem = None, str(exc)
+            log.warning("%s", exc)
+
+
 def resolve(backups: Sequence[Backup], ref: str) -> Backup:
     """The complete backup named by ``ref``: an id, or ``latest`` (newest scheduled backup).
 

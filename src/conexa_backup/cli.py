@@ -36,7 +36,7 @@ from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 from conexa_backup.notify.base import Event, Kind
 from conexa_backup.notify.dispatch import dispatch
-from conexa_backup.state import last_drills, record_run
+from conexa_backup.state import last_drills, record_run, sweep_stale
 
 T = TypeVar("T")
 
@@ -135,6 +135,8 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
                 stack.callback(stop_file_logs)
             if lock:
                 stack.enter_context(run_lock(ctx.state_dir(), what))
+                for stale in sweep_stale(ctx.config.state_dir):
+                    logging.getLogger(LOGGER).warning("removed stale scratch %s", stale)
             if reporter is not None:
                 stack.enter_context(reporter)
             if alert == "backup":
@@ -161,6 +163,10 @@ def _alert(ctx: Context, event: Event) -> None:
 
     Nothing here may change the run's result: problems become warnings on stderr.
     """
+    # Error texts come from libraries and servers: no secret leaves through them either.
+    event.error = _redact(event.error) if event.error else event.error
+    event.title = _redact(event.title)
+    event.targets_failed = {k: _redact(v) for k, v in event.targets_failed.items()}
     try:
         if event.outcome != "start" and event.kind != "test":
             record_run(ctx.state_dir(), event.to_json())
@@ -327,9 +333,9 @@ def verify(
             checks = inspect.verify(ctx, ref, all_backups=all_backups, target_names=target)
             bad = [f"{c.backup_id} on {c.target}: {'; '.join(c.problems)}"
                    for c in checks if not c.ok]
-            if bad:
-                _alert(ctx, Event("verify", "failure", "verification FAILED",
-                                  error="\n".join(bad)))
+            _alert(ctx, Event("verify", "failure", "verification FAILED",
+                              error="\n".join(bad)) if bad else
+                   Event("verify", "success", f"verification passed ({len(checks)} copies)"))
         _emit(as_json, lambda: render.verify_json(checks),
               lambda c: render.verify_human(c, checks))
         if not checks or not all(c.ok for c in checks):

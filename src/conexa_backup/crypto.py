@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from conexa_backup.errors import ConfigError, IntegrityError
-from conexa_backup.pipeline import Sink
+from conexa_backup.pipeline import CHUNK, Sink
 
 SIGNATURE_NAME = "manifest.json.sig"
 
@@ -79,8 +79,10 @@ class Encryptor:
         reader = os.fdopen(read_fd, "rb")
 
         def run() -> None:
+            forward = _Forward(out, self)
             try:
-                pyrage.encrypt_io(reader, _Forward(out, self), recipients)
+                pyrage.encrypt_io(reader, forward, recipients)
+                forward.close()
             except BaseException as exc:  # the producer's thread raises it
                 self._error = self._error or exc
             finally:
@@ -116,21 +118,33 @@ class Encryptor:
 
 
 class _Forward:
-    """What pyrage writes ciphertext to: the next sink; keeps the real error if it fails."""
+    """What pyrage writes ciphertext to (64 KiB at a time): gathered into 1 MiB chunks for the
+    next sink, so the byte path keeps its large buffers; keeps the real error if it fails."""
 
     def __init__(self, out: Sink, owner: Encryptor) -> None:
         self._out, self._owner = out, owner
+        self._buffer = bytearray()
+
+    def _send(self) -> None:
+        try:
+            self._out.write(bytes(self._buffer))
+        except BaseException as exc:
+            self._owner._error = exc  # the reason, which pyrage will only report as OSError
+            raise
+        self._buffer.clear()
 
     def write(self, data: bytes) -> int:
-        try:
-            self._out.write(bytes(data))
-        except BaseException as exc:
-            self._owner._error = exc
-            raise
+        self._buffer += data
+        if len(self._buffer) >= CHUNK:
+            self._send()
         return len(data)
 
     def flush(self) -> None:
-        pass
+        pass  # pyrage flushes after every piece; the rest goes out in close()
+
+    def close(self) -> None:
+        if self._buffer:
+            self._send()
 
 
 def decrypt_to(raw: IO[bytes], dest: IO[bytes], identities: list[Any]) -> None:
@@ -149,8 +163,12 @@ def decrypt_to(raw: IO[bytes], dest: IO[bytes], identities: list[Any]) -> None:
 
 # -- signatures ---------------------------------------------------------------------------------
 
-def sign(manifest: bytes, key_file: Path) -> bytes:
-    """An Ed25519 signature of ``manifest``, base64 (the private key is a PEM file)."""
+def load_signing_key(key_file: Path) -> Any:
+    """The Ed25519 private key (a PEM file, e.g. from ``openssl genpkey -algorithm ed25519``).
+
+    Raises:
+        ConfigError: unreadable, or not an Ed25519 key.
+    """
     serialization = _import("cryptography.hazmat.primitives.serialization")
     ed25519 = _import("cryptography.hazmat.primitives.asymmetric.ed25519")
     try:
@@ -159,7 +177,13 @@ def sign(manifest: bytes, key_file: Path) -> bytes:
         raise ConfigError(f"signing.key_file: cannot load {key_file}: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"signing.key_file: {key_file} is not an Ed25519 key")
-    return base64.b64encode(key.sign(manifest)) + b"\n"
+    return key
+
+
+def sign(manifest: bytes, key: Any) -> bytes:
+    """An Ed25519 signature of ``manifest``, base64, with a key from :func:`load_signing_key`."""
+    signature: bytes = key.sign(manifest)
+    return base64.b64encode(signature) + b"\n"
 
 
 def load_public_key(path: Path) -> Any:

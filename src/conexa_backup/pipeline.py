@@ -1,4 +1,4 @@
-"""Stream stages: compression, hashing, fan-out, on large buffers.
+"""Stream stages: compression and hashing on large buffers (fan-out is storage/fanout.py).
 
 Bytes are pushed through a chain of sinks (anything with ``write(bytes)``):
 producer -> :class:`Compressor` -> :class:`HashingSink` -> target upload(s).

@@ -6,8 +6,11 @@ only protect more backups from pruning and feed status reports.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,24 +30,47 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: a temporary file, fsync'ed, renamed (no torn file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.chmod(mode)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Any) -> None:
     """Replace ``path`` atomically with ``data`` as JSON (0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the state files between concurrent runs (a verify or
+    drill may run beside a backup: neither may lose the other's record)."""
+    fd = os.open(state_dir / ".state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def record_verified(state_dir: Path, backup_id: str, target: str,
                     when: datetime | None = None) -> None:
     """Remember that ``backup_id`` on ``target`` passed verification."""
     path = state_dir / VERIFIED
-    data = _read(path)
-    data.setdefault(backup_id, {})[target] = (when or datetime.now(UTC)).isoformat()
-    write_json(path, data)
+    with _locked(state_dir):
+        data = _read(path)
+        data.setdefault(backup_id, {})[target] = (when or datetime.now(UTC)).isoformat()
+        write_json(path, data)
 
 
 def verified(state_dir: Path) -> dict[str, dict[str, str]]:
@@ -60,10 +86,7 @@ def newest_verified(state_dir: Path) -> str | None:
 
 def record_drill(state_dir: Path, result: dict[str, Any]) -> None:
     """Append a drill result (``DrillResult.to_dict()``); the newest ``KEEP_DRILLS`` are kept."""
-    path = state_dir / DRILLS
-    history = _read(path).get("drills", [])
-    history.append(result)
-    write_json(path, {"drills": history[-KEEP_DRILLS:]})
+    _append(state_dir / DRILLS, "drills", result, KEEP_DRILLS)
     if result.get("ok"):
         record_verified(state_dir, str(result["backup_id"]), str(result["target"]))
 
@@ -85,13 +108,46 @@ KEEP_RUNS = 2000
 
 def record_run(state_dir: Path, run: dict[str, Any]) -> None:
     """Append one run's outcome (an event's JSON); the newest ``KEEP_RUNS`` are kept."""
-    path = state_dir / RUNS
-    history = _read(path).get("runs", [])
-    history.append(run)
-    write_json(path, {"runs": history[-KEEP_RUNS:]})
+    _append(state_dir / RUNS, "runs", run, KEEP_RUNS)
+
+
+def _append(path: Path, key: str, item: dict[str, Any], keep: int) -> None:
+    """Append ``item`` to the list under ``key`` in ``path``; the newest ``keep`` stay."""
+    with _locked(path.parent):
+        history = _read(path).get(key, [])
+        history.append(item)
+        write_json(path, {key: history[-keep:]})
 
 
 def runs(state_dir: Path) -> list[dict[str, Any]]:
     """Recorded runs, oldest first."""
     found = _read(state_dir / RUNS).get("runs", [])
     return [r for r in found if isinstance(r, dict)]
+
+
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+def sweep_stale(state_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove scratch left by runs killed outright (SIGKILL, OOM): entries of
+    ``staging/`` and ``drills/`` older than a day. They can hold plaintext dumps of personal
+    data, and their names are random, so nothing else would ever find them. The caller holds
+    the run lock; no run of ours lasts a day."""
+    import shutil
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    for folder in ("staging", "drills"):
+        root = state_dir / folder
+        if not root.is_dir():
+            continue
+        for entry in root.iterdir():
+            with contextlib.suppress(OSError):
+                if now - entry.lstat().st_mtime > STALE_AFTER_SECONDS:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                    removed.append(entry)
+    return removed

@@ -29,7 +29,14 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import TargetPrune, candidates
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.catalog import Backup
-from conexa_backup.crypto import SIGNATURE_NAME, Encryptor, fingerprint, parse_recipients, sign
+from conexa_backup.crypto import (
+    SIGNATURE_NAME,
+    Encryptor,
+    fingerprint,
+    load_signing_key,
+    parse_recipients,
+    sign,
+)
 from conexa_backup.errors import ConexaError, PartialFailure
 from conexa_backup.manifest import (
     MANIFEST_NAME,
@@ -87,11 +94,21 @@ class _Run:
     failures: dict[str, str] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
     written: dict[str, list[str]] = field(default_factory=dict)  # target name -> keys stored
+    # Loaded once, before any work: a bad key must fail the run in its first second.
+    recipients: list[Any] = field(default_factory=list)
+    signing_key: Any = None
 
     def discard(self, targets: Sequence[Target]) -> None:
-        """Delete what this run stored on ``targets`` (a failed copy frees its space)."""
+        """Delete what this run stored on ``targets`` (a failed copy frees its space).
+
+        The manifest (and its signature) go first, on every target, recorded or not: a run
+        interrupted while committing may have stored one that was never recorded.
+        """
+        commit_keys = [f"{self.backup_id}/{MANIFEST_NAME}", f"{self.backup_id}/{SIGNATURE_NAME}"]
         for target in targets:
-            for key in self.written.pop(target.name, []):
+            keys = commit_keys + [k for k in self.written.pop(target.name, [])
+                                  if k not in commit_keys]
+            for key in keys:
                 try:
                     target.delete(key)
                 except ConexaError as exc:
@@ -123,10 +140,9 @@ class _Run:
 
         def feed(multi: Sink) -> T:
             hashing.append(HashingSink(_Progress(multi, self.ctx)))
-            encryptor = Encryptor(parse_recipients(recipients), hashing[0]) \
-                if recipients else None
-            compressor = Compressor(self.ctx.config.compression, encryptor or hashing[0])
+            encryptor = Encryptor(self.recipients, hashing[0]) if self.recipients else None
             try:
+                compressor = Compressor(self.ctx.config.compression, encryptor or hashing[0])
                 result = produce(compressor)
                 compressor.finish()
                 if encryptor is not None:
@@ -228,7 +244,7 @@ def _dump_globals(ctx: Context, out: Sink) -> None:
     info = ctx.db
     with info.connect() as conn:
         row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
-    superuser = bool(row and row[0])
+    superuser = bool(row and row[0])  # a plain catalog read: any role may run it
     argv = postgres.pg_dumpall_globals_argv(info, superuser)
     with process.stream(argv, env=info.env(info.maintenance_db), what="pg_dumpall") as child:
         copy_stream(child.stdout, out)
@@ -264,7 +280,10 @@ def run_backup(
     reachable = [t for t in targets if t.name not in unreachable]
     skipped = _not_retained(ctx, reachable, existing, Candidate(backup_id, True, kind))
     run = _Run(ctx, backup_id, [t for t in reachable if t.name not in skipped],
-               dict(unreachable))
+               dict(unreachable), recipients=parse_recipients(ctx.config.encryption.recipients)
+               if ctx.config.encryption.recipients else [],
+               signing_key=load_signing_key(ctx.config.signing.key_file)
+               if ctx.config.signing.key_file else None)
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:
@@ -280,8 +299,11 @@ def run_backup(
              manifest.size_bytes, result.seconds)
     if prune:
         auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
-        if auto:
-            result.pruned = run_prune(ctx, auto, skip=run.failures)
+        try:
+            if auto:
+                result.pruned = run_prune(ctx, auto, skip=run.failures)
+        except ConexaError as exc:  # the backup is complete: a failed prune does not undo it
+            result.pruned = [TargetPrune(name, errors=[str(exc)]) for name in auto]
     if run.failures:
         failed = "; ".join(run.failures.values())
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
@@ -358,9 +380,8 @@ def _commit(run: _Run, manifest: Manifest) -> list[str]:
     """Write the manifest (the commit marker) to every target that holds all artifacts,
     preceded by its signature when ``[signing]`` has a key."""
     data = manifest.to_json()
-    key_file = run.ctx.config.signing.key_file
-    if key_file is not None:
-        signature = sign(data, key_file)
+    if run.signing_key is not None:
+        signature = sign(data, run.signing_key)
         run.upload(SIGNATURE_NAME, lambda out: out.write(signature))
     run.upload(MANIFEST_NAME, lambda out: out.write(data))
     return [t.name for t in run.alive]

@@ -6,6 +6,7 @@ whether a terminal, cron or a test is listening.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import SecretStr
 
 from conexa_backup.actions.fetch import Keys
-from conexa_backup.catalog import Backup, ManifestCache, scan
+from conexa_backup.catalog import Backup, ManifestCache, refresh, resolve, scan
 from conexa_backup.config import Config
 from conexa_backup.crypto import load_identities, load_public_key
 from conexa_backup.errors import ConexaError, ConfigError, UsageError
@@ -84,8 +85,12 @@ class Context:
 
     def secrets(self) -> list[str]:
         """Values that must never be printed (for redacting error messages)."""
-        found = [v for info in (self.db, self.drill_db) for k, v in info.params.items()
-                 if k in ("password", "sslpassword") and v]
+        found: list[str] = []
+        for source in ("db", "drill_db"):  # each on its own: one bad URL hides no other secret
+            with contextlib.suppress(ConexaError):
+                info = getattr(self, source)
+                found += [v for k, v in info.params.items()
+                          if k in ("password", "sslpassword") and v]
         for var in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY"):
             if os.environ.get(var):
                 found.append(os.environ[var])
@@ -109,6 +114,24 @@ class Context:
         cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / name)
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
                     cache=cache, verifier=self.verifier)
+
+    def resolve(self, ref: str, source: str | None = None) -> Backup:
+        """The complete backup ``ref`` names (an id or ``latest``), its manifests re-read from
+        the targets; ``source``, if given, must name a configured target holding a copy.
+
+        Raises:
+            UsageError: unknown target, no such backup, or no complete copy (on ``source``).
+        """
+        if source is not None:
+            self.targets([source])  # an unknown name is a usage error
+        backup = resolve(self.scan(self.targets()), ref)
+        refresh(backup, self.verifier)
+        if not backup.complete_copies:
+            raise UsageError(f"backup {backup.id} has no usable copy left: "
+                             + "; ".join(c.problem for c in backup.copies if c.problem))
+        if source is not None and all(c.target.name != source for c in backup.complete_copies):
+            raise UsageError(f"backup {backup.id} has no complete copy on target {source!r}")
+        return backup
 
     @cached_property
     def verifier(self) -> Any:

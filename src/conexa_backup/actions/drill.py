@@ -28,9 +28,9 @@ from conexa_backup import postgres
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import read_plain
-from conexa_backup.catalog import Backup, Copy, resolve
+from conexa_backup.catalog import Backup, Copy
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError, IntegrityError, UsageError
+from conexa_backup.errors import ConexaError, IntegrityError
 from conexa_backup.manifest import Manifest
 from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
@@ -236,14 +236,10 @@ def run_drills(ctx: Context, ref: str, *, source: str | None = None,
     Raises:
         UsageError: no such backup, or no complete copy on the named target.
     """
-    if source is not None:
-        ctx.targets([source])
-    backup = resolve(ctx.scan(ctx.targets(), fresh=True), ref)
+    backup = ctx.resolve(ref, source)
     copies = backup.complete_copies
     if source is not None:
         copies = [c for c in copies if c.target.name == source]
-        if not copies:
-            raise UsageError(f"backup {backup.id} has no complete copy on target {source!r}")
     elif not all_targets:
         copies = copies[:1]
     results = [drill_copy(ctx, backup, copy) for copy in copies]

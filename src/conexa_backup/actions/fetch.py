@@ -7,17 +7,18 @@ when a copy is missing or corrupt, so one bad disk never stops a restore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
 
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.crypto import decrypt_to
-from conexa_backup.errors import IntegrityError, StorageError
+from conexa_backup.errors import ConexaError, IntegrityError, StorageError
 from conexa_backup.manifest import Artifact, Manifest
 from conexa_backup.pipeline import HashingReader, copy_stream, decompressing_reader
 
@@ -97,11 +98,9 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
         assert copy.manifest is not None
         try:
             return attempt(copy, copy.manifest)
-        except (IntegrityError, StorageError) as exc:
+        except (IntegrityError, StorageError) as exc:  # this copy is bad: try the next one
             where = f"target {copy.target.name!r}"
             problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
-        except OSError as exc:  # e.g. a truncated zstd frame while decompressing
-            problems.append(f"target {copy.target.name!r}: {exc}")
         log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
                     problems[-1])
     raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
@@ -110,11 +109,28 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
 def save_verified(copy: Copy, backup_id: str, artifact: Artifact, dest: Path) -> None:
     """Copy one artifact as stored to ``dest`` (0600), checked; nothing left on failure."""
     tmp = dest.with_name(f".{dest.name}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out:
-            read_verified(copy, backup_id, artifact, lambda raw: copy_stream(raw, out))
-        tmp.replace(dest)
+        with local_writes(dest.parent):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                read_verified(copy, backup_id, artifact, lambda raw: copy_stream(raw, out))
+            tmp.replace(dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def local_writes(where: Path) -> Iterator[None]:
+    """Errors writing on this host (a full disk, a permission) are not the copy's fault:
+    say where, and do not try the next copy."""
+    try:
+        yield
+    except (ConexaError, KeyboardInterrupt):
+        raise
+    except OSError as exc:
+        raise LocalWriteError(f"cannot write under {where}: {exc.strerror or exc}") from None
+
+
+class LocalWriteError(ConexaError):
+    """Writing restored or downloaded data on this host failed."""

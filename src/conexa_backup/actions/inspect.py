@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import from_first_good, read_verified, save_verified
+from conexa_backup.actions.fetch import (
+    from_first_good,
+    local_writes,
+    read_verified,
+    save_verified,
+)
 from conexa_backup.catalog import Backup, Copy, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
@@ -63,7 +69,8 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
            target_names: Sequence[str] | None = None) -> list[CopyCheck]:
     """Re-read every artifact of the chosen backup(s) on each target and check the manifest.
 
-    Incomplete copies are reported as failures only when a backup is named explicitly.
+    With ``all_backups``, incomplete leftovers (no manifest, no problem) are skipped; a named
+    backup (or ``latest``) reports every copy, incomplete ones as failures.
 
     Raises:
         UsageError: no such backup.
@@ -96,15 +103,14 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> t
         UsageError: no such backup, or the folder already exists.
         IntegrityError: no copy matches its manifest.
     """
-    if source is not None:
-        ctx.targets([source])
-    backup = resolve(ctx.scan(ctx.targets(), fresh=True), ref)
+    backup = ctx.resolve(ref, source)
     out = dest / backup.id
     if out.exists():
         raise UsageError(f"{out} already exists")
 
     def attempt(copy: Copy, manifest: Manifest) -> Path:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with local_writes(dest):
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             for artifact in manifest.artifacts:
                 ctx.reporter.step(f"downloading {artifact.name} from {copy.target.name}")
@@ -113,9 +119,7 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> t
             manifest_path.write_bytes(manifest.to_json())
             manifest_path.chmod(0o600)
         except BaseException:
-            for child in out.iterdir():
-                child.unlink()
-            out.rmdir()
+            shutil.rmtree(out, ignore_errors=True)
             raise
         return out
 

@@ -10,7 +10,6 @@ read (bad config, a target that cannot be listed).
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
-from conexa_backup.state import drills, runs
+from conexa_backup.state import atomic_write, drills, runs
 
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 # How bad, to combine targets: a target with no backup (CRITICAL) must not hide behind
@@ -195,12 +194,8 @@ def metrics_text(ctx: Context) -> str:
 def write_metrics(ctx: Context) -> None:
     """Write the textfile atomically (node_exporter must never read half a file)."""
     path = ctx.config.monitoring.metrics_file
-    if path is None:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(metrics_text(ctx), encoding="utf-8")
-    tmp.chmod(0o644)  # read by node_exporter; holds no secret
-    tmp.replace(path)
+    if path is not None:  # read by node_exporter; holds no secret
+        atomic_write(path, metrics_text(ctx).encode(), mode=0o644)
 
 
 # -- report --------------------------------------------------------------------------------------

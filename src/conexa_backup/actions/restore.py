@@ -8,10 +8,13 @@ refused). Nothing live is touched until everything restored has been proven.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +23,8 @@ from typing import Literal, TypeVar
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
-from conexa_backup.catalog import Backup, resolve
-from conexa_backup.errors import UsageError
+from conexa_backup.catalog import Backup
+from conexa_backup.errors import PartialFailure, UsageError
 from conexa_backup.manifest import ID_FORMAT, Manifest
 
 log = logging.getLogger(__name__)
@@ -60,9 +63,7 @@ class _Plan:
 
 
 def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
-    if opts.source is not None:
-        ctx.targets([opts.source])  # validates the name
-    backup = resolve(ctx.scan(ctx.targets(), fresh=True), opts.ref)
+    backup = ctx.resolve(opts.ref, opts.source)
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
@@ -99,7 +100,12 @@ def _safety_backup(ctx: Context, plan: _Plan) -> str | None:
     if not parts:
         return None
     ctx.reporter.step("taking a safety backup of the live " + " and ".join(parts))
-    return run_backup(ctx, kind="safety", parts=parts, prune=False).id
+    try:
+        return run_backup(ctx, kind="safety", parts=parts, prune=False).id
+    except PartialFailure as exc:  # a dead offsite target must not block a restore
+        log.warning("safety backup incomplete: %s", exc)
+        result = exc.result
+        return str(getattr(result, "id", "")) or None
 
 
 def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
@@ -126,7 +132,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source,
                                                      ctx.keys())
-        _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
+        with _signals_deferred():  # the swap itself is never interrupted half-way
+            _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
         if restored_db is not None and result.database is None:
             restore_db.drop_database(ctx.db, restored_db)
@@ -190,6 +197,20 @@ def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | Non
         result.database = plan.database
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends (then they are handled as usual)."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _n(n: int, sep: str) -> str:
     return f"{sep}{n}" if n else ""
 
@@ -202,6 +223,6 @@ def _first_free(make: Callable[[int], T], taken: Callable[[T], bool]) -> T:
 def _undo_uploads(dest: Path, kept: Path) -> None:
     """Put the previous uploads back after a refused database swap."""
     restored = dest.with_name(f".{dest.name}.undone-restore")
-    dest.rename(restored)
-    kept.rename(dest)
-    restore_uploads.remove_tree(restored)
+    kept.rename(restored)
+    restore_uploads.swap_in(restored, dest, kept)  # the previous tree back at dest, atomically
+    restore_uploads.remove_tree(kept)  # now the restored tree, which was not used

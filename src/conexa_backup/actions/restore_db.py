@@ -21,7 +21,7 @@ from psycopg import sql
 
 from conexa_backup import postgres, process
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import from_first_good, read_plain
+from conexa_backup.actions.fetch import from_first_good, local_writes, read_plain
 from conexa_backup.archive import extract_stream
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
@@ -67,14 +67,15 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
         artifact = manifest.artifact("database")
         assert artifact is not None
         try:
-            if artifact.content == "pg_dump-directory":
-                read_plain(copy, backup.id, artifact,
-                           lambda plain: extract_stream(plain, staging), ctx.keys())
-            else:
-                with open(staging, "wb") as out:
-                    staging.chmod(0o600)
+            with local_writes(staging.parent):
+                if artifact.content == "pg_dump-directory":
                     read_plain(copy, backup.id, artifact,
-                               lambda plain: copy_stream(plain, out), ctx.keys())
+                               lambda plain: extract_stream(plain, staging), ctx.keys())
+                else:
+                    with open(staging, "wb") as out:
+                        staging.chmod(0o600)
+                        read_plain(copy, backup.id, artifact,
+                                   lambda plain: copy_stream(plain, out), ctx.keys())
         except BaseException:
             discard(staging)
             raise
@@ -141,7 +142,11 @@ def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> str
     Returns a one-line summary ("12 tables, 176547 rows").
     """
     with info.connect(name) as conn:
-        actual = postgres.row_counts(conn)
+        try:
+            actual = postgres.row_counts(conn)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"counting rows in {name!r}: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
     problems = [f"{t}: {actual.get(t, 'missing')} rows, expected {n}"
                 for t, n in sorted(expected.items()) if actual.get(t) != n]
     problems += [f"{t}: unexpected table" for t in sorted(set(actual) - set(expected))]
@@ -207,9 +212,15 @@ def _disconnect_all(conn: psycopg.Connection[Any], name: str, timeout: float = 3
     """Terminate every other session on database ``name`` and wait until they are gone."""
     deadline = time.monotonic() + timeout
     while True:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
+        try:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"cannot end the sessions on {name!r}: {str(exc).strip().splitlines()[0]}",
+                hint="the restoring role needs to be superuser or a member of "
+                     "pg_signal_backend") from None
         if not row or row[0] == 0:
             return
         if time.monotonic() > deadline:

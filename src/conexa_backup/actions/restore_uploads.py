@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from conexa_backup import archive
-from conexa_backup.actions.fetch import Keys, from_first_good, read_plain
+from conexa_backup.actions.fetch import Keys, from_first_good, local_writes, read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError, IntegrityError, UsageError
 from conexa_backup.manifest import Manifest
@@ -46,8 +46,9 @@ def extract(backup: Backup, dest: Path, source: str | None, keys: Keys) -> Path:
         assert artifact is not None and manifest.uploads is not None
         remove_tree(staging)  # a leftover of an interrupted restore of ours
         try:
-            stats = read_plain(copy, backup.id, artifact,
-                               lambda plain: archive.extract_stream(plain, staging), keys)
+            with local_writes(dest.parent):
+                stats = read_plain(copy, backup.id, artifact,
+                                   lambda plain: archive.extract_stream(plain, staging), keys)
             expected = manifest.uploads
             if (stats.files, stats.bytes) != (expected.files, expected.bytes):
                 raise IntegrityError(
@@ -90,7 +91,8 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
 def swap_in(staging: Path, dest: Path, keep_as: Path) -> Path | None:
     """Put ``staging`` at ``dest``; the previous ``dest`` (if any) moves to ``keep_as``.
 
-    Uses an atomic exchange where the kernel offers one, so ``dest`` never disappears.
+    Uses an atomic exchange where the kernel offers one, so ``dest`` never disappears. On
+    failure it undoes itself: ``dest`` is the live tree again and ``staging`` the restored one.
     Returns where the previous folder is kept, or None if there was none.
     """
     if keep_as.exists():
@@ -100,10 +102,18 @@ def swap_in(staging: Path, dest: Path, keep_as: Path) -> Path | None:
             staging.rename(dest)
             return None
         if _renameat2_exchange(staging, dest):
-            staging.rename(keep_as)  # staging now holds the old tree
+            try:
+                staging.rename(keep_as)  # staging now holds the old tree
+            except OSError:
+                _renameat2_exchange(staging, dest)  # put the live tree back, then say why
+                raise
         else:
             dest.rename(keep_as)
-            staging.rename(dest)
+            try:
+                staging.rename(dest)
+            except OSError:
+                keep_as.rename(dest)
+                raise
     except OSError as exc:
         raise ConexaError(f"cannot swap in restored uploads at {dest}: {exc.strerror}") from None
     return keep_as

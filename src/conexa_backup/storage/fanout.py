@@ -39,6 +39,7 @@ class ThreadedUpload:
 
     def __init__(self, inner: Upload, name: str) -> None:
         self._inner = inner
+        self._name = name
         self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
@@ -50,7 +51,14 @@ class ThreadedUpload:
                 try:
                     self._inner.write(item)  # type: ignore[arg-type]
                 except BaseException as exc:  # handed to the producer's thread
-                    self._error = exc
+                    self._error = self._as_storage_error(exc)
+
+    def _as_storage_error(self, exc: BaseException) -> BaseException:
+        """Any failure of one target's upload (an SDK error, a full spool disk) is that
+        target's failure, so the others go on."""
+        if isinstance(exc, ConexaError) or not isinstance(exc, Exception):
+            return exc
+        return StorageError(self._name, f"{type(exc).__name__}: {exc}")
 
     def _finish(self) -> None:
         if self._thread.is_alive():
@@ -66,7 +74,10 @@ class ThreadedUpload:
         self._finish()
         if self._error is not None:
             raise self._error
-        return self._inner.commit()
+        try:
+            return self._inner.commit()
+        except Exception as exc:
+            raise self._as_storage_error(exc) from exc
 
     def abort(self) -> None:
         self._finish()

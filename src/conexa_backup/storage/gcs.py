@@ -1,6 +1,6 @@
 """``type = "gcs"``: Google Cloud Storage through google-cloud-storage.
 
-Uploads are resumable uploads sent in 8 MiB chunks (GCS has no part-count limit; memory is one
+Uploads are resumable uploads sent in 4 MiB chunks (GCS has no part-count limit; memory is one
 chunk), with a CRC32C of the whole stream checked against the store's when the upload is
 finalised. Nothing is visible under the key before that; an aborted upload is cancelled.
 Honours ``STORAGE_EMULATOR_HOST`` (then no credentials are used).

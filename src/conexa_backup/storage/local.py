@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal
 
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.storage.base import ObjectInfo, TargetConfig, check_key
+from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
 _TMP_PREFIX = ".tmp-"
 
@@ -110,11 +110,14 @@ class LocalTarget:
 
     def open(self, key: str) -> BinaryIO:
         try:
-            return open(self.path_of(key), "rb")
+            fh = open(self.path_of(key), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError as exc:
             raise ObjectNotFoundError(self.name, f"no object {key!r} in {self.root}") from exc
         except OSError as exc:
             raise self.error(exc) from exc
+        # A read error (EIO on a failing disk) is this copy's failure: restores fall back.
+        return GuardedReader(fh, lambda exc: StorageError(  # type: ignore[return-value]
+            self.name, f"{self.root}: {exc}"))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if not self.root.exists():

@@ -1,7 +1,7 @@
 """``type = "s3"``: AWS S3 and S3-compatible stores (MinIO, R2, B2, Wasabi) through boto3.
 
 Uploads are multipart, streamed: bytes are spooled into one part at a time (in memory up to
-32 MiB, on disk beyond) and each part is sent with its SHA-256, which S3 verifies. Part sizes
+8 MiB, in ``$TMPDIR`` beyond) and each part is sent with its SHA-256, which S3 verifies. Part sizes
 grow with the object (16 MiB for the first 1,000 parts, doubling every 1,000), so any object up
 to S3's 5 TiB limit fits in its 10,000 parts without knowing the size in advance. After
 completion the store's composite SHA-256 is compared with ours: what S3 holds is what we sent.
