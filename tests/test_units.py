@@ -197,7 +197,7 @@ def make_manifest(backup_id: str, kind: str = "scheduled") -> Manifest:
                                                       'public."Observações"': 7}),
         uploads=UploadsInfo(path="/srv/uploads", files=60, bytes=123_456, dirs=9, symlinks=2),
         artifacts=[
-            Artifact(name="db.dump.zst", kind="database", size=1000, sha256=SHA,
+            Artifact(name="database.dump.zst", kind="database", size=1000, sha256=SHA,
                      compression="zstd", content="pg_dump-custom"),
             Artifact(name="uploads.tar.zst", kind="uploads", size=2345, sha256="cd" * 32,
                      compression="zstd", content="tar"),
@@ -312,7 +312,7 @@ def store(target: LocalTarget, key: str, data: bytes) -> None:
 
 def store_backup(target: LocalTarget, backup_id: str, kind: str = "scheduled",
                  manifest: bool = True) -> None:
-    store(target, f"{backup_id}/db.dump.zst", b"dump bytes")
+    store(target, f"{backup_id}/database.dump.zst", b"dump bytes")
     if manifest:
         store(target, f"{backup_id}/{MANIFEST_NAME}", make_manifest(backup_id, kind).to_json())
 

@@ -166,7 +166,10 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             copy = Copy(target, objects)
             size = next((o.size for o in objects if o.key == f"{backup_id}/{MANIFEST_NAME}"),
                         None)
-            if size is not None and with_manifests:
+            signed = any(o.key == f"{backup_id}/{SIGNATURE_NAME}" for o in objects)
+            if size is not None and with_manifests and verifier is not None and not signed:
+                copy.problem = f"target {target.name!r}: {backup_id}: manifest is not signed"
+            elif size is not None and with_manifests:
                 try:
                     copy.manifest = read_manifest(target, backup_id, cache, size, verifier)
                 except ConexaError as exc:
@@ -212,6 +215,9 @@ def resolve(backups: Sequence[Backup], ref: str) -> Backup:
         return scheduled[-1]
     for backup in backups:
         if backup.id == ref:
+            problems = [c.problem for c in backup.copies if c.problem]
+            if not backup.complete_copies and problems:
+                raise IntegrityError(f"backup {ref} is damaged: " + "; ".join(problems))
             if not backup.complete_copies:
                 raise UsageError(f"backup {ref} is incomplete (no manifest on any target)")
             return backup

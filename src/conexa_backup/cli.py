@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from conexa_backup import __version__, events, render
-from conexa_backup.actions import inspect, monitor, setup
+from conexa_backup.actions import inspect, journal, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
 from conexa_backup.actions.drill import run_drills
@@ -137,6 +137,9 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
                 stack.enter_context(run_lock(ctx.state_dir(), what))
                 for stale in sweep_stale(ctx.config.state_dir):
                     logging.getLogger(LOGGER).warning("removed stale scratch %s", stale)
+                recovered = journal.recover(ctx.config.state_dir, ctx.db)
+                if recovered:
+                    STATE.err.print(f"warning: {recovered}", highlight=False)
             if reporter is not None:
                 stack.enter_context(reporter)
             if alert == "backup":

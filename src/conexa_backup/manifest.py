@@ -37,7 +37,7 @@ class _Model(BaseModel):
 class Artifact(_Model):
     """One stored file of a backup."""
 
-    name: str
+    name: str = Field(pattern=OWNED_NAME.pattern)  # never a path: only names we write
     kind: Literal["database", "globals", "uploads", "uploads-index"]
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -274,6 +274,10 @@ def run_backup(
     started = datetime.now(UTC)
     t0 = time.monotonic()
     targets = ctx.targets(target_names)
+    for target in targets:  # temporaries of runs killed outright (local targets only)
+        sweep = getattr(target, "sweep_temporaries", None)
+        if callable(sweep) and sweep():
+            log.info("removed stale temporary files from %s", target.name)
     unreachable: dict[str, str] = {}
     existing = ctx.scan(targets, unreachable=unreachable)
     backup_id = new_backup_id(started, {b.id for b in existing})

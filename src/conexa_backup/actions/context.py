@@ -25,6 +25,8 @@ from conexa_backup.postgres import ConnInfo, conninfo, parse_url
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
 
+MIN_SECRET_LENGTH = 8
+
 
 class Reporter(Protocol):
     def step(self, message: str) -> None:
@@ -100,7 +102,9 @@ class Context:
                 values = value.values() if isinstance(value, dict) else [value]
                 found += [v.get_secret_value() for v in values
                           if isinstance(v, SecretStr) and v.get_secret_value()]
-        return found
+        # Redaction is a second line of defence (secrets never go into messages by
+        # construction); masking very short values would mangle ordinary words instead.
+        return [s for s in found if len(s) >= MIN_SECRET_LENGTH]
 
     def scan(self, targets: Sequence[Target], *, with_manifests: bool = True,
              unreachable: dict[str, str] | None = None, fresh: bool = False) -> list[Backup]:

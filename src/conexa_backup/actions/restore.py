@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from conexa_backup.actions import restore_db, restore_uploads
+from conexa_backup.actions import journal, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
@@ -164,37 +164,48 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
 
 def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | None,
           stamp: str, result: RestoreResult) -> None:
-    kept_uploads: Path | None = None
+    """Swap the proven copies in. A journal in ``state_dir`` records the swap while it runs,
+    so that a crash half-way is finished or undone by the next run (``journal.recover``)."""
+    keep: Path | None = None
+    keep_db: str | None = None
+    if staged is not None and plan.uploads is not None and plan.in_place_uploads:
+        base = plan.uploads
+        keep = _first_free(
+            lambda n: base.with_name(f"{base.name}.before-restore-{stamp}{_n(n, '-')}"),
+            Path.exists)
+    if restored_db is not None and plan.database is not None and plan.in_place_db:
+        live = plan.database
+        keep_db = _first_free(
+            lambda n: restore_db.derived_name(live, f"__before_restore_{stamp}{_n(n, '_')}"),
+            lambda name: restore_db.database_exists(ctx.db, name))
+    if keep is not None or keep_db is not None:
+        journal.begin(ctx.config.state_dir, uploads=plan.uploads if keep else None,
+                      staged=staged if keep else None, kept_uploads=keep,
+                      live_db=plan.database if keep_db else None, restored_db=restored_db,
+                      keep_db=keep_db)
     if staged is not None and plan.uploads is not None:
-        if plan.in_place_uploads:
+        if keep is not None:
             ctx.reporter.step("swapping in restored uploads")
-            base = plan.uploads
-            keep = _first_free(
-                lambda n: base.with_name(f"{base.name}.before-restore-{stamp}{_n(n, '-')}"),
-                Path.exists)
-            kept_uploads = restore_uploads.swap_in(staged, plan.uploads, keep)
-            result.previous_uploads = kept_uploads
+            result.previous_uploads = restore_uploads.swap_in(staged, plan.uploads, keep)
         else:
             if plan.uploads.exists():
                 plan.uploads.rmdir()  # checked empty by check_destination
             staged.rename(plan.uploads)
         result.uploads = plan.uploads
     if restored_db is not None and plan.database is not None:
-        if plan.in_place_db:
+        if keep_db is not None:
             ctx.reporter.step("swapping in restored database")
-            live = plan.database
-            keep_db = _first_free(
-                lambda n: restore_db.derived_name(live, f"__before_restore_{stamp}{_n(n, '_')}"),
-                lambda name: restore_db.database_exists(ctx.db, name))
             try:
                 result.previous_database = restore_db.swap_in(
                     ctx.db, plan.database, restored_db, keep_db)
             except BaseException:
-                if kept_uploads is not None and plan.uploads is not None:
-                    _undo_uploads(plan.uploads, kept_uploads)
+                if result.previous_uploads is not None and plan.uploads is not None:
+                    _undo_uploads(plan.uploads, result.previous_uploads)
                     result.previous_uploads = None
+                journal.end(ctx.config.state_dir)
                 raise
         result.database = plan.database
+    journal.end(ctx.config.state_dir)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ found, and never echo a value (values may be secrets).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -49,6 +50,9 @@ def find_config(explicit: Path | None, env: Mapping[str, str] | None = None) -> 
 def _expand(value: Any, path: tuple[str | int, ...], env: Mapping[str, str], src: Path) -> Any:
     """Replace ``${VAR}`` in every string value from ``env``."""
     if isinstance(value, str):
+        if "\0" in value:
+            raise ConfigError(f"{src}: {_dotted(path)}: contains a NUL character")
+
         def repl(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
@@ -66,7 +70,12 @@ def _expand(value: Any, path: tuple[str | int, ...], env: Mapping[str, str], src
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+    """``a.b.0.c``; a key with spaces, quotes or control characters is quoted, so an error
+    stays one line and prints no control codes."""
+    def part(p: str | int) -> str:
+        text = str(p)
+        return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else json.dumps(text)
+    return ".".join(part(p) for p in path) or "(top level)"
 
 
 def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -91,8 +100,10 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     targets = data.get("targets")
     if not isinstance(targets, list):
         return
-    types = {t.get("type") for t in targets if isinstance(t, dict)}
-    names = {t.get("name") for t in targets if isinstance(t, dict)}
+    types = {t.get("type") for t in targets if isinstance(t, dict)
+             and isinstance(t.get("type"), str)}
+    names = {t.get("name") for t in targets if isinstance(t, dict)
+             and isinstance(t.get("name"), str)}
     for var, kind in (("AWS_S3_BUCKET", "s3"), ("GCS_BUCKET", "gcs")):
         if env.get(var) and kind not in types and kind not in names:
             targets.append({"name": kind, "type": kind, "bucket": env[var]})
@@ -103,7 +114,8 @@ def _seed_notifiers(data: dict[str, Any], env: Mapping[str, str]) -> None:
     notify = data.setdefault("notify", [])
     if not isinstance(notify, list):
         return
-    types = {n.get("type") for n in notify if isinstance(n, dict)}
+    types = {n.get("type") for n in notify if isinstance(n, dict)
+             and isinstance(n.get("type"), str)}
     if env.get("SLACK_WEBHOOK_URL") and "slack" not in types:
         notify.append({"type": "slack", "webhook_url": env["SLACK_WEBHOOK_URL"]})
     if env.get("BACKUP_NOTIFY_EMAIL") and "email" not in types:
@@ -186,6 +198,8 @@ def parse_config(text: str, src: Path, env: Mapping[str, str] | None = None) -> 
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{src}: invalid TOML: nested too deeply") from None
     data = _expand(raw, (), env, src)
     _apply_seed_env(data, env)
     try:
@@ -226,7 +240,7 @@ def secrets_written_in(text: str) -> list[str]:
                 walk(v, (*path, i))
         elif isinstance(value, str) and value and not _ONLY_VARS.match(value):
             keys = {p for p in path if isinstance(p, str)}
-            if (path and path[-1] == "url" and not _URL_PASSWORD.search(value)
+            if (path and path[-1] == "url" and not _URL_PASSWORD.search(_VAR.sub("", value))
                     and "notify" not in keys):
                 return  # an ordinary URL without a password (a notifier's URL is a secret)
             if keys & _SECRET_KEYS:

@@ -151,6 +151,22 @@ class LocalTarget:
             raise self.error(exc) from exc
         self.remove_if_empty(path.parent)
 
+    def sweep_temporaries(self, older_than: float = 86400) -> int:
+        """Remove our hidden temporaries (``.tmp-*``) left by runs killed outright, once they
+        are ``older_than`` seconds old (younger ones may belong to a run in progress)."""
+        import time
+
+        removed = 0
+        if not self.root.is_dir():
+            return removed
+        for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.lstat().st_mtime > older_than:
+                    tmp.unlink()
+                    removed += 1
+                    self.remove_if_empty(tmp.parent)
+        return removed
+
     def remove_if_empty(self, folder: Path) -> None:
         """Remove a backup's folder once it is empty; never the root, never anything else."""
         with contextlib.suppress(OSError):
