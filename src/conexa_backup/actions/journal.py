@@ -73,7 +73,7 @@ def recover(state_dir: Path, info: ConnInfo) -> str | None:
     db_swapped = bool(keep_db) and restore_db.database_exists(info, str(keep_db)) and not (
         restored and restore_db.database_exists(info, str(restored)))
     finish = db_swapped or not live  # the database is restored, or was never part of it
-    _allow_connections(info, live, keep_db)
+    _allow_connections(info, live, keep_db)  # closed by versions that closed it to swap
     dest, staged, kept = j.get("uploads"), j.get("staged"), j.get("kept_uploads")
     if dest and staged and kept:
         uploads_swapped = _inode(dest) == j.get("staged_inode")

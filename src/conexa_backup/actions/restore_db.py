@@ -8,7 +8,6 @@ swapped by renaming inside one transaction. The old database is kept under a cle
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import shutil
@@ -31,6 +30,7 @@ from conexa_backup.postgres import ConnInfo, ServerInfo
 
 log = logging.getLogger(__name__)
 MAX_NAME = 63  # PostgreSQL identifier limit, in bytes
+SWAP_TIMEOUT = 30.0
 
 
 def derived_name(base: str, suffix: str) -> str:
@@ -187,25 +187,25 @@ def swap_in(info: ConnInfo, live: str, restored: str, keep_as: str) -> str | Non
             return None
         if database_exists(info, keep_as):
             raise UsageError(f"database {keep_as!r} already exists; cannot keep the old one")
-        allow = sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}")
-        _execute(conn, allow.format(sql.Identifier(live), sql.SQL("false")),
-                 f"cannot close {live!r} to new connections")
-        try:
+        # No persistent "closed" flag (ALLOW_CONNECTIONS false) that a crash could leave set:
+        # end the sessions and rename at once, again while the application reconnects.
+        deadline = time.monotonic() + SWAP_TIMEOUT
+        while True:
             _disconnect_all(conn, live)
             try:
                 with conn.transaction():
                     conn.execute(rename.format(sql.Identifier(live), sql.Identifier(keep_as)))
                     conn.execute(rename.format(sql.Identifier(restored), sql.Identifier(live)))
+                return keep_as
+            except psycopg.errors.ObjectInUse:
+                if time.monotonic() > deadline:
+                    raise DatabaseError(f"{live!r} kept getting new sessions for "
+                                        f"{SWAP_TIMEOUT:.0f} s; stop the application and "
+                                        "retry") from None
+                time.sleep(0.05)
             except psycopg.Error as exc:
                 raise DatabaseError(f"cannot swap in the restored database: "
                                     f"{str(exc).strip().splitlines()[0]}") from None
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute(allow.format(sql.Identifier(live), sql.SQL("true")))
-            raise
-        with contextlib.suppress(psycopg.Error):
-            conn.execute(allow.format(sql.Identifier(keep_as), sql.SQL("true")))
-    return keep_as
 
 
 def _disconnect_all(conn: psycopg.Connection[Any], name: str, timeout: float = 30) -> None:
