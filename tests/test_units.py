@@ -399,7 +399,7 @@ def test_damaged_manifest_makes_copy_incomplete(tmp_path: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     good, bad = local(tmp_path, "good"), local(tmp_path, "bad")
     store_backup(good, "20260301T021500Z")
-    store(bad, "20260301T021500Z/db.dump.zst", b"dump")
+    store(bad, "20260301T021500Z/database.dump.zst", b"dump")
     store(bad, f"20260301T021500Z/{MANIFEST_NAME}", b"{truncated")
     store_backup(bad, "20260302T021500Z")
     # A manifest copied into the wrong folder describes another backup: not usable either.
