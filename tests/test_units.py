@@ -412,7 +412,7 @@ def test_damaged_manifest_makes_copy_incomplete(tmp_path: Path,
     assert not bad_copy.complete
     assert bad_copy.problem is not None and "invalid manifest" in bad_copy.problem
     misplaced = backups["20260303T021500Z"]
-    assert misplaced.status == "incomplete"
+    assert misplaced.status == "damaged"  # a manifest is there, but unusable
     assert "describes backup 20260302T021500Z" in (misplaced.copies[0].problem or "")
     assert resolve(list(backups.values()), "latest").id == "20260302T021500Z"
 
