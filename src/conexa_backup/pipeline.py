@@ -13,7 +13,6 @@ import hashlib
 import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import IO, BinaryIO, Protocol
 
 import zstandard
@@ -179,12 +178,6 @@ def hash_file(path: str | os.PathLike[str]) -> str:
         while data := fh.read(CHUNK):
             digest.update(data)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Digest:
-    size: int
-    sha256: str
 
 
 def copy_stream(src: IO[bytes], dst: Sink, chunk: int = CHUNK) -> int:

@@ -10,7 +10,7 @@ import contextlib
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +256,6 @@ class Snapshot:
     id: str
     conn: psycopg.Connection[Any]
     server: ServerInfo
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
