@@ -27,6 +27,7 @@ from conexa_backup.actions import inspect, journal, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
 from conexa_backup.actions.drill import run_drills
+from conexa_backup.actions.prune import problems as prune_problems
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
 from conexa_backup.config import load_config
@@ -436,7 +437,7 @@ def prune(
                 _alert(ctx, events.prune_event(results))
         _emit(as_json, lambda: [render.prune_entry(p) for p in results],
               lambda c: render.prune_human(c, results, preview))
-        problems = [f"{p.target}: {e}" for p in results for e in p.errors]
+        problems = prune_problems(results)
         problems += [f"{p.target}: {p.skipped}" for p in results if p.skipped]
         if problems:
             _fail("prune incomplete: " + "; ".join(problems), ExitCode.PARTIAL)

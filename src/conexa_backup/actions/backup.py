@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from conexa_backup import __version__, archive, postgres, process
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import TargetPrune, candidates
+from conexa_backup.actions.prune import problems as prune_problems
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.catalog import Backup
 from conexa_backup.crypto import (
@@ -68,7 +69,7 @@ class BackupResult:
 
     @property
     def prune_errors(self) -> list[str]:
-        return [f"{p.target}: {e}" for p in self.pruned for e in p.errors]
+        return prune_problems(self.pruned)
 
     @property
     def id(self) -> str:

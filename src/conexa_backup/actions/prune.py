@@ -34,6 +34,11 @@ class TargetPrune:
     skipped: str | None = None  # why the target was not pruned at all
 
 
+def problems(results: Sequence[TargetPrune]) -> list[str]:
+    """Every deletion that failed, as ``target: why``."""
+    return [f"{p.target}: {e}" for p in results for e in p.errors]
+
+
 def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate], dict[str, Copy]]:
     """What the planner needs of every backup on ``target``, and the copies by id."""
     cands, copies = [], {}

@@ -22,6 +22,12 @@ from conexa_backup.retention import RetentionConfig
 _KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+def normalize_prefix(prefix: str) -> str:
+    """A bucket key prefix as ``"a/b/"`` (or ``""``), whatever slashes the config had."""
+    stripped = prefix.strip("/")
+    return f"{stripped}/" if stripped else ""
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if every part is a plain name; raise ValueError otherwise."""
     parts = key.split("/")

@@ -19,7 +19,13 @@ from typing import BinaryIO, ClassVar, Literal
 from pydantic import Field
 
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
+from conexa_backup.storage.base import (
+    GuardedReader,
+    ObjectInfo,
+    TargetConfig,
+    check_key,
+    normalize_prefix,
+)
 
 CHUNK = 4 << 20  # a multiple of 256 KiB, as resumable uploads require
 
@@ -82,7 +88,7 @@ class GCSTarget:
 
         self.name = config.name
         self.config = config
-        self.prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
+        self.prefix = normalize_prefix(config.prefix)
         try:
             if os.environ.get("STORAGE_EMULATOR_HOST"):
                 from google.auth.credentials import AnonymousCredentials

@@ -26,7 +26,13 @@ from pydantic import Field, SecretStr, model_validator
 
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
+from conexa_backup.storage.base import (
+    GuardedReader,
+    ObjectInfo,
+    TargetConfig,
+    check_key,
+    normalize_prefix,
+)
 
 MiB = 1 << 20
 MIN_PART = 16 * MiB
@@ -205,7 +211,7 @@ class S3Target:
 
         self.name = config.name
         self.config = config
-        self.prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
+        self.prefix = normalize_prefix(config.prefix)
         secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
         if config.secret_access_key_file is not None:
             try:
