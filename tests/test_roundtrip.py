@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -147,3 +148,19 @@ def test_parallel_directory_dump_round_trip(ws: Workspace) -> None:
     drill = ws.run("verify", "--drill", backup_id, "--json")
     assert drill.returncode == 0, drill.stdout + drill.stderr
     assert not list((ws.state / "staging").iterdir())  # the spooled folder is gone
+    # Each table's file is archived as soon as pg_dump reports its worker finished it (so
+    # compression overlaps the dump), in that order; toc.dat, written last, comes last.
+    result = ws.run("--verbose", "backup", "--json", "--no-prune")
+    assert result.returncode == 0, result.stderr
+    reported = re.findall(r"finished item (\d+) TABLE DATA", result.stderr)
+    listing = _tar_listing(ws.backups / json.loads(result.stdout)["id"] / "database.dir.tar.zst")
+    assert len(reported) == len(manifest["database"]["tables"]) > 1
+    assert listing == ["./", *(f"{n}.dat" for n in reported), "toc.dat"], (reported, listing)
+
+
+def _tar_listing(path: Path) -> list[str]:
+    zstd = subprocess.Popen(["zstd", "-dc", str(path)], stdout=subprocess.PIPE)
+    listing = subprocess.run(["tar", "-tf", "-"], stdin=zstd.stdout, check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    assert zstd.wait() == 0
+    return listing

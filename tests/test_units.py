@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -588,6 +589,31 @@ def test_stream_kills_chatty_child_when_block_raises() -> None:
         raise KeyError("bad")
     assert proc.returncode == -signal.SIGKILL
     assert proc.stdout is not None and proc.stdout.closed
+
+
+def test_watch_reports_matching_lines_as_they_come(tmp_path: Path) -> None:
+    """Each match arrives while the child still runs (here it waits for our answer)."""
+    answer = tmp_path / "answer"
+    os.mkfifo(answer)
+    script = (f"echo 'pg_dump: finished item 12 TABLE DATA a' >&2; read x < {answer}; "
+              "echo 'noise' >&2; echo 'pg_dump: finished item 7 TABLE DATA b' >&2")
+    seen = []
+    with process.watch(["sh", "-c", script], re.compile(r"finished item (\d+) ")) as child:
+        for found in child.matches():
+            seen.append(found[1])
+            if found[1] == "12":
+                assert child.proc.poll() is None  # reported before the child went on
+                answer.write_text("go\n")
+        child.wait_ok()
+    assert seen == ["12", "7"]
+
+
+def test_watch_failure_carries_stderr_tail() -> None:
+    script = "echo 'finished item 1 x' >&2; echo 'pg_dump: error: disk full' >&2; exit 1"
+    with pytest.raises(ProcessError, match="disk full"), \
+            process.watch(["sh", "-c", script], re.compile(r"finished item (\d+) ")) as child:
+        assert [m[1] for m in child.matches()] == ["1"]
+        child.wait_ok()
 
 
 def test_stream_missing_program() -> None:

@@ -76,15 +76,44 @@ def write_tree(root: Path, out: Sink, on_file: FileHook | None = None) -> TreeSt
     if not root.is_dir():
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
-    tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115 - closed below
-        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK)
-    tar.copybufsize = CHUNK
+    tar = open_tar(out, root)
     try:
-        tar.addfile(tar.gettarinfo(str(root), arcname="."))  # the folder's own mode and mtime
         _add_dir(tar, root, ".", stats, on_file)
     finally:
         tar.close()  # writes the end-of-archive blocks and flushes its buffer
     return stats
+
+
+def open_tar(out: Sink, root: Path) -> tarfile.TarFile:
+    """Start a pax tar stream on ``out`` whose first member is ``root`` itself, as ``.`` (its
+    mode and mtime). Closing it writes the end-of-archive blocks."""
+    tar: tarfile.TarFile = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK)
+    tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
+    tar.addfile(tar.gettarinfo(str(root), arcname="."))
+    return tar
+
+
+def move_file(tar: tarfile.TarFile, path: Path) -> bool:
+    """Store the finished regular file ``path`` under its name, then delete it.
+
+    Returns False (and stores nothing) when ``path`` does not exist or is not a regular file.
+
+    Raises:
+        ConexaError: it cannot be read.
+    """
+    try:
+        info = tar.gettarinfo(str(path), arcname=path.name)
+        if not info.isreg():
+            return False
+        with open(path, "rb") as fh:
+            tar.addfile(info, fh)
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
+    return True
 
 
 def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,

@@ -297,9 +297,10 @@ def pg_dump_argv(info: ConnInfo, snapshot_id: str | None) -> list[str]:
 def pg_dump_directory_argv(info: ConnInfo, snapshot_id: str | None, jobs: int,
                            folder: Path) -> list[str]:
     """A directory-format dump by ``jobs`` workers into ``folder`` (uncompressed: we compress
-    the whole folder with zstd afterwards)."""
+    the files ourselves). ``--verbose`` reports each finished table ("finished item N"), which
+    lets the caller archive that table's file while the workers go on."""
     argv = [info.tool("pg_dump"), "--format=directory", "--compress=0", "--no-password",
-            f"--jobs={jobs}", f"--file={folder}"]
+            "--verbose", f"--jobs={jobs}", f"--file={folder}"]
     if snapshot_id:
         argv.append(f"--snapshot={snapshot_id}")
     return argv

@@ -15,6 +15,8 @@ import collections
 import contextlib
 import logging
 import os
+import queue
+import re
 import shlex
 import subprocess
 import threading
@@ -42,20 +44,34 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 class _StderrTail:
-    """Drain a pipe in a thread, keeping the last lines (and logging each at debug)."""
+    """Drain a pipe in a thread, keeping the last lines (and logging each at debug).
 
-    def __init__(self, stream: IO[bytes], name: str) -> None:
+    With ``pattern``, every line it matches is also queued for :meth:`Running.matches`; a
+    final ``None`` marks the end of the stream.
+    """
+
+    def __init__(self, stream: IO[bytes], name: str, pattern: re.Pattern[str] | None = None
+                 ) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._pattern = pattern
+        self.matches: queue.SimpleQueue[re.Match[str] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, args=(stream, name), daemon=True)
         self._thread.start()
 
     def _drain(self, stream: IO[bytes], name: str) -> None:
-        with stream:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip()
-                if line:
+        try:
+            with stream:
+                for raw in stream:
+                    line = raw.decode("utf-8", "replace").rstrip()
+                    if not line:
+                        continue
                     self._lines.append(line)
                     log.debug("%s: %s", name, line)
+                    found = self._pattern.search(line) if self._pattern else None
+                    if found:
+                        self.matches.put(found)
+        finally:
+            self.matches.put(None)
 
     def text(self) -> str:
         self._thread.join(timeout=5)
@@ -118,6 +134,12 @@ class Running:
         assert self.proc.stdout is not None
         return self.proc.stdout
 
+    def matches(self) -> Iterator[re.Match[str]]:
+        """The child's stderr lines that match the ``pattern`` given to :func:`watch`, as
+        they are written; ends when the child closes its stderr (normally: at exit)."""
+        while (found := self._tail.matches.get()) is not None:
+            yield found
+
     def wait_ok(self) -> None:
         """Wait for exit; raise :class:`ProcessError` (with stderr tail) unless it is 0."""
         code = self.proc.wait()
@@ -140,17 +162,35 @@ def stream(
     Raises:
         ProcessError: the program is missing.
     """
+    with _started(argv, env, what, subprocess.PIPE, None) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def watch(
+    argv: Sequence[str], pattern: re.Pattern[str], *, env: Mapping[str, str] | None = None,
+    what: str | None = None,
+) -> Iterator[Running]:
+    """Start ``argv`` (stdout discarded) and follow its progress through :meth:`Running.matches`:
+    the stderr lines that match ``pattern``. Same contract as :func:`stream` otherwise."""
+    with _started(argv, env, what, subprocess.DEVNULL, pattern) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | None,
+             stdout: int, pattern: re.Pattern[str] | None) -> Iterator[Running]:
     label = what or os.path.basename(argv[0])
     log.info("running %s", format_argv(argv))
     try:
         proc = subprocess.Popen(
-            list(argv), env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            list(argv), env=child_env(env), stdout=stdout, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, bufsize=0,
         )
     except FileNotFoundError as exc:
         raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
     assert proc.stderr is not None
-    tail = _StderrTail(proc.stderr, label)
+    tail = _StderrTail(proc.stderr, label, pattern)
     running = Running(proc, label, tail)
     try:
         yield running

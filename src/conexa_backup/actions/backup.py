@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -222,13 +223,32 @@ def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:
         child.wait_ok()
 
 
+# pg_dump --verbose, in the C locale: a worker finished the data of TOC entry N (file N.dat).
+FINISHED_ITEM = re.compile(r"\bfinished item (\d+) ")
+
+
 def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> None:
+    """Parallel directory-format dump, archived while it is written.
+
+    Each table's file goes into the tar as soon as pg_dump reports that its worker finished it,
+    and is deleted then: compression overlaps the dump, and staging holds only the files in
+    flight. ``toc.dat`` (written last) and anything not reported (large objects) follow at
+    the end. Missing a report costs only overlap, never data: the final sweep takes all.
+    """
     info = ctx.db
     folder = ctx.state_dir("staging") / f"dump-{os.getpid()}-{secrets.token_hex(3)}"
+    folder.mkdir(mode=0o700)
     try:
-        process.run(postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder),
-                    env=info.env(), what="pg_dump")
-        archive.write_tree(folder, out)
+        tar = archive.open_tar(out, folder)
+        argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
+        with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},
+                           what="pg_dump") as child:
+            for item in child.matches():
+                archive.move_file(tar, folder / f"{item[1]}.dat")
+            child.wait_ok()
+        for name in sorted(os.listdir(folder)):
+            archive.move_file(tar, folder / name)
+        tar.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
