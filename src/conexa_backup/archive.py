@@ -9,12 +9,13 @@ keeping modes and owners (which that filter would discard).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -76,22 +77,57 @@ def write_tree(root: Path, out: Sink, on_file: FileHook | None = None) -> TreeSt
     if not root.is_dir():
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
-    tar = open_tar(out, root)
-    try:
+    with tar_writer(out, root) as tar:
         _add_dir(tar, root, ".", stats, on_file)
-    finally:
-        tar.close()  # writes the end-of-archive blocks and flushes its buffer
     return stats
 
 
-def open_tar(out: Sink, root: Path) -> tarfile.TarFile:
-    """Start a pax tar stream on ``out`` whose first member is ``root`` itself, as ``.`` (its
-    mode and mtime). Closing it writes the end-of-archive blocks."""
-    tar: tarfile.TarFile = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
-        fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK)
-    tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
-    tar.addfile(tar.gettarinfo(str(root), arcname="."))
-    return tar
+class _TarOut:
+    """What tarfile writes to: small writes (headers, padding) gathered into CHUNK-sized
+    writes, large ones passed straight on; ``tell()`` counts bytes, as tarfile's "w" mode needs.
+
+    Not tarfile's stream mode ("w|"): it buffers with ``bytes +=``, copying its whole buffer on
+    every write, which made each small file cost ~0.4 ms (20,000 files: 8.4 s; measured).
+    """
+
+    def __init__(self, out: Sink) -> None:
+        self._out = out
+        self._buf = bytearray()
+        self._pos = 0
+
+    def write(self, data: bytes) -> int:
+        self._pos += len(data)
+        if len(data) >= CHUNK:
+            self.flush()
+            self._out.write(data)
+        else:
+            self._buf += data
+            if len(self._buf) >= CHUNK:
+                self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            # Handed over, never touched again: a sink may queue it for another thread.
+            chunk, self._buf = self._buf, bytearray()
+            self._out.write(chunk)  # type: ignore[arg-type]  # any bytes-like object will do
+
+    def tell(self) -> int:
+        return self._pos
+
+
+@contextlib.contextmanager
+def tar_writer(out: Sink, root: Path) -> Iterator[tarfile.TarFile]:
+    """A pax tar stream to ``out`` whose first member is ``root`` itself, as ``.`` (its mode
+    and mtime); leaving the block normally writes the end-of-archive blocks and flushes."""
+    buffered = _TarOut(out)
+    # On an exception TarFile's __exit__ writes nothing more: the caller discards the stream.
+    with tarfile.TarFile(fileobj=buffered, mode="w",  # type: ignore[arg-type]  # write+tell
+                         format=tarfile.PAX_FORMAT) as tar:
+        tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
+        tar.addfile(tar.gettarinfo(str(root), arcname="."))
+        yield tar
+    buffered.flush()
 
 
 def move_file(tar: tarfile.TarFile, path: Path) -> bool:

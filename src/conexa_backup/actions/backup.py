@@ -238,17 +238,16 @@ def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> Non
     info = ctx.db
     folder = ctx.state_dir("staging") / f"dump-{os.getpid()}-{secrets.token_hex(3)}"
     folder.mkdir(mode=0o700)
+    argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
     try:
-        tar = archive.open_tar(out, folder)
-        argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
-        with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},
-                           what="pg_dump") as child:
-            for item in child.matches():
-                archive.move_file(tar, folder / f"{item[1]}.dat")
-            child.wait_ok()
-        for name in sorted(os.listdir(folder)):
-            archive.move_file(tar, folder / name)
-        tar.close()
+        with archive.tar_writer(out, folder) as tar:
+            with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},
+                               what="pg_dump") as child:
+                for item in child.matches():
+                    archive.move_file(tar, folder / f"{item[1]}.dat")
+                child.wait_ok()
+            for name in sorted(os.listdir(folder)):
+                archive.move_file(tar, folder / name)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -116,6 +116,14 @@ class GCSServer:
             os.environ["STORAGE_EMULATOR_HOST"] = self._previous
         self._log.unlink(missing_ok=True)
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system), from /proc."""
+        if self._proc is None:
+            return 0.0
+        with open(f"/proc/{self._proc.pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def create_bucket(self, name: str) -> None:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
