@@ -261,7 +261,7 @@ FROM generate_series(0, 9) AS k, generate_series(1, {n_students}) AS s
 ORDER BY k, s;
 
 INSERT INTO public.grades (enrollment_id, "avaliação", nota)
-SELECT e, {_pick(_ASSESSMENTS, "a")}, ((e * 7919 + a * 104729) % 1001) / 100.0
+SELECT e, {_pick(_ASSESSMENTS, "a")}, ((e::bigint * 7919 + a * 104729) % 1001) / 100.0
 FROM generate_series(1, {n_enrollments}) AS e, generate_series(0, 2) AS a
 ORDER BY e, a;
 
@@ -293,7 +293,7 @@ SELECT {_pick(("public.students", "public.enrollments", "public.grades",
            'campos', jsonb_build_object(
                'situação', {_pick(("matrícula ativa", "transferência", "conclusão",
                                     "trancamento"), "g / 3")},
-               'nota', round(((g * 7919) % 1001) / 100.0, 2)
+               'nota', round(((g::bigint * 7919) % 1001) / 100.0, 2)
            ),
            'tags', jsonb_build_array('revisão', g % 10)
        ),
