@@ -369,7 +369,7 @@ class TestMultiUpload:
 # -- large objects and S3 part arithmetic ----------------------------------------------------------
 
 def test_object_larger_than_one_part(target: Target) -> None:
-    """Crosses the first multipart boundary (16 MiB) and the first GCS chunk (16 MiB)."""
+    """Crosses the first multipart boundary (16 MiB) and GCS's 8 MiB chunks."""
     data = os.urandom(1 << 20) * 17 + b"tail"
     info = put(target, f"{BID}/big.bin", data, pieces=40)
     assert info.size == len(data)

@@ -1,6 +1,6 @@
 """``type = "gcs"``: Google Cloud Storage through google-cloud-storage.
 
-Uploads are resumable uploads sent in 16 MiB chunks (GCS has no part-count limit; memory is one
+Uploads are resumable uploads sent in 8 MiB chunks (GCS has no part-count limit; memory is one
 chunk), with a CRC32C of the whole stream checked against the store's when the upload is
 finalised. Nothing is visible under the key before that; an aborted upload is cancelled.
 Honours ``STORAGE_EMULATOR_HOST`` (then no credentials are used).
@@ -27,10 +27,11 @@ from conexa_backup.storage.base import (
     normalize_prefix,
 )
 
-# A multiple of 256 KiB, as resumable uploads require. Each chunk is one HTTP round trip and a
-# commit on the server's side: 16 MiB sends 150 MB in 2.1 s to fake-gcs-server where 4 MiB took
-# 7 s (Google's own default is 100 MiB, which would break the memory budget).
-CHUNK = 16 << 20
+# A multiple of 256 KiB, as resumable uploads require. Each chunk is one HTTP round trip (Google
+# advises at least 8 MiB for speed; its own default, 100 MiB, would break the memory budget).
+# The library holds a chunk about twice: 16 MiB took a three-target backup to 163 MB peak RSS,
+# over the 150 MB goal; 8 MiB, 142 MB (measured, docs/benchmarks.md).
+CHUNK = 8 << 20
 
 
 class GCSTargetConfig(TargetConfig):

@@ -1,7 +1,7 @@
 """``type = "s3"``: AWS S3 and S3-compatible stores (MinIO, R2, B2, Wasabi) through boto3.
 
 Uploads are multipart, streamed: bytes are spooled into one part at a time (in memory up to
-8 MiB, in ``$TMPDIR`` beyond) and each part is sent with its SHA-256, which S3 verifies. Part sizes
+1 MiB, in ``$TMPDIR`` beyond) and each part is sent with its SHA-256, which S3 verifies. Part sizes
 grow with the object (16 MiB for the first 1,000 parts, doubling every 1,000), so any object up
 to S3's 5 TiB limit fits in its 10,000 parts without knowing the size in advance. After
 completion the store's composite SHA-256 is compared with ours: what S3 holds is what we sent.
@@ -39,7 +39,9 @@ MIN_PART = 16 * MiB
 MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 PARTS_PER_TIER = 1_000
-SPOOL_IN_MEMORY = 8 * MiB
+# Small objects (manifests) stay in memory; a part's first 8 MiB in memory cost 8 MB of peak RSS
+# on a three-target backup for nothing (measured): the part goes to disk anyway.
+SPOOL_IN_MEMORY = 1 * MiB
 
 
 class S3TargetConfig(TargetConfig):
