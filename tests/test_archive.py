@@ -129,8 +129,8 @@ def test_small_files_reach_the_sink_in_large_writes(tmp_path: Path) -> None:
 
 
 def test_memory_does_not_grow_with_the_number_of_files(tmp_path: Path) -> None:
-    """10,000 small files: the writer keeps nothing per file (tarfile alone would keep every
-    header, ~1 KB each: 8.5 MiB here, 100 MB for 100,000 files)."""
+    """10,000 small files: the writer keeps nothing per file. tarfile alone would keep every
+    header (~1 KB each: 8.5 MiB here) and every inode (4 MiB here); peak is 1.7 MiB."""
     for i in range(10_000):
         (tmp_path / f"f{i:05}").write_bytes(b"x" * 100)
 
@@ -145,7 +145,7 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert stats.files == 10_000
-    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB"
+    assert peak < 5 << 19, f"peak {peak / 2**20:.1f} MiB"  # 2.5 MiB
 
 
 def test_hard_links_are_stored_as_content(tmp_path: Path) -> None:

@@ -117,12 +117,14 @@ class _TarOut:
 
 
 class _ForgetfulTarFile(tarfile.TarFile):
-    """Keeps no list of what it wrote (TarFile keeps every TarInfo: ~1 KB a file, so 100,000
-    small files cost 100 MB; measured)."""
+    """Keeps nothing per file written. TarFile keeps every TarInfo (~1 KB a file: 100,000
+    small files cost 100 MB; measured) and every file's inode, to write later hard links as
+    links; we store those as content (see :func:`write_tree`), so it need not remember."""
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
         super().addfile(tarinfo, fileobj)
         self.members.clear()  # type: ignore[attr-defined]  # undocumented, not in the stubs
+        self.inodes.clear()  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
