@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -41,6 +42,8 @@ from conexa_backup.manifest import (
     id_sort_key,
     new_backup_id,
 )
+from conexa_backup.scratch import abandoned, scratch_name
+from conexa_backup.state import sweep_stale
 from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
 
 SECRET = "Sup3r-s3cret!pw"
@@ -490,6 +493,56 @@ def test_lock_released_when_block_raises(tmp_path: Path) -> None:
          "with run_lock(Path(sys.argv[1]), 'probe'): print('ok')", str(tmp_path)],
         capture_output=True, text=True, check=False)
     assert probe.stdout.strip() == "ok", probe.stderr
+
+
+# -- scratch left by killed runs ------------------------------------------------------------
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_scratch_names_tell_abandoned_from_live(dead_pid: int) -> None:
+    host = socket.gethostname()
+    assert abandoned(f"dump-ab12cd.{dead_pid}@{host}")
+    assert not abandoned(scratch_name("dump-ab12cd"))  # ours, running
+    assert not abandoned(f"dump-ab12cd.{os.getppid()}@{host}")  # alive
+    assert not abandoned(f"dump-ab12cd.{dead_pid}@not-{host}")  # another host: cannot ask
+    assert not abandoned("20261130T000000Z-ab12cd-database.dump")  # untagged
+
+
+def test_sweep_stale_removes_scratch_of_runs_that_are_gone(tmp_path: Path, dead_pid: int) -> None:
+    host = socket.gethostname()
+    staging, drills = tmp_path / "staging", tmp_path / "drills"
+    (staging / f"dump-ab12cd.{dead_pid}@{host}").mkdir(parents=True)
+    (staging / f"dump-ab12cd.{dead_pid}@{host}" / "toc.dat").write_bytes(b"x")
+    (staging / f"X-ab12cd-database.dump.{dead_pid}@{host}").write_bytes(b"personal data")
+    (drills / f"X-local-ab12cd.{dead_pid}@{host}").mkdir(parents=True)
+    kept = [scratch_name("live"), f"other.{dead_pid}@not-{host}", "untagged"]
+    for name in kept:
+        (staging / name).write_bytes(b"in use")
+    removed = sweep_stale(tmp_path)
+    assert len(removed) == 3
+    assert sorted(p.name for p in staging.iterdir()) == sorted(kept)
+    assert list(drills.iterdir()) == []
+    # A day later, whoever made them, they go too (no run of ours lasts a day).
+    assert len(sweep_stale(tmp_path, now=time.time() + 2 * 86400)) == 3
+
+
+def test_local_target_sweeps_temporaries_of_runs_that_are_gone(tmp_path: Path,
+                                                               dead_pid: int) -> None:
+    target = LocalTarget(LocalTargetConfig(name="local", type="local", path=tmp_path))
+    folder = tmp_path / "20261130T000000Z"
+    folder.mkdir()
+    gone = folder / f".tmp-database.dump.zst.{dead_pid}@{socket.gethostname()}"
+    gone.write_bytes(b"half a dump")
+    live = folder / f".tmp-{scratch_name('uploads.tar.zst')}"
+    live.write_bytes(b"being written")
+    assert target.sweep_temporaries() == 1
+    assert not gone.exists() and live.exists()
 
 
 def test_lock_in_missing_state_dir(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from conexa_backup.manifest import id_sort_key
+from conexa_backup.scratch import abandoned
 
 VERIFIED = "verified.json"
 DRILLS = "drills.json"
@@ -129,10 +130,11 @@ STALE_AFTER_SECONDS = 24 * 3600
 
 
 def sweep_stale(state_dir: Path, now: float | None = None) -> list[Path]:
-    """Remove scratch left by runs killed outright (SIGKILL, OOM): entries of
-    ``staging/`` and ``drills/`` older than a day. They can hold plaintext dumps of personal
-    data, and their names are random, so nothing else would ever find them. The caller holds
-    the run lock; no run of ours lasts a day."""
+    """Remove scratch left by runs killed outright (SIGKILL, OOM): entries of ``staging/`` and
+    ``drills/`` whose process is gone (:func:`conexa_backup.scratch.abandoned`), and any older
+    than a day. They can hold plaintext dumps of personal data, and their names are random, so
+    nothing else would ever find them. The caller holds the run lock; no run of ours lasts a
+    day."""
     import shutil
     import time
 
@@ -144,7 +146,7 @@ def sweep_stale(state_dir: Path, now: float | None = None) -> list[Path]:
             continue
         for entry in root.iterdir():
             with contextlib.suppress(OSError):
-                if now - entry.lstat().st_mtime > STALE_AFTER_SECONDS:
+                if abandoned(entry.name) or now - entry.lstat().st_mtime > STALE_AFTER_SECONDS:
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:

@@ -50,6 +50,7 @@ from conexa_backup.manifest import (
 )
 from conexa_backup.pipeline import CHUNK, Compressor, HashingSink, Sink, copy_stream, extension
 from conexa_backup.retention import Candidate, would_retain
+from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.fanout import MultiUpload
 
@@ -236,7 +237,7 @@ def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> Non
     the end. Missing a report costs only overlap, never data: the final sweep takes all.
     """
     info = ctx.db
-    folder = ctx.state_dir("staging") / f"dump-{os.getpid()}-{secrets.token_hex(3)}"
+    folder = ctx.state_dir("staging") / scratch_name(f"dump-{secrets.token_hex(3)}")
     folder.mkdir(mode=0o700)
     argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
     try:
@@ -384,8 +385,8 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
 def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
     """The uploads tar, then its index: every file's path, size and SHA-256 (JSON lines),
     so that a restore drill can prove each file came back. The index is spooled (memory up
-    to 8 MiB, then ``state_dir/staging``) while the tar streams."""
-    with tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+b",
+    to 1 MiB, then ``state_dir/staging``) while the tar streams."""
+    with tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                        dir=str(ctx.state_dir("staging"))) as index:
         def record(path: str, size: int, sha256: str) -> None:
             line = {"path": path, "size": size, "sha256": sha256}

@@ -34,6 +34,7 @@ from conexa_backup.errors import ConexaError, IntegrityError
 from conexa_backup.manifest import Manifest
 from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
+from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_drill
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class _Drill:
         self.info: ConnInfo = ctx.drill_db
         token = secrets.token_hex(3)
         self.dbname = restore_db.derived_name("conexa_drill", f"_{backup.id}_{token}").lower()
-        self.workdir = ctx.state_dir("drills") / f"{backup.id}-{copy.target.name}-{token}"
+        self.workdir = ctx.state_dir("drills") / scratch_name(
+            f"{backup.id}-{copy.target.name}-{token}")
         objective = parse_duration(ctx.config.drill.rto_objective).total_seconds()
         self.result = DrillResult(backup.id, copy.target.name, datetime.now(UTC), objective)
         self.created_db = False

@@ -27,6 +27,7 @@ from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
 from conexa_backup.manifest import DatabaseInfo, Manifest
 from conexa_backup.pipeline import copy_stream
 from conexa_backup.postgres import ConnInfo, ServerInfo
+from conexa_backup.scratch import scratch_name
 
 log = logging.getLogger(__name__)
 MAX_NAME = 63  # PostgreSQL identifier limit, in bytes
@@ -61,7 +62,8 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
     stored bytes is verified while they stream, and the result is discarded if it does not
     match.
     """
-    staging = ctx.state_dir("staging") / f"{backup.id}-{secrets.token_hex(3)}-database.dump"
+    staging = ctx.state_dir("staging") / scratch_name(
+        f"{backup.id}-{secrets.token_hex(3)}-database.dump")
 
     def attempt(copy: Copy, manifest: Manifest) -> Path:
         artifact = manifest.artifact("database")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal
 
 from conexa_backup.errors import ObjectNotFoundError, StorageError
+from conexa_backup.scratch import abandoned, scratch_name
 from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
 _TMP_PREFIX = ".tmp-"
@@ -44,7 +45,7 @@ class _LocalUpload:
         try:
             target.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._tmp = final.with_name(f"{_TMP_PREFIX}{final.name}.{os.getpid()}")
+            self._tmp = final.with_name(_TMP_PREFIX + scratch_name(final.name))
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
             raise target.error(exc) from exc
@@ -139,7 +140,9 @@ class LocalTarget:
                     if not key.startswith(prefix):
                         continue
                     st = path.stat()
-                    yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+                    # ctime: an edit that restores the mtime (touch -r) still changes it.
+                    yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC),
+                                     f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
         except OSError as exc:
             raise self.error(exc) from exc
 
@@ -152,8 +155,9 @@ class LocalTarget:
         self.remove_if_empty(path.parent)
 
     def sweep_temporaries(self, older_than: float = 86400) -> int:
-        """Remove our hidden temporaries (``.tmp-*``) left by runs killed outright, once they
-        are ``older_than`` seconds old (younger ones may belong to a run in progress)."""
+        """Remove our hidden temporaries (``.tmp-*``) left by runs killed outright: those whose
+        process is gone (:func:`conexa_backup.scratch.abandoned`), and any ``older_than``
+        seconds old (another host's, say, which we cannot ask)."""
         import time
 
         removed = 0
@@ -161,7 +165,7 @@ class LocalTarget:
             return removed
         for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
             with contextlib.suppress(OSError):
-                if time.time() - tmp.lstat().st_mtime > older_than:
+                if abandoned(tmp.name) or time.time() - tmp.lstat().st_mtime > older_than:
                     tmp.unlink()
                     removed += 1
                     self.remove_if_empty(tmp.parent)
