@@ -251,7 +251,7 @@ def _manifest_path(ws: Workspace, backup_id: str) -> Path:
 def _cache_manifest(ws: Workspace, backup_id: str) -> None:
     """Run ``list``: the manifest, as committed, is then in the manifest cache."""
     assert ws.run("list").returncode == 0
-    assert (ws.state / "cache" / "manifests" / "local" / f"{backup_id}.json").is_file()
+    assert (ws.state / "cache" / "manifests" / "local" / f"{backup_id}.entry.json").is_file()
 
 
 def _rewrite_manifest(ws: Workspace, backup_id: str, edit: Any) -> None:
@@ -401,7 +401,7 @@ def test_row_count_disagreeing_with_the_manifest_fails(ws: Workspace) -> None:
     text = path.read_text()
     assert text.count(f'"public.students": {count}') == 1
     path.write_text(text.replace(f'"public.students": {count}', f'"public.students": {wrong}'))
-    assert path.stat().st_size != before  # the cache, validated by size, must not be used
+    assert path.stat().st_size != before  # a changed manifest: the cache must not be used
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "row counts", _steps(),
                       ["public.students", f"{count} rows, expected {wrong}"])

@@ -6,6 +6,8 @@ ours; anything else on a target is ignored (and so never listed, restored or del
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 from collections import defaultdict
@@ -74,58 +76,82 @@ class Backup:
 class ManifestCache:
     """Manifests already read, kept in ``state_dir/cache``: once committed a manifest never
     changes, so listing a target with a year of backups costs one request, not hundreds.
-    An entry is used only while its size matches the stored object's."""
+
+    An entry is used only while the listing shows the manifest and its signature exactly as
+    when they were cached (:func:`stamp`: sizes and versions); a signature is checked again
+    on every use, so neither an edit on the target nor one in the cache goes unseen.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def _path(self, target: str, backup_id: str) -> Path:
-        return self.root / target / f"{backup_id}.json"
+        return self.root / target / f"{backup_id}.entry.json"
 
-    def get(self, target: str, backup_id: str, size: int) -> bytes | None:
+    def get(self, target: str, backup_id: str, stamp: str) -> tuple[bytes, bytes | None] | None:
+        """The cached (manifest, signature) if cached under ``stamp``; else None."""
         try:
-            data = self._path(target, backup_id).read_bytes()
-        except OSError:
+            entry = json.loads(self._path(target, backup_id).read_bytes())
+            if entry["stamp"] != stamp:
+                return None
+            signature = entry["signature"]
+            return (base64.b64decode(entry["manifest"], validate=True),
+                    None if signature is None else base64.b64decode(signature, validate=True))
+        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: a miss
             return None
-        return data if len(data) == size else None
 
-    def put(self, target: str, backup_id: str, data: bytes) -> None:
+    def put(self, target: str, backup_id: str, stamp: str, data: bytes,
+            signature: bytes | None) -> None:
+        entry = {"stamp": stamp, "manifest": base64.b64encode(data).decode(),
+                 "signature": None if signature is None else base64.b64encode(signature).decode()}
         path = self._path(target, backup_id)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(entry, fh)
             tmp.replace(path)
+            path.with_name(f"{backup_id}.json").unlink(missing_ok=True)  # the old format's
         except OSError as exc:  # a cache: never worth failing a run for
             log.debug("manifest cache: %s", exc)
 
 
+def stamp(manifest: ObjectInfo, signature: ObjectInfo | None) -> str:
+    """What a listing says of a backup's manifest and signature objects: any change to either
+    (size, version, time) changes it."""
+    return json.dumps([[o.size, o.version, o.modified and o.modified.isoformat()]
+                       for o in (manifest, signature) if o is not None])
+
+
 def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = None,
-                  size: int | None = None, verifier: Any = None) -> Manifest:
-    """Read and validate ``<id>/manifest.json`` from ``target`` (or the cache).
+                  listed: str | None = None, verifier: Any = None) -> Manifest:
+    """Read and validate ``<id>/manifest.json`` from ``target``, or from ``cache`` when the
+    listing's :func:`stamp` (``listed``) matches the cached one.
 
     With ``verifier`` (an Ed25519 public key), the manifest must carry a valid signature
-    (``manifest.json.sig``); only verified manifests are cached.
+    (``manifest.json.sig``), checked on every read, cached or not; only manifests that passed
+    are cached.
 
     Raises:
         ObjectNotFoundError: no manifest there. IntegrityError: unreadable, unsigned or
         altered manifest.
     """
     key = f"{backup_id}/{MANIFEST_NAME}"
-    data = cache.get(target.name, backup_id, size) if cache and size is not None else None
-    if data is None:
+    cached = cache.get(target.name, backup_id, listed) if cache and listed is not None else None
+    if cached is not None:
+        data, signature = cached
+    else:
         with target.open(key) as fh:
             data = fh.read(16 << 20)  # a manifest is a few KB; refuse to slurp anything huge
-        if verifier is not None:
-            check_signature(verifier, data, _read_signature(target, backup_id),
-                            f"target {target.name!r}: {key}")
-        if cache is not None:
-            cache.put(target.name, backup_id, data)
+        signature = _read_signature(target, backup_id) if verifier is not None else None
+    if verifier is not None:
+        check_signature(verifier, data, signature, f"target {target.name!r}: {key}")
     manifest = Manifest.from_json(data, f"target {target.name!r}: {key}")
     if manifest.id != backup_id:
         raise IntegrityError(f"target {target.name!r}: {key} describes backup {manifest.id}")
+    if cached is None and cache is not None and listed is not None:
+        cache.put(target.name, backup_id, listed, data, signature)
     return manifest
 
 
@@ -164,14 +190,14 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             continue
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects)
-            size = next((o.size for o in objects if o.key == f"{backup_id}/{MANIFEST_NAME}"),
-                        None)
-            signed = any(o.key == f"{backup_id}/{SIGNATURE_NAME}" for o in objects)
-            if size is not None and with_manifests and verifier is not None and not signed:
+            named = {o.key.partition("/")[2]: o for o in objects}
+            manifest, signature = named.get(MANIFEST_NAME), named.get(SIGNATURE_NAME)
+            if manifest is not None and with_manifests and verifier is not None and not signature:
                 copy.problem = f"target {target.name!r}: {backup_id}: manifest is not signed"
-            elif size is not None and with_manifests:
+            elif manifest is not None and with_manifests:
                 try:
-                    copy.manifest = read_manifest(target, backup_id, cache, size, verifier)
+                    copy.manifest = read_manifest(target, backup_id, cache,
+                                                  stamp(manifest, signature), verifier)
                 except ConexaError as exc:
                     copy.problem = str(exc)
                     log.warning("%s", exc)

@@ -50,11 +50,16 @@ class TargetConfig(BaseModel):
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One stored object: its key (relative to the target root), size and time."""
+    """One stored object: its key (relative to the target root), size and time.
+
+    ``version`` changes whenever the object's content may have (an ETag, a generation, a file's
+    inode and change time); None when the store cannot say.
+    """
 
     key: str
     size: int
     modified: datetime | None = None
+    version: str | None = None
 
 
 class Upload(Protocol):

@@ -151,7 +151,8 @@ class GCSTarget:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:
             for blob in self.client.list_blobs(self.bucket, prefix=self.prefix + prefix):
-                yield ObjectInfo(blob.name[len(self.prefix):], int(blob.size or 0), blob.updated)
+                yield ObjectInfo(blob.name[len(self.prefix):], int(blob.size or 0), blob.updated,
+                                 None if blob.generation is None else str(blob.generation))
         except Exception as exc:
             raise self.error(exc, None) from None
 

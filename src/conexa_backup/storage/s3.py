@@ -299,7 +299,7 @@ class S3Target:
                                            Prefix=self.prefix + prefix):
                 for obj in page.get("Contents", []):
                     yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"],
-                                     obj.get("LastModified"))
+                                     obj.get("LastModified"), obj.get("ETag"))
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, None) from None
 
