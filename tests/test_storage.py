@@ -20,6 +20,7 @@ import pytest
 from conexa_backup.catalog import scan
 from conexa_backup.errors import ObjectNotFoundError, StorageError
 from conexa_backup.manifest import MANIFEST_NAME
+from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import ObjectInfo, Target, check_key
 from conexa_backup.storage.fanout import AllTargetsFailed, MultiUpload
 from conexa_backup.storage.gcs import GCSTargetConfig
@@ -350,7 +351,7 @@ class TestMultiUpload:
         upload = MultiUpload([good, flaky], f"{BID}/x")
         upload.write(b"first")
         # Pull the folder out from under the flaky target: its commit (rename) must fail.
-        (tmp_path / "flaky" / BID / f".tmp-x.{os.getpid()}").unlink()
+        (tmp_path / "flaky" / BID / f".tmp-{scratch_name('x')}").unlink()
         upload.write(b"second")
         stored = upload.commit()
         assert list(stored) == ["good"]
