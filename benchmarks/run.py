@@ -191,6 +191,7 @@ class Sample:
     note: str
     counted: float | None = None
     counter_label: str = ""
+    cpu: float | None = None  # user + system seconds of the command and its descendants
 
 
 @dataclass
@@ -210,14 +211,20 @@ class Result:
         sizes = [s.size for s in self.samples if s.size is not None]
         return int(statistics.median(sizes)) if sizes else None
 
+    def cpu(self) -> float | None:
+        used = [s.cpu for s in self.samples if s.cpu is not None]
+        return statistics.median(used) if used else None
+
 
 def measure(case: Case, tag: str, run: Callable[[Step], int | None]) -> Sample:
     trial = case.build(tag)
     try:
         before = trial.counter() if trial.counter else None
+        cpu_before = _children_cpu()
         start = time.perf_counter()
         peaks = [run(s) for s in trial.steps]
         wall = time.perf_counter() - start
+        cpu = _children_cpu() - cpu_before
         counted = trial.counter() - before if trial.counter and before is not None else None
         size = trial.size()
     except BaseException:
@@ -226,7 +233,14 @@ def measure(case: Case, tag: str, run: Callable[[Step], int | None]) -> Sample:
         raise
     known = [p for p in peaks if p is not None]
     return Sample(wall, max(known) if known else None, size, trial.finish(), counted,
-                  trial.counter_label)
+                  trial.counter_label, cpu)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of every child process that has exited and been waited for: around the
+    timed steps, the command's own (its descendants included; not the emulators)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def run_all(cases: list[Case], runs: int, warmup: int,
@@ -656,7 +670,8 @@ GROUPS: list[tuple[str, list[str], str]] = [
      "Same backup, one local target against local + S3 (moto) + GCS (fake-gcs-server). The "
      "emulators run on the same cores as the backup: the note gives the CPU time they spent "
      "serving the uploads (moto, in the benchmark's own process, and fake-gcs-server), time "
-     "that real S3 and GCS spend on their own machines."),
+     "that real S3 and GCS spend on their own machines; the CPU s column is conexa-backup's "
+     "own (with its pg_dump), what the copies cost it."),
     ("Restore (database)", ["seed_restore", "pg_restore", "pg_restore_own", "conexa_restore"],
      "Each into a new database, dropped afterwards; row counts checked against the source. "
      "conexa-backup's dump is written by `pg_dump` into a pipe, so its table of contents has no "
@@ -690,14 +705,15 @@ def result_row(res: Result) -> list[str]:
         notes.insert(0, res.samples[0].counter_label.format(statistics.median(counted)))
     if res.errors:
         notes.append(f"FAILED {len(res.errors)} time(s): {res.errors[0][:300]}")
-    median = res.median()
+    median, cpu = res.median(), res.cpu()
     return [res.case.label, "—" if median is None else f"{median:.2f}",
             f"{min(walls):.2f}-{max(walls):.2f}" if walls else "—",
+            "—" if cpu is None else f"{cpu:.2f}",
             mb(res.size()), mb(res.peak_bytes()), "; ".join(notes)]
 
 
 def group_sections(results: dict[str, Result], extras: Mapping[str, list[str]]) -> list[str]:
-    header = ["pipeline", "median s", "min-max s", "output MB", "peak RSS MB", "notes"]
+    header = ["pipeline", "median s", "min-max s", "CPU s", "output MB", "peak RSS MB", "notes"]
     lines: list[str] = []
     for title, keys, blurb in GROUPS:
         if keys[-1] not in results:
@@ -841,6 +857,10 @@ METHOD = """\
   fsyncs what it writes. Restores are timed from an existing empty database for the seed and
   `pg_restore` (created untimed); conexa-backup creates its database inside its timed span,
   then checks every table's row count.
+- CPU s is the user + system time of the command and every process it waited for (from
+  `getrusage(RUSAGE_CHILDREN)` around the timed span): for conexa-backup, the Python process and
+  the `pg_dump`/`pg_restore` it starts; never the PostgreSQL server or the emulators. Above the
+  wall time, the command kept more than one core busy.
 - Peak RSS is GNU time's `%M` (`/usr/bin/time -f %M`): the `ru_maxrss` that `wait4()` returns
   for the command, i.e. the largest resident set reached by any *single* process among the
   command and the descendants it waited for (a maximum, not a sum). For a pipeline it is the
