@@ -7,13 +7,21 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from conexa_backup.archive import TreeStats, extract_stream, scan_tree, write_tree
+from conexa_backup.archive import (
+    TreeStats,
+    extract_stream,
+    move_file,
+    scan_tree,
+    tar_writer,
+    write_tree,
+)
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
 from conexa_backup.pipeline import CHUNK
 from conexa_backup.testing.compare import tree_snapshot
@@ -146,6 +154,35 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert stats.files == 10_000
     assert peak < 5 << 19, f"peak {peak / 2**20:.1f} MiB"  # 2.5 MiB
+
+
+def test_move_file_waits_for_writers_when_asked(tmp_path: Path) -> None:
+    """A file another process still writes (a forged "finished" report from pg_dump) is not
+    moved early; once closed it is, whole."""
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    data = folder / "57.dat"
+    data.write_bytes(b"first half,")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); print('open', "
+         "flush=True); sys.stdin.read(); f.write(b'second half'); f.close()", str(data)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"open\n"
+        out = io.BytesIO()
+        with tar_writer(out, folder) as tar:
+            assert not move_file(tar, data, only_if_closed=True)
+            assert data.read_bytes() == b"first half,"  # untouched, still there
+            assert writer.stdin is not None
+            writer.stdin.close()
+            assert writer.wait(10) == 0
+            assert move_file(tar, data, only_if_closed=True)
+        assert not data.exists()
+    finally:
+        writer.kill()
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        member = tar.extractfile("57.dat")
+        assert member is not None and member.read() == b"first half,second half"
 
 
 def test_hard_links_are_stored_as_content(tmp_path: Path) -> None:

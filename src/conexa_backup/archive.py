@@ -10,6 +10,7 @@ keeping modes and owners (which that filter would discard).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -141,25 +142,43 @@ def tar_writer(out: Sink, root: Path) -> Iterator[tarfile.TarFile]:
     buffered.flush()
 
 
-def move_file(tar: tarfile.TarFile, path: Path) -> bool:
-    """Store the finished regular file ``path`` under its name, then delete it.
+def move_file(tar: tarfile.TarFile, path: Path, *, only_if_closed: bool = False) -> bool:
+    """Store the regular file ``path`` under its name, then delete it.
 
-    Returns False (and stores nothing) when ``path`` does not exist or is not a regular file.
+    With ``only_if_closed``, first prove that no process has it open for writing: the kernel
+    grants a read lease only then (Linux). When that cannot be proved (a writer, or a file
+    system without leases), nothing is done: the caller keeps the file for later.
+
+    Returns False (and stores nothing) when ``path`` does not exist, is not a regular file, or
+    may still be written.
 
     Raises:
         ConexaError: it cannot be read.
     """
     try:
-        info = tar.gettarinfo(str(path), arcname=path.name)
-        if not info.isreg():
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # never open a FIFO or follow a link
             return False
         with open(path, "rb") as fh:
+            if only_if_closed and not _no_writers(fh.fileno()):
+                return False
+            # Sized from the open file, after the lease: what we store is what it holds.
+            info = tar.gettarinfo(arcname=path.name, fileobj=fh)
             tar.addfile(info, fh)
         path.unlink()
     except FileNotFoundError:
         return False
     except OSError as exc:
         raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
+    return True
+
+
+def _no_writers(fd: int) -> bool:
+    """Whether no process has ``fd``'s file open for writing, proved by taking a read lease
+    (held until ``fd`` is closed; a writer opening it meanwhile would wait for us)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # EAGAIN: open for writing somewhere; anything else: cannot tell
+        return False
     return True
 
 

@@ -557,4 +557,7 @@ def main() -> None:
     _tune_malloc()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
+    # We take read leases on pg_dump's finished files (archive.move_file); a writer opening
+    # one meanwhile would send SIGIO, whose default action is to kill us.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     app()

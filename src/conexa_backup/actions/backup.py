@@ -225,16 +225,24 @@ def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:
 
 
 # pg_dump --verbose, in the C locale: a worker finished the data of TOC entry N (file N.dat).
-FINISHED_ITEM = re.compile(r"\bfinished item (\d+) ")
+# Table names appear raw in other messages and may even hold a newline, so a line can be
+# forged by whoever names a table: move_file(only_if_closed=True) is what makes an early move
+# safe; the pattern only keeps the attempts few.
+FINISHED_ITEM = re.compile(r"^pg_dump: finished item (\d+) TABLE DATA ")
 
 
 def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> None:
     """Parallel directory-format dump, archived while it is written.
 
-    Each table's file goes into the tar as soon as pg_dump reports that its worker finished it,
-    and is deleted then: compression overlaps the dump, and staging holds only the files in
-    flight. ``toc.dat`` (written last) and anything not reported (large objects) follow at
-    the end. Missing a report costs only overlap, never data: the final sweep takes all.
+    Each table's file goes into the tar as soon as pg_dump reports that its worker finished it
+    and no process still has it open for writing, and is deleted then: compression overlaps
+    the dump, and staging holds only the files in flight. ``toc.dat`` (written last) and
+    anything not moved early (large objects) follow at the end. A missed report costs only
+    overlap, never data: the final sweep takes everything left.
+
+    Raises:
+        ProcessError: pg_dump failed. ConexaError: its output folder holds something other
+        than regular files, or cannot be read.
     """
     info = ctx.db
     folder = ctx.state_dir("staging") / scratch_name(f"dump-{secrets.token_hex(3)}")
@@ -245,10 +253,11 @@ def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> Non
             with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},
                                what="pg_dump") as child:
                 for item in child.matches():
-                    archive.move_file(tar, folder / f"{item[1]}.dat")
+                    archive.move_file(tar, folder / f"{item[1]}.dat", only_if_closed=True)
                 child.wait_ok()
             for name in sorted(os.listdir(folder)):
-                archive.move_file(tar, folder / name)
+                if not archive.move_file(tar, folder / name):
+                    raise ConexaError(f"pg_dump left {name!r}, not a regular file, in {folder}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
