@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -505,23 +504,35 @@ def dead_pid() -> int:
     return child.pid
 
 
+def _made_by(stem: str, pid: int) -> str:
+    """A scratch name as process ``pid`` of this host, boot and pid namespace would make it."""
+    return scratch_name(stem).replace(f".{os.getpid()}@", f".{pid}@")
+
+
 def test_scratch_names_tell_abandoned_from_live(dead_pid: int) -> None:
-    host = socket.gethostname()
-    assert abandoned(f"dump-ab12cd.{dead_pid}@{host}")
+    name = _made_by("dump-ab12cd", dead_pid)
+    here = name.rpartition("@")[2]
+    host, _, boot_ns = here.partition("+")
+    assert abandoned(name)
     assert not abandoned(scratch_name("dump-ab12cd"))  # ours, running
-    assert not abandoned(f"dump-ab12cd.{os.getppid()}@{host}")  # alive
-    assert not abandoned(f"dump-ab12cd.{dead_pid}@not-{host}")  # another host: cannot ask
+    assert not abandoned(_made_by("dump-ab12cd", os.getppid()))  # alive
+    # Made elsewhere, where that pid means another process: another host, another boot of
+    # this one (or a cloned VM), another pid namespace (a container with our host name).
+    assert not abandoned(f"dump-ab12cd.{dead_pid}@not-{host}+{boot_ns}")
+    assert not abandoned(f"dump-ab12cd.{dead_pid}@{host}+00000000.{boot_ns.split('.')[1]}")
+    assert not abandoned(f"dump-ab12cd.{dead_pid}@{host}+{boot_ns.split('.')[0]}.1")
+    assert not abandoned(f"dump-ab12cd.{dead_pid}@{host}")  # an older, untagged form
     assert not abandoned("20261130T000000Z-ab12cd-database.dump")  # untagged
 
 
 def test_sweep_stale_removes_scratch_of_runs_that_are_gone(tmp_path: Path, dead_pid: int) -> None:
-    host = socket.gethostname()
     staging, drills = tmp_path / "staging", tmp_path / "drills"
-    (staging / f"dump-ab12cd.{dead_pid}@{host}").mkdir(parents=True)
-    (staging / f"dump-ab12cd.{dead_pid}@{host}" / "toc.dat").write_bytes(b"x")
-    (staging / f"X-ab12cd-database.dump.{dead_pid}@{host}").write_bytes(b"personal data")
-    (drills / f"X-local-ab12cd.{dead_pid}@{host}").mkdir(parents=True)
-    kept = [scratch_name("live"), f"other.{dead_pid}@not-{host}", "untagged"]
+    (staging / _made_by("dump-ab12cd", dead_pid)).mkdir(parents=True)
+    (staging / _made_by("dump-ab12cd", dead_pid) / "toc.dat").write_bytes(b"x")
+    (staging / _made_by("X-ab12cd-database.dump", dead_pid)).write_bytes(b"personal data")
+    (drills / _made_by("X-local-ab12cd", dead_pid)).mkdir(parents=True)
+    elsewhere = _made_by("other", dead_pid).replace("@", "@not-", 1)
+    kept = [scratch_name("live"), elsewhere, "untagged"]
     for name in kept:
         (staging / name).write_bytes(b"in use")
     removed = sweep_stale(tmp_path)
@@ -537,7 +548,7 @@ def test_local_target_sweeps_temporaries_of_runs_that_are_gone(tmp_path: Path,
     target = LocalTarget(LocalTargetConfig(name="local", type="local", path=tmp_path))
     folder = tmp_path / "20261130T000000Z"
     folder.mkdir()
-    gone = folder / f".tmp-database.dump.zst.{dead_pid}@{socket.gethostname()}"
+    gone = folder / f".tmp-{_made_by('database.dump.zst', dead_pid)}"
     gone.write_bytes(b"half a dump")
     live = folder / f".tmp-{scratch_name('uploads.tar.zst')}"
     live.write_bytes(b"being written")
@@ -667,6 +678,33 @@ def test_watch_failure_carries_stderr_tail() -> None:
             process.watch(["sh", "-c", script], re.compile(r"finished item (\d+) ")) as child:
         assert [m[1] for m in child.matches()] == ["1"]
         child.wait_ok()
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (a container's init may not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_stream_kills_the_childs_workers_too(tmp_path: Path) -> None:
+    """Like pg_dump -j's workers, a grandchild still busy when the block fails is killed."""
+    pidfile = tmp_path / "worker"
+    script = f"sleep 60 & echo $! > '{pidfile}'; wait"
+    with pytest.raises(RuntimeError, match="upload failed"), \
+            process.stream(["sh", "-c", script]):
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        raise RuntimeError("upload failed")
+    worker = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(worker):
+        assert time.monotonic() < deadline, "the worker outlived the failure"
+        time.sleep(0.05)
 
 
 def test_stream_missing_program() -> None:

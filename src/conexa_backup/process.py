@@ -6,7 +6,9 @@ Rules it enforces (principle 5):
   alone, and environment values are never logged;
 - stderr is drained by a thread into a bounded tail, so a chatty child never blocks on a full
   pipe and a failure can say what the child last wrote;
-- a child is killed when the code driving it fails, so nothing is left running.
+- a child is killed when the code driving it fails, so nothing is left running: each child
+  leads its own process group and the whole group is killed, so the parallel workers of
+  ``pg_dump -j``/``pg_restore -j`` go with it instead of finishing their table unseen.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -93,32 +96,41 @@ def run(
     """
     label = what or os.path.basename(argv[0])
     log.info("running %s", format_argv(argv))
-    try:
+    with contextlib.ExitStack() as stack:
+        out: IO[bytes] | int = subprocess.PIPE
         if stdout_path is not None:
             fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                proc = subprocess.run(
-                    list(argv), env=child_env(env), stdout=out, stderr=subprocess.PIPE,
-                    stdin=subprocess.DEVNULL, check=False,
-                )
-            stdout = b""
-        else:
-            proc = subprocess.run(
-                list(argv), env=child_env(env), capture_output=True,
-                stdin=subprocess.DEVNULL, check=False,
+            out = stack.enter_context(os.fdopen(fd, "wb"))
+        try:
+            proc = subprocess.Popen(
+                list(argv), env=child_env(env), stdout=out, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL, process_group=0,
             )
-            stdout = proc.stdout
-    except FileNotFoundError as exc:
-        raise ProcessError(
-            f"{label} not found on PATH", returncode=None, stderr_tail=""
-        ) from exc
+        except FileNotFoundError as exc:
+            raise ProcessError(
+                f"{label} not found on PATH", returncode=None, stderr_tail=""
+            ) from exc
+        try:
+            stdout, stderr = proc.communicate()
+        except BaseException:  # Ctrl-C, SIGTERM: take its workers down too
+            _kill_group(proc)
+            raise
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.decode("utf-8", "replace").splitlines()[-STDERR_TAIL_LINES:])
+        tail = "\n".join(stderr.decode("utf-8", "replace").splitlines()[-STDERR_TAIL_LINES:])
         raise ProcessError(
             f"{label} failed (exit {proc.returncode})", returncode=proc.returncode,
             stderr_tail=tail,
         )
-    return stdout.decode("utf-8", "replace")
+    return (stdout or b"").decode("utf-8", "replace")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc``'s process group (it leads one: ``process_group=0``) and reap it.
+
+    The group outlives its leader while workers remain, so this also runs after it exited."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class Running:
@@ -185,7 +197,7 @@ def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | Non
     try:
         proc = subprocess.Popen(
             list(argv), env=child_env(env), stdout=stdout, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, bufsize=0,
+            stdin=subprocess.DEVNULL, bufsize=0, process_group=0,
         )
     except FileNotFoundError as exc:
         raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
@@ -195,9 +207,7 @@ def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | Non
     try:
         yield running
     except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        _kill_group(proc)
         raise
     finally:
         if proc.stdout is not None:

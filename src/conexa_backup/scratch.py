@@ -2,31 +2,48 @@
 
 A run killed outright (SIGKILL, the OOM killer, a power cut) runs no clean-up: its staging dump,
 drill folder or a target's half-written ``.tmp-*`` file stays behind. Every such name carries
-``.<pid>@<host>``; a later run removes it as soon as that process is gone. Names made on other
-hosts (a shared backup folder) or by a process that still exists are left alone: only age
-(:data:`conexa_backup.state.STALE_AFTER_SECONDS`) removes those, so a live run's scratch is never
-touched. A recycled pid only delays the clean-up.
+``.<pid>@<where>``, where ``<where>`` is the host name, its boot and the pid namespace: a pid
+means something only within all three (containers sharing a host name, a cloned VM, a backup
+folder shared over NFS). A later run removes the name as soon as that process is gone. Names
+made anywhere else, or by a process that still exists, are left alone: only age
+(:data:`conexa_backup.state.STALE_AFTER_SECONDS`) removes those, so a live run's scratch is
+never touched. A recycled pid only delays the clean-up.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
+from pathlib import Path
 
-_OWNER = re.compile(r"\.(\d+)@([^/]+)$")
+_OWNER = re.compile(r"\.(\d+)@([^/@]+)$")
+
+
+@functools.cache
+def _where() -> str:
+    """``<host>+<boot>.<pid namespace>``; ``<host>+`` where that cannot be read (never judged)."""
+    host = socket.gethostname()
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        pidns = Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        return f"{host}+"
+    return f"{host}+{boot.split('-')[0]}.{pidns:x}"
 
 
 def scratch_name(stem: str) -> str:
-    """``stem`` tagged with this process and host: ``<stem>.<pid>@<host>``."""
-    return f"{stem}.{os.getpid()}@{socket.gethostname()}"
+    """``stem`` tagged with this process and where it runs: ``<stem>.<pid>@<where>``."""
+    return f"{stem}.{os.getpid()}@{_where()}"
 
 
 def abandoned(name: str) -> bool:
-    """Whether ``name`` (from :func:`scratch_name`) was made on this host by a process that no
-    longer exists. Untagged names, other hosts' and live processes' are never abandoned."""
+    """Whether ``name`` (from :func:`scratch_name`) was made here (same host, boot and pid
+    namespace) by a process that no longer exists. Untagged names, names made elsewhere and
+    live processes' are never abandoned."""
     found = _OWNER.search(name)
-    if found is None or found[2] != socket.gethostname():
+    if found is None or found[2] != _where() or _where().endswith("+"):
         return False
     pid = int(found[1])
     if pid == os.getpid():
