@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
-from conexa_backup.pipeline import CHUNK, Sink
+from conexa_backup.pipeline import CHUNK, Gather, Sink
 
 log = logging.getLogger(__name__)
 
@@ -83,38 +83,16 @@ def write_tree(root: Path, out: Sink, on_file: FileHook | None = None) -> TreeSt
     return stats
 
 
-class _TarOut:
-    """What tarfile writes to: small writes (headers, padding) gathered into CHUNK-sized
-    writes, large ones passed straight on; ``tell()`` counts bytes, as tarfile's "w" mode needs.
+class _TarOut(Gather):
+    """What tarfile writes to: :class:`~conexa_backup.pipeline.Gather` with the ``tell()``
+    tarfile's "w" mode needs.
 
     Not tarfile's stream mode ("w|"): it buffers with ``bytes +=``, copying its whole buffer on
     every write, which made each small file cost ~0.4 ms (20,000 files: 8.4 s; measured).
     """
 
-    def __init__(self, out: Sink) -> None:
-        self._out = out
-        self._buf = bytearray()
-        self._pos = 0
-
-    def write(self, data: bytes) -> int:
-        self._pos += len(data)
-        if len(data) >= CHUNK:
-            self.flush()
-            self._out.write(data)
-        else:
-            self._buf += data
-            if len(self._buf) >= CHUNK:
-                self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self._buf:
-            # Handed over, never touched again: a sink may queue it for another thread.
-            chunk, self._buf = self._buf, bytearray()
-            self._out.write(chunk)  # type: ignore[arg-type]  # any bytes-like object will do
-
     def tell(self) -> int:
-        return self._pos
+        return self.written
 
 
 class _ForgetfulTarFile(tarfile.TarFile):

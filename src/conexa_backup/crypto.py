@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from conexa_backup.errors import ConfigError, IntegrityError
-from conexa_backup.pipeline import CHUNK, Sink
+from conexa_backup.pipeline import Gather, Sink
 
 SIGNATURE_NAME = "manifest.json.sig"
 
@@ -119,32 +119,28 @@ class Encryptor:
 
 class _Forward:
     """What pyrage writes ciphertext to (64 KiB at a time): gathered into 1 MiB chunks for the
-    next sink, so the byte path keeps its large buffers; keeps the real error if it fails."""
+    next sink (:class:`~conexa_backup.pipeline.Gather`), so the byte path keeps its large
+    buffers; keeps the real error if it fails."""
 
     def __init__(self, out: Sink, owner: Encryptor) -> None:
-        self._out, self._owner = out, owner
-        self._buffer = bytearray()
+        self._gather, self._owner = Gather(out), owner
 
-    def _send(self) -> None:
+    def write(self, data: bytes) -> int:
         try:
-            self._out.write(bytes(self._buffer))
+            return self._gather.write(data)
         except BaseException as exc:
             self._owner._error = exc  # the reason, which pyrage will only report as OSError
             raise
-        self._buffer.clear()
-
-    def write(self, data: bytes) -> int:
-        self._buffer += data
-        if len(self._buffer) >= CHUNK:
-            self._send()
-        return len(data)
 
     def flush(self) -> None:
         pass  # pyrage flushes after every piece; the rest goes out in close()
 
     def close(self) -> None:
-        if self._buffer:
-            self._send()
+        try:
+            self._gather.flush()
+        except BaseException as exc:
+            self._owner._error = exc
+            raise
 
 
 def decrypt_to(raw: IO[bytes], dest: IO[bytes], identities: list[Any]) -> None:

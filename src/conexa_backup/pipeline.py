@@ -109,6 +109,35 @@ def decompressing_reader(raw: BinaryIO, algorithm: str) -> IO[bytes]:
     return _Decompressed(inner)  # type: ignore[return-value]
 
 
+class Gather:
+    """A sink that gathers small writes (tar headers, 64 KiB age pieces) into CHUNK-sized
+    writes to ``out``, so the byte path downstream sees large buffers; large ``bytes`` pass
+    straight on. ``written`` counts what it was given. Call :meth:`flush` at the end.
+    """
+
+    def __init__(self, out: Sink) -> None:
+        self._out = out
+        self._buf = bytearray()
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        if len(data) >= CHUNK and isinstance(data, bytes):  # immutable: safe to hand on
+            self.flush()
+            self._out.write(data)
+        else:
+            self._buf += data
+            if len(self._buf) >= CHUNK:
+                self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buf:
+            # Handed over, never touched again: a sink may queue it for another thread.
+            chunk, self._buf = self._buf, bytearray()
+            self._out.write(chunk)  # type: ignore[arg-type]  # any bytes-like object will do
+
+
 class HashingSink:
     """Counts bytes and computes SHA-256 of everything written, then passes it on."""
 
