@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from conexa_backup.errors import (
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
+from conexa_backup.state import atomic_write
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,7 @@ class ManifestCache:
         path = self._path(target, backup_id)
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two runs may race
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(entry, fh)
-            tmp.replace(path)
+            atomic_write(path, json.dumps(entry).encode())
             path.with_name(f"{backup_id}.json").unlink(missing_ok=True)  # the old format's
         except OSError as exc:  # a cache: never worth failing a run for
             log.debug("manifest cache: %s", exc)
