@@ -6,7 +6,7 @@ drill folder or a target's half-written ``.tmp-*`` file stays behind. Every such
 means something only within all three (containers sharing a host name, a cloned VM, a backup
 folder shared over NFS). A later run removes the name as soon as that process is gone. Names
 made anywhere else, or by a process that still exists, are left alone: only age
-(:data:`conexa_backup.state.STALE_AFTER_SECONDS`) removes those, so a live run's scratch is
+(:data:`STALE_AFTER_SECONDS`) removes those, so a live run's scratch is
 never touched. A recycled pid only delays the clean-up.
 """
 
@@ -19,6 +19,17 @@ import socket
 from pathlib import Path
 
 _OWNER = re.compile(r"\.(\d+)@([^/@]+)$")
+STALE_AFTER_SECONDS = 24 * 3600  # no run of ours lasts a day
+
+
+def stale(path: Path, now: float) -> bool:
+    """Whether ``path`` is scratch of a run killed outright: :func:`abandoned`, or older than
+    :data:`STALE_AFTER_SECONDS` whoever made it.
+
+    Raises:
+        OSError: it cannot be examined.
+    """
+    return abandoned(path.name) or now - path.lstat().st_mtime > STALE_AFTER_SECONDS
 
 
 @functools.cache

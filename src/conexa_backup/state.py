@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from conexa_backup.manifest import id_sort_key
-from conexa_backup.scratch import abandoned
+from conexa_backup.scratch import stale
 
 VERIFIED = "verified.json"
 DRILLS = "drills.json"
@@ -126,9 +126,6 @@ def runs(state_dir: Path) -> list[dict[str, Any]]:
     return [r for r in found if isinstance(r, dict)]
 
 
-STALE_AFTER_SECONDS = 24 * 3600
-
-
 def sweep_stale(state_dir: Path, now: float | None = None) -> list[Path]:
     """Remove scratch left by runs killed outright (SIGKILL, OOM): entries of ``staging/`` and
     ``drills/`` whose process is gone (:func:`conexa_backup.scratch.abandoned`), and any older
@@ -146,7 +143,7 @@ def sweep_stale(state_dir: Path, now: float | None = None) -> list[Path]:
             continue
         for entry in root.iterdir():
             with contextlib.suppress(OSError):
-                if abandoned(entry.name) or now - entry.lstat().st_mtime > STALE_AFTER_SECONDS:
+                if stale(entry, now):
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry)
                     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal
 
 from conexa_backup.errors import ObjectNotFoundError, StorageError
-from conexa_backup.scratch import abandoned, scratch_name
+from conexa_backup.scratch import scratch_name, stale
 from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
 
 _TMP_PREFIX = ".tmp-"
@@ -154,18 +154,18 @@ class LocalTarget:
             raise self.error(exc) from exc
         self.remove_if_empty(path.parent)
 
-    def sweep_temporaries(self, older_than: float = 86400) -> int:
-        """Remove our hidden temporaries (``.tmp-*``) left by runs killed outright: those whose
-        process is gone (:func:`conexa_backup.scratch.abandoned`), and any ``older_than``
-        seconds old (another host's, say, which we cannot ask)."""
+    def sweep_temporaries(self) -> int:
+        """Remove our hidden temporaries (``.tmp-*``) left by runs killed outright
+        (:func:`conexa_backup.scratch.stale`: their process is gone, or they are a day old)."""
         import time
 
+        now = time.time()
         removed = 0
         if not self.root.is_dir():
             return removed
         for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
             with contextlib.suppress(OSError):
-                if abandoned(tmp.name) or time.time() - tmp.lstat().st_mtime > older_than:
+                if stale(tmp, now):
                     tmp.unlink()
                     removed += 1
                     self.remove_if_empty(tmp.parent)
