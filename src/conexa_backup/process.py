@@ -101,15 +101,7 @@ def run(
         if stdout_path is not None:
             fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             out = stack.enter_context(os.fdopen(fd, "wb"))
-        try:
-            proc = subprocess.Popen(
-                list(argv), env=child_env(env), stdout=out, stderr=subprocess.PIPE,
-                stdin=subprocess.DEVNULL, process_group=0,
-            )
-        except FileNotFoundError as exc:
-            raise ProcessError(
-                f"{label} not found on PATH", returncode=None, stderr_tail=""
-            ) from exc
+        proc = _popen(argv, env, label, out)
         try:
             stdout, stderr = proc.communicate()
         except BaseException:  # Ctrl-C, SIGTERM: take its workers down too
@@ -122,6 +114,23 @@ def run(
             stderr_tail=tail,
         )
     return (stdout or b"").decode("utf-8", "replace")
+
+
+def _popen(argv: Sequence[str], env: Mapping[str, str] | None, label: str,
+           stdout: IO[bytes] | int) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as the leader of its own process group (see :func:`_kill_group`), stderr
+    piped, stdin closed.
+
+    Raises:
+        ProcessError: the program is missing.
+    """
+    try:
+        return subprocess.Popen(
+            list(argv), env=child_env(env), stdout=stdout, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, bufsize=0, process_group=0,
+        )
+    except FileNotFoundError as exc:
+        raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -194,13 +203,7 @@ def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | Non
              stdout: int, pattern: re.Pattern[str] | None) -> Iterator[Running]:
     label = what or os.path.basename(argv[0])
     log.info("running %s", format_argv(argv))
-    try:
-        proc = subprocess.Popen(
-            list(argv), env=child_env(env), stdout=stdout, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, bufsize=0, process_group=0,
-        )
-    except FileNotFoundError as exc:
-        raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
+    proc = _popen(argv, env, label, stdout)
     assert proc.stderr is not None
     tail = _StderrTail(proc.stderr, label, pattern)
     running = Running(proc, label, tail)
