@@ -103,6 +103,11 @@ def listed(ws: Any) -> list[dict[str, Any]]:
     return entries
 
 
+def listed_by_id(ws: Any) -> dict[str, dict[str, Any]]:
+    """``list --json`` by id (exit 0 expected)."""
+    return {e["id"]: e for e in listed(ws)}
+
+
 def complete_ids(ws: Any) -> list[str]:
     return [e["id"] for e in listed(ws) if e["status"] == "complete"]
 
