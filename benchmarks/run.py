@@ -170,10 +170,12 @@ class Trial:
     steps: list[Step]
     size: Callable[[], int | None] = _nothing
     finish: Callable[[], str] = _no_note  # returns a note for the report ("" if nothing odd)
-    # Read just before and after the timed steps; the difference is reported (its median) as
-    # "<counter_label>" in the notes: the CPU the emulators spent serving a fan-out, say.
+    # Read just before and after the timed steps; the difference is reported (its median) in
+    # the notes as COUNTER_NOTE: the CPU the emulators spent serving a fan-out.
     counter: Callable[[], float] | None = None
-    counter_label: str = ""
+
+
+COUNTER_NOTE = "emulators used {:.1f} CPU s"
 
 
 @dataclass
@@ -190,7 +192,6 @@ class Sample:
     size: int | None
     note: str
     counted: float | None = None
-    counter_label: str = ""
     cpu: float | None = None  # user + system seconds of the command and its descendants
 
 
@@ -201,39 +202,47 @@ class Result:
     errors: list[str] = field(default_factory=list)
 
     def median(self) -> float | None:
-        return statistics.median(s.wall for s in self.samples) if self.samples else None
+        return _median([s.wall for s in self.samples])
 
     def peak_bytes(self) -> int | None:
         kib = [s.rss_kib for s in self.samples if s.rss_kib is not None]
         return max(kib) * 1024 if kib else None
 
     def size(self) -> int | None:
-        sizes = [s.size for s in self.samples if s.size is not None]
-        return int(statistics.median(sizes)) if sizes else None
+        size = _median([s.size for s in self.samples])
+        return None if size is None else int(size)
 
     def cpu(self) -> float | None:
-        used = [s.cpu for s in self.samples if s.cpu is not None]
-        return statistics.median(used) if used else None
+        return _median([s.cpu for s in self.samples])
+
+    def counted(self) -> float | None:
+        return _median([s.counted for s in self.samples])
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that were measured, if any."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def measure(case: Case, tag: str, run: Callable[[Step], int | None]) -> Sample:
     trial = case.build(tag)
     try:
-        before = trial.counter() if trial.counter else None
+        counter = trial.counter
+        before = counter() if counter else 0.0
         cpu_before = _children_cpu()
         start = time.perf_counter()
         peaks = [run(s) for s in trial.steps]
         wall = time.perf_counter() - start
         cpu = _children_cpu() - cpu_before
-        counted = trial.counter() - before if trial.counter and before is not None else None
+        counted = counter() - before if counter else None
         size = trial.size()
     except BaseException:
         with contextlib.suppress(Exception):
             trial.finish()
         raise
     known = [p for p in peaks if p is not None]
-    return Sample(wall, max(known) if known else None, size, trial.finish(), counted,
-                  trial.counter_label, cpu)
+    return Sample(wall, max(known) if known else None, size, trial.finish(), counted, cpu)
 
 
 def _children_cpu() -> float:
@@ -448,8 +457,7 @@ class Bench:
             return Trial([step(*self.conexa(config, "backup"))],
                          size=lambda: sum(tree_stats(p)[1] for p in made()),
                          finish=lambda: self.delete_backups(config, made()),
-                         counter=self.emulator_cpu if clouds else None,
-                         counter_label="emulators used {:.1f} CPU s")
+                         counter=self.emulator_cpu if clouds else None)
         return Case(key, label, build)
 
     def delete_backups(self, config: Path, folders: list[Path]) -> str:
@@ -700,9 +708,9 @@ def mb(value: int | None) -> str:
 def result_row(res: Result) -> list[str]:
     walls = [s.wall for s in res.samples]
     notes = sorted({s.note for s in res.samples if s.note})
-    counted = [s.counted for s in res.samples if s.counted is not None]
-    if counted:
-        notes.insert(0, res.samples[0].counter_label.format(statistics.median(counted)))
+    counted = res.counted()
+    if counted is not None:
+        notes.insert(0, COUNTER_NOTE.format(counted))
     if res.errors:
         notes.append(f"FAILED {len(res.errors)} time(s): {res.errors[0][:300]}")
     median, cpu = res.median(), res.cpu()
@@ -774,20 +782,15 @@ def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
         ratio_goal("backup ≥ 4x faster than the seed's (seed time / conexa-backup time)",
                    ratio(results, "seed", "conexa"), 4, at_least=True),
         size_goal,
-        ratio_goal("database-only backup ≤ 1.3x `pg_dump -Fc -Z0 > /dev/null`",
-                   ratio(results, "conexa_db", "pg_dump"), 1.3, at_least=False),
-        ratio_goal("database-only backup with `dump_jobs = 2` < `pg_dump -Fc -Z0 > /dev/null` "
-                   "(faster than one stream)",
-                   ratio(results, "conexa_db_par", "pg_dump"), 0.9999, at_least=False),
+        *scale_goals(results, "", ""),
         ratio_goal("local + S3 + GCS ≤ 1.3x local only",
                    ratio(results, "fanout", "conexa"), 1.3, at_least=False),
-        ratio_goal("restore ≤ 1.15x `pg_restore -j2` of the same dump",
-                   ratio(results, "conexa_restore", "pg_restore_own"), 1.15, at_least=False),
         ratio_goal("(for reference) restore ≤ 1.15x `pg_restore -j2` of a `pg_dump -f` file",
                    ratio(results, "conexa_restore", "pg_restore"), 1.15, at_least=False),
         ratio_goal("restore ≥ 1.7x faster than the seed's (seed time / conexa-backup time)",
                    ratio(results, "seed_restore", "conexa_restore"), 1.7, at_least=True),
-        *large_goals(results, args),
+        *(scale_goals(results, f"scale {args.large_scale:g}: ", "large_")
+          if args.large_scale else []),
         *rss_goals(results),
         *flat_goal(results, "large_conexa",
                    f"peak RSS at scale {args.large_scale:g} within 10% of scale {args.scale:g}"
@@ -798,20 +801,18 @@ def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
     ]
 
 
-def large_goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
-    """The speed goals again on the large database (where fixed costs weigh less)."""
-    if not args.large_scale:
-        return []
-    s = f"scale {args.large_scale:g}"
+def scale_goals(results: dict[str, Result], prefix: str, key: str) -> list[Goal]:
+    """The goals measured on one database: the regular one (``key`` "") or the large one
+    ("large_", where fixed costs weigh less); ``prefix`` starts each goal's text."""
     return [
-        ratio_goal(f"{s}: database-only backup ≤ 1.3x `pg_dump -Fc -Z0 > /dev/null`",
-                   ratio(results, "large_conexa_db", "large_pg_dump"), 1.3, at_least=False),
-        ratio_goal(f"{s}: database-only backup with `dump_jobs = 2` < `pg_dump -Fc -Z0 > "
+        ratio_goal(f"{prefix}database-only backup ≤ 1.3x `pg_dump -Fc -Z0 > /dev/null`",
+                   ratio(results, f"{key}conexa_db", f"{key}pg_dump"), 1.3, at_least=False),
+        ratio_goal(f"{prefix}database-only backup with `dump_jobs = 2` < `pg_dump -Fc -Z0 > "
                    "/dev/null` (faster than one stream)",
-                   ratio(results, "large_conexa_db_par", "large_pg_dump"), 0.9999,
+                   ratio(results, f"{key}conexa_db_par", f"{key}pg_dump"), 0.9999,
                    at_least=False),
-        ratio_goal(f"{s}: restore ≤ 1.15x `pg_restore -j2` of the same dump",
-                   ratio(results, "large_conexa_restore", "large_pg_restore_own"), 1.15,
+        ratio_goal(f"{prefix}restore ≤ 1.15x `pg_restore -j2` of the same dump",
+                   ratio(results, f"{key}conexa_restore", f"{key}pg_restore_own"), 1.15,
                    at_least=False),
     ]
 
