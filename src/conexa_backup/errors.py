@@ -20,6 +20,13 @@ class ExitCode(enum.IntEnum):
     LOCKED = 4  # another run holds the lock
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (servers and libraries write several), or its type
+    name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConexaError(Exception):
     """Base class: a failure with a message fit to show a user as one line."""
 

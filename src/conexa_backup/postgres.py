@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conexa_backup import process
 from conexa_backup.config import DatabaseConfig
-from conexa_backup.errors import ConfigError, DatabaseError
+from conexa_backup.errors import ConfigError, DatabaseError, first_line
 
 # libpq connection parameters and the environment variables that carry them.
 _ENV_OF = {
@@ -67,7 +67,7 @@ class ConnInfo:
         try:
             return psycopg.connect(**params)
         except psycopg.Error as exc:
-            raise DatabaseError(f"cannot connect to {self.describe(dbname)}: {_first_line(exc)}") \
+            raise DatabaseError(f"cannot connect to {self.describe(dbname)}: {first_line(exc)}") \
                 from None
 
     def describe(self, dbname: str | None = None) -> str:
@@ -83,11 +83,6 @@ class ConnInfo:
         if self.bin_dir is not None:
             return str(self.bin_dir / name)
         return shutil.which(name) or name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def conninfo(config: DatabaseConfig) -> ConnInfo:
@@ -275,7 +270,7 @@ def exported_snapshot(info: ConnInfo) -> Iterator[Snapshot]:
             server = server_info(conn)
             row = conn.execute("SELECT pg_export_snapshot()").fetchone()
         except psycopg.Error as exc:
-            raise DatabaseError(f"{info.describe()}: {_first_line(exc)}") from None
+            raise DatabaseError(f"{info.describe()}: {first_line(exc)}") from None
         assert row is not None
         yield Snapshot(str(row[0]), conn, server)
     finally:

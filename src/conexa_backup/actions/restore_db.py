@@ -23,7 +23,7 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, local_writes, read_plain
 from conexa_backup.archive import extract_stream
 from conexa_backup.catalog import Backup, Copy
-from conexa_backup.errors import DatabaseError, IntegrityError, UsageError
+from conexa_backup.errors import DatabaseError, IntegrityError, UsageError, first_line
 from conexa_backup.manifest import DatabaseInfo, Manifest
 from conexa_backup.pipeline import copy_stream
 from conexa_backup.postgres import ConnInfo, ServerInfo
@@ -45,7 +45,7 @@ def _execute(conn: psycopg.Connection[Any], query: sql.Composed, what: str) -> N
     try:
         conn.execute(query)
     except psycopg.Error as exc:
-        raise DatabaseError(f"{what}: {str(exc).strip().splitlines()[0]}") from None
+        raise DatabaseError(f"{what}: {first_line(exc)}") from None
 
 
 def database_exists(info: ConnInfo, name: str) -> bool:
@@ -133,7 +133,7 @@ def create_and_restore(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) 
                     sql.Identifier(name), sql.Identifier(db.owner)))
             except psycopg.Error as exc:
                 log.warning("database %s: could not give it to owner %s: %s", name, db.owner,
-                            str(exc).strip().splitlines()[0])
+                            first_line(exc))
     process.run(postgres.pg_restore_argv(info, dump, name, info.jobs),
                 env=info.env(name), what="pg_restore")
 
@@ -148,7 +148,7 @@ def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> str
             actual = postgres.row_counts(conn)
         except psycopg.Error as exc:
             raise DatabaseError(f"counting rows in {name!r}: "
-                                f"{str(exc).strip().splitlines()[0]}") from None
+                                f"{first_line(exc)}") from None
     problems = [f"{t}: {actual.get(t, 'missing')} rows, expected {n}"
                 for t, n in sorted(expected.items()) if actual.get(t) != n]
     problems += [f"{t}: unexpected table" for t in sorted(set(actual) - set(expected))]
@@ -207,7 +207,7 @@ def swap_in(info: ConnInfo, live: str, restored: str, keep_as: str) -> str | Non
                 time.sleep(0.05)
             except psycopg.Error as exc:
                 raise DatabaseError(f"cannot swap in the restored database: "
-                                    f"{str(exc).strip().splitlines()[0]}") from None
+                                    f"{first_line(exc)}") from None
 
 
 def _disconnect_all(conn: psycopg.Connection[Any], name: str, timeout: float = 30) -> None:
@@ -220,7 +220,7 @@ def _disconnect_all(conn: psycopg.Connection[Any], name: str, timeout: float = 3
                 " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
         except psycopg.Error as exc:
             raise DatabaseError(
-                f"cannot end the sessions on {name!r}: {str(exc).strip().splitlines()[0]}",
+                f"cannot end the sessions on {name!r}: {first_line(exc)}",
                 hint="the restoring role needs to be superuser or a member of "
                      "pg_signal_backend") from None
         if not row or row[0] == 0:

@@ -18,7 +18,7 @@ from typing import BinaryIO, ClassVar, Literal
 
 from pydantic import Field
 
-from conexa_backup.errors import ObjectNotFoundError, StorageError
+from conexa_backup.errors import ObjectNotFoundError, StorageError, first_line
 from conexa_backup.storage.base import (
     GuardedReader,
     ObjectInfo,
@@ -126,7 +126,7 @@ class GCSTarget:
             return StorageError(self.name, f"bucket {self.config.bucket!r} does not exist")
         if isinstance(exc, gexc.Forbidden | gexc.Unauthorized) or status in (401, 403):
             return StorageError(self.name, f"access denied to bucket {self.config.bucket!r}")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return StorageError(self.name, f"{self.describe()}: {first}")
 
     def _bucket_exists(self) -> bool:
