@@ -118,9 +118,10 @@ def _database_steps(d: _Drill) -> None:
         return "SHA-256 of every byte verified"
 
     def restore() -> str:
-        d.created_db = True
         try:
-            restore_db.create_and_restore(d.info, dump["path"], db, d.dbname)
+            restore_db.create_database(d.info, db, d.dbname)
+            d.created_db = True  # only now is it ours to drop
+            restore_db.restore(d.info, dump["path"], d.dbname)
         finally:
             restore_db.discard(dump["path"])
         return (f"pg_restore --exit-on-error -j {d.info.jobs} into a throwaway database, "

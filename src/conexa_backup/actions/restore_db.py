@@ -102,26 +102,27 @@ def _server_from(info: DatabaseInfo) -> ServerInfo:
 def restore_into(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) -> None:
     """Create database ``name`` like the source and restore ``dump`` into it, then prove it.
 
-    On any failure the new database is dropped.
+    On any failure after the creation the new database is dropped. A creation that failed
+    drops nothing: the name may belong to a database someone else made meanwhile.
 
     Raises:
         ProcessError: pg_restore reported an error. IntegrityError: row counts differ.
         DatabaseError: the database could not be created.
     """
+    create_database(info, db, name)
     try:
-        create_and_restore(info, dump, db, name)
+        restore(info, dump, name)
         check_row_counts(info, name, db.tables)
     except BaseException:
         drop_database(info, name)
         raise
 
 
-def create_and_restore(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) -> None:
-    """Create database ``name`` with the source's encoding, locale and owner; restore into it.
+def create_database(info: ConnInfo, db: DatabaseInfo, name: str) -> None:
+    """Create database ``name`` with the source's encoding, locale and owner.
 
     Raises:
-        DatabaseError: it could not be created. ProcessError: pg_restore reported an error
-        (the database is then left for the caller to drop).
+        DatabaseError: it could not be created (an owner that cannot be set is only logged).
     """
     with info.connect(info.maintenance_db) as conn:
         _execute(conn, postgres.create_database_sql(name, _server_from(db)),
@@ -134,6 +135,14 @@ def create_and_restore(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) 
             except psycopg.Error as exc:
                 log.warning("database %s: could not give it to owner %s: %s", name, db.owner,
                             first_line(exc))
+
+
+def restore(info: ConnInfo, dump: Path, name: str) -> None:
+    """``pg_restore --exit-on-error -j N`` of ``dump`` into the existing database ``name``.
+
+    Raises:
+        ProcessError: pg_restore reported an error.
+    """
     process.run(postgres.pg_restore_argv(info, dump, name, info.jobs),
                 env=info.env(name), what="pg_restore")
 
