@@ -18,6 +18,7 @@ from conexa_backup.pipeline import (
     HashingReader,
     HashingSink,
     Tee,
+    ThreadedSink,
     copy_stream,
     decompressing_reader,
     extension,
@@ -265,3 +266,52 @@ def test_copy_stream_counts_bytes() -> None:
     out = io.BytesIO()
     assert copy_stream(io.BytesIO(data), out, chunk=100_003) == len(data)
     assert out.getvalue() == data
+
+
+class _FailsAfter:
+    """A sink whose ``n``-th write raises OSError (a full disk); it counts what it got."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.got = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.n -= 1
+        if self.n < 0:
+            raise OSError(28, "No space left on device")
+        self.got += data
+        return len(data)
+
+
+def test_threaded_sink_writes_everything_in_order() -> None:
+    data = _mixed(5 * CHUNK + 123)
+    out = io.BytesIO()
+    with ThreadedSink(out, "t", depth=2) as sink:
+        assert copy_stream(io.BytesIO(data), sink) == len(data)
+    assert out.getvalue() == data
+
+
+def test_threaded_sink_raises_the_writers_error_on_close() -> None:
+    target = _FailsAfter(2)
+    with pytest.raises(OSError, match="No space"), ThreadedSink(target, "t", depth=8) as sink:
+        for _ in range(4):  # the queue takes them all; the thread fails on the third
+            sink.write(b"x" * 10)
+    assert bytes(target.got) == b"x" * 20
+
+
+def test_threaded_sink_raises_on_the_next_write_and_wraps() -> None:
+    sink = ThreadedSink(_FailsAfter(0), "t", depth=1,
+                        wrap_error=lambda exc: IntegrityError(f"wrapped: {exc}"))
+    sink.write(b"a")
+    with pytest.raises(IntegrityError, match=r"wrapped: .*No space"):
+        for _ in range(100):  # the thread fails the first one; a later write raises it
+            sink.write(b"b")
+    sink.stop()  # never raises
+    with pytest.raises(IntegrityError):
+        sink.close()
+
+
+def test_threaded_sink_leaving_by_an_exception_keeps_that_exception() -> None:
+    with pytest.raises(KeyError), ThreadedSink(_FailsAfter(0), "t", depth=4) as sink:
+        sink.write(b"a")
+        raise KeyError("the producer's own failure")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import queue
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, BinaryIO, Protocol
 
 import zstandard
@@ -136,6 +138,63 @@ class Gather:
             # Handed over, never touched again: a sink may queue it for another thread.
             chunk, self._buf = self._buf, bytearray()
             self._out.write(chunk)  # type: ignore[arg-type]  # any bytes-like object will do
+
+
+_END = object()
+
+
+class ThreadedSink:
+    """A sink that writes to ``out`` from a thread of its own, fed through a queue of
+    ``depth`` chunks: the producer and the writes overlap, and memory stays at ``depth``
+    chunks. An error in the thread (passed through ``wrap_error``) is kept, what is queued
+    after it is dropped, and it is raised by the next :meth:`write` or by :meth:`close`.
+    """
+
+    def __init__(self, out: Sink, name: str, depth: int,
+                 wrap_error: Callable[[BaseException], BaseException] = lambda exc: exc) -> None:
+        self._out = out
+        self._wrap = wrap_error
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _END:
+            if self.error is None:
+                try:
+                    self._out.write(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # handed to the producer's thread
+                    self.error = self._wrap(exc)
+
+    def write(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(data)
+        return len(data)
+
+    def stop(self) -> None:
+        """Let the thread write what is queued, then end it; never raises."""
+        if self._thread.is_alive():
+            self._queue.put(_END)
+            self._thread.join()
+
+    def close(self) -> None:
+        """:meth:`stop`, then raise the thread's error if it had one."""
+        self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> ThreadedSink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """Leaving normally closes (raising the thread's error); leaving by an exception
+        only stops, so that exception is the one that propagates."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.stop()
 
 
 class HashingSink:

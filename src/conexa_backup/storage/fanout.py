@@ -10,11 +10,10 @@ every target has failed does writing raise.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Sequence
 
 from conexa_backup.errors import ConexaError, StorageError
+from conexa_backup.pipeline import ThreadedSink
 from conexa_backup.storage.base import ObjectInfo, Target, Upload
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,6 @@ class AllTargetsFailed(StorageError):
 
 
 QUEUE_CHUNKS = 3
-_END = object()
 
 
 class ThreadedUpload:
@@ -40,18 +38,7 @@ class ThreadedUpload:
     def __init__(self, inner: Upload, name: str) -> None:
         self._inner = inner
         self._name = name
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_CHUNKS)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"upload-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not _END:
-            if self._error is None:
-                try:
-                    self._inner.write(item)  # type: ignore[arg-type]
-                except BaseException as exc:  # handed to the producer's thread
-                    self._error = self._as_storage_error(exc)
+        self._sink = ThreadedSink(inner, f"upload-{name}", QUEUE_CHUNKS, self._as_storage_error)
 
     def _as_storage_error(self, exc: BaseException) -> BaseException:
         """Any failure of one target's upload (an SDK error, a full spool disk) is that
@@ -60,27 +47,18 @@ class ThreadedUpload:
             return exc
         return StorageError(self._name, f"{type(exc).__name__}: {exc}")
 
-    def _finish(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_END)
-            self._thread.join()
-
     def write(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(data)
+        self._sink.write(data)
 
     def commit(self) -> ObjectInfo:
-        self._finish()
-        if self._error is not None:
-            raise self._error
+        self._sink.close()
         try:
             return self._inner.commit()
         except Exception as exc:
             raise self._as_storage_error(exc) from exc
 
     def abort(self) -> None:
-        self._finish()
+        self._sink.stop()
         self._inner.abort()
 
 
