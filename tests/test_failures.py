@@ -424,7 +424,6 @@ def test_restore_into_database_name_with_equals_sign(ws: Any, tmp_path: Path) ->
     assert db_dump(ws, target) == db_dump(ws, ws.dbname)
 
 
-
 def test_restore_never_drops_a_database_it_did_not_create(ws: Any) -> None:
     """The target name is checked free before the fetch; if someone takes it before CREATE
     DATABASE runs, the restore fails and leaves their database alone."""

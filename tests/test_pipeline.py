@@ -7,6 +7,7 @@ import io
 import random
 import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -293,10 +294,27 @@ def test_threaded_sink_writes_everything_in_order() -> None:
 
 def test_threaded_sink_raises_the_writers_error_on_close() -> None:
     target = _FailsAfter(2)
-    with pytest.raises(OSError, match="No space"), ThreadedSink(target, "t", depth=8) as sink:
-        for _ in range(4):  # the queue takes them all; the thread fails on the third
-            sink.write(b"x" * 10)
+    go = threading.Event()
+    gated = _Gated(target, go)
+    sink = ThreadedSink(gated, "t", depth=8)
+    for _ in range(4):  # all queued before the thread writes any: no write can see the error
+        sink.write(b"x" * 10)
+    go.set()
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
     assert bytes(target.got) == b"x" * 20
+
+
+class _Gated:
+    """Passes writes on once ``go`` is set."""
+
+    def __init__(self, out: _FailsAfter, go: threading.Event) -> None:
+        self.out = out
+        self.go = go
+
+    def write(self, data: bytes) -> int:
+        self.go.wait()
+        return self.out.write(data)
 
 
 def test_threaded_sink_raises_on_the_next_write_and_wraps() -> None:

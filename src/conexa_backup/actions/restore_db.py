@@ -32,7 +32,7 @@ from conexa_backup.scratch import scratch_name
 log = logging.getLogger(__name__)
 MAX_NAME = 63  # PostgreSQL identifier limit, in bytes
 SWAP_TIMEOUT = 30.0
-WRITE_AHEAD_CHUNKS = 8  # of pipeline.CHUNK: the fetch holds at most 8 MiB in memory
+WRITE_AHEAD_CHUNKS = 8  # of pipeline.CHUNK queued for the writer: about 10 MiB in all
 
 
 def derived_name(base: str, suffix: str) -> str:
@@ -125,20 +125,31 @@ def restore_into(info: ConnInfo, dump: Path, db: DatabaseInfo, name: str) -> Non
 def create_database(info: ConnInfo, db: DatabaseInfo, name: str) -> None:
     """Create database ``name`` with the source's encoding, locale and owner.
 
+    If anything fails once it exists, it is dropped again before the error propagates.
+
     Raises:
         DatabaseError: it could not be created (an owner that cannot be set is only logged).
     """
     with info.connect(info.maintenance_db) as conn:
         _execute(conn, postgres.create_database_sql(name, _server_from(db)),
                  f"cannot create database {name!r}")
-        me = conn.execute("SELECT current_user").fetchone()
-        if me is not None and me[0] != db.owner:
-            try:
-                conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
-                    sql.Identifier(name), sql.Identifier(db.owner)))
-            except psycopg.Error as exc:
-                log.warning("database %s: could not give it to owner %s: %s", name, db.owner,
-                            first_line(exc))
+        try:  # it is ours now: whatever fails before we return must not leave it behind
+            _give_to(conn, name, db.owner)
+        except BaseException:
+            drop_database(info, name)
+            raise
+
+
+def _give_to(conn: psycopg.Connection[Any], name: str, owner: str) -> None:
+    """Make ``owner`` own database ``name`` unless we are that role; a refusal is logged."""
+    me = conn.execute("SELECT current_user").fetchone()
+    if me is not None and me[0] != owner:
+        try:
+            conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(name), sql.Identifier(owner)))
+        except psycopg.Error as exc:
+            log.warning("database %s: could not give it to owner %s: %s", name, owner,
+                        first_line(exc))
 
 
 def restore(info: ConnInfo, dump: Path, name: str) -> None:
