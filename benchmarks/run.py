@@ -926,8 +926,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0,
                    help="sample database scale; 1.0 is about 80 MB on disk (default 1)")
     p.add_argument("--large-scale", type=float, metavar="S2",
-                   help="also back up a database at this scale (e.g. 10x --scale) and compare "
-                        "peak RSS (default: off)")
+                   help="also back up and restore a database at this scale (issue 7: 10x --scale) "
+                        "and compare speed and peak RSS (default: off)")
     p.add_argument("--files", type=int, default=1000,
                    help="approximate number of files in the uploads folder (default 1000)")
     p.add_argument("--incompressible-kib", type=int, default=256,
