@@ -606,7 +606,9 @@ def package_version(name: str) -> str:
 
 def git_revision() -> str:
     rev = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
+    # Changes to tracked files, but not to the report this script itself rewrites.
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                            "--untracked-files=no", "--", ".", ":!docs/benchmarks.md"],
                            capture_output=True, text=True, check=False).stdout.strip()
     return f"{rev}{' + uncommitted changes' if dirty else ''}"
 
