@@ -48,7 +48,15 @@ from conexa_backup.manifest import (
     UploadsInfo,
     new_backup_id,
 )
-from conexa_backup.pipeline import CHUNK, Compressor, HashingSink, Sink, copy_stream, extension
+from conexa_backup.pipeline import (
+    CHUNK,
+    Compressor,
+    HashingSink,
+    Sink,
+    ThreadedSink,
+    copy_stream,
+    extension,
+)
 from conexa_backup.retention import Candidate, would_retain
 from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import Target
@@ -58,6 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARTS = ("database", "uploads")
+HASH_QUEUE_CHUNKS = 4  # compressed chunks waiting to be hashed and stored
 
 
 @dataclass
@@ -143,17 +152,20 @@ class _Run:
 
         def feed(multi: Sink) -> T:
             hashing.append(HashingSink(_Progress(multi, self.ctx)))
-            encryptor = Encryptor(self.recipients, hashing[0]) if self.recipients else None
-            try:
-                compressor = Compressor(self.ctx.config.compression, encryptor or hashing[0])
-                result = produce(compressor)
-                compressor.finish()
-                if encryptor is not None:
-                    encryptor.finish()
-            except BaseException:
-                if encryptor is not None:
-                    encryptor.abort()
-                raise
+            # Hashing the stored bytes and handing them to the targets run in a thread of
+            # their own, beside the producer's reading and compressing.
+            with ThreadedSink(hashing[0], "hash-and-store", HASH_QUEUE_CHUNKS) as behind:
+                encryptor = Encryptor(self.recipients, behind) if self.recipients else None
+                try:
+                    compressor = Compressor(self.ctx.config.compression, encryptor or behind)
+                    result = produce(compressor)
+                    compressor.finish()
+                    if encryptor is not None:
+                        encryptor.finish()
+                except BaseException:
+                    if encryptor is not None:
+                        encryptor.abort()
+                    raise
             return result
 
         result = self.upload(filename, feed)
