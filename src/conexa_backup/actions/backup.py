@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARTS = ("database", "uploads")
-HASH_QUEUE_CHUNKS = 4  # compressed chunks waiting to be hashed and stored
+HASH_QUEUE_CHUNKS = 2  # compressed chunks waiting to be hashed and stored
 
 
 @dataclass
