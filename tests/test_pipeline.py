@@ -333,3 +333,17 @@ def test_threaded_sink_leaving_by_an_exception_keeps_that_exception() -> None:
     with pytest.raises(KeyError), ThreadedSink(_FailsAfter(0), "t", depth=4) as sink:
         sink.write(b"a")
         raise KeyError("the producer's own failure")
+
+
+def test_threaded_sink_abandon_drops_what_is_queued() -> None:
+    target = _FailsAfter(100)
+    go = threading.Event()
+    sink = ThreadedSink(_Gated(target, go), "t", depth=8)
+    for _ in range(4):
+        sink.write(b"x")
+    release = threading.Timer(0.2, go.set)  # the write in flight finishes after abandon()
+    release.start()
+    sink.abandon()
+    release.join()
+    assert bytes(target.got) in (b"", b"x")  # at most the one in flight, never the queue
+    assert not any(t.name == "t" for t in threading.enumerate())

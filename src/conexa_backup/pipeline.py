@@ -156,12 +156,13 @@ class ThreadedSink:
         self._wrap = wrap_error
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self._dropping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _END:
-            if self.error is None:
+            if self.error is None and not self._dropping:
                 try:
                     self._out.write(item)  # type: ignore[arg-type]
                 except BaseException as exc:  # handed to the producer's thread
@@ -179,6 +180,12 @@ class ThreadedSink:
             self._queue.put(_END)
             self._thread.join()
 
+    def abandon(self) -> None:
+        """End the thread without writing what is still queued (the stream is being thrown
+        away: an interrupted run gets out sooner); never raises."""
+        self._dropping = True
+        self.stop()
+
     def close(self) -> None:
         """:meth:`stop`, then raise the thread's error if it had one."""
         self.stop()
@@ -190,11 +197,11 @@ class ThreadedSink:
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         """Leaving normally closes (raising the thread's error); leaving by an exception
-        only stops, so that exception is the one that propagates."""
+        abandons what is queued, and that exception is the one that propagates."""
         if exc_type is None:
             self.close()
         else:
-            self.stop()
+            self.abandon()
 
 
 class HashingSink:

@@ -58,7 +58,7 @@ class ThreadedUpload:
             raise self._as_storage_error(exc) from exc
 
     def abort(self) -> None:
-        self._sink.stop()
+        self._sink.abandon()
         self._inner.abort()
 
 
