@@ -427,10 +427,11 @@ def test_restore_into_database_name_with_equals_sign(ws: Any, tmp_path: Path) ->
 def test_restore_never_drops_a_database_it_did_not_create(ws: Any) -> None:
     """The target name is checked free before the fetch; if someone takes it before CREATE
     DATABASE runs, the restore fails and leaves their database alone."""
+    from conexa_backup import postgres
     from conexa_backup.actions import restore_db
+    from conexa_backup.config import load_config
     from conexa_backup.errors import DatabaseError
     from conexa_backup.manifest import Manifest
-    from conexa_backup.postgres import ConnInfo
 
     backup_id = backup_ok(ws)
     manifest = Manifest.from_json((ws.backups / backup_id / "manifest.json").read_bytes(), "t")
@@ -438,8 +439,7 @@ def test_restore_never_drops_a_database_it_did_not_create(ws: Any) -> None:
     theirs = f"{ws.dbname}_theirs"
     ws.cluster.create_database(theirs)
     ws.cluster.execute("CREATE TABLE keep_me (id int)", dbname=theirs)
-    info = ConnInfo({"host": "127.0.0.1", "port": str(ws.cluster.port), "user": "postgres",
-                     "dbname": ws.dbname})
+    info = postgres.conninfo(load_config(ws.config)[0].database)
 
     with pytest.raises(DatabaseError, match="cannot create database"):
         restore_db.restore_into(info, ws.root / "never-read.dump", manifest.database, theirs)

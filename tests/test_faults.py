@@ -207,9 +207,6 @@ def reap(marker: str, f: Figures, grace: float = 30) -> None:
         f.notes["children killed after grace"] += 1
 
 
-listed = listed_by_id
-
-
 def complete(entries: dict[str, dict[str, Any]]) -> set[str]:
     return {i for i, e in entries.items() if e["status"] == "complete"}
 
@@ -233,7 +230,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def check_backups(ws: Workspace, good: set[str], f: Figures, where: str) -> set[str]:
     """Every listed complete backup verifies; every backup in ``good`` is still complete.
     Returns the complete backups. Problems go to ``f``."""
-    entries = listed(ws)
+    entries = listed_by_id(ws)
     now = complete(entries)
     damaged = sorted(i for i, e in entries.items() if e["status"] == "damaged")
     lost = sorted(good - now)
@@ -252,9 +249,6 @@ def next_backup(ws: Workspace, f: Figures, where: str, *args: str) -> str | None
                           f"{result.stderr.strip()}")
         return None
     return result.stdout.strip()
-
-
-hidden_temp_files = temp_files
 
 
 # -- SIGKILL during backup --------------------------------------------------------------------
@@ -287,7 +281,7 @@ def test_sigkill_during_backup(ws: Workspace, tmp_path: Path,
     # What the killed runs left on the target that no later run removed (each backup sweeps
     # the temporaries of runs that are gone: there should be none).
     assert_ok(ws.run("prune"))
-    leftovers = hidden_temp_files(ws.backups)
+    leftovers = temp_files(ws.backups)
     if leftovers:
         f.notes["temporary files never removed"] = len(leftovers)
         f.notes["temporary files never removed (bytes)"] = sum(p.stat().st_size
@@ -321,9 +315,9 @@ def test_sigkill_during_prune(ws: Workspace, figures: Callable[[str], Figures]) 
     newest = assert_ok(ws.run("backup")).strip()
     for backup_id in old_ids(0, 6):
         clone_backup(ws, newest, backup_id)
-    assert len(complete(listed(ws))) == 7
+    assert len(complete(listed_by_id(ws))) == 7
     _, duration = timed(lambda: assert_ok(ws.run("prune")))
-    assert complete(listed(ws)) == {newest}
+    assert complete(listed_by_id(ws)) == {newest}
 
     # Random moments, then (half as many) kills the moment deleting has begun: a prune spends
     # most of its time starting and listing, the deletes take a few milliseconds.
@@ -431,7 +425,7 @@ def test_sigkill_during_in_place_restore(ws: Workspace,
     assert plain_dump(ws.cluster.env(), ws.dbname) == a.dump
     assert tree_snapshot(ws.uploads) == a.tree
     live, other = a, b
-    good = complete(listed(ws))
+    good = complete(listed_by_id(ws))
 
     for trial in range(TRIALS):
         where = f"trial {trial}"
@@ -487,7 +481,6 @@ def _key(tree: dict[str, Any] | None) -> str:
 
 
 # -- deterministic kills at the dangerous moments --------------------------------------------
-
 
 
 @contextlib.contextmanager
@@ -555,14 +548,14 @@ def test_killed_backup_leaves_nothing_forever(ws: Workspace, tmp_path: Path) -> 
     assert killed
     wait_for(lambda: not processes_with_env(marker), 30, "pg_dump to exit")
     folders = [p for p in ws.backups.iterdir() if p.is_dir()]
-    assert len(folders) == 1 and hidden_temp_files(folders[0]), list(ws.backups.rglob("*"))
+    assert len(folders) == 1 and temp_files(folders[0]), list(ws.backups.rglob("*"))
     # Time passes: the leftover is now three days old (its id says so); prune runs.
     old = (datetime.now(UTC) - timedelta(days=3)).strftime("%Y%m%dT%H%M%SZ")
     folders[0].rename(ws.backups / old)
     configure(ws)
     assert_ok(ws.run("backup"))
     assert_ok(ws.run("prune"))
-    assert hidden_temp_files(ws.backups) == []
+    assert temp_files(ws.backups) == []
     assert not (ws.backups / old).exists()
 
 

@@ -146,9 +146,6 @@ def backup_json(ws: Workspace, *args: str, env: dict[str, str] | None = None) ->
     return report
 
 
-listing = listed_by_id
-
-
 def manifest_path(ws: Workspace, backup_id: str) -> Path:
     return ws.backups / backup_id / "manifest.json"
 
@@ -464,7 +461,7 @@ def assert_refused_everywhere(ws: Workspace, backup_id: str, tmp_path: Path) -> 
     assert hidden_siblings(tmp_path) == [] and hidden_siblings(ws.uploads.parent) == []
     assert staging_leftovers(ws) == []
     # No safety backup either: nothing was about to be replaced.
-    assert list(listing(ws)) == [backup_id]
+    assert list(listed_by_id(ws)) == [backup_id]
 
 
 def test_signed_backup_verifies(ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
@@ -472,7 +469,7 @@ def test_signed_backup_verifies(ws: Workspace, signing: SigningKey, tmp_path: Pa
     backup_id = backup_json(ws)["id"]
     sig = ws.backups / backup_id / "manifest.json.sig"
     assert sig.is_file() and sig.stat().st_size < 200
-    assert listing(ws)[backup_id]["status"] == "complete"
+    assert listed_by_id(ws)[backup_id]["status"] == "complete"
     assert_ok(ws.run("verify", backup_id))
     drill = ws.run("verify", "--drill", backup_id)
     assert drill.returncode == 0, drill.stdout + drill.stderr
@@ -482,7 +479,7 @@ def test_signed_backup_verifies(ws: Workspace, signing: SigningKey, tmp_path: Pa
     # Hosts that only read backups need only the public key.
     ws.write_config(signing_toml(None, signing.public))
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
-    assert listing(ws)[backup_id]["status"] == "complete"
+    assert listed_by_id(ws)[backup_id]["status"] == "complete"
     assert_ok(ws.run("verify", backup_id))
 
 
@@ -495,10 +492,8 @@ def test_altered_manifest_is_refused(ws: Workspace, signing: SigningKey, tmp_pat
     assert_refused_everywhere(ws, backup_id, tmp_path)
     # A host that never saw the backup before lists it as damaged.
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
-    entry = listing(ws)[backup_id]
+    entry = listed_by_id(ws)[backup_id]
     assert (entry["status"], entry["targets"]) == ("damaged", []), entry
-
-
 
 
 @pytest.mark.parametrize("alteration", list(ALTERATIONS))
@@ -507,9 +502,9 @@ def test_altered_manifest_is_listed_damaged_on_the_backup_host(
     """The host that made (and listed) the backup must see the alteration too."""
     ws.write_config(signing_toml(signing.private, signing.public))
     backup_id = backup_json(ws)["id"]
-    assert listing(ws)[backup_id]["status"] == "complete"
+    assert listed_by_id(ws)[backup_id]["status"] == "complete"
     ALTERATIONS[alteration](ws, backup_id)
-    entry = listing(ws)[backup_id]
+    entry = listed_by_id(ws)[backup_id]
     assert (entry["status"], entry["targets"]) == ("damaged", []), entry
 
 
@@ -538,11 +533,11 @@ def test_backup_signed_with_another_key_is_refused(ws: Workspace, signing: Signi
     # The control: the forged signature is valid for the forger's key.
     ws.write_config(signing_toml(None, forger.public))
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
-    assert listing(ws)[good]["status"] == "complete"
+    assert listed_by_id(ws)[good]["status"] == "complete"
 
     ws.write_config(signing_toml(signing.private, signing.public))
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
-    assert listing(ws)[good]["status"] == "damaged"
+    assert listed_by_id(ws)[good]["status"] == "damaged"
     assert_refused_everywhere(ws, good, tmp_path)
 
 
@@ -552,7 +547,7 @@ def test_backup_host_with_the_wrong_public_key(ws: Workspace, signing: SigningKe
     other = make_signing_key(tmp_path / "other")
     ws.write_config(signing_toml(signing.private, other.public))
     backup_id = backup_json(ws)["id"]
-    assert listing(ws)[backup_id]["status"] == "damaged"
+    assert listed_by_id(ws)[backup_id]["status"] == "damaged"
     assert_refused_everywhere(ws, backup_id, tmp_path)
 
 
@@ -626,7 +621,7 @@ def test_locked_version_cannot_be_deleted_but_prune_hides_it(
     assert "Traceback" not in result.stderr
     plans = {p["target"]: p for p in json.loads(result.stdout)}
     assert plans["s3"]["deleted"] == [old], plans["s3"]
-    assert set(listing(ws)) == {new}
+    assert set(listed_by_id(ws)) == {new}
     visible = {o["Key"].split("/")[0]
                for o in client.list_objects_v2(Bucket=locked_bucket)["Contents"]}
     assert visible == {new}
@@ -1140,10 +1135,6 @@ def _hostile_configs(root: Path) -> dict[str, str | bytes]:
     }
 
 
-
-
-
-
 def run_cli_in(folder: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "conexa_backup", "--config", str(config), *args],
                           cwd=folder, capture_output=True, text=True, timeout=60,
@@ -1305,7 +1296,7 @@ def test_invalid_manifests_are_damaged_and_refused(ws: Workspace, tmp_path: Path
     for case, data in _invalid_manifests(ws, backup_id, other).items():
         manifest_path(ws, backup_id).write_bytes(data)
         shutil.rmtree(ws.state / "cache", ignore_errors=True)
-        entries = listing(ws)
+        entries = listed_by_id(ws)
         assert entries[backup_id]["status"] == "damaged", case
         assert entries[other]["status"] == "complete", case
         for args in (["verify", backup_id], ["restore", backup_id, "--yes"]):
@@ -1317,7 +1308,7 @@ def test_invalid_manifests_are_damaged_and_refused(ws: Workspace, tmp_path: Path
         oks = {c["id"]: c["ok"] for c in json.loads(every.stdout)["checks"]}
         assert oks == {other: True, backup_id: False}, (case, oks)
     manifest_path(ws, backup_id).write_bytes(good)
-    assert listing(ws)[backup_id]["status"] == "complete"
+    assert listed_by_id(ws)[backup_id]["status"] == "complete"
 
 
 def _artifact_with_a_path(ws: Workspace, backup_id: str, other_id: str) -> None:
@@ -1362,4 +1353,4 @@ def test_artifact_name_with_a_path_is_a_damaged_manifest(ws: Workspace) -> None:
     oks = {c["id"]: c["ok"] for c in json.loads(every.stdout)["checks"]}
     assert oks == {other: True, backup_id: False}
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
-    assert listing(ws)[backup_id]["status"] == "damaged"
+    assert listed_by_id(ws)[backup_id]["status"] == "damaged"
