@@ -155,22 +155,22 @@ class ThreadedSink:
         self._out = out
         self._wrap = wrap_error
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
+        self._error: BaseException | None = None
         self._dropping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _END:
-            if self.error is None and not self._dropping:
+            if self._error is None and not self._dropping:
                 try:
                     self._out.write(item)  # type: ignore[arg-type]
                 except BaseException as exc:  # handed to the producer's thread
-                    self.error = self._wrap(exc)
+                    self._error = self._wrap(exc)
 
     def write(self, data: bytes) -> int:
-        if self.error is not None:
-            raise self.error
+        if self._error is not None:
+            raise self._error
         self._queue.put(data)
         return len(data)
 
@@ -189,8 +189,8 @@ class ThreadedSink:
     def close(self) -> None:
         """:meth:`stop`, then raise the thread's error if it had one."""
         self.stop()
-        if self.error is not None:
-            raise self.error
+        if self._error is not None:
+            raise self._error
 
     def __enter__(self) -> ThreadedSink:
         return self

@@ -143,6 +143,22 @@ class _Run:
         self.alive = [t for t in self.alive if t.name in stored]
         return result
 
+    def _encode(self, produce: Callable[[Sink], T], out: Sink) -> T:
+        """Run ``produce`` into compression (then encryption, if configured) writing to
+        ``out``; on failure the encryptor is stopped before the error propagates."""
+        encryptor = Encryptor(self.recipients, out) if self.recipients else None
+        try:
+            compressor = Compressor(self.ctx.config.compression, encryptor or out)
+            result = produce(compressor)
+            compressor.finish()
+            if encryptor is not None:
+                encryptor.finish()
+        except BaseException:
+            if encryptor is not None:
+                encryptor.abort()
+            raise
+        return result
+
     def store(self, kind: str, name: str, content: str, produce: Callable[[Sink], T]) -> T:
         """Stream ``produce``'s bytes, compressed, (encrypted,) hashed, to every live target."""
         algorithm = self.ctx.config.compression.algorithm
@@ -155,18 +171,7 @@ class _Run:
             # Hashing the stored bytes and handing them to the targets run in a thread of
             # their own, beside the producer's reading and compressing.
             with ThreadedSink(hashing[0], "hash-and-store", HASH_QUEUE_CHUNKS) as behind:
-                encryptor = Encryptor(self.recipients, behind) if self.recipients else None
-                try:
-                    compressor = Compressor(self.ctx.config.compression, encryptor or behind)
-                    result = produce(compressor)
-                    compressor.finish()
-                    if encryptor is not None:
-                        encryptor.finish()
-                except BaseException:
-                    if encryptor is not None:
-                        encryptor.abort()
-                    raise
-            return result
+                return self._encode(produce, behind)
 
         result = self.upload(filename, feed)
         self.artifacts.append(Artifact(
