@@ -244,6 +244,9 @@ def backup(
                 raise
             _alert(ctx, events.backup_event(result))
         _show_backup(result, as_json)
+        if result.warnings:
+            _fail(f"backup {result.id} complete with {len(result.warnings)} warning(s): "
+                  + "; ".join(result.warnings), ExitCode.PARTIAL)
         if result.prune_errors:
             _fail("backup complete, but pruning failed: " + "; ".join(result.prune_errors),
                   ExitCode.PARTIAL)

@@ -16,15 +16,15 @@ if TYPE_CHECKING:
 
 
 def backup_event(result: BackupResult) -> Event:
-    partial = bool(result.failures) or bool(result.prune_errors)
+    partial = bool(result.failures or result.prune_errors or result.warnings)
     m = result.manifest
     return Event(
         "backup", "partial" if partial else "success",
         f"backup {m.id} {'partially ' if partial else ''}complete",
         backup_id=m.id, duration_seconds=round(result.seconds, 3), size_bytes=m.size_bytes,
         targets_ok=list(result.stored_on), targets_failed=dict(result.failures),
-        error="; ".join(result.prune_errors) or None,
-        details={"skipped_targets": result.skipped,
+        error="; ".join(result.warnings + result.prune_errors) or None,
+        details={"skipped_targets": result.skipped, "warnings": result.warnings,
                  "pruned": sum(len(p.deleted) for p in result.pruned)})
 
 

@@ -82,6 +82,9 @@ class Manifest(_Model):
     database: DatabaseInfo | None = None
     uploads: UploadsInfo | None = None
     artifacts: list[Artifact]
+    # What the backup could not take or found suspicious (unreadable files, a shrunken uploads
+    # folder...): a backup with warnings is complete but the run is partial (exit 3).
+    warnings: list[str] = Field(default_factory=list)
 
     @property
     def size_bytes(self) -> int:

@@ -63,7 +63,7 @@ def backup_json(result: BackupResult) -> dict[str, Any]:
     m = result.manifest
     return {
         "id": m.id,
-        "status": "partial" if result.failures else "complete",
+        "status": "partial" if result.failures or result.warnings else "complete",
         "kind": m.kind,
         "created_at": iso(m.started_at),
         "finished_at": iso(m.finished_at),
@@ -72,6 +72,7 @@ def backup_json(result: BackupResult) -> dict[str, Any]:
         "targets": result.stored_on,
         "failed_targets": result.failures,
         "skipped_targets": result.skipped,
+        "warnings": result.warnings,
         "pruned": [prune_entry(p) for p in result.pruned],
         "artifacts": [a.model_dump() for a in m.artifacts],
     }
@@ -86,6 +87,8 @@ def backup_human(console: Console, result: BackupResult) -> None:
         console.print(error, markup=False)
     for name, why in result.skipped.items():
         console.print(f"not stored on {name}: {why}", markup=False)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning[/]: {escape(warning)}")
     for p in result.pruned:
         if p.deleted:
             console.print(f"pruned {len(p.deleted)} backup(s) from {p.target}", markup=False)

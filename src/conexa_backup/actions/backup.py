@@ -83,6 +83,11 @@ class BackupResult:
         return prune_problems(self.pruned)
 
     @property
+    def warnings(self) -> list[str]:
+        """What the stored backup lacks or looks wrong about (the manifest records it)."""
+        return list(self.manifest.warnings)
+
+    @property
     def id(self) -> str:
         return self.manifest.id
 
@@ -106,6 +111,7 @@ class _Run:
     failures: dict[str, str] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
     written: dict[str, list[str]] = field(default_factory=dict)  # target name -> keys stored
+    warnings: list[str] = field(default_factory=list)  # recorded in the manifest; exit 3
     # Loaded once, before any work: a bad key must fail the run in its first second.
     recipients: list[Any] = field(default_factory=list)
     signing_key: Any = None
@@ -405,6 +411,7 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
         database=database, uploads=uploads, artifacts=run.artifacts,
+        warnings=run.warnings,
     )
 
 
