@@ -11,6 +11,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
   || need_apt+=(postgresql)
 command -v pg_dump >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+# tests/test_install.py makes a venv with Debian's own python3, as the README's Install does.
+if [ "${1:-}" = "--test" ] && command -v apt-get >/dev/null 2>&1; then
+  /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
+fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing system packages: ${need_apt[*]}" >&2

@@ -402,13 +402,17 @@ def test_report_send_goes_to_notifiers_taking_reports(ws: Any, httpserver: HTTPS
     assert "RPO:" in event["body"] and "RTO" in event["body"]
 
 
-def test_report_send_without_a_report_notifier_is_a_usage_error(
+def test_report_send_without_a_report_notifier_goes_to_every_notifier(
         ws: Any, httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/s", method="POST").respond_with_data("ok")
     ws.write_config(f'[[notify]]\ntype = "slack"\nwebhook_url = "{httpserver.url_for("/s")}"\n')
+    ws.config.chmod(0o600)
 
-    result = ws.run("report", "--send")
+    result = ws.run("report", "--send", "--json")
 
-    assert result.returncode == 2
-    assert "no notifier takes 'report' events" in result.stderr
-    assert httpserver.log == []
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sent"] == [
+        {"notifier": "slack", "ok": True, "detail": "sent"}]
+    (request,) = [r for r, _ in httpserver.log]
+    assert "*conexa-backup report, last 7 days*" in request.get_json()["text"]
     httpserver.check_assertions()

@@ -608,6 +608,41 @@ def test_notify_test_without_notifiers_is_a_usage_error(ws: Any) -> None:
     assert "no [[notify]] configured" in result.stderr
 
 
+# -- report --send --------------------------------------------------------------------------------
+
+def test_report_send_goes_to_every_notifier_when_none_lists_report(
+        ws: Any, httpserver: HTTPServer, smtp: Callable[..., SmtpSink]) -> None:
+    """crontab.example's Monday line with notifiers left at their default events."""
+    httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
+    sink = smtp("none")
+    ws.write_config(notifier("webhook", url=httpserver.url_for("/hook"))
+                    + email_notifier(sink, "none")
+                    + notifier("heartbeat", url=httpserver.url_for("/hb")))
+    ws.config.chmod(0o600)  # else a warning about the webhook URL in a readable file
+
+    result = ws.run("--quiet", "report", "--days", "7", "--send")
+
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    httpserver.check_assertions()
+    # The heartbeat is not pinged: a report is not a backup run.
+    (hook,) = [r.get_json() for r, _ in httpserver.log]
+    assert (hook["kind"], hook["title"]) == ("report", "conexa-backup report, last 7 days")
+    (mail,) = sink.inbox.mails
+    assert mail.message["Subject"] == "[conexa-backup] conexa-backup report, last 7 days"
+    assert "backups: 0 runs" in mail.message.get_content()
+
+
+def test_report_send_without_notifiers_prints_it_and_says_so(ws: Any) -> None:
+    result = ws.run("--quiet", "report", "--send")
+
+    assert result.returncode == 0, result.stderr
+    assert "backups: 0 runs" in result.stdout  # even with --quiet: cron mails it to MAILTO
+    assert result.stderr.strip() == (
+        "warning: report not sent: no notifier that carries messages (email, Slack, webhook) "
+        "is configured; printed here instead")
+
+
 # -- the seed's environment variables -------------------------------------------------------------
 
 def test_seed_env_adds_slack_and_email(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from conexa_backup import tarcompat
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
 from conexa_backup.pipeline import CHUNK, Gather, Sink
 
@@ -215,14 +216,14 @@ def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: Tr
 def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     """Refuse hazards (stdlib ``data`` filter), keep mode bits (minus set-id) and owners."""
     try:
-        checked = tarfile.data_filter(member, dest)
-    except tarfile.FilterError as exc:
+        checked = tarcompat.data_filter(member, dest)
+    except tarcompat.FILTER_ERRORS as exc:
         raise UnsafeArchiveError(f"refusing archive member {member.name!r}: {exc}") from None
     if checked.name != member.name:  # the filter stripped a leading "/": never ours to write
         raise UnsafeArchiveError(f"refusing archive member {member.name!r}: absolute path")
     if member.mode is not None:
-        member = member.replace(mode=member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID),
-                                deep=False)
+        member = tarcompat.replace(member,
+                                   mode=member.mode & 0o1777 & ~(stat.S_ISUID | stat.S_ISGID))
     return member
 
 
@@ -250,10 +251,30 @@ def extract_stream(stream: IO[bytes], dest: Path) -> TreeStats:
 
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            tar.extractall(dest_str, filter=count)  # noqa: S202 - every member passes _safe_member
+            _extract_all(tar, dest_str, count)
     except tarfile.TarError as exc:
         raise IntegrityError(f"uploads archive is damaged: {exc}") from None
     return stats
+
+
+def _extract_all(tar: tarfile.TarFile, dest: str,
+                 check: Callable[[tarfile.TarInfo, str], tarfile.TarInfo]) -> None:
+    """``extractall`` with ``check`` as the filter, on every Python 3.11 (see tarcompat).
+
+    As ``extractall`` does, folders get their mode and times last, deepest first, so writing
+    into them neither fails nor changes their times.
+    """
+    folders: list[tarfile.TarInfo] = []
+    for member in tar:
+        safe = check(member, dest)
+        tarcompat.extract(tar, safe, dest, set_attrs=not safe.isdir())
+        if safe.isdir():
+            folders.append(safe)
+    for folder in sorted(folders, key=lambda m: m.name, reverse=True):
+        path = str(Path(dest, folder.name))
+        tar.chown(folder, path, numeric_owner=False)
+        tar.utime(folder, path)
+        tar.chmod(folder, path)
 
 
 def scan_tree(root: Path) -> TreeStats:

@@ -460,8 +460,8 @@ def _parse_time(text: str) -> datetime:
 def report(
     days: Annotated[int, typer.Option("--days", min=1, help="Length of the period.")] = 7,
     send: Annotated[bool, typer.Option(
-        "--send", help="Also send it through the notifiers that take 'report' events.")]
-    = False,
+        "--send", help="Also send it through the notifiers that take 'report' events (every "
+        "notifier when none does; printed instead when there is none).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Summary of a period: backups, failures, sizes, drills, RPO/RTO, storage and cost."""
@@ -469,15 +469,18 @@ def report(
         with _session("report", lock=False, log_file=False, progress=False) as ctx:
             data = monitor.report(ctx, days)
             text = render.report_text(data)
-            deliveries = dispatch(ctx.config.notify, events.report_event(data, text)) \
-                if send else []
+            deliveries = dispatch(ctx.config.notify, events.report_event(data, text),
+                                  requested=True) if send else []
+        # Asked to send with nowhere to send: print it even with --quiet (cron mails it).
+        unsent = send and not deliveries
         if as_json:
             render.print_json(STATE.out, {**data, "sent": [d.__dict__ for d in deliveries]})
-        elif not STATE.quiet:
+        elif unsent or not STATE.quiet:
             STATE.out.print(text, markup=False, highlight=False)
-        if send and not deliveries:
-            _fail("no notifier takes 'report' events (add \"report\" to a notifier's events)",
-                  ExitCode.USAGE)
+        if unsent:
+            STATE.err.print("warning: report not sent: no notifier that carries messages "
+                            "(email, Slack, webhook) is configured; printed here instead",
+                            markup=False, highlight=False)
         failed = [f"{d.notifier}: {d.detail}" for d in deliveries if not d.ok]
         if failed:
             _fail("report not sent via " + "; ".join(failed), ExitCode.FAILURE)

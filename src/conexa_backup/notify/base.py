@@ -80,6 +80,8 @@ class NotifierConfig(BaseModel):
 
     type_name: ClassVar[str] = ""
     default_events: ClassVar[tuple[str, ...]] = ("failure",)
+    # False for pings that only say "a run happened" (heartbeats): never sent a report unasked.
+    delivers_messages: ClassVar[bool] = True
     type: str
     name: str | None = None
     events: list[str] | None = None  # default: failures only (see module docstring)

@@ -24,9 +24,24 @@ class Delivery:
     detail: str
 
 
-def dispatch(configs: Sequence[NotifierConfig], event: Event) -> list[Delivery]:
-    """Send ``event`` to the notifiers that want it; return how each delivery went."""
-    chosen = [c for c in configs if c.wants(event)]
+def chosen(configs: Sequence[NotifierConfig], event: Event, *,
+           requested: bool = False) -> list[NotifierConfig]:
+    """The notifiers ``event`` goes to: those that want it (their ``events``).
+
+    An event a person asked for by name (``report --send``) goes, when none wants it, to every
+    notifier that shows a message to someone: asking to send it is the request. Pings
+    (heartbeats) are left out, as their success ping would claim a run that did not happen.
+    """
+    wanting = [c for c in configs if c.wants(event)]
+    if wanting or not requested:
+        return wanting
+    return [c for c in configs if c.delivers_messages]
+
+
+def dispatch(configs: Sequence[NotifierConfig], event: Event, *,
+             requested: bool = False) -> list[Delivery]:
+    """Send ``event`` to the :func:`chosen` notifiers; return how each delivery went."""
+    notifiers = chosen(configs, event, requested=requested)
     results: dict[int, Delivery] = {}
 
     def send(i: int, config: NotifierConfig) -> None:
@@ -39,12 +54,12 @@ def dispatch(configs: Sequence[NotifierConfig], event: Event) -> list[Delivery]:
                       config.label(), exc)
 
     threads = [threading.Thread(target=send, args=(i, c), daemon=True)
-               for i, c in enumerate(chosen)]
+               for i, c in enumerate(notifiers)]
     for t in threads:
         t.start()
-    for i, (t, c) in enumerate(zip(threads, chosen, strict=True)):
+    for i, (t, c) in enumerate(zip(threads, notifiers, strict=True)):
         # Each notifier bounds itself (timeout x retries, plus backoff); allow for that.
         t.join(c.timeout * c.retries + 20 * c.retries)
         if i not in results:
             results[i] = Delivery(c.label(), False, "did not finish in time")
-    return [results[i] for i in range(len(chosen))]
+    return [results[i] for i in range(len(notifiers))]

@@ -17,6 +17,7 @@ from conexa_backup.notify.base import Event, NotifierConfig
 
 class HeartbeatConfig(NotifierConfig):
     type_name: ClassVar[str] = "heartbeat"
+    delivers_messages: ClassVar[bool] = False
     type: Literal["heartbeat"]
     url: SecretStr
     start_url: SecretStr | None = None
