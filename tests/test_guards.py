@@ -6,12 +6,21 @@ The CLI runs as a real subprocess, so umask, exit codes and stderr are what cron
 
 from __future__ import annotations
 
+import json
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.test_failures import backup_ok, cli_argv
+import pytest
+from pydantic import ValidationError
+
+from conexa_backup.actions.backup import shrink_warning
+from conexa_backup.config import UploadsConfig
+from conexa_backup.manifest import UploadsInfo
+from conexa_backup.testing.sample import make_uploads_tree
+from tests.test_failures import backup_ok, cli_argv, complete_ids
 
 # -- state_dir is private, whichever command runs first ---------------------------------------
 
@@ -51,3 +60,83 @@ def test_state_dir_is_private_whichever_command_runs_first(ws: Any, tmp_path: Pa
         if _not_private(fresh):
             wrong[" ".join(command)] = _not_private(fresh)
     assert wrong == {}
+
+
+# -- an empty or shrunken uploads folder ------------------------------------------------------
+
+def _backup_json(ws: Any) -> tuple[int, dict[str, Any], str]:
+    proc = ws.run("backup", "--json")
+    return proc.returncode, json.loads(proc.stdout), proc.stderr
+
+
+def test_empty_uploads_folder_warns_and_holds_the_prune_back(ws: Any) -> None:
+    """An empty uploads folder (an unmounted volume) is stored but the run is partial (exit 3)
+    and prunes nothing: the older backups still hold the files. Pruning resumes once the
+    folder is back."""
+    ws.write_config("[retention]\nkeep_last = 1\n")
+    first = backup_ok(ws)
+    shutil.rmtree(ws.uploads)
+    ws.uploads.mkdir()
+
+    code, result, stderr = _backup_json(ws)
+
+    assert code == 3, stderr
+    assert result["status"] == "partial"
+    assert len(result["warnings"]) == 1 and "is empty" in result["warnings"][0]
+    assert "not pruned" in result["warnings"][0] and "is empty" in stderr
+    assert [p["skipped"] for p in result["pruned"]] == [
+        "the uploads folder looked empty or shrunken (see the backup's warnings)"]
+    assert sorted(complete_ids(ws)) == [first, result["id"]]  # keep_last = 1 deleted nothing
+
+    make_uploads_tree(ws.uploads, files=60, seed=7)
+    third = backup_ok(ws)
+    assert complete_ids(ws) == [third]  # back to normal: the policy applies again
+
+
+def _remove_two_in_three(root: Path) -> None:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    for i, path in enumerate(files):
+        if i % 3:
+            path.unlink()
+
+
+def test_shrunken_uploads_folder_warns_against_the_previous_backup(ws: Any) -> None:
+    """Two files in three gone since the previous complete backup: exit 3, the manifest says
+    by how much; with ``max_shrink = 0.9`` the same drop is a normal backup."""
+    first = backup_ok(ws)
+    _remove_two_in_three(ws.uploads)
+
+    code, result, stderr = _backup_json(ws)
+
+    assert code == 3, stderr
+    (warning,) = result["warnings"]
+    assert f"shrank by more than 50% since backup {first} (files " in warning, warning
+    manifest = json.loads((ws.backups / result["id"] / "manifest.json").read_text())
+    assert manifest["warnings"] == [warning]
+
+    ws.write_config()
+    text = ws.config.read_text(encoding="utf-8")
+    ws.config.write_text(text.replace("[uploads]\n", "[uploads]\nmax_shrink = 0.9\n"),
+                         encoding="utf-8")
+    _remove_two_in_three(ws.uploads)
+    backup_ok(ws)
+
+
+def _uploads(files: int, nbytes: int) -> UploadsInfo:
+    return UploadsInfo(path="/srv/uploads", files=files, bytes=nbytes, dirs=1, symlinks=0)
+
+
+def test_shrink_warning_thresholds() -> None:
+    before = ("B", _uploads(100, 1000))
+    assert shrink_warning(_uploads(50, 500), before, 0.5) is None  # half: not *more* than half
+    assert "(files 100 -> 49)" in str(shrink_warning(_uploads(49, 900), before, 0.5))
+    assert "(bytes 1,000 -> 400)" in str(shrink_warning(_uploads(100, 400), before, 0.5))
+    assert "since backup B" in str(shrink_warning(_uploads(10, 10), before, 0.5))
+    assert shrink_warning(_uploads(10, 10), before, 1.0) is None  # 1: never on a shrink...
+    assert "is empty" in str(shrink_warning(_uploads(0, 0), before, 1.0))  # ...but empty is
+    assert "is empty" in str(shrink_warning(_uploads(0, 0), None, 0.5))  # the first backup too
+    assert shrink_warning(_uploads(1, 1), None, 0.5) is None  # nothing to compare with
+    assert shrink_warning(_uploads(99, 999), before, 0.0) is not None  # 0: any drop
+    assert shrink_warning(_uploads(200, 5000), before, 0.0) is None  # growth never warns
+    with pytest.raises(ValidationError):
+        UploadsConfig(path=Path("/srv/uploads"), max_shrink=1.5)

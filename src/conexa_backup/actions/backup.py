@@ -115,6 +115,9 @@ class _Run:
     # Loaded once, before any work: a bad key must fail the run in its first second.
     recipients: list[Any] = field(default_factory=list)
     signing_key: Any = None
+    # The newest complete backup's uploads (id, info): what this run's uploads are held to.
+    uploads_before: tuple[str, UploadsInfo] | None = None
+    hold_prune: str | None = None  # why this run must not prune older backups
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -341,6 +344,7 @@ def run_backup(
                if ctx.config.encryption.recipients else [],
                signing_key=load_signing_key(ctx.config.signing.key_file)
                if ctx.config.signing.key_file else None)
+    run.uploads_before = _uploads_before(existing)
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:
@@ -355,17 +359,64 @@ def run_backup(
     log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
              manifest.size_bytes, result.seconds)
     if prune:
-        auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
-        try:
-            if auto:
-                result.pruned = run_prune(ctx, auto, skip=run.failures)
-        except ConexaError as exc:  # the backup is complete: a failed prune does not undo it
-            result.pruned = [TargetPrune(name, errors=[str(exc)]) for name in auto]
+        result.pruned = _prune_after(ctx, run, stored)
     if run.failures:
         failed = "; ".join(run.failures.values())
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
                              f"but failed on: {failed}", result=result)
     return result
+
+
+def _prune_after(ctx: Context, run: _Run, stored: Sequence[str]) -> list[TargetPrune]:
+    """Prune the targets that stored this backup and have ``prune_after_backup``; none when
+    the run holds pruning back (a suspicious uploads folder): the backups that pruning would
+    delete may be the last good ones."""
+    auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
+    if run.hold_prune is not None:
+        for name in auto:
+            log.warning("not pruning %s: %s", name, run.hold_prune)
+        return [TargetPrune(name, skipped=run.hold_prune) for name in auto]
+    try:
+        return run_prune(ctx, auto, skip=run.failures) if auto else []
+    except ConexaError as exc:  # the backup is complete: a failed prune does not undo it
+        return [TargetPrune(name, errors=[str(exc)]) for name in auto]
+
+
+def _uploads_before(existing: Sequence[Backup]) -> tuple[str, UploadsInfo] | None:
+    """The newest complete backup that holds uploads: (its id, what its manifest says)."""
+    for backup in reversed(existing):  # oldest first
+        manifest = backup.manifest
+        if manifest is not None and manifest.uploads is not None:
+            return backup.id, manifest.uploads
+    return None
+
+
+def _check_uploads_shrink(run: _Run, now: UploadsInfo, max_shrink: float) -> None:
+    """A suspicious uploads folder (:func:`shrink_warning`) makes the run partial (exit 3) and
+    holds pruning back: the usual cause is a volume that is not mounted, and pruning would
+    then delete the backups that still hold the files."""
+    warning = shrink_warning(now, run.uploads_before, max_shrink)
+    if warning is not None:
+        run.warnings.append(warning + " (older backups are not pruned by this run)")
+        run.hold_prune = "the uploads folder looked empty or shrunken (see the backup's warnings)"
+
+
+def shrink_warning(now: UploadsInfo, before: tuple[str, UploadsInfo] | None,
+                   max_shrink: float) -> str | None:
+    """Why ``now`` looks wrong: the folder is empty, or its file count or bytes fell by more
+    than ``max_shrink`` (a share) since ``before`` (a backup id and its uploads); else None."""
+    if now.files == 0:
+        return f"the uploads folder {now.path} is empty; is its volume mounted?"
+    if before is None:
+        return None
+    before_id, old = before
+    drops = [f"{what} {was:,} -> {is_:,}" for what, was, is_ in (
+        ("files", old.files, now.files), ("bytes", old.bytes, now.bytes))
+        if was > 0 and (was - is_) / was > max_shrink]
+    if not drops:
+        return None
+    return (f"the uploads folder {now.path} shrank by more than {max_shrink:.0%} since backup "
+            f"{before_id} ({', '.join(drops)}); is its volume mounted?")
 
 
 def _not_retained(ctx: Context, targets: Sequence[Target], existing: Sequence[Backup],
@@ -407,6 +458,7 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
     if "uploads" in parts and ctx.config.uploads is not None:
         ctx.reporter.step("archiving uploads")
         uploads = _store_uploads(ctx, run, ctx.config.uploads.path)
+        _check_uploads_shrink(run, uploads, ctx.config.uploads.max_shrink)
     return Manifest(
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),

@@ -44,6 +44,9 @@ class UploadsConfig(_Model):
     """``[uploads]``: the folder of user files."""
 
     path: Path
+    # A backup whose file count or bytes fell by more than this share since the previous
+    # complete backup (an unmounted volume, a wrong path) is stored with a warning (exit 3).
+    max_shrink: float = Field(default=0.5, ge=0, le=1)
 
 
 class CompressionConfig(_Model):
