@@ -6,10 +6,12 @@ The CLI runs as a real subprocess, so umask, exit codes and stderr are what cron
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from conexa_backup.actions.backup import shrink_warning
 from conexa_backup.config import UploadsConfig
 from conexa_backup.manifest import UploadsInfo
 from conexa_backup.testing.sample import make_uploads_tree
-from tests.test_failures import backup_ok, cli_argv, complete_ids
+from tests.test_failures import assert_error, backup_ok, cli_argv, complete_ids
 
 # -- state_dir is private, whichever command runs first ---------------------------------------
 
@@ -140,3 +142,77 @@ def test_shrink_warning_thresholds() -> None:
     assert shrink_warning(_uploads(200, 5000), before, 0.0) is None  # growth never warns
     with pytest.raises(ValidationError):
         UploadsConfig(path=Path("/srv/uploads"), max_shrink=1.5)
+
+
+# -- local targets: an unmounted backup disk --------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path) -> Iterator[Path]:
+    """A real tmpfs mounted on ``mnt`` for the block (root can mount here)."""
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs",
+                           str(mnt)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def _local_target(ws: Any, path: Path, require_mount: str | None = None) -> None:
+    ws.write_config()
+    text = ws.config.read_text(encoding="utf-8").replace(f'"{ws.backups}"', f'"{path}"')
+    if require_mount is not None:
+        text += f"require_mount = {require_mount}\n"
+    ws.config.write_text(text, encoding="utf-8")
+
+
+def test_local_target_never_creates_missing_parents(ws: Any, tmp_path: Path) -> None:
+    """/mnt/backup missing (not mounted, no mount point): no /mnt/backup/conexa on the root
+    disk; the backup fails and says why."""
+    disk = tmp_path / "backup disk"
+    _local_target(ws, disk / "conexa")
+    assert_error(ws.run("backup"), 1, f"{disk} does not exist", "mounted")
+    assert not disk.exists()
+    disk.mkdir()  # the folder's parent exists: the folder itself is created (0700)
+    backup_ok(ws)
+    assert stat.S_IMODE((disk / "conexa").stat().st_mode) == 0o700
+
+
+def test_require_mount_at_a_mount_point(ws: Any, tmp_path: Path) -> None:
+    """``require_mount = "<mount point>"``: nothing is written, listed or pruned there unless
+    that folder is mounted; once mounted, backups land on the mounted disk."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _local_target(ws, mnt / "conexa", json.dumps(str(mnt)))
+    assert_error(ws.run("backup"), 1, f"{mnt} is not mounted")
+    assert list(mnt.iterdir()) == []  # the root disk under the mount point stays empty
+    with tmpfs(mnt):
+        backup_id = backup_ok(ws)
+        assert (mnt / "conexa" / backup_id / "manifest.json").is_file()
+        assert complete_ids(ws) == [backup_id]
+    assert list(mnt.iterdir()) == []
+    assert_error(ws.run("list"), 1, "not mounted")
+    assert_error(ws.run("backup"), 1, "not mounted")
+
+
+def test_require_mount_true(ws: Any, tmp_path: Path) -> None:
+    """``require_mount = true``: the folder must be on a mounted file system other than /."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _local_target(ws, mnt / "conexa", "true")
+    with tmpfs(mnt):
+        backup_ok(ws)
+    if _on_root_fs(tmp_path):  # else tmp_path is itself on a mounted disk (a tmpfs /tmp)
+        assert_error(ws.run("backup"), 1, "is on the root file system", "mounted")
+        assert list(mnt.iterdir()) == []
+
+
+def _on_root_fs(path: Path) -> bool:
+    return path.stat().st_dev == Path("/").stat().st_dev
+
+
+def test_require_mount_must_hold_the_path(ws: Any, tmp_path: Path) -> None:
+    _local_target(ws, tmp_path / "elsewhere" / "conexa", json.dumps(str(tmp_path / "mnt")))
+    assert_error(ws.run("list"), 2, "require_mount")
