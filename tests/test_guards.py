@@ -11,18 +11,22 @@ import json
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from pydantic import ValidationError
 
+from conexa_backup import postgres
 from conexa_backup.actions.backup import shrink_warning
-from conexa_backup.config import UploadsConfig
+from conexa_backup.config import DatabaseConfig, UploadsConfig
+from conexa_backup.durations import parse_duration
 from conexa_backup.manifest import UploadsInfo
 from conexa_backup.testing.sample import make_uploads_tree
-from tests.test_failures import assert_error, backup_ok, cli_argv, complete_ids
+from tests.test_failures import assert_error, backup_ok, cli_argv, complete_ids, configure
 
 # -- state_dir is private, whichever command runs first ---------------------------------------
 
@@ -216,3 +220,48 @@ def _on_root_fs(path: Path) -> bool:
 def test_require_mount_must_hold_the_path(ws: Any, tmp_path: Path) -> None:
     _local_target(ws, tmp_path / "elsewhere" / "conexa", json.dumps(str(tmp_path / "mnt")))
     assert_error(ws.run("list"), 2, "require_mount")
+
+
+# -- pg_dump and a table lock held by someone else --------------------------------------------
+
+@pytest.mark.parametrize("dump_jobs", [1, 2])
+def test_lock_wait_timeout_names_the_blocking_session(ws: Any, dump_jobs: int) -> None:
+    """A migration holds ACCESS EXCLUSIVE on a table: with ``lock_wait_timeout = "1s"`` the
+    backup fails within seconds instead of waiting, and the error names the session (pid,
+    user, query start, its query)."""
+    configure(ws, lock_wait_timeout="1s", dump_jobs=dump_jobs)
+    with psycopg.connect(ws.cluster.url(ws.dbname)) as holder:  # a transaction stays open
+        table = holder.execute(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables"
+            " WHERE schemaname = 'public' ORDER BY tablename LIMIT 1").fetchone()[0]
+        pid, user = holder.execute("SELECT pg_backend_pid(), current_user").fetchone()
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        result = ws.run("backup", timeout=120)
+        took = time.monotonic() - t0
+        holder.rollback()
+    message = assert_error(result, 1, "lock_wait_timeout", f"table {table}",
+                           f"pid {pid} (user {user}, query started 20",
+                           f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    assert took < 60, f"{took:.1f} s: {message}"
+    assert complete_ids(ws) == []
+    backup_ok(ws)  # the lock is gone: the next run works
+
+
+def test_lock_wait_timeout_reaches_pg_dump() -> None:
+    config = DatabaseConfig(url="postgresql://u@db/conexa")
+    assert config.lock_wait_timeout == "10m"
+    info = postgres.conninfo(config)
+    wait = parse_duration(config.lock_wait_timeout)
+    assert postgres.pg_dump_argv(info, "snap-1", wait)[-2:] == [
+        "--snapshot=snap-1", "--lock-wait-timeout=600000"]
+    assert "--lock-wait-timeout=600000" in postgres.pg_dump_directory_argv(
+        info, "snap-1", 4, Path("/staging/x"), wait)
+    with pytest.raises(ValidationError, match="invalid duration"):
+        DatabaseConfig(url="postgresql://u@db/conexa", lock_wait_timeout="10 minutes")
+    # A statement timeout that is not pg_dump's lock wait (a role's statement_timeout hit
+    # during COPY) is left as pg_dump's own error: no lock lookup.
+    copy = ("pg_dump: error: Dumping the contents of table \"x\" failed: PQgetResult() failed.\n"
+            "pg_dump: detail: Error message from server: ERROR:  canceling statement due to "
+            "statement timeout\npg_dump: detail: Command was: COPY public.x (a) TO stdout;")
+    assert postgres.lock_timeout_error(info, copy, "10m") is None

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +39,8 @@ from conexa_backup.crypto import (
     parse_recipients,
     sign,
 )
-from conexa_backup.errors import ConexaError, PartialFailure
+from conexa_backup.durations import parse_duration
+from conexa_backup.errors import ConexaError, PartialFailure, ProcessError
 from conexa_backup.manifest import (
     MANIFEST_NAME,
     Artifact,
@@ -220,11 +221,7 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
         counter.start()
         try:
-            jobs = ctx.config.database.dump_jobs
-            if jobs > 1:
-                _dump_directory(ctx, snap.id, jobs, out)
-            else:
-                _dump_custom(ctx, snap.id, out)
+            _pg_dump(ctx, snap.id, out)
         except BaseException:
             snap.conn.cancel_safe()  # stop counting: the connection is about to close
             raise
@@ -241,10 +238,35 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
     )
 
 
+def _pg_dump(ctx: Context, snapshot_id: str, out: Sink) -> None:
+    """pg_dump in the snapshot: one job streamed, or several into a directory.
+
+    Raises:
+        DatabaseError: pg_dump waited ``lock_wait_timeout`` for a table lock (naming the
+        session that holds it). ProcessError: pg_dump failed otherwise.
+    """
+    jobs = ctx.config.database.dump_jobs
+    try:
+        if jobs > 1:
+            _dump_directory(ctx, snapshot_id, jobs, out)
+        else:
+            _dump_custom(ctx, snapshot_id, out)
+    except ProcessError as exc:
+        blocked = postgres.lock_timeout_error(ctx.db, exc.stderr_tail,
+                                              ctx.config.database.lock_wait_timeout)
+        if blocked is None:
+            raise
+        raise blocked from None
+
+
+def _lock_wait(ctx: Context) -> timedelta:
+    return parse_duration(ctx.config.database.lock_wait_timeout)
+
+
 def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:
     info = ctx.db
-    with process.stream(postgres.pg_dump_argv(info, snapshot_id), env=info.env(),
-                        what="pg_dump") as child:
+    with process.stream(postgres.pg_dump_argv(info, snapshot_id, _lock_wait(ctx)),
+                        env=info.env(), what="pg_dump") as child:
         _grow_pipe(child.stdout)
         copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
         child.wait_ok()
@@ -273,7 +295,7 @@ def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> Non
     info = ctx.db
     folder = ctx.state_dir("staging") / scratch_name(f"dump-{secrets.token_hex(3)}")
     folder.mkdir(mode=0o700)
-    argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
+    argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder, _lock_wait(ctx))
     try:
         with archive.tar_writer(out, folder) as tar:
             with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},

@@ -31,12 +31,22 @@ class DatabaseConfig(_Model):
     globals: bool = False
     maintenance_database: str = "postgres"
     bin_dir: Path | None = None
+    # How long pg_dump waits for a table lock (pg_dump --lock-wait-timeout) before it fails,
+    # naming the session that holds the lock; without it a migration's ACCESS EXCLUSIVE lock
+    # would hold the backup for as long as the migration runs.
+    lock_wait_timeout: str = "10m"
 
     @field_validator("url")
     @classmethod
     def _url_scheme(cls, value: str) -> str:
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("lock_wait_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
         return value
 
 
