@@ -26,7 +26,15 @@ from conexa_backup.config import DatabaseConfig, UploadsConfig
 from conexa_backup.durations import parse_duration
 from conexa_backup.manifest import UploadsInfo
 from conexa_backup.testing.sample import make_uploads_tree
-from tests.test_failures import assert_error, backup_ok, cli_argv, complete_ids, configure
+from tests.test_failures import (
+    assert_error,
+    backup_ok,
+    cli_argv,
+    complete_ids,
+    configure,
+    make_bin_dir,
+    wait_for,
+)
 
 # -- state_dir is private, whichever command runs first ---------------------------------------
 
@@ -265,3 +273,36 @@ def test_lock_wait_timeout_reaches_pg_dump() -> None:
             "pg_dump: detail: Error message from server: ERROR:  canceling statement due to "
             "statement timeout\npg_dump: detail: Command was: COPY public.x (a) TO stdout;")
     assert postgres.lock_timeout_error(info, copy, "10m") is None
+
+
+def test_row_counts_do_not_wait_behind_a_lock_either(ws: Any, tmp_path: Path) -> None:
+    """The row counts (taken beside pg_dump, in its snapshot) give up after lock_wait_timeout
+    too, and name the session: here pg_dump itself is held back until the lock is gone."""
+    go = tmp_path / "go"
+    hold = f'while [ ! -e {json.dumps(str(go))} ]; do sleep 0.05; done\nexec "$REAL" "$@"'
+    configure(ws, lock_wait_timeout="1s", bin_dir=make_bin_dir(tmp_path / "bin", hold))
+    url = ws.cluster.url(ws.dbname)
+    with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
+        table, pid = holder.execute(
+            "SELECT format('%I.%I', schemaname, tablename), pg_backend_pid() FROM pg_tables"
+            " WHERE schemaname = 'public' ORDER BY tablename LIMIT 1").fetchone()
+        holder.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+        def queued() -> bool:
+            row = watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                                  " AND relation = to_regclass(%s)", (table,)).fetchone()
+            return bool(row and row[0])
+
+        proc = subprocess.Popen(cli_argv(ws, "backup"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(queued, 60, "the row count to queue behind the lock")
+            wait_for(lambda: not queued(), 30, "the row count to give up (lock_wait_timeout)")
+        finally:
+            holder.rollback()
+            go.touch()
+            _, stderr = proc.communicate(timeout=120)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+    assert_error(result, 1, "counting rows waited 1s (database.lock_wait_timeout)",
+                 f"pid {pid} (user ", f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    assert complete_ids(ws) == []

@@ -193,14 +193,34 @@ ORDER BY 1, 2
 """
 
 
-def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact row count of every user table, keyed ``schema.table`` (names unquoted)."""
+class TableLockTimeout(Exception):
+    """A statement gave up waiting for a lock on ``table`` (a quoted, qualified name)."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__(table)
+        self.table = table
+
+
+def row_counts(conn: psycopg.Connection[Any], lock_wait: timedelta | None = None
+               ) -> dict[str, int]:
+    """Exact row count of every user table, keyed ``schema.table`` (names unquoted).
+
+    ``conn`` is in a transaction; with ``lock_wait``, a table whose lock takes longer than
+    that raises :class:`TableLockTimeout` (else the count waits behind, say, a migration's
+    ACCESS EXCLUSIVE lock for as long as it is held).
+    """
+    if lock_wait is not None:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{_ms(lock_wait)}ms",))
     counts: dict[str, int] = {}
     for schema, table in conn.execute(_TABLES).fetchall():
-        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(table)
-        )
-        row = conn.execute(query).fetchone()
+        name = sql.Identifier(schema, table)
+        try:
+            # In a savepoint: an error must not end the transaction, whose exported snapshot
+            # pg_dump (and its -j workers) may still have to import.
+            with conn.transaction():
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            raise TableLockTimeout(name.as_string(conn)) from None
         assert row is not None
         counts[f"{schema}.{table}"] = int(row[0])
     return counts
@@ -304,8 +324,12 @@ def pg_dump_directory_argv(info: ConnInfo, snapshot_id: str | None, jobs: int,
 def _dump_options(snapshot_id: str | None, lock_wait: timedelta | None) -> list[str]:
     options = [f"--snapshot={snapshot_id}"] if snapshot_id else []
     if lock_wait is not None:  # in milliseconds: pg_dump passes it to SET statement_timeout
-        options.append(f"--lock-wait-timeout={int(lock_wait.total_seconds() * 1000)}")
+        options.append(f"--lock-wait-timeout={_ms(lock_wait)}")
     return options
+
+
+def _ms(delta: timedelta) -> int:
+    return int(delta.total_seconds() * 1000)
 
 
 # pg_dump gave up waiting for the ACCESS SHARE lock it takes on every table it dumps.
@@ -327,9 +351,13 @@ def lock_timeout_error(info: ConnInfo, stderr_tail: str, waited: str) -> Databas
     naming the table and the sessions holding (or queued for) an ACCESS EXCLUSIVE lock on it,
     looked up now in pg_locks and pg_stat_activity. None for any other failure."""
     found = _LOCK_TIMEOUT.search(stderr_tail)
-    if found is None:
-        return None
-    table = found[1]
+    return None if found is None else lock_wait_error(info, found[1], waited, "pg_dump")
+
+
+def lock_wait_error(info: ConnInfo, table: str, waited: str, who_waited: str) -> DatabaseError:
+    """``who_waited`` gave up after ``waited`` on a lock on ``table`` (a name ``to_regclass``
+    reads): an error naming the sessions that hold, or are queued for, an ACCESS EXCLUSIVE
+    lock on it, looked up now in pg_locks and pg_stat_activity."""
     try:
         with info.connect() as conn:
             rows = conn.execute(_LOCK_HOLDERS, (table,)).fetchall()
@@ -337,8 +365,8 @@ def lock_timeout_error(info: ConnInfo, stderr_tail: str, waited: str) -> Databas
             "a session that has ended since"
     except (DatabaseError, psycopg.Error) as exc:
         who = f"a session that could not be looked up ({first_line(exc)})"
-    return DatabaseError(f"pg_dump waited {waited} (database.lock_wait_timeout) for a lock on "
-                         f"table {table} and gave up; the lock is held by {who}")
+    return DatabaseError(f"{who_waited} waited {waited} (database.lock_wait_timeout) for a "
+                         f"lock on table {table} and gave up; the lock is held by {who}")
 
 
 def _describe_holder(pid: int, user: str | None, started: datetime | None, query: str | None,

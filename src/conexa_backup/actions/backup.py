@@ -40,7 +40,7 @@ from conexa_backup.crypto import (
     sign,
 )
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError, PartialFailure, ProcessError
+from conexa_backup.errors import ConexaError, DatabaseError, PartialFailure, ProcessError
 from conexa_backup.manifest import (
     MANIFEST_NAME,
     Artifact,
@@ -213,8 +213,11 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
 
         def count() -> None:
             try:
-                counted["rows"] = postgres.row_counts(snap.conn)
+                counted["rows"] = postgres.row_counts(snap.conn, _lock_wait(ctx))
                 counted["objects"] = postgres.schema_objects(snap.conn)
+            except postgres.TableLockTimeout as exc:  # named now, while the lock is held
+                counted["error"] = postgres.lock_wait_error(
+                    info, exc.table, ctx.config.database.lock_wait_timeout, "counting rows")
             except Exception as exc:  # reported by the main thread below
                 counted["error"] = exc
 
@@ -227,8 +230,11 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
             raise
         finally:
             counter.join()
-        if "error" in counted:
-            raise ConexaError(f"counting rows failed: {counted['error']}")
+        error = counted.get("error")
+        if isinstance(error, DatabaseError):
+            raise error
+        if error is not None:
+            raise ConexaError(f"counting rows failed: {error}")
         server = snap.server
     return DatabaseInfo(
         name=info.dbname, server_version=server.version, pg_dump_version=full_version,
