@@ -373,8 +373,8 @@ def _describe_holder(pid: int, user: str | None, started: datetime | None, query
                      granted: bool, blockers: list[int]) -> str:
     """``pid 123 (user alice, query started 2026-12-05 16:00:01 UTC): ALTER TABLE ...``."""
     when = started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if started else "unknown"
-    waiting = "" if granted else (", itself waiting behind pid "
-                                  + ", ".join(map(str, blockers)))
+    waiting = "" if granted else ", queued for it" + (
+        " behind pid " + ", ".join(map(str, blockers)) if blockers else "")
     line = (query or "").strip().splitlines()[0][:200] if (query or "").strip() else "-"
     return f"pid {pid} (user {user or 'unknown'}, query started {when}{waiting}): {line}"
 
