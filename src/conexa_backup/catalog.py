@@ -24,7 +24,7 @@ from conexa_backup.errors import (
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
-from conexa_backup.state import atomic_write
+from conexa_backup.state import atomic_write, private_dir
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ManifestCache:
                  "signature": None if signature is None else base64.b64encode(signature).decode()}
         path = self._path(target, backup_id)
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(path.parent)
             atomic_write(path, json.dumps(entry).encode())
             path.with_name(f"{backup_id}.json").unlink(missing_ok=True)  # the old format's
         except OSError as exc:  # a cache: never worth failing a run for

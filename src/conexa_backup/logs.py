@@ -7,6 +7,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from conexa_backup.state import private_dir
+
 LOGGER = "conexa_backup"
 # Without a handler, Python's last-resort handler would echo records on stderr, doubling the
 # CLI's own error line; records go only where we send them.
@@ -22,7 +24,7 @@ def log_path(state_dir: Path, now: datetime | None = None) -> Path:
 def start_file_log(state_dir: Path) -> Path:
     """Send this run's log records (INFO and up) to today's file; return its path."""
     path = log_path(state_dir)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.close(fd)
     handler = logging.FileHandler(path, encoding="utf-8")

@@ -11,6 +11,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -192,14 +193,34 @@ ORDER BY 1, 2
 """
 
 
-def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact row count of every user table, keyed ``schema.table`` (names unquoted)."""
+class TableLockTimeout(Exception):
+    """A statement gave up waiting for a lock on ``table`` (a quoted, qualified name)."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__(table)
+        self.table = table
+
+
+def row_counts(conn: psycopg.Connection[Any], lock_wait: timedelta | None = None
+               ) -> dict[str, int]:
+    """Exact row count of every user table, keyed ``schema.table`` (names unquoted).
+
+    ``conn`` is in a transaction; with ``lock_wait``, a table whose lock takes longer than
+    that raises :class:`TableLockTimeout` (else the count waits behind, say, a migration's
+    ACCESS EXCLUSIVE lock for as long as it is held).
+    """
+    if lock_wait is not None:
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{_ms(lock_wait)}ms",))
     counts: dict[str, int] = {}
     for schema, table in conn.execute(_TABLES).fetchall():
-        query = sql.SQL("SELECT count(*) FROM {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(table)
-        )
-        row = conn.execute(query).fetchone()
+        name = sql.Identifier(schema, table)
+        try:
+            # In a savepoint: an error must not end the transaction, whose exported snapshot
+            # pg_dump (and its -j workers) may still have to import.
+            with conn.transaction():
+                row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            raise TableLockTimeout(name.as_string(conn)) from None
         assert row is not None
         counts[f"{schema}.{table}"] = int(row[0])
     return counts
@@ -281,24 +302,81 @@ def exported_snapshot(info: ConnInfo) -> Iterator[Snapshot]:
 
 # -- argv builders ----------------------------------------------------------------------------
 
-def pg_dump_argv(info: ConnInfo, snapshot_id: str | None) -> list[str]:
-    """A custom-format, uncompressed dump to stdout (we compress it ourselves, faster)."""
+def pg_dump_argv(info: ConnInfo, snapshot_id: str | None,
+                 lock_wait: timedelta | None = None) -> list[str]:
+    """A custom-format, uncompressed dump to stdout (we compress it ourselves, faster).
+    With ``lock_wait``, pg_dump fails instead of waiting longer for a table lock."""
     argv = [info.tool("pg_dump"), "--format=custom", "--compress=0", "--no-password"]
-    if snapshot_id:
-        argv.append(f"--snapshot={snapshot_id}")
-    return argv
+    return argv + _dump_options(snapshot_id, lock_wait)
 
 
 def pg_dump_directory_argv(info: ConnInfo, snapshot_id: str | None, jobs: int,
-                           folder: Path) -> list[str]:
+                           folder: Path, lock_wait: timedelta | None = None) -> list[str]:
     """A directory-format dump by ``jobs`` workers into ``folder`` (uncompressed: we compress
     the files ourselves). ``--verbose`` reports each finished table ("finished item N"), which
-    lets the caller archive that table's file while the workers go on."""
+    lets the caller archive that table's file while the workers go on. ``lock_wait``: as
+    :func:`pg_dump_argv` (the leader takes every table's lock before the workers start)."""
     argv = [info.tool("pg_dump"), "--format=directory", "--compress=0", "--no-password",
             "--verbose", f"--jobs={jobs}", f"--file={folder}"]
-    if snapshot_id:
-        argv.append(f"--snapshot={snapshot_id}")
-    return argv
+    return argv + _dump_options(snapshot_id, lock_wait)
+
+
+def _dump_options(snapshot_id: str | None, lock_wait: timedelta | None) -> list[str]:
+    options = [f"--snapshot={snapshot_id}"] if snapshot_id else []
+    if lock_wait is not None:  # in milliseconds: pg_dump passes it to SET statement_timeout
+        options.append(f"--lock-wait-timeout={_ms(lock_wait)}")
+    return options
+
+
+def _ms(delta: timedelta) -> int:
+    return int(delta.total_seconds() * 1000)
+
+
+# pg_dump gave up waiting for the ACCESS SHARE lock it takes on every table it dumps.
+_LOCK_TIMEOUT = re.compile(r"canceling statement due to statement timeout\s*\n"
+                           r"(?:.*\n)*?.*Query was: LOCK TABLE (.+) IN ACCESS SHARE MODE")
+
+_LOCK_HOLDERS = """
+SELECT a.pid, a.usename, a.query_start, a.query, l.granted, pg_blocking_pids(a.pid)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.mode = 'AccessExclusiveLock'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation = to_regclass(%s) AND a.pid <> pg_backend_pid()
+ORDER BY l.granted DESC, a.query_start
+"""
+
+
+def lock_timeout_error(info: ConnInfo, stderr_tail: str, waited: str) -> DatabaseError | None:
+    """When ``stderr_tail`` (pg_dump's) says it gave up waiting for a table lock: an error
+    naming the table and the sessions holding (or queued for) an ACCESS EXCLUSIVE lock on it,
+    looked up now in pg_locks and pg_stat_activity. None for any other failure."""
+    found = _LOCK_TIMEOUT.search(stderr_tail)
+    return None if found is None else lock_wait_error(info, found[1], waited, "pg_dump")
+
+
+def lock_wait_error(info: ConnInfo, table: str, waited: str, who_waited: str) -> DatabaseError:
+    """``who_waited`` gave up after ``waited`` on a lock on ``table`` (a name ``to_regclass``
+    reads): an error naming the sessions that hold, or are queued for, an ACCESS EXCLUSIVE
+    lock on it, looked up now in pg_locks and pg_stat_activity."""
+    try:
+        with info.connect() as conn:
+            rows = conn.execute(_LOCK_HOLDERS, (table,)).fetchall()
+        who = "; ".join(_describe_holder(*row) for row in rows) or \
+            "a session that has ended since"
+    except (DatabaseError, psycopg.Error) as exc:
+        who = f"a session that could not be looked up ({first_line(exc)})"
+    return DatabaseError(f"{who_waited} waited {waited} (database.lock_wait_timeout) for a "
+                         f"lock on table {table} and gave up; the lock is held by {who}")
+
+
+def _describe_holder(pid: int, user: str | None, started: datetime | None, query: str | None,
+                     granted: bool, blockers: list[int]) -> str:
+    """``pid 123 (user alice, query started 2026-12-05 16:00:01 UTC): ALTER TABLE ...``."""
+    when = started.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if started else "unknown"
+    waiting = "" if granted else ", queued for it" + (
+        " behind pid " + ", ".join(map(str, blockers)) if blockers else "")
+    line = (query or "").strip().splitlines()[0][:200] if (query or "").strip() else "-"
+    return f"pid {pid} (user {user or 'unknown'}, query started {when}{waiting}): {line}"
 
 
 def pg_dumpall_globals_argv(info: ConnInfo, superuser: bool) -> list[str]:

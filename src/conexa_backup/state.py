@@ -7,6 +7,7 @@ only protect more backups from pruning and feed status reports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -45,6 +46,31 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` and every missing folder above it 0700, whatever the umask; return it.
+
+    ``mkdir(parents=True)`` would give the missing parents the umask's mode (0755 under 022):
+    ``state_dir`` itself, ``cache/``... Folders that already exist are left as they are.
+
+    Raises:
+        OSError: a folder cannot be created, or ``path`` exists and is not a folder.
+    """
+    missing = []
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile by a concurrent run: theirs, not ours
+            continue
+        folder.chmod(0o700)  # mkdir's mode is filtered through the umask
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    return path
 
 
 def write_json(path: Path, data: Any) -> None:

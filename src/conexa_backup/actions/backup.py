@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +39,8 @@ from conexa_backup.crypto import (
     parse_recipients,
     sign,
 )
-from conexa_backup.errors import ConexaError, PartialFailure
+from conexa_backup.durations import parse_duration
+from conexa_backup.errors import ConexaError, DatabaseError, PartialFailure, ProcessError
 from conexa_backup.manifest import (
     MANIFEST_NAME,
     Artifact,
@@ -115,6 +116,9 @@ class _Run:
     # Loaded once, before any work: a bad key must fail the run in its first second.
     recipients: list[Any] = field(default_factory=list)
     signing_key: Any = None
+    # The newest complete backup's uploads (id, info): what this run's uploads are held to.
+    uploads_before: tuple[str, UploadsInfo] | None = None
+    hold_prune: str | None = None  # why this run must not prune older backups
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -209,26 +213,28 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
 
         def count() -> None:
             try:
-                counted["rows"] = postgres.row_counts(snap.conn)
+                counted["rows"] = postgres.row_counts(snap.conn, _lock_wait(ctx))
                 counted["objects"] = postgres.schema_objects(snap.conn)
+            except postgres.TableLockTimeout as exc:  # named now, while the lock is held
+                counted["error"] = postgres.lock_wait_error(
+                    info, exc.table, ctx.config.database.lock_wait_timeout, "counting rows")
             except Exception as exc:  # reported by the main thread below
                 counted["error"] = exc
 
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
         counter.start()
         try:
-            jobs = ctx.config.database.dump_jobs
-            if jobs > 1:
-                _dump_directory(ctx, snap.id, jobs, out)
-            else:
-                _dump_custom(ctx, snap.id, out)
+            _pg_dump(ctx, snap.id, out)
         except BaseException:
             snap.conn.cancel_safe()  # stop counting: the connection is about to close
             raise
         finally:
             counter.join()
-        if "error" in counted:
-            raise ConexaError(f"counting rows failed: {counted['error']}")
+        error = counted.get("error")
+        if isinstance(error, DatabaseError):
+            raise error
+        if error is not None:
+            raise ConexaError(f"counting rows failed: {error}")
         server = snap.server
     return DatabaseInfo(
         name=info.dbname, server_version=server.version, pg_dump_version=full_version,
@@ -238,10 +244,35 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
     )
 
 
+def _pg_dump(ctx: Context, snapshot_id: str, out: Sink) -> None:
+    """pg_dump in the snapshot: one job streamed, or several into a directory.
+
+    Raises:
+        DatabaseError: pg_dump waited ``lock_wait_timeout`` for a table lock (naming the
+        session that holds it). ProcessError: pg_dump failed otherwise.
+    """
+    jobs = ctx.config.database.dump_jobs
+    try:
+        if jobs > 1:
+            _dump_directory(ctx, snapshot_id, jobs, out)
+        else:
+            _dump_custom(ctx, snapshot_id, out)
+    except ProcessError as exc:
+        blocked = postgres.lock_timeout_error(ctx.db, exc.stderr_tail,
+                                              ctx.config.database.lock_wait_timeout)
+        if blocked is None:
+            raise
+        raise blocked from None
+
+
+def _lock_wait(ctx: Context) -> timedelta:
+    return parse_duration(ctx.config.database.lock_wait_timeout)
+
+
 def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:
     info = ctx.db
-    with process.stream(postgres.pg_dump_argv(info, snapshot_id), env=info.env(),
-                        what="pg_dump") as child:
+    with process.stream(postgres.pg_dump_argv(info, snapshot_id, _lock_wait(ctx)),
+                        env=info.env(), what="pg_dump") as child:
         _grow_pipe(child.stdout)
         copy_stream(io.BufferedReader(child.stdout, CHUNK), out)  # type: ignore[type-var]
         child.wait_ok()
@@ -270,7 +301,7 @@ def _dump_directory(ctx: Context, snapshot_id: str, jobs: int, out: Sink) -> Non
     info = ctx.db
     folder = ctx.state_dir("staging") / scratch_name(f"dump-{secrets.token_hex(3)}")
     folder.mkdir(mode=0o700)
-    argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder)
+    argv = postgres.pg_dump_directory_argv(info, snapshot_id, jobs, folder, _lock_wait(ctx))
     try:
         with archive.tar_writer(out, folder) as tar:
             with process.watch(argv, FINISHED_ITEM, env={**info.env(), "LC_ALL": "C"},
@@ -341,6 +372,7 @@ def run_backup(
                if ctx.config.encryption.recipients else [],
                signing_key=load_signing_key(ctx.config.signing.key_file)
                if ctx.config.signing.key_file else None)
+    run.uploads_before = _uploads_before(existing)
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:
@@ -355,17 +387,64 @@ def run_backup(
     log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
              manifest.size_bytes, result.seconds)
     if prune:
-        auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
-        try:
-            if auto:
-                result.pruned = run_prune(ctx, auto, skip=run.failures)
-        except ConexaError as exc:  # the backup is complete: a failed prune does not undo it
-            result.pruned = [TargetPrune(name, errors=[str(exc)]) for name in auto]
+        result.pruned = _prune_after(ctx, run, stored)
     if run.failures:
         failed = "; ".join(run.failures.values())
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
                              f"but failed on: {failed}", result=result)
     return result
+
+
+def _prune_after(ctx: Context, run: _Run, stored: Sequence[str]) -> list[TargetPrune]:
+    """Prune the targets that stored this backup and have ``prune_after_backup``; none when
+    the run holds pruning back (a suspicious uploads folder): the backups that pruning would
+    delete may be the last good ones."""
+    auto = [n for n in stored if ctx.config.retention_for(n).prune_after_backup]
+    if run.hold_prune is not None:
+        for name in auto:
+            log.warning("not pruning %s: %s", name, run.hold_prune)
+        return [TargetPrune(name, skipped=run.hold_prune) for name in auto]
+    try:
+        return run_prune(ctx, auto, skip=run.failures) if auto else []
+    except ConexaError as exc:  # the backup is complete: a failed prune does not undo it
+        return [TargetPrune(name, errors=[str(exc)]) for name in auto]
+
+
+def _uploads_before(existing: Sequence[Backup]) -> tuple[str, UploadsInfo] | None:
+    """The newest complete backup that holds uploads: (its id, what its manifest says)."""
+    for backup in reversed(existing):  # oldest first
+        manifest = backup.manifest
+        if manifest is not None and manifest.uploads is not None:
+            return backup.id, manifest.uploads
+    return None
+
+
+def _check_uploads_shrink(run: _Run, now: UploadsInfo, max_shrink: float) -> None:
+    """A suspicious uploads folder (:func:`shrink_warning`) makes the run partial (exit 3) and
+    holds pruning back: the usual cause is a volume that is not mounted, and pruning would
+    then delete the backups that still hold the files."""
+    warning = shrink_warning(now, run.uploads_before, max_shrink)
+    if warning is not None:
+        run.warnings.append(warning + " (older backups are not pruned by this run)")
+        run.hold_prune = "the uploads folder looked empty or shrunken (see the backup's warnings)"
+
+
+def shrink_warning(now: UploadsInfo, before: tuple[str, UploadsInfo] | None,
+                   max_shrink: float) -> str | None:
+    """Why ``now`` looks wrong: the folder is empty, or its file count or bytes fell by more
+    than ``max_shrink`` (a share) since ``before`` (a backup id and its uploads); else None."""
+    if now.files == 0:
+        return f"the uploads folder {now.path} is empty; is its volume mounted?"
+    if before is None:
+        return None
+    before_id, old = before
+    drops = [f"{what} {was:,} -> {is_:,}" for what, was, is_ in (
+        ("files", old.files, now.files), ("bytes", old.bytes, now.bytes))
+        if was > 0 and (was - is_) / was > max_shrink]
+    if not drops:
+        return None
+    return (f"the uploads folder {now.path} shrank by more than {max_shrink:.0%} since backup "
+            f"{before_id} ({', '.join(drops)}); is its volume mounted?")
 
 
 def _not_retained(ctx: Context, targets: Sequence[Target], existing: Sequence[Backup],
@@ -407,6 +486,7 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
     if "uploads" in parts and ctx.config.uploads is not None:
         ctx.reporter.step("archiving uploads")
         uploads = _store_uploads(ctx, run, ctx.config.uploads.path)
+        _check_uploads_shrink(run, uploads, ctx.config.uploads.max_shrink)
     return Manifest(
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),

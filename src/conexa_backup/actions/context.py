@@ -22,6 +22,7 @@ from conexa_backup.config import Config
 from conexa_backup.crypto import load_identities, load_public_key
 from conexa_backup.errors import ConexaError, ConfigError, UsageError
 from conexa_backup.postgres import ConnInfo, conninfo, parse_url
+from conexa_backup.state import private_dir
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
 
@@ -169,8 +170,7 @@ class Context:
         """
         path = self.config.state_dir.joinpath(*parts)
         try:
-            self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(path)
         except OSError as exc:
             raise ConexaError(f"cannot create state_dir folder {path}: {exc.strerror}") from None
         return path

@@ -31,6 +31,10 @@ class DatabaseConfig(_Model):
     globals: bool = False
     maintenance_database: str = "postgres"
     bin_dir: Path | None = None
+    # How long pg_dump waits for a table lock (pg_dump --lock-wait-timeout) before it fails,
+    # naming the session that holds the lock; without it a migration's ACCESS EXCLUSIVE lock
+    # would hold the backup for as long as the migration runs.
+    lock_wait_timeout: str = "10m"
 
     @field_validator("url")
     @classmethod
@@ -39,11 +43,20 @@ class DatabaseConfig(_Model):
             raise ValueError("must be a postgresql:// URL")
         return value
 
+    @field_validator("lock_wait_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
 
 class UploadsConfig(_Model):
     """``[uploads]``: the folder of user files."""
 
     path: Path
+    # A backup whose file count or bytes fell by more than this share since the previous
+    # complete backup (an unmounted volume, a wrong path) is stored with a warning (exit 3).
+    max_shrink: float = Field(default=0.5, ge=0, le=1)
 
 
 class CompressionConfig(_Model):

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal
 
+from pydantic import StrictBool, model_validator
+
 from conexa_backup.errors import ObjectNotFoundError, StorageError
 from conexa_backup.scratch import scratch_name, stale
 from conexa_backup.storage.base import GuardedReader, ObjectInfo, TargetConfig, check_key
@@ -23,11 +25,23 @@ _TMP_PREFIX = ".tmp-"
 
 
 class LocalTargetConfig(TargetConfig):
-    """A folder; created (0700) on first use."""
+    """A folder; created (0700) on first use, inside a folder that must already exist."""
 
     type_name: ClassVar[str] = "local"
     type: Literal["local"]
     path: Path
+    # true: use ``path`` only while it is on a mounted file system other than the root one;
+    # a folder (the backup disk's mount point): only while that folder is a mount point.
+    require_mount: StrictBool | Path = False
+
+    @model_validator(mode="after")
+    def _mount_holds_path(self) -> LocalTargetConfig:
+        mount = self.require_mount
+        holds = isinstance(mount, Path) and mount.is_absolute() and self.path.is_relative_to(mount)
+        if isinstance(mount, Path) and not holds:
+            raise ValueError(f"require_mount must be true, false or an absolute folder holding "
+                             f"path ({self.path})")
+        return self
 
 
 def _describe_oserror(exc: OSError) -> str:
@@ -42,8 +56,9 @@ class _LocalUpload:
     def __init__(self, target: LocalTarget, final: Path) -> None:
         self._target = target
         self._final = final
+        target.check_mounted()
         try:
-            target.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            target.make_root()
             final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._tmp = final.with_name(_TMP_PREFIX + scratch_name(final.name))
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -79,6 +94,17 @@ class _LocalUpload:
         self._target.remove_if_empty(self._final.parent)
 
 
+def _mount_point(path: Path) -> Path:
+    """The mount point of the file system that holds ``path`` (or would: its nearest existing
+    folder), symbolic links resolved."""
+    folder = Path(os.path.realpath(path))
+    while not folder.exists():
+        folder = folder.parent
+    while not os.path.ismount(folder):
+        folder = folder.parent
+    return folder
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -93,11 +119,50 @@ class LocalTarget:
     def __init__(self, config: LocalTargetConfig) -> None:
         self.name = config.name
         self.root = config.path
+        self.require_mount = config.require_mount
+
+    def check_mounted(self) -> None:
+        """Refuse to touch the folder while its disk is not mounted (``require_mount``): an
+        empty mount point would take the backups on the root disk, and look like a target
+        holding none.
+
+        Raises:
+            StorageError: ``require_mount`` is set and the disk is not mounted.
+        """
+        why = self._not_mounted()
+        if why is not None:
+            raise StorageError(self.name, why)
+
+    def _not_mounted(self) -> str | None:
+        if self.require_mount is False:
+            return None
+        if isinstance(self.require_mount, Path):
+            if os.path.ismount(self.require_mount):
+                return None
+            return (f"{self.require_mount} is not mounted (require_mount): refusing to use "
+                    f"{self.root}")
+        if _mount_point(self.root) != Path("/"):
+            return None
+        return (f"{self.root} is on the root file system, not on a mounted disk "
+                "(require_mount = true): is the disk mounted?")
+
+    def make_root(self) -> None:
+        """Create the target folder (0700), never its parents: a missing parent is a disk that
+        is not mounted, and creating it would fill the root disk instead.
+
+        Raises:
+            OSError: as :meth:`pathlib.Path.mkdir`; FileNotFoundError for a missing parent.
+        """
+        self.root.mkdir(mode=0o700, exist_ok=True)
 
     def describe(self) -> str:
         return str(self.root)
 
     def error(self, exc: OSError) -> StorageError:
+        if isinstance(exc, FileNotFoundError) and not self.root.parent.is_dir():
+            return StorageError(self.name, f"{self.root.parent} does not exist: the target "
+                                "folder is only created inside an existing folder (is the "
+                                "backup disk mounted?)")
         return StorageError(self.name, f"{self.root}: {_describe_oserror(exc)}")
 
     def path_of(self, key: str) -> Path:
@@ -110,6 +175,7 @@ class LocalTarget:
         return _LocalUpload(self, self.path_of(key))
 
     def open(self, key: str) -> BinaryIO:
+        self.check_mounted()
         try:
             fh = open(self.path_of(key), "rb")  # noqa: SIM115 - the caller closes it
         except FileNotFoundError as exc:
@@ -121,6 +187,7 @@ class LocalTarget:
             self.name, f"{self.root}: {exc}"))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.check_mounted()
         if not self.root.exists():
             return  # never written to yet
         if not self.root.is_dir():
@@ -147,6 +214,7 @@ class LocalTarget:
             raise self.error(exc) from exc
 
     def delete(self, key: str) -> None:
+        self.check_mounted()
         path = self.path_of(key)
         try:
             path.unlink(missing_ok=True)
@@ -161,7 +229,7 @@ class LocalTarget:
 
         now = time.time()
         removed = 0
-        if not self.root.is_dir():
+        if self._not_mounted() is not None or not self.root.is_dir():
             return removed
         for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
             with contextlib.suppress(OSError):
