@@ -74,7 +74,7 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 def _now(when: datetime | None) -> str:
-    return (when or datetime.now(UTC)).isoformat()
+    return (when or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
 
 
 def record_verified(state_dir: Path, backup_id: str, target: str,
@@ -99,11 +99,14 @@ def record_damaged(state_dir: Path, backup_id: str, target: str, why: str,
 
 
 def forget_copies(state_dir: Path, copies: Iterable[tuple[str, str]]) -> None:
-    """Drop the damage records of copies (backup id, target) that were deleted."""
+    """Drop what checks found of copies (backup id, target) that were deleted: a deleted
+    copy is neither damaged nor the newest verified one on its target any more."""
     copies = list(copies)
-    if copies and (state_dir / DAMAGED).exists():
+    files = [state_dir / name for name in (VERIFIED, DAMAGED) if (state_dir / name).exists()]
+    if copies and files:
         with _locked(state_dir):
-            _drop(state_dir / DAMAGED, copies)
+            for path in files:
+                _drop(path, copies)
 
 
 def _drop(path: Path, copies: Iterable[tuple[str, str]]) -> None:
@@ -111,12 +114,12 @@ def _drop(path: Path, copies: Iterable[tuple[str, str]]) -> None:
     data = _read(path)
     changed = False
     for backup_id, target in copies:
-        if target in data.get(backup_id, {}):
-            del data[backup_id][target]
-            data = {k: v for k, v in data.items() if v}
+        entry = data.get(backup_id)
+        if isinstance(entry, dict) and target in entry:
+            del entry[target]
             changed = True
     if changed:
-        write_json(path, data)
+        write_json(path, {k: v for k, v in data.items() if v})
 
 
 def verified(state_dir: Path) -> dict[str, dict[str, str]]:

@@ -91,12 +91,14 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
         since = f" since {d['at'][:16].replace('T', ' ')}" if d["at"] else ""
         health.problems.append(f"{d['id']} damaged{since}: {d['why']}")
     max_age = parse_duration(mon.max_backup_age)
+    good_ = "good" if health.damaged else "complete"  # say "good" where some are not
     if health.backup_age_seconds is None:
         health.level = 2
-        health.problems.append("no good backup" if health.damaged else "no complete backup")
+        health.problems.append(f"no {good_} backup")
     elif health.backup_age_seconds > max_age.total_seconds():
         health.level = 2
-        health.problems.append(f"newest good backup older than {mon.max_backup_age}")
+        health.problems.append(f"newest {'good ' if health.damaged else ''}backup older than "
+                               f"{mon.max_backup_age}")
     passed = [d for d in drills(ctx.config.state_dir) if d.get("target") == name and d.get("ok")]
     when = _parse_time(passed[-1].get("started_at")) if passed else None
     if passed and when is not None:
