@@ -192,8 +192,9 @@ def status_human(console: Console, h: Health) -> None:
                       f"{t.newest_backup or '-'} ({age} ago); last good drill {drill} ago",
                       markup=False, highlight=False)
         for d in t.damaged:
-            console.print(f"    damaged: {d['id']} ({d['at'] or 'manifest'}): {d['why']}",
-                          markup=False, highlight=False)
+            since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""
+            console.print(f"    {d['id']} damaged{since}: {d['why']}", markup=False,
+                          highlight=False)
     if h.last_run is not None:
         console.print(f"  last backup run: {h.last_run.get('outcome')} at "
                       f"{h.last_run.get('time')}", markup=False, highlight=False)
