@@ -35,7 +35,7 @@ from conexa_backup.actions import drill as drill_action
 from conexa_backup.actions.context import Context
 from conexa_backup.config import load_config
 from conexa_backup.errors import IntegrityError
-from conexa_backup.state import verified
+from conexa_backup.state import checks, verified
 from conexa_backup.testing.cluster import Cluster, find_bindir
 from conexa_backup.testing.emulators import GCSServer, S3Server
 from tests.conftest import Workspace, fresh_db
@@ -162,12 +162,24 @@ def _assert_recorded(ws: Workspace, backup_id: str, target: str, ok: bool,
         assert target in verified(ws.state).get(backup_id, {})
     else:  # a failed one proves nothing
         assert target not in verified(ws.state).get(backup_id, {})
+    # A copy that did not restore is damaged until a verify or drill passes; one that only
+    # restored slower than the RTO is not.
+    failed = [s["name"] for s in result["steps"] if not s["ok"] and s["name"] != RTO_STEP]
+    damage = checks(ws.state).damage(backup_id, target)
+    assert (damage is not None) == bool(failed), damage
+    if damage is not None:
+        assert damage.why.startswith(f"drill: {failed[0]}: "), damage
     if not listed:
         return
     listing = json.loads(ws.run("list", "--json").stdout)
     entry = next(b for b in listing if b["id"] == backup_id)
     assert entry["drills"][target]["ok"] is ok
     assert entry["drills"][target]["at"] == result["started_at"]
+    assert (target in entry["damaged_targets"]) == bool(failed), entry
+    if failed:
+        assert entry["status"] == "damaged" and target not in entry["targets"]
+        assert entry["damaged_targets"][target]["why"].startswith(f"drill: {failed[0]}: ")
+        assert entry["damaged_targets"][target]["at"] >= result["started_at"][:19]
     assert entry["drills"][target]["recovery_seconds"] == result["recovery_seconds"]
 
 

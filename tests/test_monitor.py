@@ -416,3 +416,149 @@ def test_report_send_without_a_report_notifier_goes_to_every_notifier(
     (request,) = [r for r, _ in httpserver.log]
     assert "*conexa-backup report, last 7 days*" in request.get_json()["text"]
     httpserver.check_assertions()
+
+
+# -- damaged copies: every signal shows what verify, drills and restores found --------------------
+
+def _flip_middle_byte(path: Path) -> bytes:
+    """Corrupt a stored object in place (same size); return the original bytes."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return original
+
+
+def _signals(ws: Any, prom: Path) -> tuple[dict[str, Any], int, dict[str, Any], float,
+                                            dict[str, Any], str]:
+    """(list entry by id, status code, status JSON, damaged-copies gauge, report JSON,
+    report text) as the CLI shows them now."""
+    listing = {b["id"]: b for b in json.loads(ws.run("list", "--json").stdout)}
+    code, _, data = status(ws)
+    samples = parse_textfile(prom.read_text())
+    report = ws.run("report", "--json")
+    text = ws.run("report")
+    assert report.returncode == 0 and text.returncode == 0, report.stderr + text.stderr
+    return (listing, code, data, samples['conexa_backup_target_damaged_copies{target="local"}'],
+            json.loads(report.stdout), text.stdout)
+
+
+def test_a_copy_that_failed_verify_or_a_drill_is_damaged_everywhere_until_it_passes(
+        ws: Any, tmp_path: Path) -> None:
+    prom = tmp_path / "conexa.prom"
+    ws.write_config(f'[monitoring]\nmetrics_file = "{prom}"\n')
+    good = backup(ws)
+    drill(ws)
+    bad = backup(ws)
+    drill(ws)
+    assert status(ws)[0] == 0
+    dump = ws.backups / bad / "database.dump.zst"
+    original = _flip_middle_byte(dump)
+
+    verify = ws.run("verify", "latest")
+    assert verify.returncode == 1 and "SHA-256" in verify.stdout, verify.stdout
+
+    listing, code, data, gauge, report, text = _signals(ws, prom)
+    entry = listing[bad]
+    assert entry["status"] == "damaged" and entry["targets"] == []
+    damage = entry["damaged_targets"]["local"]
+    assert damage["why"].startswith("verify: ") and "SHA-256" in damage["why"]
+    assert damage["at"] and damage["at"].endswith("Z")
+    assert listing[good]["status"] == "complete" and listing[good]["targets"] == ["local"]
+    human = ws.run("list")
+    assert f"{bad} on local: damaged since" in human.stdout, human.stdout
+    # WARNING: the target still has a good copy within max_backup_age (the older one).
+    assert code == 1 and data["status"] == "WARNING", data
+    target = data["targets"][0]
+    assert target["newest_backup"] == good
+    assert [d["id"] for d in target["damaged"]] == [bad]
+    assert any(p.startswith(f"{bad} damaged since ") for p in target["problems"]), target
+    assert data["last_backup"]["id"] == good
+    assert gauge == 1
+    assert [(d["id"], d["target"]) for d in report["damaged"]] == [(bad, "local")]
+    assert f"DAMAGED: {bad} on local" in text
+
+    # A drill of that copy fails: still damaged, now for the drill's reason.
+    failed = ws.run("verify", "--drill", bad, "--json")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    listing, code, data, gauge, _, _ = _signals(ws, prom)
+    assert listing[bad]["damaged_targets"]["local"]["why"].startswith("drill: fetch database: ")
+    assert code == 1 and gauge == 1
+
+    # CRITICAL once the only good copy is older than max_backup_age.
+    age_backup(ws, good, timedelta(days=2))
+    code, line, data = status(ws)
+    assert code == 2 and "local: newest good backup older than 26h" in line, line
+
+    # The stored bytes are repaired (say, copied back from another disk): a verify that passes
+    # clears the damage everywhere.
+    dump.write_bytes(original)
+    assert ws.run("verify", bad).returncode == 0
+    listing, code, data, gauge, report, text = _signals(ws, prom)
+    assert listing[bad]["status"] == "complete" and listing[bad]["damaged_targets"] == {}
+    assert data["targets"][0]["damaged"] == [] and data["targets"][0]["newest_backup"] == bad
+    assert code == 0, data
+    assert gauge == 0 and report["damaged"] == [] and "DAMAGED" not in text
+
+
+def test_a_target_whose_only_copies_are_damaged_is_critical(ws: Any) -> None:
+    only = backup(ws)
+    drill(ws)
+    _flip_middle_byte(ws.backups / only / "database.dump.zst")
+    assert ws.run("verify", "latest").returncode == 1
+
+    code, line, data = status(ws)
+    assert code == 2, line
+    assert "local: no good backup" in line
+    assert data["targets"][0]["newest_backup"] is None
+    assert data["last_backup"] is None
+
+
+def test_a_restore_that_falls_back_from_a_corrupt_copy_marks_it_damaged(ws: Any) -> None:
+    second = ws.root / "second"
+    ws.write_config(f'[[targets]]\nname = "second"\ntype = "local"\npath = "{second}"\n')
+    backup_id = backup(ws)
+    _flip_middle_byte(ws.backups / backup_id / "database.dump.zst")
+
+    out = ws.root / "downloaded"
+    fetched = ws.run("download", backup_id, "--to", str(out))
+    assert fetched.returncode == 0, fetched.stderr  # from the copy on "second"
+
+    entry = next(b for b in json.loads(ws.run("list", "--json").stdout) if b["id"] == backup_id)
+    assert entry["targets"] == ["second"]
+    assert "SHA-256" in entry["damaged_targets"]["local"]["why"]
+    code, _, data = status(ws)
+    by_target = {t["target"]: t for t in data["targets"]}
+    assert [d["id"] for d in by_target["local"]["damaged"]] == [backup_id]
+    assert by_target["second"]["damaged"] == []
+    # "local" holds no good copy at all: CRITICAL, though "second" still has one.
+    assert code == 2 and by_target["local"]["status"] == "CRITICAL"
+    assert by_target["second"]["newest_backup"] == backup_id
+
+
+def test_the_damage_record_is_cleared_by_a_pass_forgotten_with_the_copy_and_never_lost(
+        tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conexa_backup.state import checks, forget_copies, record_damaged, record_verified
+
+    record_verified(tmp_path, "20261201T000000Z", "local")
+    record_damaged(tmp_path, "20261202T000000Z", "local", "verify: SHA-256 differs")
+    seen = checks(tmp_path)
+    assert seen.damage("20261202T000000Z", "local").why == "verify: SHA-256 differs"
+    assert seen.damage("20261202T000000Z", "s3") is None
+    assert seen.newest_passed("local") == "20261201T000000Z"
+    record_verified(tmp_path, "20261202T000000Z", "local")  # a later pass clears it
+    assert checks(tmp_path).damage("20261202T000000Z", "local") is None
+    assert checks(tmp_path).newest_passed("local") == "20261202T000000Z"
+    record_damaged(tmp_path, "20261202T000000Z", "local", "drill: restore database: boom")
+    assert checks(tmp_path).newest_passed("local") == "20261201T000000Z"  # damaged since
+    forget_copies(tmp_path, [("20261202T000000Z", "local")])
+    assert checks(tmp_path).damaged == {}
+    assert (tmp_path / "damaged.json").stat().st_mode & 0o777 == 0o600
+
+    # Concurrent writers (a verify beside a drill beside a restore) lose no record.
+    ids = [f"202612{d:02d}T000000Z" for d in range(1, 29)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: record_damaged(tmp_path, i, "s3", "bad"), ids))
+    assert {i for i, t in checks(tmp_path).damaged if t == "s3"} == set(ids)

@@ -489,3 +489,100 @@ def test_prune_command_exit_code_when_a_target_cannot_be_listed(ws: Workspace) -
     assert prune_of(report, "dead")["skipped"]
     assert prune_of(report, "local")["deleted"] == [old_id(4)]
     assert "dead" in result.stderr
+
+
+# -- damaged copies, the newest verified copy per target, safety backups ------------------------
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_the_day_keeps_the_backup_whose_drill_passed_not_the_one_that_failed(
+        ws: Workspace) -> None:
+    """The trial: two backups on one day, the first one's drill failed, the second one's
+    passed; prune deleted the second and kept the first as the day's representative."""
+    with_retention(ws, "keep_daily = 7")
+    newest = make_backup(ws)
+    local = target_named(ws, "local")
+    failed, passed = old_id(2, 1), old_id(2, 13)
+    for backup_id in (failed, passed):
+        seed(local, ws.backups / newest, backup_id)
+    _flip_middle_byte(ws.backups / failed / "database.dump.zst")
+    assert ws.run("verify", "--drill", failed).returncode == 1
+    assert ws.run("verify", "--drill", passed).returncode == 0
+    assert ws.run("verify", newest).returncode == 0  # the newest verified one is another
+
+    report = prune_of(run_json(ws, "prune"), "local")
+    day = f"{passed[:4]}-{passed[4:6]}-{passed[6:8]}"
+    assert planned(report)[passed]["reason"] == f"kept: daily {day}"
+    assert planned(report)[failed]["reason"] == "deleted: beyond keep_daily"
+    assert report["deleted"] == [failed]
+    assert set(listed(ws)) == {newest, passed}
+    # Its damage record went with it.
+    assert failed not in json.loads((ws.state / "damaged.json").read_text())
+
+
+def test_the_newest_copy_verified_on_each_target_is_protected(ws: Workspace) -> None:
+    """Protection is per target: the newest backup verified anywhere may not be on this
+    target at all, and the newest one verified *here* must still stay."""
+    b = ws.root / "b"
+    _two_targets(ws, b)  # keep_last = 1
+    newest = make_backup(ws, "--no-prune")
+    both, only_b = old_id(6), old_id(3)
+    for name in ("local", "b"):
+        seed(target_named(ws, name), ws.backups / newest, both)
+    seed(target_named(ws, "b"), ws.backups / newest, only_b)
+    assert ws.run("verify", both, "--target", "local").returncode == 0
+    assert ws.run("verify", only_b).returncode == 0  # newer, but not on local
+
+    report = run_json(ws, "prune")
+    local, on_b = planned(prune_of(report, "local")), planned(prune_of(report, "b"))
+    assert local[both]["reason"] == "kept: newest verified backup"
+    assert on_b[only_b]["reason"] == "kept: newest verified backup"
+    assert not on_b[both]["keep"]  # on b, a newer verified copy stands in for it
+    assert {p.name for p in ws.backups.iterdir()} == {newest, both}
+    assert {p.name for p in b.iterdir()} == {newest, only_b}
+
+
+def test_a_damaged_copy_is_not_the_newest_verified_one(ws: Workspace) -> None:
+    with_retention(ws, "keep_last = 1")
+    newest = make_backup(ws)
+    local = target_named(ws, "local")
+    older, broken = old_id(6), old_id(3)
+    for backup_id in (older, broken):
+        seed(local, ws.backups / newest, backup_id)
+    assert ws.run("verify", older).returncode == 0
+    assert ws.run("verify", broken).returncode == 0
+    _flip_middle_byte(ws.backups / broken / "database.dump.zst")
+    assert ws.run("verify", broken).returncode == 1  # verified once, damaged since
+
+    plan = planned(prune_of(run_json(ws, "prune"), "local"))
+    assert plan[older]["reason"] == "kept: newest verified backup"
+    assert not plan[broken]["keep"]
+
+
+def test_a_safety_backup_survives_the_next_backups_prune(ws: Workspace) -> None:
+    with_retention(ws, "keep_last = 1")
+    first = make_backup(ws)
+    ws.cluster.execute("DELETE FROM grades", ws.dbname)
+    restored = run_json(ws, "restore", first, "--yes")
+    safety = restored["safety_backup_id"]
+    assert safety
+
+    after = run_json(ws, "backup")
+    pruned = prune_of(after["pruned"], "local")
+    assert planned(pruned)[safety]["reason"] == "kept: safety backup, kept 7d"
+    assert first in pruned["deleted"]
+    assert set(listed(ws)) == {safety, after["id"]}
+
+    # A week later it goes like any other backup the policy does not keep.
+    later = (datetime.now(UTC) + timedelta(days=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    preview = planned(prune_of(run_json(ws, "prune", "--at", later), "local"))
+    assert not preview[safety]["keep"]
+    # safety_keep_within in the retention table sets how long.
+    with_retention(ws, 'keep_last = 1\nsafety_keep_within = "1h"')
+    soon = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert not planned(prune_of(run_json(ws, "prune", "--at", soon), "local"))[safety]["keep"]
+    assert planned(prune_of(run_json(ws, "prune", "--dry-run"), "local"))[safety]["keep"]

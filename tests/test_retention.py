@@ -35,8 +35,8 @@ from conexa_backup.retention import (
 FMT = "%Y%m%dT%H%M%SZ"
 DAY = timedelta(days=1)
 # The reasons the planner gives for keeping a backup whatever the policy says.
-FLOOR_REASONS = ("newest complete backup", "min_keep ", "newest verified backup",
-                 "newer than the evaluation time")
+FLOOR_REASONS = ("newest complete backup", "newest good backup", "min_keep ",
+                 "newest verified backup", "newer than the evaluation time", "safety backup, kept")
 
 
 def bid(t: datetime) -> str:
@@ -79,9 +79,12 @@ def brute_force(backups: Sequence[Candidate], policy: Policy, now: datetime,
     complete = sorted((b for b in backups if b.complete), key=lambda b: id_time(b.id))
     complete_ids = {b.id for b in complete}
     newest_first = list(reversed(complete))
+    good = [b for b in newest_first if not b.damaged]
+    # keep_last and min_keep places: good backups first, damaged ones only to fill up.
+    ranked = good + [b for b in newest_first if b.damaged]
     by_rules: set[str] = set()
     if policy.keep_last:
-        by_rules |= {b.id for b in newest_first[:policy.keep_last]}
+        by_rules |= {b.id for b in ranked[:policy.keep_last]}
     if policy.keep_within is not None:
         by_rules |= {b.id for b in complete if now - id_time(b.id) <= policy.keep_within}
     scheduled = [b for b in complete if b.kind != "safety"]
@@ -92,13 +95,18 @@ def brute_force(backups: Sequence[Candidate], policy: Policy, now: datetime,
         groups: dict[object, list[Candidate]] = {}
         for b in scheduled:
             groups.setdefault(_period_key(rule, id_time(b.id)), []).append(b)
-        reps = [min(members, key=lambda b: id_time(b.id)) for members in groups.values()]
+        # The oldest good one; the oldest damaged one only where the period has no good one.
+        reps = [min(members, key=lambda b: (b.damaged, id_time(b.id)))
+                for members in groups.values()]
         reps.sort(key=lambda b: id_time(b.id), reverse=True)  # the newest period first
         chosen = reps if count == -1 else reps[:count]
         by_rules |= {b.id for b in chosen}
     kept = set(by_rules)
-    kept |= {b.id for b in newest_first[:max(policy.min_keep, 0)]}
+    kept |= {b.id for b in ranked[:max(policy.min_keep, 0)]}
     kept |= {b.id for b in newest_first[:1]}
+    kept |= {b.id for b in good[:1]}
+    kept |= {b.id for b in complete
+             if b.kind == "safety" and now - id_time(b.id) <= policy.safety_keep_within}
     kept |= set(protected) & complete_ids
     kept |= {b.id for b in backups if not b.complete and now - id_time(b.id) < DAY}
     return Expected(by_rules, kept)
@@ -125,10 +133,13 @@ backup = st.tuples(
     times,
     st.sampled_from([True, True, True, True, False]),  # complete
     st.sampled_from(["scheduled"] * 6 + ["safety"]),
+    st.sampled_from([False, False, True]),  # found damaged by a verify, drill or restore
 )
 
+# Mixed good and damaged histories: a third of the complete copies are known damaged.
 histories = st.lists(backup, max_size=40, unique_by=lambda b: bid(b[0])).map(
-    lambda items: [Candidate(bid(t), complete, kind) for t, complete, kind in items])
+    lambda items: [Candidate(bid(t), complete, kind, complete and damaged)
+                   for t, complete, kind, damaged in items])
 
 counts = st.one_of(st.none(), st.integers(0, 15), st.just(-1))
 durations = st.one_of(
@@ -143,6 +154,8 @@ policies = st.builds(
     keep_daily=counts, keep_weekly=counts, keep_monthly=counts, keep_yearly=counts,
     keep_within=durations,
     min_keep=st.integers(0, 5),
+    safety_keep_within=st.sampled_from([timedelta(days=7), timedelta(hours=1),
+                                        timedelta(days=60)]),
 )
 
 
@@ -170,15 +183,100 @@ SETTINGS = settings(max_examples=400, deadline=None,
 
 @SETTINGS
 @given(scenarios())
-def test_newest_complete_and_min_keep_always_kept(
+def test_newest_complete_newest_good_and_min_keep_always_kept(
         case: tuple[list[Candidate], Policy, datetime, list[str]]) -> None:
     history, policy, now, protected = case
     kept = kept_ids(plan(history, policy, now, protected))
     newest_first = sorted((b.id for b in history if b.complete), reverse=True)
+    good = sorted((b.id for b in history if b.complete and not b.damaged), reverse=True)
     if newest_first:
         assert newest_first[0] in kept
-    assert set(newest_first[:policy.min_keep]) <= kept
+    if good:  # the newest backup that can be restored, whatever damaged ones came after
+        assert good[0] in kept
+    # min_keep counts good backups first; damaged ones fill it only when too few are good.
+    ranked = good + [i for i in newest_first if i not in good]
+    assert set(ranked[:policy.min_keep]) <= kept
     assert set(protected) & set(newest_first) <= kept
+
+
+@SETTINGS
+@given(scenarios())
+def test_a_damaged_backup_never_represents_a_period_that_has_a_good_one(
+        case: tuple[list[Candidate], Policy, datetime, list[str]]) -> None:
+    history, policy, now, protected = case
+    scheduled_good = [b for b in history if b.complete and not b.damaged and b.kind != "safety"]
+    for d in plan(history, policy, now, protected):
+        b = next(c for c in history if c.id == d.id)
+        for reason in d.reasons:
+            rule, _, period = reason.partition(" ")
+            if rule not in PERIODS:
+                continue
+            period = period.split(" ")[0]
+            rivals = [g for g in scheduled_good if PERIODS[rule](g.time) == period]
+            assert not (b.damaged and rivals), (d.reason, [g.id for g in rivals])
+            assert b.damaged == ("damaged" in reason), reason
+
+
+@SETTINGS
+@given(scenarios())
+def test_safety_backups_stay_for_safety_keep_within(
+        case: tuple[list[Candidate], Policy, datetime, list[str]]) -> None:
+    history, policy, now, protected = case
+    kept = kept_ids(plan(history, policy, now, protected))
+    for b in history:
+        if b.complete and b.kind == "safety" and now - b.time <= policy.safety_keep_within:
+            assert b.id in kept
+
+
+def test_the_day_is_represented_by_the_backup_whose_drill_passed() -> None:
+    """The trial: two backups on one day, the first one's drill failed, the second one's
+    passed; a keep_daily tier kept the failed one and deleted the good one."""
+    failed = Candidate("20261201T010000Z", True, damaged=True)
+    passed = Candidate("20261201T130000Z", True)
+    later = Candidate("20261202T010000Z", True)
+    decisions = {d.id: d for d in plan([failed, passed, later], Policy(keep_daily=7),
+                                       utc(2026, 12, 2, 2), protected=[passed.id])}
+    assert decisions[passed.id].keep and "daily 2026-12-01" in decisions[passed.id].reasons
+    assert not decisions[failed.id].keep, decisions[failed.id].reason
+    # Without the record of the failed drill, the first backup of the day represents it.
+    plain = {d.id: d.keep for d in plan([Candidate(failed.id, True), passed, later],
+                                        Policy(keep_daily=7), utc(2026, 12, 2, 2))}
+    assert plain == {failed.id: True, passed.id: False, later.id: True}
+
+
+def test_a_damaged_backup_represents_its_period_only_without_a_good_one() -> None:
+    damaged = Candidate("20261201T010000Z", True, damaged=True)
+    newer = Candidate("20261202T010000Z", True)
+    decisions = {d.id: d for d in plan([damaged, newer], Policy(keep_daily=7),
+                                       utc(2026, 12, 2, 2))}
+    assert decisions[damaged.id].reason == \
+        "kept: daily 2026-12-01 (damaged, no good backup that period)"
+
+
+def test_the_newest_good_backup_stays_when_newer_ones_are_damaged() -> None:
+    good = Candidate("20261201T010000Z", True)
+    bad = [Candidate(f"202612{d:02d}T010000Z", True, damaged=True) for d in (2, 3, 4)]
+    decisions = {d.id: d for d in plan([good, *bad], Policy(keep_last=2), utc(2026, 12, 4, 2))}
+    assert decisions[good.id].reason == "kept: last 2; newest good backup; min_keep 1"
+    # keep_last counts the good one first; the newest complete backup is always kept.
+    assert decisions[bad[-1].id].reason == "kept: last 2; newest complete backup"
+    assert not decisions[bad[0].id].keep and not decisions[bad[1].id].keep
+
+
+def test_safety_backup_outlives_a_keep_last_one_policy() -> None:
+    """Taken before an in-place restore, then a backup and its prune: the safety backup
+    represents no period, but it is the only copy of the state the restore replaced."""
+    safety = Candidate("20261201T100000Z", True, "safety")
+    after = Candidate("20261201T110000Z", True)
+    policy = RetentionConfig(keep_last=1).policy()
+    assert policy.safety_keep_within == timedelta(days=7)
+    decisions = {d.id: d for d in plan([safety, after], policy, utc(2026, 12, 1, 11))}
+    assert decisions[safety.id].reason == "kept: safety backup, kept 7d"
+    later = {d.id: d.keep for d in plan([safety, after], policy, utc(2026, 12, 8, 11))}
+    assert later == {safety.id: False, after.id: True}
+    short = RetentionConfig(keep_last=1, safety_keep_within="1h").policy()
+    assert not next(d for d in plan([safety, after], short, utc(2026, 12, 1, 12))
+                    if d.id == safety.id).keep
 
 
 @SETTINGS
@@ -285,11 +383,11 @@ def test_would_retain_never_for_a_monthly_tier_whose_month_has_a_backup(
     # Whatever else is on the tier (complete or not, older or newer, safety or not)...
     assert not would_retain([*history, older], new, policy)
     assert not would_retain([*history, older], Candidate(new.id, True, "safety"), policy)
-    # ... while the month's first backup itself was wanted, if nothing scheduled and complete
-    # came before it that month.
+    # ... while the month's first backup itself was wanted, if nothing scheduled, complete
+    # and good came before it that month (a damaged backup does not take the month).
     before = [b for b in history if id_time(b.id) < first]
-    month_taken = any(b.complete and b.kind != "safety" and b.id[:6] == older.id[:6]
-                      for b in before)
+    month_taken = any(b.complete and not b.damaged and b.kind != "safety"
+                      and b.id[:6] == older.id[:6] for b in before)
     assert would_retain(before, older, policy) == (not month_taken)
 
 

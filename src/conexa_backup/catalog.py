@@ -21,10 +21,11 @@ from conexa_backup.errors import (
     IntegrityError,
     ObjectNotFoundError,
     StorageError,
+    UnsafeArchiveError,
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
-from conexa_backup.state import atomic_write, private_dir
+from conexa_backup.state import Damage, atomic_write, checks, private_dir, record_damaged
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,42 @@ class Copy:
     objects: list[ObjectInfo]
     manifest: Manifest | None = None
     problem: str | None = None  # why a copy with a manifest file is still not usable
+    damage: Damage | None = None  # found bad by a verify, drill or restore (state.checks)
+    state_dir: Path | None = None  # where to record damage found while reading it
 
     @property
     def complete(self) -> bool:
+        """It has a readable manifest (it may still be known damaged: see :attr:`state`)."""
         return self.manifest is not None
+
+    @property
+    def state(self) -> str:
+        """``complete``; ``damaged`` (an unreadable manifest, or found bad by a verify, drill
+        or restore and not verified since); ``incomplete`` (no manifest: a run in progress
+        or an interrupted one). Every signal shows this."""
+        if self.manifest is None:
+            return "damaged" if self.problem else "incomplete"
+        return "damaged" if self.damage is not None else "complete"
+
+    @property
+    def why_damaged(self) -> tuple[str | None, str] | None:
+        """(when, why) for a damaged copy; None otherwise."""
+        if self.manifest is None:
+            return (None, self.problem) if self.problem else None
+        return (self.damage.at, self.damage.why) if self.damage is not None else None
+
+    def seen_bad(self, exc: Exception) -> None:
+        """Record that reading this copy found it corrupt or missing a file (``exc``), so
+        status, list and prune know before the next verify. Other failures (a network error,
+        an archive refused for safety) say nothing about the stored bytes; recording is best
+        effort and never hides the read's own error."""
+        if (self.state_dir is None or self.manifest is None or isinstance(exc, UnsafeArchiveError)
+                or not isinstance(exc, IntegrityError | ObjectNotFoundError)):
+            return
+        try:
+            record_damaged(self.state_dir, self.manifest.id, self.target.name, str(exc))
+        except OSError as err:
+            log.warning("could not record damaged copy: %s", err)
 
     def owned_keys(self, backup_id: str) -> list[str]:
         """Keys of objects we wrote in this copy, manifest first (delete in this order)."""
@@ -66,11 +99,16 @@ class Backup:
         return [c for c in self.copies if c.complete]
 
     @property
+    def good_copies(self) -> list[Copy]:
+        """Complete copies not known to be damaged."""
+        return [c for c in self.copies if c.state == "complete"]
+
+    @property
     def status(self) -> str:
-        """complete; damaged (a manifest that is unreadable, unsigned or altered); incomplete."""
-        if self.complete_copies:
-            return "complete"
-        return "damaged" if any(c.problem for c in self.copies) else "incomplete"
+        """damaged if any copy is (see :attr:`Copy.state`); else complete if a copy is;
+        else incomplete."""
+        states = {c.state for c in self.copies}
+        return next(s for s in ("damaged", "complete", "incomplete") if s in states)
 
 
 class ManifestCache:
@@ -162,8 +200,12 @@ def _read_signature(target: Target, backup_id: str) -> bytes | None:
 
 def scan(targets: Sequence[Target], *, with_manifests: bool = True,
          unreachable: dict[str, str] | None = None,
-         cache: ManifestCache | None = None, verifier: Any = None) -> list[Backup]:
+         cache: ManifestCache | None = None, verifier: Any = None,
+         state_dir: Path | None = None) -> list[Backup]:
     """Every backup id found on ``targets``, oldest first.
+
+    With ``state_dir``, each copy carries what checks found (:func:`state.checks`): its
+    :attr:`Copy.damage`, and where to record damage found while reading it.
 
     A target that cannot be listed is skipped (one dead target must not hide the copies on
     the others) and its error recorded in ``unreachable`` when given.
@@ -173,6 +215,7 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
     """
     backups: dict[str, Backup] = {}
     failed: dict[str, StorageError] = {}
+    seen = checks(state_dir) if state_dir is not None else None
     for target in targets:
         grouped: dict[str, list[ObjectInfo]] = defaultdict(list)
         try:
@@ -185,7 +228,8 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             failed[target.name] = exc
             continue
         for backup_id, objects in grouped.items():
-            copy = Copy(target, objects)
+            copy = Copy(target, objects, state_dir=state_dir,
+                        damage=seen.damage(backup_id, target.name) if seen else None)
             named = {o.key.partition("/")[2]: o for o in objects}
             manifest, signature = named.get(MANIFEST_NAME), named.get(SIGNATURE_NAME)
             if manifest is not None and with_manifests and verifier is not None and not signature:

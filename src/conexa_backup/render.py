@@ -117,8 +117,10 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
         "database_bytes": by_kind.get("database"),
         "uploads_bytes": by_kind.get("uploads"),
         "uploads_files": m.uploads.files if m and m.uploads else None,
-        "targets": [c.target.name for c in b.complete_copies],
-        "incomplete_targets": [c.target.name for c in b.copies if not c.complete],
+        "targets": [c.target.name for c in b.good_copies],
+        "damaged_targets": {c.target.name: {"at": why[0], "why": why[1]} for c in b.copies
+                            if (why := c.why_damaged) is not None},
+        "incomplete_targets": [c.target.name for c in b.copies if c.state == "incomplete"],
         "drills": proven,
     }
 
@@ -141,6 +143,8 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
         e = backup_entry(b, drills)
         created = (e["created_at"] or "-").replace("T", " ").rstrip("Z")[:19]
         status = e["status"] if e["status"] == "complete" else f"[yellow]{e['status']}[/]"
+        if e["damaged_targets"]:
+            status = f"[red]damaged[/] ({', '.join(e['damaged_targets'])})"
         where = ", ".join(e["targets"]) or "-"
         if e["incomplete_targets"]:
             where += f" (incomplete: {', '.join(e['incomplete_targets'])})"
@@ -149,6 +153,11 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
         table.add_row(b.id, created, e["kind"] or "-", human_bytes(e["size_bytes"]), where,
                       status, proven)
     console.print(table)
+    for b in reversed(backups):  # why, under the table: a reason does not fit in a column
+        for target, d in backup_entry(b)["damaged_targets"].items():
+            since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""
+            console.print(f"{b.id} on {target}: damaged{since}: {d['why']}", markup=False,
+                          highlight=False)
 
 
 def status_json(h: Health) -> dict[str, Any]:
@@ -168,6 +177,7 @@ def status_json(h: Health) -> dict[str, Any]:
             "newest_successful_drill": t.newest_drill,
             "drill_age_seconds": round(t.drill_age_seconds)
             if t.drill_age_seconds is not None else None,
+            "damaged": t.damaged,
             "problems": t.problems} for t in h.targets],
     }
 
@@ -181,6 +191,10 @@ def status_human(console: Console, h: Health) -> None:
         console.print(f"  {t.target}: {LEVELS[t.level]}; newest backup "
                       f"{t.newest_backup or '-'} ({age} ago); last good drill {drill} ago",
                       markup=False, highlight=False)
+        for d in t.damaged:
+            since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""
+            console.print(f"    {d['id']} damaged{since}: {d['why']}", markup=False,
+                          highlight=False)
     if h.last_run is not None:
         console.print(f"  last backup run: {h.last_run.get('outcome')} at "
                       f"{h.last_run.get('time')}", markup=False, highlight=False)
@@ -361,6 +375,9 @@ def report_text(r: dict[str, Any]) -> str:
                     f"{rec['median']:.0f} s)" if rec else ""))
     lines.append(f"RTO (objective {human_age(r['rto']['objective_seconds'])}): "
                  f"{'met' if r['rto']['met'] else 'NOT MET (no passing drill, or too slow)'}")
+    lines += [f"DAMAGED: {d['id']} on {d['target']}"
+              + (f" (since {d['at'][:16].replace('T', ' ')})" if d["at"] else "")
+              + f": {d['why']}" for d in r.get("damaged", [])]
     for s in r["storage"]:
         cost = f", about {r['currency']} {s['monthly_cost']:.2f}/month" \
             if s["monthly_cost"] is not None else ""

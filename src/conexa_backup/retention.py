@@ -12,14 +12,19 @@ Definitions (UTC throughout, from the backup id's timestamp):
   new backup per period and never one it would delete the next day, which is what choosing the
   newest would cause (it changes every day of the month). Safety backups (taken just before a
   restore) never represent a period.
+- A *damaged* copy (found bad by a verify, drill or restore: ``state.checks``) represents a
+  period only when the period has no good one; likewise ``keep_last`` and ``min_keep`` count
+  good backups first and fall back to damaged ones only when there are too few good ones.
 - ``keep_daily = N`` keeps the representatives of the newest N days *that have a backup*
   (likewise weeks, months, years), so when backups stop, retention never runs out of days and
   deletes the last good ones. ``-1`` keeps every period.
 - ``keep_last = N``: the N newest complete backups. ``keep_within``: every complete backup
   younger than the duration. ``min_keep``: the newest ``min_keep`` complete backups, always.
-- Always kept, whatever the policy: the newest complete backup, any backup in ``protected``
-  (the newest one that passed verification), and incomplete backups less than a day old (a
-  run may still be writing them). Incomplete backups older than that are deleted.
+- Always kept, whatever the policy: the newest complete backup, the newest good one, any
+  backup in ``protected`` (the newest one whose copy on this target passed a verify or drill),
+  safety backups younger than ``safety_keep_within`` (the only copy of the state a restore
+  replaced), and incomplete backups less than a day old (a run may still be writing them).
+  Incomplete backups older than that are deleted.
 - An empty policy keeps every complete backup (old incomplete leftovers still go).
 """
 
@@ -47,6 +52,7 @@ class Policy:
     keep_yearly: int | None = None
     keep_within: timedelta | None = None
     min_keep: int = 1
+    safety_keep_within: timedelta = timedelta(days=7)
 
     @property
     def period_tier(self) -> bool:
@@ -67,6 +73,7 @@ class Candidate:
     id: str
     complete: bool
     kind: str = "scheduled"
+    damaged: bool = False  # found bad by a verify, drill or restore, not verified since
 
     @property
     def time(self) -> datetime:
@@ -105,17 +112,26 @@ def _period_keeps(backups: Sequence[Candidate], rule: str, count: int | None) ->
     key_of = PERIODS[rule]
     first: dict[str, Candidate] = {}
     for b in sorted(backups, key=lambda b: id_sort_key(b.id)):  # oldest first: it stays
-        first.setdefault(key_of(b.time), b)
+        held = first.setdefault(key_of(b.time), b)
+        if held.damaged and not b.damaged:  # a good one represents the period if any does
+            first[key_of(b.time)] = b
     newest_periods = sorted(first, reverse=True)
     chosen = newest_periods if count == ALL else newest_periods[:count]
-    return {first[p].id: f"{rule} {p}" for p in chosen}
+    return {first[p].id: f"{rule} {p}" + (" (damaged, no good backup that period)"
+                                            if first[p].damaged else "") for p in chosen}
+
+
+def _good_first(backups: Iterable[Candidate]) -> list[Candidate]:
+    """Newest first, good backups before damaged ones: who fills the keep_last and min_keep
+    places."""
+    return sorted(_newest_first(backups), key=lambda b: b.damaged)
 
 
 def retaining_rules(backups: Sequence[Candidate], policy: Policy,
                     now: datetime) -> dict[str, list[str]]:
     """id -> the policy rules (not the safety floors) that keep it, for complete backups."""
     complete = [b for b in backups if b.complete and b.time <= now]
-    newest_first = _newest_first(complete)
+    ranked = _good_first(complete)
     kept: dict[str, list[str]] = {}
 
     def add(ids: Iterable[str], reason: Callable[[str], str]) -> None:
@@ -123,7 +139,7 @@ def retaining_rules(backups: Sequence[Candidate], policy: Policy,
             kept.setdefault(backup_id, []).append(reason(backup_id))
 
     if policy.keep_last:
-        add((b.id for b in newest_first[:policy.keep_last]), lambda _: f"last {policy.keep_last}")
+        add((b.id for b in ranked[:policy.keep_last]), lambda _: f"last {policy.keep_last}")
     if policy.keep_within is not None:
         within = policy.keep_within
         add((b.id for b in complete if now - b.time <= within),
@@ -141,8 +157,9 @@ def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
     protected = set(protected)
     rules = retaining_rules(backups, policy, now)
     complete = _newest_first(b for b in backups if b.complete)
-    floor = {b.id for b in complete[:max(policy.min_keep, 0)]}
+    floor = {b.id for b in _good_first(complete)[:max(policy.min_keep, 0)]}
     newest = complete[0].id if complete else None
+    newest_good = next((b.id for b in complete if not b.damaged), None)
     decisions = []
     for b in _newest_first(backups):
         reasons = list(rules.get(b.id, []))
@@ -156,10 +173,14 @@ def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
             reasons.append("newer than the evaluation time")
         if b.id == newest:
             reasons.append("newest complete backup")
+        if b.id == newest_good and b.id != newest:
+            reasons.append("newest good backup")
         if b.id in floor:
             reasons.append(f"min_keep {policy.min_keep}")
         if b.id in protected:
             reasons.append("newest verified backup")
+        if _young_safety(b, policy, now):
+            reasons.append(f"safety backup, kept {human_duration(policy.safety_keep_within)}")
         if policy.empty:
             reasons.append("no retention policy")
         decisions.append(Decision(b.id, bool(reasons), reasons or [_why_not(b, policy)]))
@@ -175,6 +196,10 @@ def would_retain(existing: Sequence[Candidate], new: Candidate, policy: Policy) 
     if policy.empty:
         return True
     return new.id in retaining_rules([*existing, new], policy, new.time)
+
+
+def _young_safety(b: Candidate, policy: Policy, now: datetime) -> bool:
+    return b.kind == "safety" and now - b.time <= policy.safety_keep_within
 
 
 def _why_not(b: Candidate, policy: Policy) -> str:
@@ -207,6 +232,9 @@ class RetentionConfig(BaseModel):
     keep_within: str | None = None
     min_keep: int = Field(default=1, ge=0)
     prune_after_backup: bool = True
+    # Safety backups (taken before an in-place restore) represent no period: they are the
+    # only copy of the state a restore replaced, so they stay this long whatever the rules say.
+    safety_keep_within: str = "7d"
 
     @field_validator("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", mode="before")
     @classmethod
@@ -222,7 +250,7 @@ class RetentionConfig(BaseModel):
         # "-3" from a ${VAR}, or -3.0: every negative means "keep every period".
         return ALL if value is not None and value < 0 else value
 
-    @field_validator("keep_within")
+    @field_validator("keep_within", "safety_keep_within")
     @classmethod
     def _duration(cls, value: str | None) -> str | None:
         if value is not None:
@@ -236,4 +264,5 @@ class RetentionConfig(BaseModel):
             keep_yearly=self.keep_yearly,
             keep_within=parse_duration(self.keep_within) if self.keep_within else None,
             min_keep=self.min_keep,
+            safety_keep_within=parse_duration(self.safety_keep_within),
         )

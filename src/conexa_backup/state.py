@@ -1,7 +1,14 @@
-"""Small records kept in ``state_dir``: which backups passed verification, and when.
+"""Small records kept in ``state_dir``: which copies passed verification, which were seen
+damaged, and when.
 
-Written atomically (temporary file, fsync, rename), mode 0600. Losing them loses no data: they
-only protect more backups from pruning and feed status reports.
+Written atomically (temporary file, fsync, rename), mode 0600, under one lock. Losing them loses
+no data: they only protect more backups from pruning and feed status reports.
+
+A copy (one backup on one target) is *seen damaged* from the moment a verify, a drill or a
+restore's fetch finds it bad until a later verify or drill of that copy passes:
+:func:`record_damaged` adds it to ``damaged.json``, :func:`record_verified` removes it.
+:func:`checks` is the one reader every signal (list, status, metrics, report, prune) goes
+through.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ from conexa_backup.manifest import id_sort_key
 from conexa_backup.scratch import stale
 
 VERIFIED = "verified.json"
+DAMAGED = "damaged.json"
 DRILLS = "drills.json"
 KEEP_DRILLS = 500
 
@@ -90,14 +99,53 @@ def _locked(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _now(when: datetime | None) -> str:
+    return (when or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+
+
 def record_verified(state_dir: Path, backup_id: str, target: str,
                     when: datetime | None = None) -> None:
-    """Remember that ``backup_id`` on ``target`` passed verification."""
-    path = state_dir / VERIFIED
+    """Remember that ``backup_id`` on ``target`` passed verification (or a drill); a damage
+    seen before on that copy is forgotten: the newest check is the one that counts."""
     with _locked(state_dir):
-        data = _read(path)
-        data.setdefault(backup_id, {})[target] = (when or datetime.now(UTC)).isoformat()
-        write_json(path, data)
+        data = _read(state_dir / VERIFIED)
+        data.setdefault(backup_id, {})[target] = _now(when)
+        write_json(state_dir / VERIFIED, data)
+        _drop(state_dir / DAMAGED, [(backup_id, target)])
+
+
+def record_damaged(state_dir: Path, backup_id: str, target: str, why: str,
+                   when: datetime | None = None) -> None:
+    """Remember that ``backup_id`` on ``target`` was found bad (a checksum mismatch, a missing
+    file, a failed drill), and why; it stays damaged until :func:`record_verified`."""
+    with _locked(state_dir):
+        data = _read(state_dir / DAMAGED)
+        data.setdefault(backup_id, {})[target] = {"at": _now(when), "why": why}
+        write_json(state_dir / DAMAGED, data)
+
+
+def forget_copies(state_dir: Path, copies: Iterable[tuple[str, str]]) -> None:
+    """Drop what checks found of copies (backup id, target) that were deleted: a deleted
+    copy is neither damaged nor the newest verified one on its target any more."""
+    copies = list(copies)
+    files = [state_dir / name for name in (VERIFIED, DAMAGED) if (state_dir / name).exists()]
+    if copies and files:
+        with _locked(state_dir):
+            for path in files:
+                _drop(path, copies)
+
+
+def _drop(path: Path, copies: Iterable[tuple[str, str]]) -> None:
+    """Remove (id, target) entries from a per-copy record; the caller holds the lock."""
+    data = _read(path)
+    changed = False
+    for backup_id, target in copies:
+        entry = data.get(backup_id)
+        if isinstance(entry, dict) and target in entry:
+            del entry[target]
+            changed = True
+    if changed:
+        write_json(path, {k: v for k, v in data.items() if v})
 
 
 def verified(state_dir: Path) -> dict[str, dict[str, str]]:
@@ -105,17 +153,54 @@ def verified(state_dir: Path) -> dict[str, dict[str, str]]:
     return _read(state_dir / VERIFIED)
 
 
-def newest_verified(state_dir: Path) -> str | None:
-    """The newest backup id that passed verification on any target."""
-    ids = [i for i, targets in verified(state_dir).items() if targets]
-    return max(ids, key=id_sort_key) if ids else None
+@dataclass(frozen=True)
+class Damage:
+    """Why and since when a copy counts as damaged."""
+
+    at: str  # ISO time it was found bad
+    why: str
 
 
-def record_drill(state_dir: Path, result: dict[str, Any]) -> None:
-    """Append a drill result (``DrillResult.to_dict()``); the newest ``KEEP_DRILLS`` are kept."""
+@dataclass(frozen=True)
+class Checks:
+    """What verifies, drills and restores found out about copies: the one place that says
+    whether a copy is known to be damaged, and which copy last passed a check."""
+
+    damaged: dict[tuple[str, str], Damage]
+    passed: dict[tuple[str, str], str]  # (id, target) -> time of its last passed check
+
+    def damage(self, backup_id: str, target: str) -> Damage | None:
+        return self.damaged.get((backup_id, target))
+
+    def newest_passed(self, target: str) -> str | None:
+        """The newest backup id whose copy on ``target`` passed a verify or drill and has not
+        been found damaged since."""
+        ids = [i for (i, t) in self.passed if t == target and (i, t) not in self.damaged]
+        return max(ids, key=id_sort_key) if ids else None
+
+
+def checks(state_dir: Path) -> Checks:
+    """The recorded checks of every copy (an empty record when there is no state yet)."""
+    damaged = {(str(i), str(t)): Damage(str(d.get("at")), str(d.get("why")))
+               for i, targets in _read(state_dir / DAMAGED).items() if isinstance(targets, dict)
+               for t, d in targets.items() if isinstance(d, dict)}
+    passed = {(str(i), str(t)): str(when) for i, targets in verified(state_dir).items()
+              if isinstance(targets, dict) for t, when in targets.items()}
+    return Checks(damaged, passed)
+
+
+def record_drill(state_dir: Path, result: dict[str, Any], damage: str | None = None) -> None:
+    """Append a drill result (``DrillResult.to_dict()``); the newest ``KEEP_DRILLS`` are kept.
+
+    A passed drill counts as a verification; ``damage`` (why the copy did not restore) marks
+    the copy damaged.
+    """
     _append(state_dir / DRILLS, "drills", result, KEEP_DRILLS)
+    copy = str(result["backup_id"]), str(result["target"])
     if result.get("ok"):
-        record_verified(state_dir, str(result["backup_id"]), str(result["target"]))
+        record_verified(state_dir, *copy)
+    elif damage is not None:
+        record_damaged(state_dir, *copy, damage)
 
 
 def drills(state_dir: Path) -> list[dict[str, Any]]:

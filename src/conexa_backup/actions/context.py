@@ -112,13 +112,14 @@ class Context:
         """:func:`catalog.scan` with the manifest cache in ``state_dir/cache``.
 
         ``fresh`` reads every manifest from its target: what restore, verify and drills
-        prove must be what is stored now, not what this host saw before.
+        prove must be what is stored now, not what this host saw before. Each copy carries
+        what verifies, drills and restores found (``state_dir/damaged.json``).
         """
         # Manifests cached before signatures were required were never checked: separate cache.
         name = "manifests-signed" if self.config.signing.public_key_file else "manifests"
         cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / name)
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
-                    cache=cache, verifier=self.verifier)
+                    cache=cache, verifier=self.verifier, state_dir=self.config.state_dir)
 
     def resolve(self, ref: str, source: str | None = None) -> Backup:
         """The complete backup ``ref`` names (an id or ``latest``), its manifests re-read from

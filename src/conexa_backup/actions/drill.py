@@ -38,6 +38,7 @@ from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_drill
 
 log = logging.getLogger(__name__)
+RTO_STEP = "recovery time"
 
 
 @dataclass
@@ -60,6 +61,16 @@ class DrillResult:
     @property
     def ok(self) -> bool:
         return bool(self.steps) and all(s.ok for s in self.steps)
+
+    @property
+    def damage(self) -> str | None:
+        """Why the copy did not restore (its failed steps), or None if it did. A recovery
+        that was only slower than the RTO restored everything: the copy is not damaged."""
+        failed = [s for s in self.steps if not s.ok and s.name != RTO_STEP]
+        if not failed:
+            return None
+        return "drill: " + "; ".join(f"{s.name}: {(s.detail.strip() or '?').splitlines()[0]}"
+                                     for s in failed)
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -218,7 +229,7 @@ def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:
                 part(d)
         d.result.recovery_seconds = round(time.monotonic() - t0, 3)
         objective = d.result.rto_objective_seconds
-        d.step("recovery time", lambda: _check_rto(d.result.recovery_seconds, objective),
+        d.step(RTO_STEP, lambda: _check_rto(d.result.recovery_seconds, objective),
                critical=False)
     finally:
         d.cleanup()
@@ -254,7 +265,7 @@ def record(ctx: Context, results: list[DrillResult]) -> None:
     """Keep drill results in ``state_dir/drills.json`` and as ``drill.json`` beside the copy."""
     for result in results:
         data = result.to_dict()
-        record_drill(ctx.config.state_dir, data)
+        record_drill(ctx.config.state_dir, data, result.damage)
         target = next(t for t in ctx.targets() if t.name == result.target)
         try:
             upload = target.writer(f"{result.backup_id}/drill.json")

@@ -99,6 +99,7 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
         try:
             return attempt(copy, copy.manifest)
         except (IntegrityError, StorageError) as exc:  # this copy is bad: try the next one
+            copy.seen_bad(exc)  # status, list and prune must know, not only this run's log
             where = f"target {copy.target.name!r}"
             problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
         log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,

@@ -19,7 +19,7 @@ from conexa_backup.catalog import Backup, Copy, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
-from conexa_backup.state import record_verified
+from conexa_backup.state import forget_copies, record_damaged, record_verified
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
             check = _verify_copy(copy, backup.id)
             if check.ok:  # the newest verified backup is protected from pruning
                 record_verified(ctx.state_dir(), backup.id, copy.target.name)
+            elif copy.manifest is not None:  # damaged until a later verify or drill passes
+                record_damaged(ctx.state_dir(), backup.id, copy.target.name,
+                               "verify: " + "; ".join(check.problems))
             results.append(check)
     for name, error in unreachable.items():  # a copy we cannot read is not a verified copy
         results.append(CopyCheck("-", name, ok=False, problems=[error]))
@@ -144,6 +147,7 @@ def delete(ctx: Context, backup_id: str, target_names: Sequence[str] | None = No
     done = []
     for copy in backups[0].copies:
         delete_copy(copy, backup_id)
+        forget_copies(ctx.config.state_dir, [(backup_id, copy.target.name)])
         done.append(copy.target.name)
     log.info("deleted backup %s from %s", backup_id, ", ".join(done))
     return done

@@ -1,10 +1,11 @@
 """``status`` (Nagios-style health), the Prometheus textfile, and the periodic ``report``.
 
 Status levels follow the Nagios plugin convention so ``status`` plugs into existing monitoring:
-OK (0); WARNING (1): no successful drill within ``max_drill_age``, or the last backup run
-failed or was partial while copies are still fresh; CRITICAL (2): a target's newest complete
-backup is older than ``max_backup_age`` (or there is none); UNKNOWN (3): the state cannot be
-read (bad config, a target that cannot be listed).
+OK (0); WARNING (1): no successful drill within ``max_drill_age``, a copy on a target is
+damaged (found bad by a verify, drill or restore, see ``Copy.state``), or the last backup run
+failed or was partial while copies are still fresh; CRITICAL (2): a target's newest *good*
+backup (complete, not damaged) is older than ``max_backup_age`` (or there is none); UNKNOWN (3):
+the state cannot be read (bad config, a target that cannot be listed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
-from conexa_backup.state import atomic_write, drills, runs
+from conexa_backup.state import atomic_write, checks, drills, runs
 
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 # How bad, to combine targets: a target with no backup (CRITICAL) must not hide behind
@@ -40,6 +41,7 @@ class TargetHealth:
     newest_drill: dict[str, Any] | None = None
     drill_age_seconds: float | None = None
     problems: list[str] = field(default_factory=list)
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # see damaged_copies
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Health:
     last_run: dict[str, Any] | None
     summary: str
     incomplete: int = 0
-    last: Backup | None = None  # the newest complete backup anywhere
+    last: Backup | None = None  # the newest backup with a good copy anywhere
     age_seconds: float | None = None
     last_drill: dict[str, Any] | None = None
 
@@ -65,21 +67,38 @@ def _parse_time(text: object) -> datetime | None:
         return None
 
 
+def damaged_copies(backups: Sequence[Backup], target: str | None = None) -> list[dict[str, Any]]:
+    """Every damaged copy (on ``target``, or anywhere), newest first: id, target, when, why."""
+    found = []
+    for b in reversed(backups):
+        for c in b.copies:
+            why = c.why_damaged
+            if why is not None and target in (None, c.target.name):
+                found.append({"id": b.id, "target": c.target.name, "at": why[0], "why": why[1]})
+    return found
+
+
 def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
                    now: datetime) -> TargetHealth:
     mon = ctx.config.monitoring
-    health = TargetHealth(name, 0)
-    complete = [b for b in backups for c in b.complete_copies if c.target.name == name]
-    if complete and complete[-1].manifest is not None:
-        health.newest_backup = complete[-1].id
-        health.backup_age_seconds = (now - complete[-1].manifest.finished_at).total_seconds()
+    health = TargetHealth(name, 0, damaged=damaged_copies(backups, name))
+    good = [(b, c.manifest) for b in backups for c in b.good_copies if c.target.name == name]
+    if good and good[-1][1] is not None:
+        health.newest_backup = good[-1][0].id
+        health.backup_age_seconds = (now - good[-1][1].finished_at).total_seconds()
+    for d in health.damaged:  # a bad copy is worth a look even while a good one is fresh
+        health.level = 1
+        since = f" since {d['at'][:16].replace('T', ' ')}" if d["at"] else ""
+        health.problems.append(f"{d['id']} damaged{since}: {d['why']}")
     max_age = parse_duration(mon.max_backup_age)
+    good_ = "good" if health.damaged else "complete"  # say "good" where some are not
     if health.backup_age_seconds is None:
         health.level = 2
-        health.problems.append("no complete backup")
+        health.problems.append(f"no {good_} backup")
     elif health.backup_age_seconds > max_age.total_seconds():
         health.level = 2
-        health.problems.append(f"newest backup older than {mon.max_backup_age}")
+        health.problems.append(f"newest {'good ' if health.damaged else ''}backup older than "
+                               f"{mon.max_backup_age}")
     passed = [d for d in drills(ctx.config.state_dir) if d.get("target") == name and d.get("ok")]
     when = _parse_time(passed[-1].get("started_at")) if passed else None
     if passed and when is not None:
@@ -111,8 +130,8 @@ def health(ctx: Context, now: datetime | None = None) -> Health:
     if last is not None and last.get("outcome") in ("failure", "partial"):
         problems.append(f"last backup run: {last.get('outcome')}")
     summary = "; ".join(problems) if problems else _ok_summary(targets)
-    complete = [b for b in backups if b.complete_copies and b.manifest is not None]
-    newest = complete[-1] if complete else None
+    good = [b for b in backups if b.good_copies and b.manifest is not None]
+    newest = good[-1] if good else None
     age = (now - newest.manifest.finished_at).total_seconds() \
         if newest is not None and newest.manifest is not None else None
     recorded = drills(ctx.config.state_dir)
@@ -188,6 +207,13 @@ def metrics_text(ctx: Context) -> str:
     gauge("drill_last_timestamp_seconds", "Start of the last drill, by target.",
           [(f'{{target="{t}"}}', (_parse_time(d.get("started_at")) or datetime.now(UTC))
             .timestamp()) for t, d in newest.items()])
+    # From the record of copies seen bad (no listing: this runs after every run, also when a
+    # target is down); a copy leaves it when a verify or drill passes or it is deleted.
+    damaged = checks(ctx.config.state_dir).damaged
+    gauge("target_damaged_copies", "Copies found bad by a verify, drill or restore and not "
+          "verified since (alert on > 0).",
+          [(f'{{target="{t.name}"}}', float(sum(1 for _, where in damaged if where == t.name)))
+           for t in ctx.config.targets])
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +279,7 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
                        recovery), "max": max(recovery)} if recovery else None},
         "rto": {"objective_seconds": rto, "met": bool(recovery) and max(recovery) <= rto},
         "storage": storage,
+        "damaged": damaged_copies(catalog),
         "monthly_cost": round(sum(costs), 2) if costs else None,
         "currency": mon.currency,
     }

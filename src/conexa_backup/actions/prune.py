@@ -17,7 +17,7 @@ from conexa_backup.actions.inspect import delete_copy
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError
 from conexa_backup.retention import Candidate, Decision, plan
-from conexa_backup.state import newest_verified
+from conexa_backup.state import checks, forget_copies
 from conexa_backup.storage.base import Target
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate],
             if not copy.owned_keys(backup.id):
                 continue  # only files we did not write: not a backup, nothing of ours to do
             kind = copy.manifest.kind if copy.manifest is not None else "scheduled"
-            cands.append(Candidate(backup.id, copy.complete, kind))
+            cands.append(Candidate(backup.id, copy.complete, kind, copy.state == "damaged"))
             copies[backup.id] = copy
     return cands, copies
 
@@ -62,7 +62,9 @@ def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now
     result = TargetPrune(target.name)
     policy = ctx.config.retention_for(target.name).policy()
     cands, copies = candidates(backups, target.name)
-    protected = [p for p in [newest_verified(ctx.config.state_dir)] if p]
+    # Per target: the newest copy *here* that passed a verify or drill (and was not found
+    # damaged since) is the one a restore from this target can count on.
+    protected = [p for p in [checks(ctx.config.state_dir).newest_passed(target.name)] if p]
     result.decisions = plan(cands, policy, now, protected)
     damaged = [b.id for b in backups for c in b.copies
                if c.target.name == target.name and c.problem is not None]
@@ -75,6 +77,7 @@ def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now
             continue
         try:
             delete_copy(copies[decision.id], decision.id)
+            forget_copies(ctx.config.state_dir, [(decision.id, target.name)])
             result.deleted.append(decision.id)
             log.info("pruned %s from %s (%s)", decision.id, target.name, decision.reason)
         except ConexaError as exc:
