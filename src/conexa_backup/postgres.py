@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,10 +193,22 @@ ORDER BY 1, 2
 """
 
 
-def row_counts(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    """Exact row count of every user table, keyed ``schema.table`` (names unquoted)."""
+class Stopped(Exception):
+    """Counting was asked to stop (see :func:`row_counts`)."""
+
+
+def row_counts(conn: psycopg.Connection[Any], stop: threading.Event | None = None
+               ) -> dict[str, int]:
+    """Exact row count of every user table, keyed ``schema.table`` (names unquoted).
+
+    Raises:
+        Stopped: ``stop`` was set (checked before each query: a cancel sent from another
+            thread between two queries would otherwise cancel nothing).
+    """
     counts: dict[str, int] = {}
     for schema, table in conn.execute(_TABLES).fetchall():
+        if stop is not None and stop.is_set():
+            raise Stopped("row counts stopped")
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(
             sql.Identifier(schema), sql.Identifier(table)
         )
