@@ -1,8 +1,8 @@
 """``python -m conexa_backup`` and the ``conexa-backup`` command.
 
 This module stays light: the signal handlers go in before the program's imports (about half
-a second), which run with SIGINT/SIGTERM held (see :mod:`conexa_backup.signals`), so a signal
-during start-up exits 143/130 with the usual message.
+a second), which run with SIGINT/SIGTERM held (:func:`conexa_backup.signals.held`), so a
+signal during start-up exits 143/130 with the usual message.
 """
 
 import sys
@@ -14,7 +14,7 @@ def main() -> None:
     """Console-script entry point."""
     try:
         signals.install()
-        with signals.deferred():
+        with signals.held():
             from conexa_backup.cli import main as cli_main
     except KeyboardInterrupt as exc:  # nothing started yet: nothing to clean up
         how = f" by {exc.args[0]}" if exc.args else ""

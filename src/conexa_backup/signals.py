@@ -1,15 +1,16 @@
 """SIGINT and SIGTERM: a run stops the way it stops on an error, and exits 130 or 143.
 
 The handler raises :class:`Interrupted` in the main thread, so every ``finally`` runs and
-partial files, children and throwaway databases are removed on the way out. Two places
-would lose that exception, and the run would carry on to its end as if no signal had come
-(on a large database: minutes):
+partial files, children and throwaway databases are removed on the way out. Python raises
+it between any two bytecodes, so code that must not be cut there runs inside :func:`held`
+(see there: ``threading``'s locks). Two places would lose the exception, and the run would
+carry on to its end as if no signal had come (on a large database: minutes):
 
 - code that cannot propagate it: a ``__del__``, a weakref or gc callback, where Python prints
   "Exception ignored" and moves on. :func:`install` hooks ``sys.unraisablehook`` so that a
   lost :class:`Interrupted` is raised again at the next place that can propagate it;
 - import-time machinery (class creation, pydantic's descriptors) that wraps it in another
-  error: ``__main__`` imports the program inside :func:`deferred`.
+  error: ``__main__`` imports the program inside :func:`held`.
 
 A signal during start-up thus ends the run like one later: one ``error: interrupted`` line
 and 128 + the signal's number, what shells and cron wrappers expect.
@@ -86,29 +87,18 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends; one that came meanwhile is raised as the
-    block ends. Elsewhere than in the main thread (which alone receives them), does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-@contextlib.contextmanager
 def held() -> Iterator[None]:
     """Raise a SIGINT/SIGTERM that arrives inside the block only as the block ends.
 
-    For the main thread's calls into ``threading`` (a queue's ``put``, ``Thread.start``):
-    ``Condition.wait`` interrupted while it takes its lock back leaves that lock released
-    although another thread holds it; the queue then loses a wake-up, its consumer waits
-    forever and so does the run that joins it (seen: a SIGTERM half a second into a backup,
-    and the process still there minutes later). Blocks held must end by themselves soon (a
-    ``put`` with a timeout). Elsewhere than in the main thread, does nothing.
+    Unlike blocking the signal (``pthread_sigmask``), this holds it whichever thread the
+    kernel hands it to. Used for the main thread's calls into ``threading`` (a queue's
+    ``put``, ``Thread.start``): ``Condition.wait`` interrupted while it takes its lock back
+    leaves that lock released although another thread holds it; the queue then loses a
+    wake-up, its consumer waits forever and so does the run that joins it (seen: a SIGTERM
+    half a second into a backup, the process still there minutes later). Also for "start
+    something, then enter the ``try`` that stops it" steps. Blocks held must end by
+    themselves soon (a ``put`` with a timeout). Elsewhere than in the main thread, does
+    nothing.
     """
     global _held, _pending
     if threading.current_thread() is not threading.main_thread():
