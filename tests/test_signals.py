@@ -257,6 +257,86 @@ def test_a_signal_raised_where_python_cannot_propagate_it_is_raised_again() -> N
     assert result.stdout.strip() == "stopped by SIGTERM", result.stderr
 
 
+# The hang, step by step: a thread-directed SIGTERM lands while the main thread, woken from a
+# full queue's Condition.wait, waits to take the queue's lock back; the consumer holds it.
+QUEUE_LOCK_RACE = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from conexa_backup import signals
+from conexa_backup.pipeline import ThreadedSink
+
+signals.install()
+release = threading.Event()
+
+
+class Stuck:
+    def write(self, data):
+        release.wait()
+
+
+def until(predicate):
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+main = threading.main_thread()
+sink = ThreadedSink(Stuck(), "stuck", 1)
+sink.write(b"taken")  # its thread takes it and stays in Stuck.write
+until(lambda: sink._queue.qsize() == 0)
+sink.write(b"queued")  # the queue (depth 1) is full now
+report = {}
+
+
+def where():
+    frame = sys._current_frames().get(main.ident)
+    return frame.f_code.co_name if frame else ""
+
+
+def blocked():
+    return Path(f"/proc/self/task/{main.native_id}/stat").read_text().split(") ")[1][0] == "S"
+
+
+def meddle():
+    q = sink._queue
+    until(lambda: where() == "wait" and blocked())  # the main thread waits for room
+    with q.mutex:
+        q.queue.popleft()  # what a get() does, under the queue's lock
+        q.not_full.notify()
+        until(lambda: where() == "_acquire_restore" and blocked())  # it wants the lock back
+        signal.pthread_kill(main.ident, signal.SIGTERM)
+        until(lambda: where() != "_acquire_restore" or signals._pending)
+        report["lock still ours"] = q.mutex.locked()
+    release.set()
+
+
+helper = threading.Thread(target=meddle)
+helper.start()
+try:
+    sink.write(b"third")
+    report["write"] = "returned"
+except KeyboardInterrupt as exc:
+    report["write"] = f"interrupted by {exc.args[0]}"
+helper.join()
+done = threading.Thread(target=sink.abandon, daemon=True)
+done.start()
+done.join(5)
+report["abandon"] = "hangs" if done.is_alive() else "returned"
+print(report, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_signal_while_a_queue_put_retakes_its_lock_leaves_the_queue_working() -> None:
+    """Before: the interrupted put released the lock the other thread held, the queue lost a
+    wake-up and ``abandon`` (joining the thread) hung forever. Each step waits on a state of
+    the main thread (its Python frame, and "sleeping" in /proc), so this is deterministic."""
+    result = _python(QUEUE_LOCK_RACE)
+    assert result.stdout.strip() == ("{'lock still ours': True, 'write': 'interrupted by "
+                                     "SIGTERM', 'abandon': 'returned'}"), result.stderr
+
+
 def test_a_signal_inside_held_is_raised_as_the_block_ends() -> None:
     result = _python(
         "import os, signal\n"
