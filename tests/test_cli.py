@@ -43,8 +43,93 @@ def test_every_command_has_help_and_is_in_the_readme(name: str) -> None:
 def test_readme_documents_every_exit_code() -> None:
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## Exit codes"):]
-    for code in range(5):
+    for code in [*range(5), 130, 143]:
         assert f"| {code} |" in section
+
+
+def _help(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_global_options_are_accepted_after_every_command(name: str) -> None:
+    """Parsed, not refused with "No such option" (``--help`` then stops before any work)."""
+    for options in (["--config", "x.toml"], ["-c", "x.toml"], ["--verbose", "-q"],
+                    ["-v", "--quiet"]):
+        assert "Usage" in _help(name, *options), options
+
+
+@pytest.mark.parametrize("name", ["", *sorted(_commands())])
+def test_help_shows_flags_bare_and_lists_as_repeatable(name: str) -> None:
+    text = _help(*([name] if name else []))
+    assert "<bool>" not in text and "list[" not in text
+    group = typer.main.get_command(app)
+    command = group.commands[name] if name else group  # type: ignore[attr-defined]
+    for param in command.params:
+        if getattr(param, "multiple", False):
+            row = next(line for line in text.splitlines() if param.opts[0] in line)
+            assert "(repeatable)" in row, row
+
+
+def test_global_options_after_the_command_take_effect(ws: Workspace, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    argv = [sys.executable, "-m", "conexa_backup"]
+    made = subprocess.run([*argv, "backup", "--config", str(ws.config), "--quiet"],
+                          capture_output=True, text=True, cwd=elsewhere, check=False)
+    assert made.returncode == 0 and made.stdout == "", made.stderr  # --quiet after: honoured
+    listed = subprocess.run([*argv, "list", "--json", "-c", str(ws.config)],
+                            capture_output=True, text=True, cwd=elsewhere, check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 1
+    # Given before and after the name, the later one wins.
+    wrong = ws.run("list", "--config", str(tmp_path / "missing.toml"))
+    assert wrong.returncode == 2 and "missing.toml" in wrong.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["restore", "--only", "database", "--to-database", "x", "--yes"],
+    ["download", "latest", "--to", "dl"],
+    ["verify", "--drill"],
+])
+def test_commands_reading_one_copy_take_target_as_well_as_from(ws: Workspace,
+                                                               argv: list[str]) -> None:
+    by_from = ws.run(*argv, "--from", "nosuch")
+    by_target = ws.run(*argv, "--target", "nosuch")
+    assert by_from.returncode == by_target.returncode == 2, by_target.stderr
+    assert "unknown target 'nosuch'" in by_target.stderr
+    assert by_target.stderr == by_from.stderr
+
+
+def test_drill_takes_one_target(ws: Workspace) -> None:
+    both = ws.run("verify", "--drill", "--from", "local", "--target", "other")
+    assert both.returncode == 2 and "one target" in both.stderr
+
+
+def test_check_says_which_environment_variables_override_the_file(ws: Workspace) -> None:
+    plain = ws.run("check")
+    assert plain.returncode == 0, plain.stdout
+    assert "environment" not in plain.stdout
+    url = ws.cluster.url(ws.dbname)
+    env = {"DATABASE_URL": url, "BACKUP_RETENTION_DAYS": "9"}
+    overridden = ws.run("check", env=env)
+    assert overridden.returncode == 0, overridden.stdout
+    lines = [line for line in overridden.stdout.splitlines() if "environment:" in line]
+    assert len(lines) == 2, overridden.stdout
+    assert f"DATABASE_URL overrides [database] url of {ws.config}" in lines[0]
+    assert 'BACKUP_RETENTION_DAYS sets [retention] keep_within = "9d"' in lines[1]
+    assert "postgresql://" not in overridden.stdout  # nor is the URL (it may hold a password)
+    checks = json.loads(ws.run("check", "--json", env=env).stdout)["checks"]
+    assert [c["name"] for c in checks[:2]] == ["environment", "environment"]
+
+
+def test_status_never_says_never_ago(ws: Workspace) -> None:
+    result = ws.run("status")
+    assert result.returncode == 2, result.stdout  # CRITICAL: no backup yet
+    assert "never ago" not in result.stdout
+    assert "(never)" in result.stdout and "last good drill never" in result.stdout
 
 
 def test_module_entry_point_and_version() -> None:

@@ -1,13 +1,15 @@
 """The command line: parse, load config, call one action, render; map errors to exit codes.
 
 Exit codes (README, "Exit codes"): 0 success, 1 failure, 2 usage or configuration error,
-3 partial success, 4 another run holds the lock. :func:`_guard` is the only place that turns
-exceptions into codes; tracebacks are shown only with ``--verbose``.
+3 partial success, 4 another run holds the lock, 130/143 stopped by SIGINT/SIGTERM.
+:func:`_guard` is the only place that turns exceptions into codes; tracebacks are shown only
+with ``--verbose``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import signal
 import sys
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from conexa_backup import __version__, events, render
+from conexa_backup import __version__, events, render, signals
 from conexa_backup.actions import inspect, journal, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
@@ -41,7 +44,64 @@ from conexa_backup.state import last_drills, record_run, sweep_stale
 
 T = TypeVar("T")
 
+GLOBAL_OPTIONS = ("config", "verbose", "quiet")  # also accepted after the command's name
+
+
+class _Group(typer.core.TyperGroup):
+    """The command group, with two changes made once for every command:
+
+    - the global options (:data:`GLOBAL_OPTIONS`) are accepted after the command's name too
+      (``conexa-backup list --config X``); given in both places, the later one wins;
+    - help shows no value placeholder for a flag, and marks list options as repeatable.
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        shared = [p for p in self.params if p.name in GLOBAL_OPTIONS]
+        for command in self.commands.values():
+            for param in shared:
+                again = copy.copy(param)
+                again.expose_value = False  # the command's function does not take it
+                again.callback = _global_option_given
+                command.params.append(again)
+        for param in [*self.params, *(p for c in self.commands.values() for p in c.params)]:
+            _plain_metavar(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        """``--help``, made on first use (hence not in ``__init__``), shown like any flag."""
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_metavar(option)
+        return option
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_metavar(command.get_help_option(ctx))
+        return command
+
+
+def _plain_metavar(param: Any) -> None:
+    """``--json`` rather than ``--json <bool>``; ``--target <str> (repeatable)`` rather
+    than ``<list[str]>``."""
+    if param is None:
+        return
+    if getattr(param, "is_flag", False):
+        param.metavar = ""
+    elif getattr(param, "multiple", False) and param.metavar is None:
+        item = param.bare_type().removeprefix("list[").removesuffix("]")
+        param.metavar = f"<{item}> (repeatable)"
+
+
+def _global_option_given(ctx: Any, param: Any, value: Any) -> None:
+    """A global option given after the command's name: apply it (default values, meaning
+    "not given here", leave what the options before the name set)."""
+    if value:
+        _apply_globals(**{param.name: value})
+
+
 app = typer.Typer(
+    cls=_Group,
     name="conexa-backup",
     help="Backups of the Conexa PostgreSQL database and uploads folder that you can restore.",
     no_args_is_help=True,
@@ -68,7 +128,7 @@ STATE = State()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TargetOpt = Annotated[
     list[str] | None,
-    typer.Option("--target", "-t", help="Only this target (repeatable)."),
+    typer.Option("--target", "-t", help="Only this target."),
 ]
 RefArg = Annotated[str, typer.Argument(help="Backup id, or 'latest'.")]
 
@@ -96,13 +156,17 @@ def _guard(fn: Callable[[], T]) -> T:
         hint = f" ({exc.hint})" if exc.hint else ""
         _fail(f"{exc}{hint}", exc.exit_code)
     except KeyboardInterrupt as exc:
-        how = f" by {exc.args[0]}" if exc.args else ""
-        _fail(f"interrupted{how}; partial work was removed", ExitCode.FAILURE)
+        _interrupted(exc)
     except Exception as exc:  # a bug: say so, briefly, unless asked for details
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         _fail(f"unexpected {type(exc).__name__}: {exc} (a bug; run with --verbose for details)",
               ExitCode.FAILURE)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    how = f" by {exc.args[0]}" if exc.args else ""
+    _fail(f"interrupted{how}; partial work was removed", signals.exit_code(exc))
 
 
 def _context(reporter: Reporter | None = None) -> Context:
@@ -216,9 +280,21 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Show the version and exit.")] = False,
 ) -> None:
-    STATE.config_path, STATE.verbose, STATE.quiet = config, verbose, quiet
+    STATE.config_path, STATE.verbose, STATE.quiet = None, False, False
     STATE.secrets = []
-    if verbose:
+    _apply_globals(config=config, verbose=verbose, quiet=quiet)
+
+
+def _apply_globals(config: Path | None = None, verbose: bool = False,
+                   quiet: bool = False) -> None:
+    """Set what the global options ask for; an option not given (None, False) changes
+    nothing."""
+    if config is not None:
+        STATE.config_path = config
+    if quiet:
+        STATE.quiet = True
+    if verbose and not STATE.verbose:  # one stderr handler, however often -v is given
+        STATE.verbose = True
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger(LOGGER)
@@ -290,7 +366,8 @@ def restore(
     only: Annotated[str | None, typer.Option(help="Restore only 'database' or 'uploads'.")] = None,
     no_safety_backup: Annotated[bool, typer.Option(
         "--no-safety-backup", help="Skip the backup of the live state taken first.")] = False,
-    source: Annotated[str | None, typer.Option("--from", help="Read from this target.")] = None,
+    source: Annotated[str | None, typer.Option(
+        "--from", "--target", help="Read from this target.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore database and uploads: proven in a fresh copy first, then swapped in."""
@@ -322,7 +399,8 @@ def verify(
         "--drill", help="Restore into a throwaway database and folder and prove it complete, "
         "within the RTO.")] = False,
     source: Annotated[str | None, typer.Option(
-        "--from", help="With --drill: the target whose copy to drill.")] = None,
+        "--from", help="With --drill: the target whose copy to drill (--target works "
+        "too).")] = None,
     all_targets: Annotated[bool, typer.Option(
         "--all-targets", help="With --drill: drill the copy on every target.")] = False,
     junit: Annotated[Path | None, typer.Option(
@@ -332,7 +410,7 @@ def verify(
     """Re-read every stored artifact and check it; with --drill, prove the backup restores."""
     def act() -> None:
         if drill:
-            _drill(ref, source, all_targets, junit, as_json)
+            _drill(ref, _drill_source(source, target), all_targets, junit, as_json)
             return
         if source or all_targets or junit:
             raise UsageError("--from, --all-targets and --junit go with --drill")
@@ -348,6 +426,15 @@ def verify(
         if not checks or not all(c.ok for c in checks):
             raise typer.Exit(int(ExitCode.FAILURE))
     _guard(act)
+
+
+def _drill_source(source: str | None, targets: list[str] | None) -> str | None:
+    """With --drill, ``--target NAME`` says what ``--from NAME`` says (one target)."""
+    names = [*([source] if source else []), *(targets or [])]
+    if len(set(names)) > 1:
+        raise UsageError("--drill takes one target (--from or --target); "
+                         "--all-targets drills every one")
+    return names[0] if names else None
 
 
 def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
@@ -534,12 +621,6 @@ def check(as_json: JsonOpt = False) -> None:
     _guard(act)
 
 
-def _on_signal(signum: int, frame: object) -> None:
-    # SIGTERM (systemd, `timeout`, a CI runner) takes the same path as Ctrl-C: every
-    # ``finally`` runs, so partial files and throwaway databases are removed on the way out.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _tune_malloc() -> None:
     """Keep peak RSS flat on glibc (elsewhere a no-op; measured in docs/benchmarks.md).
 
@@ -559,11 +640,26 @@ def _tune_malloc() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Run the command line (``__main__.main`` installs the signal handlers first)."""
+    signals.install()
     _tune_malloc()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     # We take read leases on pg_dump's finished files (archive.move_file); a writer opening
     # one meanwhile would send SIGIO, whose default action is to kill us.
     signal.signal(signal.SIGIO, signal.SIG_IGN)
-    app()
+    try:
+        app()
+    except KeyboardInterrupt as exc:  # while Typer builds the command line
+        _exit_interrupted(exc)
+    except SystemExit as done:
+        # While Typer parses the command line, it turns a signal into a silent exit 130.
+        stopped = getattr(done.__context__, "__cause__", None)
+        if isinstance(stopped, KeyboardInterrupt):
+            _exit_interrupted(stopped)
+        raise
+
+
+def _exit_interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    """A signal outside any action (nothing to clean up): the same line and code as inside."""
+    with contextlib.suppress(typer.Exit):
+        _interrupted(exc)
+    raise SystemExit(signals.exit_code(exc)) from None

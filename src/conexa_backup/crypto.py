@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from conexa_backup import signals
 from conexa_backup.errors import ConfigError, IntegrityError
 from conexa_backup.pipeline import Gather, Sink
 
@@ -89,7 +90,7 @@ class Encryptor:
                 reader.close()
 
         self._thread = threading.Thread(target=run, name="age-encrypt", daemon=True)
-        self._thread.start()
+        signals.start(self._thread)
 
     def _raise(self) -> None:
         if self._error is not None:

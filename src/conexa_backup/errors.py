@@ -18,6 +18,8 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad command line or configuration
     PARTIAL = 3  # some copies failed, at least one is complete
     LOCKED = 4  # another run holds the lock
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as a shell reports it
+    TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 def first_line(exc: BaseException) -> str:

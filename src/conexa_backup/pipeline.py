@@ -8,6 +8,7 @@ buffers; Python only moves references to 1 MiB chunks.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -19,6 +20,7 @@ from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
+from conexa_backup import signals
 from conexa_backup.config import CompressionConfig
 from conexa_backup.errors import IntegrityError
 
@@ -141,6 +143,7 @@ class Gather:
 
 
 _END = object()
+PUT_TRY_SECONDS = 0.2  # how late a signal may be raised while the queue is full
 
 
 class ThreadedSink:
@@ -158,7 +161,7 @@ class ThreadedSink:
         self._error: BaseException | None = None
         self._dropping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        signals.start(self._thread)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not _END:
@@ -171,13 +174,22 @@ class ThreadedSink:
     def write(self, data: bytes) -> int:
         if self._error is not None:
             raise self._error
-        self._queue.put(data)
+        self._put(data)
         return len(data)
 
+    def _put(self, item: object) -> None:
+        """Queue ``item``, waiting for room. A signal meanwhile is raised between two tries,
+        never inside the queue's own locking, which it would break (see signals.held)."""
+        while True:
+            with signals.held(), contextlib.suppress(queue.Full):
+                self._queue.put(item, timeout=PUT_TRY_SECONDS)
+                return
+
     def stop(self) -> None:
-        """Let the thread write what is queued, then end it; never raises."""
+        """Let the thread write what is queued, then end it; never raises but a signal's
+        :class:`~conexa_backup.signals.Interrupted`."""
         if self._thread.is_alive():
-            self._queue.put(_END)
+            self._put(_END)
             self._thread.join()
 
     def abandon(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -201,18 +202,29 @@ class TableLockTimeout(Exception):
         self.table = table
 
 
-def row_counts(conn: psycopg.Connection[Any], lock_wait: timedelta | None = None
-               ) -> dict[str, int]:
+class Stopped(Exception):
+    """Counting was asked to stop (see :func:`row_counts`)."""
+
+
+def row_counts(conn: psycopg.Connection[Any], lock_wait: timedelta | None = None,
+               stop: threading.Event | None = None) -> dict[str, int]:
     """Exact row count of every user table, keyed ``schema.table`` (names unquoted).
 
     ``conn`` is in a transaction; with ``lock_wait``, a table whose lock takes longer than
     that raises :class:`TableLockTimeout` (else the count waits behind, say, a migration's
     ACCESS EXCLUSIVE lock for as long as it is held).
+
+    Raises:
+        TableLockTimeout: see above.
+        Stopped: ``stop`` was set (checked before each query: a cancel sent from another
+            thread between two queries would otherwise cancel nothing).
     """
     if lock_wait is not None:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{_ms(lock_wait)}ms",))
     counts: dict[str, int] = {}
     for schema, table in conn.execute(_TABLES).fetchall():
+        if stop is not None and stop.is_set():
+            raise Stopped("row counts stopped")
         name = sql.Identifier(schema, table)
         try:
             # In a savepoint: an error must not end the transaction, whose exported snapshot

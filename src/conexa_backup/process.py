@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
+from conexa_backup import signals
 from conexa_backup.errors import ProcessError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _StderrTail:
         self._pattern = pattern
         self.matches: queue.SimpleQueue[re.Match[str] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, args=(stream, name), daemon=True)
-        self._thread.start()
+        signals.start(self._thread)
 
     def _drain(self, stream: IO[bytes], name: str) -> None:
         try:
@@ -101,11 +102,14 @@ def run(
         if stdout_path is not None:
             fd = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             out = stack.enter_context(os.fdopen(fd, "wb"))
-        proc = _popen(argv, env, label, out)
+        proc: subprocess.Popen[bytes] | None = None
         try:
+            with signals.held():  # see _started
+                proc = _popen(argv, env, label, out)
             stdout, stderr = proc.communicate()
         except BaseException:  # Ctrl-C, SIGTERM: take its workers down too
-            _kill_group(proc)
+            if proc is not None:
+                _kill_group(proc)
             raise
     if proc.returncode != 0:
         tail = "\n".join(stderr.decode("utf-8", "replace").splitlines()[-STDERR_TAIL_LINES:])
@@ -203,15 +207,19 @@ def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | Non
              stdout: int, pattern: re.Pattern[str] | None) -> Iterator[Running]:
     label = what or os.path.basename(argv[0])
     log.info("running %s", format_argv(argv))
-    proc = _popen(argv, env, label, stdout)
-    assert proc.stderr is not None
-    tail = _StderrTail(proc.stderr, label, pattern)
-    running = Running(proc, label, tail)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        yield running
+        # Started and watched, or not started: a signal in between would leave the child
+        # running unseen (it is raised at the end of this block, where the except sees it).
+        with signals.held():
+            proc = _popen(argv, env, label, stdout)
+            assert proc.stderr is not None
+            tail = _StderrTail(proc.stderr, label, pattern)
+        yield Running(proc, label, tail)
     except BaseException:
-        _kill_group(proc)
+        if proc is not None:
+            _kill_group(proc)
         raise
     finally:
-        if proc.stdout is not None:
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()

@@ -182,14 +182,18 @@ def status_json(h: Health) -> dict[str, Any]:
     }
 
 
+def _ago(seconds: float | None) -> str:
+    """The age as "3 h ago", or "never" (not "never ago") when there is none to measure."""
+    return "never" if seconds is None else f"{human_age(seconds)} ago"
+
+
 def status_human(console: Console, h: Health) -> None:
     """A Nagios-style first line, then one line per target."""
     console.print(f"CONEXA-BACKUP {h.label} - {escape(h.summary)}", highlight=False)
     for t in h.targets:
-        age = human_age(t.backup_age_seconds) if t.backup_age_seconds is not None else "never"
-        drill = human_age(t.drill_age_seconds) if t.drill_age_seconds is not None else "never"
         console.print(f"  {t.target}: {LEVELS[t.level]}; newest backup "
-                      f"{t.newest_backup or '-'} ({age} ago); last good drill {drill} ago",
+                      f"{t.newest_backup or '-'} ({_ago(t.backup_age_seconds)}); "
+                      f"last good drill {_ago(t.drill_age_seconds)}",
                       markup=False, highlight=False)
         for d in t.damaged:
             since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from conexa_backup import __version__, archive, postgres, process
+from conexa_backup import __version__, archive, postgres, process, signals
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import TargetPrune, candidates
 from conexa_backup.actions.prune import problems as prune_problems
@@ -139,15 +139,21 @@ class _Run:
     def upload(self, filename: str, feed: Callable[[Sink], T]) -> T:
         """Write ``<id>/<filename>`` to every live target with what ``feed`` writes; targets
         that fail drop out (their error recorded); raises only when every target failed."""
-        multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
+        multi: MultiUpload | None = None
         try:
+            # Made whole before a signal is raised, so that the except below aborts every
+            # upload it began (their temporary files included).
+            with signals.held():
+                multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
             result = feed(multi)
             stored = multi.commit()
         except BaseException:
-            multi.abort()
+            if multi is not None:
+                multi.abort()
             raise
         finally:
-            self.failures.update(multi.failures)
+            if multi is not None:
+                self.failures.update(multi.failures)
         for target in stored:
             self.written.setdefault(target, []).append(multi.key)
         self.alive = [t for t in self.alive if t.name in stored]
@@ -210,10 +216,11 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
                 "database.bin_dir"
             )
         counted: dict[str, Any] = {}
+        stop = threading.Event()
 
         def count() -> None:
             try:
-                counted["rows"] = postgres.row_counts(snap.conn, _lock_wait(ctx))
+                counted["rows"] = postgres.row_counts(snap.conn, _lock_wait(ctx), stop)
                 counted["objects"] = postgres.schema_objects(snap.conn)
             except postgres.TableLockTimeout as exc:  # named now, while the lock is held
                 counted["error"] = postgres.lock_wait_error(
@@ -222,11 +229,11 @@ def _dump_database(ctx: Context, out: Sink) -> DatabaseInfo:
                 counted["error"] = exc
 
         counter = threading.Thread(target=count, name="row-counts", daemon=True)
-        counter.start()
+        signals.start(counter)
         try:
             _pg_dump(ctx, snap.id, out)
         except BaseException:
-            snap.conn.cancel_safe()  # stop counting: the connection is about to close
+            _stop_counting(counter, snap.conn, stop)  # the connection is about to close
             raise
         finally:
             counter.join()
@@ -267,6 +274,18 @@ def _pg_dump(ctx: Context, snapshot_id: str, out: Sink) -> None:
 
 def _lock_wait(ctx: Context) -> timedelta:
     return parse_duration(ctx.config.database.lock_wait_timeout)
+
+
+def _stop_counting(counter: threading.Thread, conn: Any, stop: threading.Event) -> None:
+    """Stop the row-count thread: it checks ``stop`` before each query, and the query it
+    runs is cancelled, again until the thread ends (a cancel that reaches the server just
+    before the thread's next query starts cancels nothing; on a large table that query
+    would otherwise run for minutes after the run was interrupted)."""
+    stop.set()
+    while counter.is_alive():
+        with contextlib.suppress(Exception):  # a failed cancel: the next round tries again
+            conn.cancel_safe(timeout=5)
+        counter.join(0.2)
 
 
 def _dump_custom(ctx: Context, snapshot_id: str, out: Sink) -> None:

@@ -8,18 +8,16 @@ refused). Nothing live is touched until everything restored has been proven.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from conexa_backup import signals
 from conexa_backup.actions import journal, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
@@ -132,7 +130,7 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source,
                                                      ctx.keys())
-        with _signals_deferred():  # the swap itself is never interrupted half-way
+        with signals.held():  # the swap itself is never interrupted half-way
             _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
         if restored_db is not None and result.database is None:
@@ -206,20 +204,6 @@ def _swap(ctx: Context, plan: _Plan, restored_db: str | None, staged: Path | Non
                 raise
         result.database = plan.database
     journal.end(ctx.config.state_dir)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block ends (then they are handled as usual)."""
-    signals = {signal.SIGINT, signal.SIGTERM}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _n(n: int, sep: str) -> str:

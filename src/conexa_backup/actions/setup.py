@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conexa_backup import postgres
 from conexa_backup.actions.context import Context
+from conexa_backup.config.loading import seed_env_notes
 from conexa_backup.errors import ConexaError, UsageError
 from conexa_backup.storage.base import Target
 
@@ -108,8 +109,13 @@ def _check_target(target: Target) -> str:
 
 
 def check(ctx: Context) -> list[CheckResult]:
-    """Test the database, client tools, uploads folder, state_dir and every target."""
-    results = [
+    """Test the database, client tools, uploads folder, state_dir and every target; first,
+    say which environment variables replace or add to what the file says (they win, and a
+    forgotten ``DATABASE_URL`` in cron's environment would otherwise go unseen)."""
+    notes = seed_env_notes(ctx.config_path) if ctx.config_path is not None else []
+    where = f" of {ctx.config_path}" if ctx.config_path is not None else ""
+    results = [CheckResult("environment", True, f"{note}{where}") for note in notes]
+    results += [
         _run("database", lambda: _check_database(ctx)),
         _run("client tools", lambda: _check_tools(ctx)),
         _run("uploads", lambda: _check_uploads(ctx)),

@@ -78,8 +78,9 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return ".".join(part(p) for p in path) or "(top level)"
 
 
-def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    """Honour the seed deployment's ``.env`` variables that map onto this file.
+def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Honour the seed deployment's ``.env`` variables that map onto this file; return one
+    note per variable that changed something (for ``check``; never a value that may be secret).
 
     ``DATABASE_URL`` overrides ``[database].url``; ``BACKUP_RETENTION_DAYS=N`` sets the default
     ``[retention] keep_within = "Nd"``. As in the seed (a cloud copy is enabled by
@@ -87,19 +88,24 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     when none of that type is configured; the targets read the seed's other variables
     (``AWS_REGION``, ``GCS_PROJECT_ID``, ``GCS_KEY_FILE``; AWS keys via the standard chain).
     """
+    notes: list[str] = []
     if env.get("DATABASE_URL"):
         db = data.setdefault("database", {})
         if isinstance(db, dict):
+            verb = "overrides" if "url" in db else "sets"
             db["url"] = env["DATABASE_URL"]
+            notes.append(f"DATABASE_URL {verb} [database] url")
     days = env.get("BACKUP_RETENTION_DAYS", "").strip()
     if days:
         retention = data.setdefault("retention", {})
         if isinstance(retention, dict):
+            verb = "overrides" if "keep_within" in retention else "sets"
             retention["keep_within"] = f"{days}d"
-    _seed_notifiers(data, env)
+            notes.append(f'BACKUP_RETENTION_DAYS {verb} [retention] keep_within = "{days}d"')
+    notes += _seed_notifiers(data, env)
     targets = data.get("targets")
     if not isinstance(targets, list):
-        return
+        return notes
     types = {t.get("type") for t in targets if isinstance(t, dict)
              and isinstance(t.get("type"), str)}
     names = {t.get("name") for t in targets if isinstance(t, dict)
@@ -107,17 +113,21 @@ def _apply_seed_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for var, kind in (("AWS_S3_BUCKET", "s3"), ("GCS_BUCKET", "gcs")):
         if env.get(var) and kind not in types and kind not in names:
             targets.append({"name": kind, "type": kind, "bucket": env[var]})
+            notes.append(f"{var} adds target {kind!r} (bucket {env[var]})")
+    return notes
 
 
-def _seed_notifiers(data: dict[str, Any], env: Mapping[str, str]) -> None:
+def _seed_notifiers(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     """``SLACK_WEBHOOK_URL`` and ``BACKUP_NOTIFY_EMAIL`` (with ``SMTP_*``) add notifiers."""
     notify = data.setdefault("notify", [])
     if not isinstance(notify, list):
-        return
+        return []
+    notes = []
     types = {n.get("type") for n in notify if isinstance(n, dict)
              and isinstance(n.get("type"), str)}
     if env.get("SLACK_WEBHOOK_URL") and "slack" not in types:
         notify.append({"type": "slack", "webhook_url": env["SLACK_WEBHOOK_URL"]})
+        notes.append("SLACK_WEBHOOK_URL adds a slack notifier")
     if env.get("BACKUP_NOTIFY_EMAIL") and "email" not in types:
         email: dict[str, Any] = {
             "type": "email",
@@ -130,6 +140,20 @@ def _seed_notifiers(data: dict[str, Any], env: Mapping[str, str]) -> None:
         if env.get("SMTP_PORT", "").isdigit():
             email["port"] = int(env["SMTP_PORT"])
         notify.append(email)
+        notes.append("BACKUP_NOTIFY_EMAIL adds an email notifier")
+    return notes
+
+
+def seed_env_notes(src: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """What the seed's environment variables change in the file ``src`` (see
+    :func:`_apply_seed_env`); empty when the file cannot be read or parsed (loading it
+    reports that)."""
+    env = os.environ if env is None else env
+    try:
+        data = _expand(tomllib.loads(src.read_text(encoding="utf-8")), (), env, src)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError, ConfigError):
+        return []
+    return _apply_seed_env(data, env) if isinstance(data, dict) else []
 
 
 def find_line(text: str, loc: tuple[str | int, ...]) -> int | None:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from conexa_backup import signals
 from conexa_backup.notify.base import Event, NotifierConfig
 from conexa_backup.notify.registry import create_notifier
 
@@ -56,7 +57,7 @@ def dispatch(configs: Sequence[NotifierConfig], event: Event, *,
     threads = [threading.Thread(target=send, args=(i, c), daemon=True)
                for i, c in enumerate(notifiers)]
     for t in threads:
-        t.start()
+        signals.start(t)
     for i, (t, c) in enumerate(zip(threads, notifiers, strict=True)):
         # Each notifier bounds itself (timeout x retries, plus backoff); allow for that.
         t.join(c.timeout * c.retries + 20 * c.retries)
