@@ -89,8 +89,12 @@ class IntegrityError(ConexaError):
     """Stored bytes do not match the manifest (size or SHA-256), or a restore check failed."""
 
 
-class UnsafeArchiveError(IntegrityError):
-    """An archive member would land outside its destination or is a device/special file."""
+class UnsafeArchiveError(ConexaError):
+    """An archive member would land outside its destination or is a device/special file.
+
+    Not an :class:`IntegrityError`: an intact copy can hold such a member (a backup written
+    by another tool); it is refused for what it is, never taken for a damaged copy.
+    """
 
 
 class PartialFailure(ConexaError):

@@ -31,10 +31,13 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
     """Run ``consume`` on the artifact's stored bytes, then check size and SHA-256.
 
     ``consume`` must treat what it produced as provisional until this returns: on a mismatch
-    it raises after ``consume`` ran.
+    it raises after ``consume`` ran. When ``consume`` refuses what it read for another reason
+    (an unsafe archive member...), the rest is read too: a damaged copy is reported as
+    damaged, and an intact one with ``consume``'s own reason.
 
     Raises:
         IntegrityError: size or checksum differs. StorageError: the object cannot be read.
+        ConexaError: ``consume``'s, when the stored bytes are intact.
     """
     where = f"target {copy.target.name!r}: {backup_id}/{artifact.name}"
     with copy.target.open(f"{backup_id}/{artifact.name}") as raw:
@@ -43,6 +46,11 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
             result = consume(reader)  # type: ignore[arg-type]
         except IntegrityError as exc:  # e.g. damaged compressed data: say which object
             raise IntegrityError(f"{where}: {exc}") from None
+        except (StorageError, LocalWriteError):
+            raise
+        except ConexaError:
+            reader.check(artifact.size, artifact.sha256, where)  # intact? reads to the end
+            raise
         reader.check(artifact.size, artifact.sha256, where)
     return result
 
@@ -82,11 +90,15 @@ def read_plain(copy: Copy, backup_id: str, artifact: Artifact,
 
 
 def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
-                    prefer: str | None = None) -> T:
+                    prefer: str | None = None, fallbacks: list[str] | None = None) -> T:
     """Call ``attempt`` on each complete copy until one succeeds.
 
+    Only a damaged or unreadable copy (IntegrityError, StorageError) makes it try the next;
+    any other error is the restore's own and is raised as it is. When a later copy succeeds,
+    one line per skipped copy (which, why, and which copy was used) goes to ``fallbacks``.
+
     Raises:
-        IntegrityError: every copy failed (the message lists why, per target).
+        IntegrityError: every copy is damaged or missing (the message lists why, per target).
     """
     copies = backup.complete_copies
     if prefer is not None:
@@ -97,12 +109,17 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
     for copy in copies:
         assert copy.manifest is not None
         try:
-            return attempt(copy, copy.manifest)
+            result = attempt(copy, copy.manifest)
         except (IntegrityError, StorageError) as exc:  # this copy is bad: try the next one
             where = f"target {copy.target.name!r}"
             problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
-        log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
-                    problems[-1])
+            log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
+                        problems[-1])
+            continue
+        if fallbacks is not None:
+            fallbacks += [f"backup {backup.id}: used the copy on {copy.target.name!r} because "
+                          f"{problem}" for problem in problems]
+        return result
     raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
 
 
