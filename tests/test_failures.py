@@ -12,12 +12,15 @@ processes are exactly what an operator or cron sees.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +29,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import zstandard
 from psycopg import sql
 
+from conexa_backup.state import runs
 from conexa_backup.testing.cluster import find_bindir
 from conexa_backup.testing.compare import plain_dump, tree_snapshot
 from conexa_backup.testing.sample import make_uploads_tree
@@ -586,6 +591,41 @@ def test_truncated_uploads_archive(ws: Any, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def _replace_uploads_archive(ws: Any, backup_id: str, members: list[tarfile.TarInfo]) -> None:
+    """Store an intact uploads archive holding ``members`` (no data) in the local copy, the
+    manifest's checksum updated to match: a copy no checksum can fault."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            tar.addfile(member)
+    data = zstandard.ZstdCompressor().compress(raw.getvalue())
+    (ws.backups / backup_id / "uploads.tar.zst").write_bytes(data)
+    path = ws.backups / backup_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["kind"] == "uploads")
+    artifact.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    path.write_text(json.dumps(manifest))
+
+
+def test_intact_copy_that_cannot_be_restored_says_why_not_no_good_copy(
+        ws: Any, tmp_path: Path) -> None:
+    """"No good copy" means damaged or missing copies only. Before: "no good copy: ...
+    refusing archive member" although the copy was intact."""
+    backup_id = backup_ok(ws)
+    link = tarfile.TarInfo("shortcut")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+    through = tarfile.TarInfo("shortcut/pwned")
+    _replace_uploads_archive(ws, backup_id, [link, through])
+    assert_ok(ws.run("verify", backup_id))  # intact, as far as checksums can tell
+    dest = tmp_path / "restored"
+    message = assert_error(ws.run("restore", backup_id, "--only", "uploads", "--uploads-to",
+                                  str(dest), "--yes"), 1,
+                           "'local'", "uploads.tar.zst (intact)",
+                           "refusing archive member 'shortcut/pwned'", "passes through")
+    assert "no good copy" not in message
+    assert not dest.exists() and not Path("/etc/pwned").exists()
+
+
 # -- tracebacks are a choice -----------------------------------------------------------------
 
 def test_verbose_shows_the_traceback(ws: Any) -> None:
@@ -646,10 +686,18 @@ def test_restore_falls_back_to_the_good_copy(ws: Any, tmp_path: Path, damage: st
     assert "local" in bad.stdout and artifact.name in bad.stdout
 
     target, dest = f"{ws.dbname}_fallback", tmp_path / "fallback uploads"
-    assert_ok(ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
-                     "--yes"))
+    restored = ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
+                      "--yes")
+    assert_ok(restored)
     assert db_dump(ws, target) == db_dump(ws, ws.dbname)
     assert tree_snapshot(dest) == tree_snapshot(ws.uploads)
+    # Passing over the damaged copy is said on stderr and in the restore event, not only logged.
+    why = f"used the copy on 'second' because target 'local': {backup_id}/{artifact.name}"
+    warnings = [line for line in restored.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and why in warnings[0], restored.stderr
+    event = runs(ws.state)[-1]
+    assert event["kind"] == "restore" and event["outcome"] == "success"
+    assert "fallback" in event["title"] and why in event["details"]["fallbacks"]
 
 
 # -- one line, once ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import IO, Any, BinaryIO, TypeVar
 
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.crypto import decrypt_to
-from conexa_backup.errors import ConexaError, IntegrityError, StorageError
+from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnsafeArchiveError
 from conexa_backup.manifest import Artifact, Manifest
 from conexa_backup.pipeline import HashingReader, copy_stream, decompressing_reader
 
@@ -48,8 +48,11 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
             raise IntegrityError(f"{where}: {exc}") from None
         except (StorageError, LocalWriteError):
             raise
-        except ConexaError:
+        except UnsafeArchiveError as exc:
             reader.check(artifact.size, artifact.sha256, where)  # intact? reads to the end
+            raise UnsafeArchiveError(f"{where} (intact): {exc}") from None
+        except ConexaError:
+            reader.check(artifact.size, artifact.sha256, where)
             raise
         reader.check(artifact.size, artifact.sha256, where)
     return result
