@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
@@ -105,8 +106,54 @@ def write_tree(root: Path, out: Sink, on_entry: EntryHook | None = None) -> Tree
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
     with tar_writer(out, root) as tar:
-        _add_dir(tar, root, ".", stats, on_entry)
+        for rel, _ in _walk(root, stats.skipped):
+            _add_entry(tar, root, rel, stats, on_entry)
     return stats
+
+
+PROBE_SAMPLE = 100_000  # files `check` opens at most: a random sample on larger trees
+
+
+@dataclass
+class Probe:
+    """What :func:`probe_tree` found: regular files, how many it opened, what a backup would
+    skip."""
+
+    files: int = 0
+    tried: int = 0  # files it tried to open: all of them, or the sample
+    skipped: Skipped = field(default_factory=Skipped)
+
+
+def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
+    """Do what :func:`write_tree` does without storing anything: list every folder, examine
+    every entry, and open every regular file (on trees of more than ``sample`` files, a
+    uniform random sample of ``sample`` of them). What a backup would skip is recorded.
+
+    Raises:
+        ConexaError: ``root`` is missing, not a folder or cannot be listed.
+    """
+    if not root.is_dir():
+        raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
+    probe = Probe()
+    chosen: list[str] = []
+    for rel, kind in _walk(root, probe.skipped):
+        if kind != stat.S_IFREG:
+            continue
+        probe.files += 1
+        if len(chosen) < sample:
+            chosen.append(rel)
+        elif (slot := secrets.randbelow(probe.files)) < sample:  # reservoir sampling
+            chosen[slot] = rel
+    for rel in chosen:
+        probe.tried += 1
+        try:
+            with open(root / rel, "rb"):
+                pass
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            probe.skipped.add(rel, f"cannot read: {exc.strerror}")
+    return probe
 
 
 class _TarOut(Gather):
@@ -213,8 +260,15 @@ def _member_type(member: tarfile.TarInfo) -> int:
     return next((kind for test, kind in kinds if test()), 0)
 
 
-def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
-             on_entry: EntryHook | None) -> None:
+def _walk(root: Path, skipped: Skipped, rel: str = ".") -> Iterator[tuple[str, int]]:
+    """Every entry below ``root`` a backup stores, folders before what they hold, as
+    ``(relative path, stat.S_IFMT kind)``. Entries that vanish meanwhile are left out (the
+    uploads folder is live); those that cannot be listed or examined, and kinds
+    :func:`unrestorable` refuses, are recorded in ``skipped``.
+
+    Raises:
+        ConexaError: ``root`` itself cannot be listed.
+    """
     path = root if rel == "." else root / rel
     try:
         names = sorted(os.listdir(path))
@@ -223,25 +277,33 @@ def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
     except OSError as exc:
         if rel == ".":  # nothing at all can be read: that is no backup of the uploads
             raise ConexaError(f"cannot read uploads folder {path}: {exc.strerror}") from None
-        stats.skipped.add(rel, f"cannot list folder: {exc.strerror}")
+        skipped.add(rel, f"cannot list folder: {exc.strerror}")
         return
     for name in names:
-        child_rel = name if rel == "." else f"{rel}/{name}"
-        _add_entry(tar, root, child_rel, stats, on_entry)
+        child = name if rel == "." else f"{rel}/{name}"
+        try:
+            kind = stat.S_IFMT(os.lstat(root / child).st_mode)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            skipped.add(child, f"cannot read: {exc.strerror}")
+            continue
+        why = unrestorable(kind)
+        if why is not None:
+            skipped.add(child, f"{why}: cannot be restored")
+            continue
+        yield child, kind
+        if kind == stat.S_IFDIR:
+            yield from _walk(root, skipped, child)
 
 
 def _add_entry(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
                on_entry: EntryHook | None) -> None:
-    """Store one entry (a folder with everything below it); skip and record what cannot be
-    read or restored."""
+    """Store one entry (a folder's contents come next, from :func:`_walk`)."""
     child = root / rel
     try:
-        why = unrestorable(stat.S_IFMT(os.lstat(child).st_mode))
-        if why is not None:
-            stats.skipped.add(rel, f"{why}: cannot be restored")
-            return
         info = tar.gettarinfo(str(child), arcname=rel)
-    except FileNotFoundError:  # removed while we walk: the uploads folder is live
+    except FileNotFoundError:  # removed while we walk
         return
     except OSError as exc:
         stats.skipped.add(rel, f"cannot read: {exc.strerror}")
@@ -251,7 +313,6 @@ def _add_entry(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
     elif info.isdir():
         tar.addfile(info)
         stats.dirs += 1
-        _add_dir(tar, root, rel, stats, on_entry)
     elif info.issym():
         tar.addfile(info)
         stats.symlinks += 1
