@@ -22,6 +22,7 @@ from conexa_backup.archive import (
     TreeStats,
     extract_stream,
     move_file,
+    probe_tree,
     scan_tree,
     tar_writer,
     unrestorable,
@@ -256,6 +257,20 @@ def test_skipped_paths_are_bounded(tmp_path: Path) -> None:
     stats = write_tree(src, io.BytesIO())
     assert stats.skipped.count == SKIPPED_LISTED + 20
     assert len(stats.skipped.listed) == SKIPPED_LISTED
+
+
+def test_probe_opens_every_file_or_a_sample_and_names_what_a_backup_skips(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(20):
+        (src / "sub" / f"f{i}.txt").write_bytes(b"x")
+    os.mkfifo(src / "pipe")
+    whole = probe_tree(src)
+    assert (whole.files, whole.tried) == (20, 20)
+    assert whole.skipped.listed == [("pipe", "a FIFO: cannot be restored")]
+    sampled = probe_tree(src, sample=5)
+    assert (sampled.files, sampled.tried) == (20, 5)
 
 
 def test_missing_folder_raises(tmp_path: Path) -> None:
