@@ -622,7 +622,7 @@ def test_intact_copy_that_cannot_be_restored_says_why_not_no_good_copy(
     dest = tmp_path / "restored"
     message = assert_error(ws.run("restore", backup_id, "--only", "uploads", "--uploads-to",
                                   str(dest), "--yes"), 1,
-                           "'local'", "uploads.tar.zst (intact)",
+                           "'local'", "uploads.tar.zst (stored bytes match the manifest)",
                            "refusing archive member 'shortcut/pwned'", "passes through")
     assert "no good copy" not in message
     assert not dest.exists() and not Path("/etc/pwned").exists()

@@ -97,6 +97,11 @@ class UnsafeArchiveError(ConexaError):
     """
 
 
+class UnusableCopyError(ConexaError):
+    """A copy whose stored bytes match its manifest but that cannot be restored here (a key
+    that does not fit, an archive member refused): not damaged, so never "no good copy"."""
+
+
 class PartialFailure(ConexaError):
     """The run completed on some targets but failed on others; ``result`` is what it made."""
 

@@ -115,7 +115,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
     Raises:
         UsageError: no such backup, or a destination that must not be overwritten.
-        IntegrityError: no copy of the backup restores to what its manifest recorded.
+        IntegrityError: every copy of the backup is damaged or missing ("no good copy").
+        UnusableCopyError: no copy could be restored, some being intact (each one's reason).
         ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
     """
     t0 = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 from conexa_backup import archive
 from conexa_backup.actions.fetch import Keys, from_first_good, local_writes, read_plain
 from conexa_backup.catalog import Backup, Copy
-from conexa_backup.errors import ConexaError, UsageError
+from conexa_backup.errors import ConexaError, UnusableCopyError, UsageError
 from conexa_backup.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ def extract(backup: Backup, dest: Path, source: str | None, keys: Keys,
 
     Raises:
         IntegrityError: every copy is damaged or missing.
-        UnsafeArchiveError: the archive tries to write outside its folder or through a link.
-        ConexaError: an intact copy extracts to other counts than its manifest recorded.
+        UnusableCopyError: no copy could be used, some being intact: the archive tries to
+        write outside its folder or through a link, or extracts to other counts than its
+        manifest recorded, or cannot be decrypted here.
     """
     staging = staging_path(dest, backup.id)
     try:
@@ -57,7 +58,7 @@ def extract(backup: Backup, dest: Path, source: str | None, keys: Keys,
             got = (stats.files, stats.bytes, stats.symlinks)
             if got != (expected.files, expected.bytes, expected.symlinks):
                 # The stored bytes were verified: not a damaged copy, so no "no good copy".
-                raise ConexaError(
+                raise UnusableCopyError(
                     f"uploads from {copy.target.name!r} (intact) extract to {got[0]} files / "
                     f"{got[1]} bytes / {got[2]} symlinks, manifest says {expected.files} / "
                     f"{expected.bytes} / {expected.symlinks}")
