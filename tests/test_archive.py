@@ -431,6 +431,8 @@ HOSTILE: dict[str, list[Member]] = {
     "symlink-then-file-of-its-name": [
         _link("x", "../sentinel/pwned", tarfile.SYMTYPE), _reg("x")],
     "root-is-a-symlink": [_link(".", "../sentinel", tarfile.SYMTYPE), _reg("pwned")],
+    "hardlink-to-a-symlink": [
+        _link("s", "../sentinel/x", tarfile.SYMTYPE), _link("h", "s", tarfile.LNKTYPE)],
     "hardlink-out": [_link("h", "../sentinel/x", tarfile.LNKTYPE)],
     "hardlink-absolute": [_link("h", "/etc/passwd", tarfile.LNKTYPE)],
     "char-device": [_special("null", tarfile.CHRTYPE)],

@@ -396,13 +396,16 @@ class _Extraction:
     def _refuse(self, name: str, why: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(f"refusing archive member {name!r}: {why}")
 
-    def _check_path(self, raw: str, name: str) -> None:
-        """Refuse a path that is, or passes through, a symlink of this archive."""
+    def _check_path(self, raw: str, name: str, *, is_link: str = "stored twice") -> None:
+        """Refuse a path that passes through a symlink of this archive (or is one: ``is_link``
+        says why that is refused)."""
+        if not self.links:  # the usual case: no link read yet
+            return
         parts = name.split("/")
         for i in range(1, len(parts) + 1):
             if "/".join(parts[:i]) in self.links:
                 raise self._refuse(raw, "its path passes through a symlink of the archive"
-                                   if i < len(parts) else "stored twice")
+                                   if i < len(parts) else is_link)
 
     def member(self, member: tarfile.TarInfo) -> None:
         name = _clean_name(member.name, member.name)
@@ -433,7 +436,7 @@ class _Extraction:
     def _check_hardlink(self, member: tarfile.TarInfo) -> None:
         """A hard link may only join a regular file already extracted here."""
         target = _clean_name(member.linkname, member.name)
-        self._check_path(member.name, target)
+        self._check_path(member.name, target, is_link="hard link to a symlink")
         try:
             ok = stat.S_ISREG((self.dest / target).lstat().st_mode)
         except OSError:
