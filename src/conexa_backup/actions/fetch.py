@@ -31,6 +31,17 @@ from conexa_backup.pipeline import HashingReader, copy_stream, decompressing_rea
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+INTACT = "stored bytes match the manifest"
+
+
+def _intact(reader: HashingReader, artifact: Artifact) -> bool:
+    """Whether the whole object (read to its end now) matches the manifest."""
+    try:
+        reader.check(artifact.size, artifact.sha256, "")
+    except IntegrityError:
+        return False
+    return True
+
 
 def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
                   consume: Callable[[BinaryIO], T]) -> T:
@@ -66,18 +77,6 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
             raise
         reader.check(artifact.size, artifact.sha256, where)
     return result
-
-
-INTACT = "stored bytes match the manifest"
-
-
-def _intact(reader: HashingReader, artifact: Artifact) -> bool:
-    """Whether the whole object (read to its end now) matches the manifest."""
-    try:
-        reader.check(artifact.size, artifact.sha256, "")
-    except IntegrityError:
-        return False
-    return True
 
 
 @dataclass
