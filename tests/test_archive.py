@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -15,14 +18,18 @@ from pathlib import Path
 import pytest
 
 from conexa_backup.archive import (
+    SKIPPED_LISTED,
     TreeStats,
     extract_stream,
     move_file,
+    probe_tree,
     scan_tree,
     tar_writer,
+    unrestorable,
     write_tree,
 )
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
+from conexa_backup.manifest import IndexEntry
 from conexa_backup.pipeline import CHUNK
 from conexa_backup.testing.compare import tree_snapshot
 from conexa_backup.testing.sample import make_uploads_tree
@@ -219,6 +226,51 @@ def test_fifo_is_skipped(tmp_path: Path) -> None:
     assert (stats.files, stats.bytes) == (1, 4)
     with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
         assert sorted(tar.getnames()) == [".", "keep.txt"]
+    assert stats.skipped.listed == [("pipe", "a FIFO: cannot be restored")]
+
+
+def test_kinds_no_restore_recreates_are_skipped_and_recorded(tmp_path: Path) -> None:
+    """One rule (``unrestorable``) for both directions: what the backup keeps, extraction
+    accepts; what extraction would refuse, the backup skips, names and counts."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep.txt").write_bytes(b"kept")
+    os.mkfifo(src / "pipe")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "sock"))
+        out = io.BytesIO()
+        stats = write_tree(src, out)
+    assert stats.skipped.count == 2
+    assert dict(stats.skipped.listed) == {"pipe": "a FIFO: cannot be restored",
+                                          "sock": "a socket: cannot be restored"}
+    extracted = extract_stream(io.BytesIO(out.getvalue()), tmp_path / "dest")
+    assert (extracted.files, extracted.bytes) == (stats.files, stats.bytes) == (1, 4)
+    assert unrestorable(stat.S_IFIFO) and unrestorable(stat.S_IFCHR)
+    assert all(unrestorable(k) is None for k in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK))
+
+
+def test_skipped_paths_are_bounded(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(SKIPPED_LISTED + 20):
+        os.mkfifo(src / f"pipe{i:03d}")
+    stats = write_tree(src, io.BytesIO())
+    assert stats.skipped.count == SKIPPED_LISTED + 20
+    assert len(stats.skipped.listed) == SKIPPED_LISTED
+
+
+def test_probe_opens_every_file_or_a_sample_and_names_what_a_backup_skips(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for i in range(20):
+        (src / "sub" / f"f{i}.txt").write_bytes(b"x")
+    os.mkfifo(src / "pipe")
+    whole = probe_tree(src)
+    assert (whole.files, whole.tried) == (20, 20)
+    assert whole.skipped.listed == [("pipe", "a FIFO: cannot be restored")]
+    sampled = probe_tree(src, sample=5)
+    assert (sampled.files, sampled.tried) == (20, 5)
 
 
 def test_missing_folder_raises(tmp_path: Path) -> None:
@@ -326,6 +378,13 @@ def _link(name: str, target: str, kind: bytes) -> Member:
     return info, None
 
 
+def _dir(name: str) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info, None
+
+
 def _special(name: str, kind: bytes) -> Member:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -357,7 +416,6 @@ def _outside(tmp_path: Path, dest: Path) -> list[Path]:
 HOSTILE: dict[str, list[Member]] = {
     "dotdot": [_reg("../sentinel/escape")],
     "dotdot-deep": [_reg("a/b/../../../sentinel/escape")],
-    "symlink-out": [_link("etc", "../../etc", tarfile.SYMTYPE)],
     "symlink-to-sentinel-then-write": [
         _link("s", "../sentinel", tarfile.SYMTYPE), _reg("s/pwned")],
     "symlink-inside-then-write-out": [
@@ -365,7 +423,16 @@ HOSTILE: dict[str, list[Member]] = {
     "symlink-chain-out": [
         _link("here", ".", tarfile.SYMTYPE), _link("here/up", "..", tarfile.SYMTYPE),
         _reg("here/up/sentinel/pwned")],
-    "symlink-absolute": [_link("abs", "/etc/passwd", tarfile.SYMTYPE)],
+    "dir-through-symlink": [_link("s", "../sentinel", tarfile.SYMTYPE), _dir("s/d")],
+    "hardlink-through-symlink": [
+        _link("s", "../sentinel", tarfile.SYMTYPE), _link("h", "s/x", tarfile.LNKTYPE)],
+    "file-then-symlink-of-its-name": [
+        _reg("x"), _link("x", "../sentinel/pwned", tarfile.SYMTYPE)],
+    "symlink-then-file-of-its-name": [
+        _link("x", "../sentinel/pwned", tarfile.SYMTYPE), _reg("x")],
+    "root-is-a-symlink": [_link(".", "../sentinel", tarfile.SYMTYPE), _reg("pwned")],
+    "hardlink-to-a-symlink": [
+        _link("s", "../sentinel/x", tarfile.SYMTYPE), _link("h", "s", tarfile.LNKTYPE)],
     "hardlink-out": [_link("h", "../sentinel/x", tarfile.LNKTYPE)],
     "hardlink-absolute": [_link("h", "/etc/passwd", tarfile.LNKTYPE)],
     "char-device": [_special("null", tarfile.CHRTYPE)],
@@ -379,7 +446,7 @@ def test_hostile_archive_refused(case: str, arena: tuple[Path, Path], tmp_path: 
     dest, sentinel = arena
     with pytest.raises(UnsafeArchiveError) as info:
         extract_stream(io.BytesIO(_tar(HOSTILE[case])), dest)
-    assert isinstance(info.value, IntegrityError)
+    assert not isinstance(info.value, IntegrityError)  # refused as unsafe, not "damaged"
     assert "refusing archive member" in str(info.value)
     assert list(sentinel.iterdir()) == []
     assert _outside(tmp_path, dest) == [sentinel]
@@ -429,3 +496,43 @@ def test_refusal_happens_before_later_members(arena: tuple[Path, Path]) -> None:
     assert (dest / "first.txt").exists()
     assert not (dest / "after.txt").exists()
     assert list(sentinel.iterdir()) == []
+
+
+def test_symlinks_come_back_exactly_as_stored(tmp_path: Path) -> None:
+    """Links are data: absolute, leaving the tree, dangling, odd spellings all come back
+    with the same text, and nothing is written through them."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (src / "docs").mkdir(parents=True)
+    outside.mkdir()
+    (src / "docs" / "a.txt").write_bytes(b"A")
+    targets = {"abs": "/etc/hostname", "abs-missing": "/nonexistent/x", "up": "../nowhere",
+               "up-existing": "../outside", "docs/inside": "a.txt",
+               "docs/dangling": "missing.txt", "docs/odd": ".//a.txt/../", "dir-link": "docs"}
+    for name, target in targets.items():
+        (src / name).symlink_to(target)
+    out = io.BytesIO()
+    written = write_tree(src, out)
+    dest = tmp_path / "dest"
+    extracted = extract_stream(io.BytesIO(out.getvalue()), dest)
+    assert tree_snapshot(dest) == tree_snapshot(src)
+    assert {n: os.readlink(dest / n) for n in targets} == targets  # noqa: PTH115 - verbatim
+    assert extracted == written
+    assert written.symlinks == len(targets)
+    assert list(outside.iterdir()) == []
+    assert _outside(tmp_path, dest) == sorted([outside, *src.rglob("*"), src])
+
+
+def test_index_entries_name_files_and_link_targets(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_bytes(b"hello")
+    (src / "abs").symlink_to("/etc/hostname")
+    entries: list[IndexEntry] = []
+    write_tree(src, io.BytesIO(), entries.append)
+    assert sorted(entries, key=lambda e: e.path) == [
+        IndexEntry("abs", "symlink", target="/etc/hostname"),
+        IndexEntry("f.txt", "file", 5, hashlib.sha256(b"hello").hexdigest())]
+    assert [IndexEntry.from_line(e.to_line()) for e in entries] == entries
+    digest = hashlib.sha256(b"hello").hexdigest()
+    old = json.dumps({"path": "f.txt", "size": 5, "sha256": digest}).encode()
+    assert IndexEntry.from_line(old) == IndexEntry("f.txt", "file", 5, digest)  # older index

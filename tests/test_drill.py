@@ -306,7 +306,9 @@ def test_conexa_sample_drill_passes_and_is_recorded_everywhere(ws: Workspace) ->
     steps = run.steps()
     assert "12 tables" in steps["row counts"]["detail"]
     assert steps[f"check: {CHECK}"]["detail"] == "true"
-    assert steps["uploads files"]["detail"] == "SHA-256 of every file matches"
+    links = sum(1 for p in ws.uploads.rglob("*") if p.is_symlink())
+    assert steps["uploads files"]["detail"] == \
+        f"SHA-256 of every file matches; {links} symlinks with their targets"
     assert "60 files" in steps["fetch and extract uploads"]["detail"]
     # The human table says the same, and a second drill by id is recorded after the first.
     human = ws.run("verify", "--drill", backup_id)
@@ -455,7 +457,7 @@ def test_file_missing_from_the_restored_uploads_fails(ws: Workspace) -> None:
     backup_id = _backup(ws)
     index = ws.backups / backup_id / "uploads.index.jsonl.zst"
     lines = zstandard.ZstdDecompressor().stream_reader(index.read_bytes()).read()
-    assert lines.count(b"\n") == 60
+    assert lines.count(b'"type": "file"') == 60
     ghost = "2026/11/ghost-of-a-report.pdf"
     entry = {"path": ghost, "size": 3, "sha256": hashlib.sha256(b"pdf").hexdigest()}
     data = zstandard.ZstdCompressor().compress(lines + json.dumps(entry).encode() + b"\n")
@@ -468,6 +470,48 @@ def test_file_missing_from_the_restored_uploads_fails(ws: Workspace) -> None:
     _rewrite_manifest(ws, backup_id, point_at_new_index)
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {ghost}"])
+
+
+def _links_leaving_the_tree(uploads: Path) -> dict[str, str]:
+    """Symlinks a real uploads folder may hold: absolute, out of the tree, dangling."""
+    links = {"etc-hostname": "/etc/hostname", "nowhere": "../nowhere",
+             "dangling": "/nonexistent/file.pdf", "parent": "../"}
+    for name, target in links.items():
+        (uploads / name).symlink_to(target)
+    return links
+
+
+def test_links_leaving_the_tree_drill_and_compare_with_the_index(ws: Workspace) -> None:
+    """Before: "refusing archive member ... is a link to an absolute path" (drill failed)."""
+    links = _links_leaving_the_tree(ws.uploads)
+    backup_id = _backup(ws)
+    run = _drill(ws)
+    _assert_passed(ws, run, backup_id, ["local"], _steps())
+    total = sum(1 for p in ws.uploads.rglob("*") if p.is_symlink())
+    assert total > len(links)
+    assert f"{total} symlinks" in run.steps()["fetch and extract uploads"]["detail"]
+    assert f"{total} symlinks with their targets" in run.steps()["uploads files"]["detail"]
+
+
+def test_symlink_target_differing_from_the_index_fails(ws: Workspace) -> None:
+    """The index recorded another target than the archive holds: the drill says which."""
+    _links_leaving_the_tree(ws.uploads)
+    backup_id = _backup(ws)
+    index = ws.backups / backup_id / "uploads.index.jsonl.zst"
+    lines = zstandard.ZstdDecompressor().stream_reader(index.read_bytes()).read()
+    edited = lines.replace(b'"target": "../nowhere"', b'"target": "../somewhere"')
+    assert edited != lines
+    data = zstandard.ZstdCompressor().compress(edited)
+    index.write_bytes(data)
+
+    def point_at_new_index(manifest: dict[str, Any]) -> None:
+        artifact = next(a for a in manifest["artifacts"] if a["kind"] == "uploads-index")
+        artifact.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    _rewrite_manifest(ws, backup_id, point_at_new_index)
+    run = _drill(ws)
+    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(),
+                      ["symlink nowhere points to '../nowhere', index says '../somewhere'"])
 
 
 def test_pg_restore_error_fails_the_restore_with_its_stderr(ws: Workspace) -> None:

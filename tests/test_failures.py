@@ -12,12 +12,17 @@ processes are exactly what an operator or cron sees.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,8 +31,10 @@ from typing import Any
 
 import psycopg
 import pytest
+import zstandard
 from psycopg import sql
 
+from conexa_backup.state import runs
 from conexa_backup.testing.cluster import find_bindir
 from conexa_backup.testing.compare import plain_dump, tree_snapshot
 from conexa_backup.testing.sample import make_uploads_tree
@@ -586,6 +593,113 @@ def test_truncated_uploads_archive(ws: Any, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def _replace_uploads_archive(ws: Any, backup_id: str, members: list[tarfile.TarInfo]) -> None:
+    """Store an intact uploads archive holding ``members`` (no data) in the local copy, the
+    manifest's checksum updated to match: a copy no checksum can fault."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            tar.addfile(member)
+    data = zstandard.ZstdCompressor().compress(raw.getvalue())
+    (ws.backups / backup_id / "uploads.tar.zst").write_bytes(data)
+    path = ws.backups / backup_id / "manifest.json"
+    manifest = json.loads(path.read_text())
+    artifact = next(a for a in manifest["artifacts"] if a["kind"] == "uploads")
+    artifact.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    path.write_text(json.dumps(manifest))
+
+
+def test_intact_copy_that_cannot_be_restored_says_why_not_no_good_copy(
+        ws: Any, tmp_path: Path) -> None:
+    """"No good copy" means damaged or missing copies only. Before: "no good copy: ...
+    refusing archive member" although the copy was intact."""
+    backup_id = backup_ok(ws)
+    link = tarfile.TarInfo("shortcut")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+    through = tarfile.TarInfo("shortcut/pwned")
+    _replace_uploads_archive(ws, backup_id, [link, through])
+    assert_ok(ws.run("verify", backup_id))  # intact, as far as checksums can tell
+    dest = tmp_path / "restored"
+    message = assert_error(ws.run("restore", backup_id, "--only", "uploads", "--uploads-to",
+                                  str(dest), "--yes"), 1,
+                           "'local'", "uploads.tar.zst (stored bytes match the manifest)",
+                           "refusing archive member 'shortcut/pwned'", "passes through")
+    assert "no good copy" not in message
+    assert not dest.exists() and not Path("/etc/pwned").exists()
+
+
+# -- files the backup user cannot read ---------------------------------------------------------
+
+def _unprivileged() -> tuple[list[str], str]:
+    """A command prefix for a user for whom file permissions hold, and who owns its files:
+    ``postgres`` (not root), or, where that user cannot run this venv's python, root stripped
+    for good of the capabilities that bypass file permissions (DAC override and read-search)."""
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    probe = subprocess.run([*as_postgres, sys.executable, "-c", "import conexa_backup"],
+                           capture_output=True, check=False)
+    if probe.returncode == 0:
+        return as_postgres, "postgres"
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"], "root"
+
+
+@pytest.fixture
+def shared_ws(ws: Any) -> Iterator[Any]:
+    """``ws`` in a folder owned by the user of ``ws.prefix`` (pytest's tmp dirs are root's
+    only), with ``ws.prefix`` the command prefix that runs as that user."""
+    home = Path(tempfile.mkdtemp(prefix="conexa-unreadable-"))
+    try:
+        shutil.copytree(ws.uploads, home / "uploads", symlinks=True)
+        ws.uploads, ws.state, ws.backups = home / "uploads", home / "state", home / "backups"
+        ws.config = home / "backup.toml"
+        configure(ws)
+        ws.prefix, user = _unprivileged()
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(home)], check=True)
+        yield ws
+    finally:
+        shutil.rmtree(home)
+
+
+def test_unreadable_upload_is_skipped_and_the_run_is_partial(shared_ws: Any,
+                                                            tmp_path: Path) -> None:
+    """Before: "cannot read .../extrato.csv: Permission denied", exit 1, nothing stored (the
+    database included), although `check` said the uploads were readable."""
+    ws = shared_ws
+    (ws.uploads / "financeiro" / "extrato.csv").chmod(0)
+    (ws.uploads / "fotos").chmod(0)
+    expected = {"financeiro/extrato.csv": "cannot read: Permission denied",
+                "fotos": "cannot list folder: Permission denied"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ws.prefix, *cli_argv(ws, *args)], capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+                              env={**os.environ, "HOME": str(ws.state.parent)})
+
+    checked = run("check", "--json")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    uploads = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "uploads")
+    assert not uploads["ok"] and "opened all" in uploads["detail"]
+    assert all(f"{p} ({why})" in uploads["detail"] for p, why in expected.items()), uploads
+
+    backup = run("backup", "--json")
+    assert backup.returncode == 3, backup.stdout + backup.stderr
+    report = json.loads(backup.stdout)
+    assert report["status"] == "partial" and len(report["warnings"]) == 1
+    assert "uploads: 2 entries not backed up" in report["warnings"][0]
+    assert backup.stderr.count("\n") == 1 and "2 entries not backed up" in backup.stderr
+    manifest = json.loads((ws.backups / report["id"] / "manifest.json").read_text())
+    assert manifest["uploads"]["skipped"] == 2
+    assert {e["path"]: e["reason"] for e in manifest["uploads"]["skipped_paths"]} == expected
+    assert {a["kind"] for a in manifest["artifacts"]} >= {"database", "uploads"}
+    assert runs(ws.state)[-1]["outcome"] == "partial"  # what the alert says
+
+    dest = tmp_path / "restored"  # what was readable comes back
+    assert_ok(ws.run("restore", report["id"], "--only", "uploads", "--uploads-to", str(dest),
+                     "--yes"))
+    assert (dest / "financeiro").is_dir() and not (dest / "financeiro" / "extrato.csv").exists()
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in ws.uploads.iterdir())
+
+
 # -- tracebacks are a choice -----------------------------------------------------------------
 
 def test_verbose_shows_the_traceback(ws: Any) -> None:
@@ -646,10 +760,18 @@ def test_restore_falls_back_to_the_good_copy(ws: Any, tmp_path: Path, damage: st
     assert "local" in bad.stdout and artifact.name in bad.stdout
 
     target, dest = f"{ws.dbname}_fallback", tmp_path / "fallback uploads"
-    assert_ok(ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
-                     "--yes"))
+    restored = ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
+                      "--yes")
+    assert_ok(restored)
     assert db_dump(ws, target) == db_dump(ws, ws.dbname)
     assert tree_snapshot(dest) == tree_snapshot(ws.uploads)
+    # Passing over the damaged copy is said on stderr and in the restore event, not only logged.
+    why = f"used the copy on 'second' because target 'local': {backup_id}/{artifact.name}"
+    warnings = [line for line in restored.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and why in warnings[0], restored.stderr
+    event = runs(ws.state)[-1]
+    assert event["kind"] == "restore" and event["outcome"] == "success"
+    assert "fallback" in event["title"] and why in event["details"]["fallbacks"]
 
 
 # -- one line, once ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ backup was taken first.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import psycopg
@@ -118,3 +119,22 @@ def test_two_restores_in_the_same_second_keep_both_old_states(ws: Workspace) -> 
         kept.append((report["previous_database"], report["previous_uploads"]))
     assert kept[0][0] != kept[1][0] and kept[0][1] != kept[1][1]
     assert {kept[0][0], kept[1][0]} <= ws.cluster.databases()
+
+
+def test_links_leaving_the_tree_come_back_in_place_exactly(ws: Workspace) -> None:
+    """Symlinks are data: absolute, out of the tree, dangling, all restored with their text.
+    Before: every restore failed with "no good copy: ... is a link to an absolute path"."""
+    links = {"etc-hostname": "/etc/hostname", "nowhere": "../nowhere",
+             "documentos/dangling": "/nonexistent/file.pdf", "up": "../"}
+    for name, target in links.items():
+        (ws.uploads / name).symlink_to(target)
+    before_tree = tree_snapshot(ws.uploads)
+    backup_id = _backup(ws)
+    shutil.rmtree(ws.uploads / "documentos")
+    (ws.uploads / "nowhere").unlink()
+
+    result = ws.run("restore", backup_id, "--only", "uploads", "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert tree_snapshot(ws.uploads) == before_tree
+    assert {n: os.readlink(ws.uploads / n) for n in links} == links  # noqa: PTH115 - verbatim
+    assert not (ws.root / "srv" / "nowhere").exists()  # nothing written through a link

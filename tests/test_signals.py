@@ -50,6 +50,7 @@ class Bench:
 
     def config(self, jobs: int) -> Path:
         path = self.root / f"backup-j{jobs}.toml"
+        (self.root / "targets").mkdir(exist_ok=True)  # a local target makes only its own folder
         targets = "".join(f'[[targets]]\nname = "{n}"\ntype = "local"\npath = "{self.target(n)}"\n'
                           for n in TARGETS)
         path.write_text(

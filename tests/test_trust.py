@@ -310,6 +310,7 @@ def test_wrong_identity_fails_cleanly(ws: Workspace, age_key: AgeKey, tmp_path: 
     result = ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
                     "--yes")
     assert_error(result, 1, "cannot decrypt", backup_id)
+    assert "no good copy" not in result.stderr  # the copy is intact: the key does not fit
     assert other.identity not in result.stdout + result.stderr
     assert ws.cluster.databases() == dbs
     assert not dest.exists()

@@ -2,9 +2,12 @@
 
 Archives are POSIX pax tar (GNU tar, bsdtar and Python read them): symlinks are stored as
 links, never followed; permissions, owners, mtimes, empty folders and non-ASCII names are kept.
-Extraction refuses anything that would land outside the destination (absolute paths, ``..``,
-links pointing out) and device files, using the stdlib's ``data`` filter for the checks while
-keeping modes and owners (which that filter would discard).
+What cannot be read, and kinds a restore would refuse (:func:`unrestorable`), are skipped and
+recorded, never fatal. Extraction recreates every symlink exactly as stored (absolute,
+leaving the tree, dangling), after every file and folder, and refuses anything that would
+write outside the destination or through a link (absolute or ``..`` names, a path through a
+link, hard links to outside) and device files, using the stdlib's ``data`` filter for files
+and folders while keeping modes and owners (which that filter would discard).
 """
 
 from __future__ import annotations
@@ -14,31 +17,52 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import stat
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from conexa_backup import tarcompat
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
+from conexa_backup.manifest import IndexEntry
 from conexa_backup.pipeline import CHUNK, Gather, Sink
 
 log = logging.getLogger(__name__)
 
 
+SKIPPED_LISTED = 100  # skipped paths named in the manifest; the rest are only counted
+
+
+@dataclass
+class Skipped:
+    """Entries not stored: how many, and the first :data:`SKIPPED_LISTED` with the reason."""
+
+    count: int = 0
+    listed: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, why: str) -> None:
+        self.count += 1
+        if len(self.listed) < SKIPPED_LISTED:
+            self.listed.append((path, why))
+            log.warning("uploads: %s: %s; skipped", path, why)
+
+
 @dataclass
 class TreeStats:
-    """What an archive holds: regular files and their bytes, folders, links."""
+    """What an archive holds: regular files and their bytes, folders, links; and what the
+    walk skipped."""
 
     files: int = 0
     bytes: int = 0
     dirs: int = 0
     symlinks: int = 0
+    skipped: Skipped = field(default_factory=Skipped)
 
 
-FileHook = Callable[[str, int, str], None]  # (archive path, size, sha256 hex)
+EntryHook = Callable[[IndexEntry], None]  # each file (with its SHA-256) and symlink stored
 
 
 class _PaddedFile:
@@ -67,21 +91,70 @@ class _PaddedFile:
         return data
 
 
-def write_tree(root: Path, out: Sink, on_file: FileHook | None = None) -> TreeStats:
+def write_tree(root: Path, out: Sink, on_entry: EntryHook | None = None) -> TreeStats:
     """Write the tree under ``root`` as a tar stream to ``out``; return what it held.
 
-    ``on_file`` is called for every regular file stored, with its SHA-256. Files that vanish
-    while the tree is walked are skipped (the uploads folder is live).
+    ``on_entry`` is called for every regular file (with its SHA-256) and symlink stored.
+    Entries that vanish while the tree is walked are left out (the uploads folder is live);
+    entries that cannot be opened or listed, and kinds :func:`unrestorable` refuses, are
+    skipped and counted in ``stats.skipped``.
 
     Raises:
-        ConexaError: ``root`` is missing or not a folder, or something in it is unreadable.
+        ConexaError: ``root`` is missing, not a folder or cannot be listed, or a file failed
+        while being read.
     """
     if not root.is_dir():
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
     with tar_writer(out, root) as tar:
-        _add_dir(tar, root, ".", stats, on_file)
+        for rel, _ in _walk(root, stats.skipped):
+            _add_entry(tar, root, rel, stats, on_entry)
     return stats
+
+
+PROBE_SAMPLE = 100_000  # files `check` opens at most: a random sample on larger trees
+
+
+@dataclass
+class Probe:
+    """What :func:`probe_tree` found: regular files, how many it opened, what a backup would
+    skip."""
+
+    files: int = 0
+    tried: int = 0  # files it tried to open: all of them, or the sample
+    skipped: Skipped = field(default_factory=Skipped)
+
+
+def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
+    """Do what :func:`write_tree` does without storing anything: list every folder, examine
+    every entry, and open every regular file (on trees of more than ``sample`` files, a
+    uniform random sample of ``sample`` of them). What a backup would skip is recorded.
+
+    Raises:
+        ConexaError: ``root`` is missing, not a folder or cannot be listed.
+    """
+    if not root.is_dir():
+        raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
+    probe = Probe()
+    chosen: list[str] = []
+    for rel, kind in _walk(root, probe.skipped):
+        if kind != stat.S_IFREG:
+            continue
+        probe.files += 1
+        if len(chosen) < sample:
+            chosen.append(rel)
+        elif (slot := secrets.randbelow(probe.files)) < sample:  # reservoir sampling
+            chosen[slot] = rel
+    for rel in chosen:
+        probe.tried += 1
+        try:
+            with open(root / rel, "rb"):
+                pass
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            probe.skipped.add(rel, f"cannot read: {exc.strerror}")
+    return probe
 
 
 class _TarOut(Gather):
@@ -161,60 +234,234 @@ def _no_writers(fd: int) -> bool:
     return True
 
 
-def _add_dir(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
-             on_file: FileHook | None) -> None:
+def unrestorable(file_type: int) -> str | None:
+    """Why an entry of ``file_type`` (``stat.S_IFMT`` bits) cannot be restored, or None.
+
+    The one rule both directions follow: :func:`write_tree` skips (and reports) exactly what
+    this refuses, and extraction refuses the same, so whatever a backup stores restores.
+    Files, folders and symlinks (any target: links are data, never followed) are restored;
+    device nodes, FIFOs and sockets are not (recreating them is no upload's business).
+    """
+    if file_type in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+        return None
+    return _SPECIAL.get(file_type, "a special file")
+
+
+_SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+
+
+def _member_type(member: tarfile.TarInfo) -> int:
+    """The ``stat.S_IFMT`` kind a member would create (a hard link makes a regular file)."""
+    if member.isreg() or member.islnk():
+        return stat.S_IFREG
+    kinds = ((member.isdir, stat.S_IFDIR), (member.issym, stat.S_IFLNK),
+             (member.ischr, stat.S_IFCHR), (member.isblk, stat.S_IFBLK),
+             (member.isfifo, stat.S_IFIFO))
+    return next((kind for test, kind in kinds if test()), 0)
+
+
+def _walk(root: Path, skipped: Skipped, rel: str = ".") -> Iterator[tuple[str, int]]:
+    """Every entry below ``root`` a backup stores, folders before what they hold, as
+    ``(relative path, stat.S_IFMT kind)``. Entries that vanish meanwhile are left out (the
+    uploads folder is live); those that cannot be listed or examined, and kinds
+    :func:`unrestorable` refuses, are recorded in ``skipped``.
+
+    Raises:
+        ConexaError: ``root`` itself cannot be listed.
+    """
     path = root if rel == "." else root / rel
     try:
         names = sorted(os.listdir(path))
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ConexaError(f"cannot read uploads folder {path}: {exc.strerror}") from None
+        if rel == ".":  # nothing at all can be read: that is no backup of the uploads
+            raise ConexaError(f"cannot read uploads folder {path}: {exc.strerror}") from None
+        skipped.add(rel, f"cannot list folder: {exc.strerror}")
+        return
     for name in names:
-        child_rel = name if rel == "." else f"{rel}/{name}"
-        child = root / child_rel
+        child = name if rel == "." else f"{rel}/{name}"
         try:
-            info = tar.gettarinfo(str(child), arcname=child_rel)
+            kind = stat.S_IFMT(os.lstat(root / child).st_mode)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ConexaError(f"cannot read {child}: {exc.strerror}") from None
-        if info.isreg() or info.islnk():  # a second hard link is stored as content
-            _add_file(tar, child, info, stats, on_file)
-        elif info.isdir():
-            tar.addfile(info)
-            stats.dirs += 1
-            _add_dir(tar, root, child_rel, stats, on_file)
-        elif info.issym():
-            tar.addfile(info)
-            stats.symlinks += 1
-        else:
-            log.warning("%s: not a regular file, folder or symlink; skipped", child)
+            skipped.add(child, f"cannot read: {exc.strerror}")
+            continue
+        why = unrestorable(kind)
+        if why is not None:
+            skipped.add(child, f"{why}: cannot be restored")
+            continue
+        yield child, kind
+        if kind == stat.S_IFDIR:
+            yield from _walk(root, skipped, child)
+
+
+def _add_entry(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
+               on_entry: EntryHook | None) -> None:
+    """Store one entry (a folder's contents come next, from :func:`_walk`)."""
+    child = root / rel
+    try:
+        info = tar.gettarinfo(str(child), arcname=rel)
+    except FileNotFoundError:  # removed while we walk
+        return
+    except OSError as exc:
+        stats.skipped.add(rel, f"cannot read: {exc.strerror}")
+        return
+    if info.isreg() or info.islnk():  # a second hard link is stored as content
+        _add_file(tar, child, info, stats, on_entry)
+    elif info.isdir():
+        tar.addfile(info)
+        stats.dirs += 1
+    elif info.issym():
+        tar.addfile(info)
+        stats.symlinks += 1
+        if on_entry is not None:
+            on_entry(IndexEntry(rel, "symlink", target=info.linkname))
 
 
 def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: TreeStats,
-              on_file: FileHook | None) -> None:
-    if info.islnk():  # gettarinfo reports a second hard link as a link: store the content
+              on_entry: EntryHook | None) -> None:
+    """Store a regular file. One that cannot be opened is skipped and recorded; one that
+    fails while being read stops the run (half its bytes are already in the stream).
+
+    Raises:
+        ConexaError: reading an opened file failed.
+    """
+    hard_link = info.islnk()
+    if hard_link:  # gettarinfo reports a second hard link as a link: store the content
         info.type = tarfile.REGTYPE
         info.linkname = ""
-        info.size = path.stat().st_size
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below
+        if hard_link:
+            info.size = os.fstat(fh.fileno()).st_size
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
+        stats.skipped.add(info.name, f"cannot read: {exc.strerror}")
+        return
     with fh:
         padded = _PaddedFile(fh, info.size, str(path))
-        tar.addfile(info, padded)
+        try:
+            tar.addfile(info, padded)
+        except OSError as exc:
+            raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
     stats.files += 1
     stats.bytes += info.size
-    if on_file is not None:
-        on_file(info.name, info.size, padded.sha256.hexdigest())
+    if on_entry is not None:
+        on_entry(IndexEntry(info.name, "file", size=info.size,
+                            sha256=padded.sha256.hexdigest()))
+
+
+def _clean_name(name: str, what: str) -> str:
+    """``name`` (a member's path or a hard link's target) as a plain relative path.
+
+    Raises:
+        UnsafeArchiveError: it is empty, absolute or has a ``..`` part.
+    """
+    if name.startswith("/") or "\0" in name:
+        raise UnsafeArchiveError(f"refusing archive member {what!r}: absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(f"refusing archive member {what!r}: path contains '..'")
+    return "/".join(parts) or "."
+
+
+class _Extraction:
+    """Writes members into ``dest``: files and folders as they come, symlinks last.
+
+    Creating links only after every file and folder means nothing is ever written through
+    a link of the archive's own making (a member whose path passes through a link is refused
+    outright), so a link may point anywhere, exactly as stored.
+    """
+
+    def __init__(self, tar: tarfile.TarFile, dest: Path, stats: TreeStats) -> None:
+        self.tar, self.dest, self.stats = tar, dest, stats
+        self.links: dict[str, tarfile.TarInfo] = {}
+        self.dirs: list[tarfile.TarInfo] = []
+
+    def run(self) -> None:
+        for member in self.tar:
+            self.member(member)
+        for name, link in self.links.items():
+            self.symlink(name, link)
+        # Folder modes and times last (as tarfile does): creating entries changes them.
+        for folder in sorted(self.dirs, key=lambda m: m.name, reverse=True):
+            path = self.dest / folder.name
+            self.tar.chown(folder, path, numeric_owner=False)
+            self.tar.utime(folder, path)
+            self.tar.chmod(folder, path)
+
+    def _refuse(self, name: str, why: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(f"refusing archive member {name!r}: {why}")
+
+    def _check_path(self, raw: str, name: str, *, is_link: str = "stored twice") -> None:
+        """Refuse a path that passes through a symlink of this archive (or is one: ``is_link``
+        says why that is refused)."""
+        if not self.links:  # the usual case: no link read yet
+            return
+        parts = name.split("/")
+        for i in range(1, len(parts) + 1):
+            if "/".join(parts[:i]) in self.links:
+                raise self._refuse(raw, "its path passes through a symlink of the archive"
+                                   if i < len(parts) else is_link)
+
+    def member(self, member: tarfile.TarInfo) -> None:
+        name = _clean_name(member.name, member.name)
+        self._check_path(member.name, name)
+        why = unrestorable(_member_type(member))
+        if why is not None:
+            raise self._refuse(member.name, f"it is {why}")
+        if name == "." and not member.isdir():
+            raise self._refuse(member.name, "the archive's root is not a folder")
+        if member.issym():
+            self.links[name] = member  # created last, see the class docstring
+            self.stats.symlinks += 1
+            return
+        if member.islnk():
+            self._check_hardlink(member)
+        safe = _safe_member(tarcompat.replace(member, name=name), str(self.dest))
+        if safe.isdir():
+            tarcompat.extract(self.tar, safe, str(self.dest), set_attrs=False)
+            if name != ".":
+                self.stats.dirs += 1
+            self.dirs.append(safe)
+            return
+        tarcompat.extract(self.tar, safe, str(self.dest))  # checked above
+        if safe.isreg():
+            self.stats.files += 1
+            self.stats.bytes += safe.size
+
+    def _check_hardlink(self, member: tarfile.TarInfo) -> None:
+        """A hard link may only join a regular file already extracted here."""
+        target = _clean_name(member.linkname, member.name)
+        self._check_path(member.name, target, is_link="hard link to a symlink")
+        try:
+            ok = stat.S_ISREG((self.dest / target).lstat().st_mode)
+        except OSError:
+            ok = False
+        if not ok:
+            raise self._refuse(member.name, "hard link to something not extracted before it")
+
+    def symlink(self, name: str, link: tarfile.TarInfo) -> None:
+        path = self.dest / name
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            path.symlink_to(link.linkname)  # the text as stored, never resolved
+        except FileExistsError:
+            raise self._refuse(link.name, "stored twice") from None
+        self.tar.chown(link, path, numeric_owner=False)  # lchown for a link
+        os.utime(path, (link.mtime, link.mtime), follow_symlinks=False)
 
 
 def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """Refuse hazards (stdlib ``data`` filter), keep mode bits (minus set-id) and owners."""
+    """Refuse hazards (stdlib ``data`` filter), keep mode bits (minus set-id) and owners.
+
+    For files, folders and hard links only: the filter refuses symlinks that point out, which
+    :class:`_Extraction` recreates as stored.
+    """
     try:
         checked = tarcompat.data_filter(member, dest)
     except tarcompat.FILTER_ERRORS as exc:
@@ -230,51 +477,22 @@ def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 def extract_stream(stream: IO[bytes], dest: Path) -> TreeStats:
     """Extract a tar stream into the (new, empty) folder ``dest``; return what it held.
 
+    Symlinks are recreated exactly as stored, after everything else (see :class:`_Extraction`).
+
     Raises:
-        UnsafeArchiveError: a member would escape ``dest`` or is a device file.
+        UnsafeArchiveError: a member would be written outside ``dest`` or through a link, or
+        is a kind :func:`unrestorable` refuses (a device file, a FIFO).
         IntegrityError/ConexaError: the stream is not a valid tar archive.
     """
     dest.mkdir(mode=0o700, parents=False, exist_ok=True)
     stats = TreeStats()
-    dest_str = str(dest.resolve())
-
-    def count(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-        safe = _safe_member(member, path)
-        if safe.isreg():
-            stats.files += 1
-            stats.bytes += safe.size
-        elif safe.isdir() and safe.name not in (".", "./"):
-            stats.dirs += 1
-        elif safe.issym():
-            stats.symlinks += 1
-        return safe
-
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            _extract_all(tar, dest_str, count)
+            _Extraction(tar, dest.resolve(), stats).run()
     except tarfile.TarError as exc:
         raise IntegrityError(f"uploads archive is damaged: {exc}") from None
     return stats
 
-
-def _extract_all(tar: tarfile.TarFile, dest: str,
-                 check: Callable[[tarfile.TarInfo, str], tarfile.TarInfo]) -> None:
-    """``extractall`` with ``check`` as the filter, on every Python 3.11 (see tarcompat).
-
-    As ``extractall`` does, folders get their mode and times last, deepest first, so writing
-    into them neither fails nor changes their times.
-    """
-    folders: list[tarfile.TarInfo] = []
-    for member in tar:
-        safe = check(member, dest)
-        tarcompat.extract(tar, safe, dest, set_attrs=not safe.isdir())
-        if safe.isdir():
-            folders.append(safe)
-    for folder in sorted(folders, key=lambda m: m.name, reverse=True):
-        path = str(Path(dest, folder.name))
-        tar.chown(folder, path, numeric_owner=False)
-        tar.utime(folder, path)
-        tar.chmod(folder, path)
 
 
 def scan_tree(root: Path) -> TreeStats:

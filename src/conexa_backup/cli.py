@@ -384,7 +384,10 @@ def restore(
                               not no_safety_backup, source)
         with _session("restore", lock=True, alert="restore") as ctx:
             result = run_restore(ctx, opts)
+            result.fallbacks = [_redact(note) for note in result.fallbacks]  # storage errors
             _alert(ctx, events.restore_event(result))
+        for note in result.fallbacks:  # a damaged copy was passed over: say so, not only in logs
+            STATE.err.print(f"warning: {escape(note)}", highlight=False)
         _emit(as_json, lambda: render.restore_json(result),
               lambda c: render.restore_human(c, result))
     _guard(act)

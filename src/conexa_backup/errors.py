@@ -91,8 +91,17 @@ class IntegrityError(ConexaError):
     """Stored bytes do not match the manifest (size or SHA-256), or a restore check failed."""
 
 
-class UnsafeArchiveError(IntegrityError):
-    """An archive member would land outside its destination or is a device/special file."""
+class UnsafeArchiveError(ConexaError):
+    """An archive member would land outside its destination or is a device/special file.
+
+    Not an :class:`IntegrityError`: an intact copy can hold such a member (a backup written
+    by another tool); it is refused for what it is, never taken for a damaged copy.
+    """
+
+
+class UnusableCopyError(ConexaError):
+    """A copy whose stored bytes match its manifest but that cannot be restored here (a key
+    that does not fit, an archive member refused): not damaged, so never "no good copy"."""
 
 
 class PartialFailure(ConexaError):

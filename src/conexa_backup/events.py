@@ -29,9 +29,15 @@ def backup_event(result: BackupResult) -> Event:
 
 
 def restore_event(result: RestoreResult) -> Event:
-    return Event("restore", "success", f"backup {result.backup_id} restored",
+    """Restored; a copy passed over as damaged is named, with why, in ``details.fallbacks``
+    (one line of text, so that email and Slack show it too)."""
+    details = {"database": result.database, "uploads": str(result.uploads or "")}
+    if result.fallbacks:
+        details["fallbacks"] = "; ".join(result.fallbacks)
+    fell_back = " from a fallback copy" if result.fallbacks else ""
+    return Event("restore", "success", f"backup {result.backup_id} restored{fell_back}",
                  backup_id=result.backup_id, duration_seconds=round(result.seconds, 3),
-                 details={"database": result.database, "uploads": str(result.uploads or "")})
+                 details=details)
 
 
 def drill_event(results: Sequence[DrillResult]) -> Event:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -62,13 +63,57 @@ class DatabaseInfo(_Model):
     objects: dict[str, list[str]] = Field(default_factory=dict)
 
 
+class SkippedPath(_Model):
+    path: str  # relative to the uploads folder
+    reason: str  # "cannot read: Permission denied", "a FIFO: cannot be restored"...
+
+
 class UploadsInfo(_Model):
     path: str
     files: int
     bytes: int
     dirs: int
     symlinks: int
-    # An "uploads-index" artifact lists every file's path, size and SHA-256 (JSON lines).
+    # Entries not backed up (unreadable, or kinds a restore cannot recreate): all counted,
+    # the first ones named (the manifest stays small on a huge tree).
+    skipped: int = 0
+    skipped_paths: list[SkippedPath] = Field(default_factory=list)
+    # An "uploads-index" artifact lists every file (path, size, SHA-256) and symlink (path,
+    # target) as JSON lines: see IndexEntry.
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of the uploads index: a regular file or a symlink, as stored."""
+
+    path: str
+    type: Literal["file", "symlink"]
+    size: int | None = None  # files
+    sha256: str | None = None  # files
+    target: str | None = None  # symlinks: the link's text, exactly as stored
+
+    def to_line(self) -> bytes:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> IndexEntry:
+        """Parse one line; lines without ``type`` (indexes written before links were
+        recorded) are files.
+
+        Raises:
+            IntegrityError: not an index line.
+        """
+        try:
+            raw = json.loads(line)
+            kind = raw.get("type", "file")
+            if kind == "symlink":
+                return cls(str(raw["path"]), "symlink", target=str(raw["target"]))
+            if kind != "file":
+                raise ValueError(f"unknown type {kind!r}")
+            return cls(str(raw["path"]), "file", int(raw["size"]), str(raw["sha256"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"uploads index: unreadable line ({exc})") from None
 
 
 class Manifest(_Model):

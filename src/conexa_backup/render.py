@@ -253,7 +253,8 @@ def restore_json(r: RestoreResult) -> dict[str, Any]:
     return {"id": r.backup_id, "database": r.database, "previous_database": r.previous_database,
             "uploads": str(r.uploads) if r.uploads else None,
             "previous_uploads": str(r.previous_uploads) if r.previous_uploads else None,
-            "safety_backup_id": r.safety_backup_id, "duration_seconds": round(r.seconds, 3)}
+            "safety_backup_id": r.safety_backup_id, "duration_seconds": round(r.seconds, 3),
+            "fallbacks": r.fallbacks}
 
 
 class ProgressReporter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -45,7 +44,9 @@ from conexa_backup.manifest import (
     MANIFEST_NAME,
     Artifact,
     DatabaseInfo,
+    IndexEntry,
     Manifest,
+    SkippedPath,
     UploadsInfo,
     new_backup_id,
 )
@@ -515,22 +516,32 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
 
 
 def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
-    """The uploads tar, then its index: every file's path, size and SHA-256 (JSON lines),
-    so that a restore drill can prove each file came back. The index is spooled (memory up
-    to 1 MiB, then ``state_dir/staging``) while the tar streams."""
+    """The uploads tar, then its index: every file's path, size and SHA-256 and every
+    symlink's target (JSON lines), so that a restore drill can prove each came back. The
+    index is spooled (memory up to 1 MiB, then ``state_dir/staging``) while the tar streams.
+
+    Entries skipped (unreadable, or kinds no restore recreates) are recorded in the manifest
+    and make the run partial: one bad file never costs the database backup.
+    """
     with tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                        dir=str(ctx.state_dir("staging"))) as index:
-        def record(path: str, size: int, sha256: str) -> None:
-            line = {"path": path, "size": size, "sha256": sha256}
-            index.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+        def record(entry: IndexEntry) -> None:
+            index.write(entry.to_line())
 
         stats = run.store("uploads", "uploads.tar", "tar",
                           lambda out: archive.write_tree(root, out, record))
         index.seek(0)
         run.store("uploads-index", "uploads.index.jsonl", "jsonl",
                   lambda out: copy_stream(index, out))
+    skipped = stats.skipped
+    if skipped.count:
+        named = ", ".join(f"{path} ({why})" for path, why in skipped.listed[:3])
+        more = f" and {skipped.count - 3} more" if skipped.count > 3 else ""
+        run.warnings.append(f"uploads: {skipped.count} entr{'y' if skipped.count == 1 else 'ies'}"
+                            f" not backed up: {named}{more} (listed in the manifest)")
     return UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
-                       dirs=stats.dirs, symlinks=stats.symlinks)
+                       dirs=stats.dirs, symlinks=stats.symlinks, skipped=skipped.count,
+                       skipped_paths=[SkippedPath(path=p, reason=r) for p, r in skipped.listed])
 
 
 def _commit(run: _Run, manifest: Manifest) -> list[str]:

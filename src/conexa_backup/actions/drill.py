@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import secrets
 import shutil
@@ -31,7 +32,7 @@ from conexa_backup.actions.fetch import read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ConexaError, IntegrityError
-from conexa_backup.manifest import Manifest
+from conexa_backup.manifest import IndexEntry, Manifest
 from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
 from conexa_backup.scratch import scratch_name
@@ -181,13 +182,14 @@ def _uploads_steps(d: _Drill) -> None:
     def extract() -> str:
         folder["path"] = restore_uploads.extract(d.backup, d.workdir / "uploads",
                                                  d.copy.target.name, d.ctx.keys())
-        return f"{up.files} files, {up.bytes} bytes, SHA-256 of the archive verified"
+        return (f"{up.files} files, {up.bytes} bytes, {up.symlinks} symlinks, SHA-256 of the "
+                "archive verified")
 
     d.step("fetch and extract uploads", extract)
     d.step("uploads files", lambda: _check_files(d, folder["path"]), critical=False)
 
 
-def _index_entries(d: _Drill) -> Iterator[dict[str, object]]:
+def _index_entries(d: _Drill) -> Iterator[IndexEntry]:
     artifact = d.manifest.artifact("uploads-index")
     if artifact is None:
         return
@@ -196,26 +198,45 @@ def _index_entries(d: _Drill) -> Iterator[dict[str, object]]:
     read_plain(d.copy, d.backup.id, artifact, lambda plain: chunks.append(plain.read()),
                d.ctx.keys())
     for line in b"".join(chunks).splitlines():
-        yield json.loads(line)
+        yield IndexEntry.from_line(line)
 
 
 def _check_files(d: _Drill, root: Path) -> str:
+    """Every symlink's target, and the SHA-256 of every file (or a sample), against the
+    index recorded at backup time; the symlink count against the manifest."""
     entries = list(_index_entries(d))
     if not entries:
         return "no per-file index in this backup: count and bytes checked at extraction"
+    files = [e for e in entries if e.type == "file"]
+    links = [e for e in entries if e.type == "symlink"]
     sample = d.ctx.config.drill.uploads_sample
-    chosen = entries if not sample or sample >= len(entries) else \
-        random.SystemRandom().sample(entries, sample)
-    problems = []
+    chosen = files if not sample or sample >= len(files) else \
+        random.SystemRandom().sample(files, sample)
+    problems = [p for e in links if (p := _link_problem(root, e))]
     for entry in chosen:
-        path = root / str(entry["path"])
-        if not path.is_file():
-            problems.append(f"missing {entry['path']}")
-        elif path.stat().st_size != entry["size"] or hash_file(path) != entry["sha256"]:
-            problems.append(f"content differs: {entry['path']}")
+        path = root / entry.path
+        if path.is_symlink() or not path.is_file():
+            problems.append(f"missing {entry.path}")
+        elif path.stat().st_size != entry.size or hash_file(path) != entry.sha256:
+            problems.append(f"content differs: {entry.path}")
+    up = d.manifest.uploads
+    if links and up is not None and len(links) != up.symlinks:
+        problems.append(f"index lists {len(links)} symlinks, manifest says {up.symlinks}")
     restore_db.fail_if(problems, "restored uploads differ from the backup")
-    scope = "every file" if chosen is entries else f"a sample of {len(chosen)} of {len(entries)}"
-    return f"SHA-256 of {scope} matches"
+    scope = "every file" if chosen is files else f"a sample of {len(chosen)} of {len(files)}"
+    return f"SHA-256 of {scope} matches" + (
+        f"; {len(links)} symlinks with their targets" if links else "")
+
+
+def _link_problem(root: Path, entry: IndexEntry) -> str | None:
+    path = root / entry.path
+    if not path.is_symlink():
+        return f"missing symlink {entry.path}"
+    # os.readlink, not Path.readlink: the text exactly as stored (no normalising).
+    target = os.readlink(path)  # noqa: PTH115
+    if target != entry.target:
+        return f"symlink {entry.path} points to {target!r}, index says {entry.target!r}"
+    return None
 
 
 def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:

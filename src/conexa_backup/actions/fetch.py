@@ -18,12 +18,29 @@ from typing import IO, Any, BinaryIO, TypeVar
 
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.crypto import decrypt_to
-from conexa_backup.errors import ConexaError, IntegrityError, StorageError
+from conexa_backup.errors import (
+    ConexaError,
+    IntegrityError,
+    StorageError,
+    UnsafeArchiveError,
+    UnusableCopyError,
+)
 from conexa_backup.manifest import Artifact, Manifest
 from conexa_backup.pipeline import HashingReader, copy_stream, decompressing_reader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+INTACT = "stored bytes match the manifest"
+
+
+def _intact(reader: HashingReader, artifact: Artifact) -> bool:
+    """Whether the whole object (read to its end now) matches the manifest."""
+    try:
+        reader.check(artifact.size, artifact.sha256, "")
+    except IntegrityError:
+        return False
+    return True
 
 
 def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
@@ -31,18 +48,33 @@ def read_verified(copy: Copy, backup_id: str, artifact: Artifact,
     """Run ``consume`` on the artifact's stored bytes, then check size and SHA-256.
 
     ``consume`` must treat what it produced as provisional until this returns: on a mismatch
-    it raises after ``consume`` ran.
+    it raises after ``consume`` ran. When ``consume`` fails on what it read (undecryptable,
+    an unsafe archive member...), the rest is read too: a damaged copy is reported as
+    damaged (IntegrityError), an intact one with ``consume``'s reason as another error, so
+    that "no good copy" only ever means damaged or missing copies.
 
     Raises:
         IntegrityError: size or checksum differs. StorageError: the object cannot be read.
+        UnusableCopyError: ``consume``'s reason, when the stored bytes are intact.
+        ConexaError: ``consume``'s other errors.
     """
     where = f"target {copy.target.name!r}: {backup_id}/{artifact.name}"
     with copy.target.open(f"{backup_id}/{artifact.name}") as raw:
         reader = HashingReader(raw)
         try:
             result = consume(reader)  # type: ignore[arg-type]
-        except IntegrityError as exc:  # e.g. damaged compressed data: say which object
-            raise IntegrityError(f"{where}: {exc}") from None
+        except IntegrityError as exc:  # damaged compressed data, or a key that does not fit
+            if not _intact(reader, artifact):
+                raise IntegrityError(f"{where}: {exc}") from None
+            raise UnusableCopyError(f"{where} ({INTACT}): {exc}") from None
+        except (StorageError, LocalWriteError):
+            raise
+        except UnsafeArchiveError as exc:
+            reader.check(artifact.size, artifact.sha256, where)  # a damaged copy says so
+            raise UnusableCopyError(f"{where} ({INTACT}): {exc}") from None
+        except ConexaError:
+            reader.check(artifact.size, artifact.sha256, where)
+            raise
         reader.check(artifact.size, artifact.sha256, where)
     return result
 
@@ -64,7 +96,8 @@ def read_plain(copy: Copy, backup_id: str, artifact: Artifact,
     into a private temporary file, used only once decryption authenticated every byte.
 
     Raises:
-        IntegrityError: damaged, altered or undecryptable data. StorageError: unreadable.
+        IntegrityError: damaged or altered data. StorageError: unreadable.
+        UnusableCopyError: intact, but undecryptable here or holding an unsafe archive member.
     """
     if artifact.encryption is None:
         return read_verified(copy, backup_id, artifact, lambda raw: consume(
@@ -74,19 +107,27 @@ def read_plain(copy: Copy, backup_id: str, artifact: Artifact,
         read_verified(copy, backup_id, artifact,
                       lambda raw: decrypt_to(raw, plain, identities))
         plain.seek(0)
+        where = f"target {copy.target.name!r}: {backup_id}/{artifact.name}"
         try:
             return consume(decompressing_reader(plain, artifact.compression))
         except IntegrityError as exc:
-            raise IntegrityError(f"target {copy.target.name!r}: {backup_id}/{artifact.name}: "
-                                 f"{exc}") from None
+            raise IntegrityError(f"{where}: {exc}") from None
+        except UnsafeArchiveError as exc:  # authenticated by age: intact
+            raise UnusableCopyError(f"{where} ({INTACT}): {exc}") from None
 
 
 def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
-                    prefer: str | None = None) -> T:
+                    prefer: str | None = None, fallbacks: list[str] | None = None) -> T:
     """Call ``attempt`` on each complete copy until one succeeds.
 
+    A damaged, missing or unusable copy (IntegrityError, StorageError, UnusableCopyError)
+    makes it try the next; any other error is the restore's own and is raised as it is. When
+    a later copy succeeds, one line per copy passed over (which, why, and which copy was
+    used) goes to ``fallbacks``.
+
     Raises:
-        IntegrityError: every copy failed (the message lists why, per target).
+        IntegrityError: every copy is damaged or missing ("no good copy"; why, per target).
+        UnusableCopyError: no copy could be used, and some were intact (why, per target).
     """
     copies = backup.complete_copies
     if prefer is not None:
@@ -94,17 +135,27 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
         if not copies:
             raise IntegrityError(f"backup {backup.id} has no complete copy on target {prefer!r}")
     problems: list[str] = []
+    all_damaged = True
     for copy in copies:
         assert copy.manifest is not None
         try:
-            return attempt(copy, copy.manifest)
-        except (IntegrityError, StorageError) as exc:  # this copy is bad: try the next one
+            result = attempt(copy, copy.manifest)
+        except (IntegrityError, StorageError, UnusableCopyError) as exc:  # try the next one
+            all_damaged = all_damaged and not isinstance(exc, UnusableCopyError)
             copy.seen_bad(exc)  # status, list and prune must know, not only this run's log
             where = f"target {copy.target.name!r}"
             problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
-        log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
-                    problems[-1])
-    raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
+            log.warning("backup %s: copy on %r unusable: %s", backup.id, copy.target.name,
+                        problems[-1])
+            continue
+        if fallbacks is not None:
+            fallbacks += [f"backup {backup.id}: used the copy on {copy.target.name!r} because "
+                          f"{problem}" for problem in problems]
+        return result
+    if all_damaged:
+        raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
+    raise UnusableCopyError(f"backup {backup.id}: cannot be restored from any copy: "
+                            + "; ".join(problems))
 
 
 def save_verified(copy: Copy, backup_id: str, artifact: Artifact, dest: Path) -> None:

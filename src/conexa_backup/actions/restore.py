@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -48,6 +48,8 @@ class RestoreResult:
     previous_uploads: Path | None = None
     safety_backup_id: str | None = None
     seconds: float = 0.0
+    # Damaged copies passed over for a good one: which, and why (stderr and the event).
+    fallbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,7 +113,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
     Raises:
         UsageError: no such backup, or a destination that must not be overwritten.
-        IntegrityError: no copy of the backup restores to what its manifest recorded.
+        IntegrityError: every copy of the backup is damaged or missing ("no good copy").
+        UnusableCopyError: no copy could be restored, some being intact (each one's reason).
         ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
     """
     t0 = time.monotonic()
@@ -125,11 +128,11 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     staged_uploads: Path | None = None
     try:
         if plan.database is not None:
-            restored_db = _prepare_database(ctx, plan, opts)
+            restored_db = _prepare_database(ctx, plan, opts, result.fallbacks)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source,
-                                                     ctx.keys())
+                                                     ctx.keys(), result.fallbacks)
         with signals.held():  # the swap itself is never interrupted half-way
             _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
@@ -143,7 +146,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     return result
 
 
-def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
+def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
+                      fallbacks: list[str]) -> str:
     """Restore into the final name (side by side) or a temporary one (in place)."""
     assert plan.database is not None and plan.manifest.database is not None
     name = plan.database
@@ -151,7 +155,7 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions) -> str:
         name = restore_db.derived_name(plan.database, f"__restoring_{plan.backup.id}")
         restore_db.drop_database(ctx.db, name)  # a leftover of an interrupted restore of ours
     ctx.reporter.step("fetching database dump")
-    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source)
+    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, fallbacks)
     try:
         ctx.reporter.step(f"restoring database into {name!r}")
         restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)

@@ -55,7 +55,8 @@ def database_exists(info: ConnInfo, name: str) -> bool:
     return row is not None
 
 
-def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
+def fetch_dump(ctx: Context, backup: Backup, source: str | None,
+               fallbacks: list[str] | None = None) -> Path:
     """Decompress the database artifact of the first good copy into ``state_dir/staging``:
     a custom-format file, or a directory-format folder. Remove it with :func:`discard`.
 
@@ -87,7 +88,7 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None) -> Path:
             raise
         return staging
 
-    return from_first_good(backup, attempt, prefer=source)
+    return from_first_good(backup, attempt, prefer=source, fallbacks=fallbacks)
 
 
 def discard(dump: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from conexa_backup import archive
 from conexa_backup.actions.fetch import Keys, from_first_good, local_writes, read_plain
 from conexa_backup.catalog import Backup, Copy
-from conexa_backup.errors import ConexaError, IntegrityError, UsageError
+from conexa_backup.errors import ConexaError, UnusableCopyError, UsageError
 from conexa_backup.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,17 @@ def staging_path(dest: Path, backup_id: str) -> Path:
     return dest.parent / f".{dest.name}.restoring-{backup_id}"
 
 
-def extract(backup: Backup, dest: Path, source: str | None, keys: Keys) -> Path:
+def extract(backup: Backup, dest: Path, source: str | None, keys: Keys,
+            fallbacks: list[str] | None = None) -> Path:
     """Extract the uploads of the first good copy next to ``dest``; return the folder.
 
+    Copies skipped as damaged are reported in ``fallbacks`` (see ``from_first_good``).
+
     Raises:
-        IntegrityError: no copy extracts to what the manifest recorded.
-        UnsafeArchiveError: the archive tries to write outside its folder.
+        IntegrityError: every copy is damaged or missing.
+        UnusableCopyError: no copy could be used, some being intact: the archive tries to
+        write outside its folder or through a link, or extracts to other counts than its
+        manifest recorded, or cannot be decrypted here.
     """
     staging = staging_path(dest, backup.id)
     try:
@@ -50,16 +55,19 @@ def extract(backup: Backup, dest: Path, source: str | None, keys: Keys) -> Path:
                 stats = read_plain(copy, backup.id, artifact,
                                    lambda plain: archive.extract_stream(plain, staging), keys)
             expected = manifest.uploads
-            if (stats.files, stats.bytes) != (expected.files, expected.bytes):
-                raise IntegrityError(
-                    f"uploads from {copy.target.name!r}: {stats.files} files / {stats.bytes} "
-                    f"bytes, manifest says {expected.files} / {expected.bytes}")
+            got = (stats.files, stats.bytes, stats.symlinks)
+            if got != (expected.files, expected.bytes, expected.symlinks):
+                # The stored bytes were verified: not a damaged copy, so no "no good copy".
+                raise UnusableCopyError(
+                    f"uploads from {copy.target.name!r} (intact) extract to {got[0]} files / "
+                    f"{got[1]} bytes / {got[2]} symlinks, manifest says {expected.files} / "
+                    f"{expected.bytes} / {expected.symlinks}")
         except BaseException:
             remove_tree(staging)
             raise
         return staging
 
-    return from_first_good(backup, attempt, prefer=source)
+    return from_first_good(backup, attempt, prefer=source, fallbacks=fallbacks)
 
 
 def remove_tree(path: Path) -> None:

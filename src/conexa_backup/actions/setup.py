@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from conexa_backup import postgres
+from conexa_backup import archive, postgres
 from conexa_backup.actions.context import Context
 from conexa_backup.config.loading import seed_env_notes
 from conexa_backup.errors import ConexaError, UsageError
@@ -74,14 +74,24 @@ def _check_tools(ctx: Context) -> str:
 
 
 def _check_uploads(ctx: Context) -> str:
+    """Every folder listed and every file opened (a sample on huge trees), as a backup would.
+
+    Raises:
+        ConexaError: the folder is missing, or a backup would skip something in it.
+    """
     if ctx.config.uploads is None:
         return "no [uploads] configured: only the database is backed up"
     path = ctx.config.uploads.path
-    if not path.is_dir():
-        raise ConexaError(f"{path} does not exist or is not a folder")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise ConexaError(f"{path} is not readable")
-    return f"{path} readable"
+    probe = archive.probe_tree(path)  # really opens files: access() ignores ACLs, races...
+    scope = (f"opened all {probe.files} files" if probe.tried == probe.files else
+             f"opened a random sample of {probe.tried} of {probe.files} files")
+    skipped = probe.skipped
+    if skipped.count:
+        named = ", ".join(f"{p} ({why})" for p, why in skipped.listed[:5])
+        more = f" and {skipped.count - 5} more" if skipped.count > 5 else ""
+        raise ConexaError(f"{path}: {scope}; a backup would skip {skipped.count} "
+                          f"entr{'y' if skipped.count == 1 else 'ies'}: {named}{more}")
+    return f"{path} readable ({scope})"
 
 
 def _check_state_dir(ctx: Context) -> str:
