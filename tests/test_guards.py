@@ -132,8 +132,26 @@ def test_shrunken_uploads_folder_warns_against_the_previous_backup(ws: Any) -> N
     text = ws.config.read_text(encoding="utf-8")
     ws.config.write_text(text.replace("[uploads]\n", "[uploads]\nmax_shrink = 0.9\n"),
                          encoding="utf-8")
+    backup_ok(ws)  # the same drop since the first (trusted) backup is within 90%
+
+
+def test_a_shrunken_folder_warns_every_run_until_accepted(ws: Any) -> None:
+    """An unmounted volume left unmounted keeps warning (and holding the prune back) night
+    after night: a suspect backup is never the next one's yardstick. ``--accept-shrink``
+    takes the smaller tree as intended, and later backups are compared with it."""
+    first = backup_ok(ws)
     _remove_two_in_three(ws.uploads)
-    backup_ok(ws)
+
+    for _ in range(2):
+        code, result, stderr = _backup_json(ws)
+        assert code == 3, stderr
+        assert f"since backup {first}" in result["warnings"][0]
+        assert all(p["skipped"] for p in result["pruned"]), result["pruned"]
+
+    accepted = ws.run("backup", "--accept-shrink")
+    assert accepted.returncode == 0, accepted.stderr
+    assert "shrank" not in accepted.stderr
+    backup_ok(ws)  # compared with the accepted backup now
 
 
 def _uploads(files: int, nbytes: int) -> UploadsInfo:

@@ -308,12 +308,16 @@ def backup(
     target: TargetOpt = None,
     no_prune: Annotated[bool, typer.Option(
         "--no-prune", help="Do not apply retention after the backup.")] = False,
+    accept_shrink: Annotated[bool, typer.Option(
+        "--accept-shrink", help="The uploads folder shrank on purpose: no warning, and "
+        "later backups are compared with this one.")] = False,
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     def act() -> None:
         with _session("backup", lock=True, alert="backup") as ctx:
             try:
-                result = run_backup(ctx, target_names=target, prune=not no_prune)
+                result = run_backup(ctx, target_names=target, prune=not no_prune,
+                                    accept_shrink=accept_shrink)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)

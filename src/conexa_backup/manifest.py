@@ -78,6 +78,9 @@ class UploadsInfo(_Model):
     # the first ones named (the manifest stays small on a huge tree).
     skipped: int = 0
     skipped_paths: list[SkippedPath] = Field(default_factory=list)
+    # Why this tree looked wrong (empty, or shrunken since the last trusted backup): such a
+    # backup is never the one the next backup's tree is compared with.
+    suspect: str | None = None
     # An "uploads-index" artifact lists every file (path, size, SHA-256) and symlink (path,
     # target) as JSON lines: see IndexEntry.
 

@@ -120,6 +120,7 @@ class _Run:
     # The newest complete backup's uploads (id, info): what this run's uploads are held to.
     uploads_before: tuple[str, UploadsInfo] | None = None
     hold_prune: str | None = None  # why this run must not prune older backups
+    accept_shrink: bool = False  # the operator says a smaller uploads tree is intended
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -362,8 +363,12 @@ def run_backup(
     parts: Sequence[str] = PARTS,
     target_names: Sequence[str] | None = None,
     prune: bool = True,
+    accept_shrink: bool = False,
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
+
+    An uploads folder that is empty or shrank by more than ``max_shrink`` since the last
+    trusted backup is stored with a warning and holds pruning back, unless ``accept_shrink``.
 
     A target whose retention would not keep this backup (a monthly tier mid-month) is skipped.
     Whatever a failed run stored is removed again (it has no manifest and would only take
@@ -392,7 +397,7 @@ def run_backup(
                if ctx.config.encryption.recipients else [],
                signing_key=load_signing_key(ctx.config.signing.key_file)
                if ctx.config.signing.key_file else None)
-    run.uploads_before = _uploads_before(existing)
+    run.uploads_before, run.accept_shrink = _uploads_before(existing), accept_shrink
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:
@@ -431,22 +436,34 @@ def _prune_after(ctx: Context, run: _Run, stored: Sequence[str]) -> list[TargetP
 
 
 def _uploads_before(existing: Sequence[Backup]) -> tuple[str, UploadsInfo] | None:
-    """The newest complete backup that holds uploads: (its id, what its manifest says)."""
+    """The newest complete backup whose uploads are trusted: (its id, what its manifest says).
+
+    A backup that was itself suspect (empty or shrunken) is passed over, so an unmounted
+    volume keeps warning (and holding pruning back) every night until it is mounted again or
+    the operator accepts the smaller tree (``backup --accept-shrink``)."""
     for backup in reversed(existing):  # oldest first
         manifest = backup.manifest
-        if manifest is not None and manifest.uploads is not None:
+        if manifest is not None and manifest.uploads is not None \
+                and manifest.uploads.suspect is None:
             return backup.id, manifest.uploads
     return None
 
 
-def _check_uploads_shrink(run: _Run, now: UploadsInfo, max_shrink: float) -> None:
-    """A suspicious uploads folder (:func:`shrink_warning`) makes the run partial (exit 3) and
-    holds pruning back: the usual cause is a volume that is not mounted, and pruning would
-    then delete the backups that still hold the files."""
+def _check_uploads_shrink(run: _Run, now: UploadsInfo, max_shrink: float) -> UploadsInfo:
+    """``now``, marked suspect when the folder looks wrong (:func:`shrink_warning`): the run
+    is then partial (exit 3) and holds pruning back, since the usual cause is a volume that
+    is not mounted and pruning would delete the backups that still hold the files. With
+    ``accept_shrink`` the smaller tree is taken as intended (logged) and trusted from now on."""
     warning = shrink_warning(now, run.uploads_before, max_shrink)
-    if warning is not None:
-        run.warnings.append(warning + " (older backups are not pruned by this run)")
-        run.hold_prune = "the uploads folder looked empty or shrunken (see the backup's warnings)"
+    if warning is None:
+        return now
+    if run.accept_shrink:
+        log.warning("accepted with --accept-shrink: %s", warning)
+        return now
+    run.warnings.append(warning + " (older backups are not pruned by this run; "
+                        "`backup --accept-shrink` once if the change is intended)")
+    run.hold_prune = "the uploads folder looked empty or shrunken (see the backup's warnings)"
+    return now.model_copy(update={"suspect": warning})
 
 
 def shrink_warning(now: UploadsInfo, before: tuple[str, UploadsInfo] | None,
@@ -505,8 +522,8 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
             run.store("globals", "globals.sql", "sql", lambda out: _dump_globals(ctx, out))
     if "uploads" in parts and ctx.config.uploads is not None:
         ctx.reporter.step("archiving uploads")
-        uploads = _store_uploads(ctx, run, ctx.config.uploads.path)
-        _check_uploads_shrink(run, uploads, ctx.config.uploads.max_shrink)
+        uploads = _check_uploads_shrink(run, _store_uploads(ctx, run, ctx.config.uploads.path),
+                                        ctx.config.uploads.max_shrink)
     return Manifest(
         id=run.backup_id, kind=kind, tool_version=__version__,  # type: ignore[arg-type]
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
