@@ -355,6 +355,30 @@ def test_a_signal_inside_held_is_raised_as_the_block_ends() -> None:
     assert result.stdout.strip() == "['rest of the block', 'SIGINT']", result.stderr
 
 
+def test_a_signal_raised_at_once_supersedes_one_still_held() -> None:
+    """The window where held() has left its block but not yet raised what it held: a second
+    signal there is raised at once, and the first must not stay behind to be raised again
+    by the next held() block (in the middle of the cleanup the second one started)."""
+    result = _python(
+        "import os, signal\n"
+        "from conexa_backup import signals\n"
+        "signals.install()\n"
+        "steps = []\n"
+        "signals._pending = signal.SIGTERM  # held, the block's end not yet reached\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # outside any block: raised now\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    steps.append(exc.args[0])\n"
+        "try:\n"
+        "    with signals.held():  # the cleanup's next held() block\n"
+        "        pass\n"
+        "    steps.append('cleanup went on')\n"
+        "except KeyboardInterrupt as exc:\n"
+        "    steps.append('stale ' + exc.args[0])\n"
+        "print(steps)\n")
+    assert result.stdout.strip() == "['SIGINT', 'cleanup went on']", result.stderr
+
+
 def test_a_signal_during_start_up_exits_143_with_the_message(tmp_path: Path) -> None:
     """Held while the program imports, then raised: never a traceback nor a silent death."""
     proc = subprocess.Popen([sys.executable, "-m", "conexa_backup", "--version"],

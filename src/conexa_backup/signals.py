@@ -49,6 +49,10 @@ def _raise(signum: int, frame: object) -> None:
     if _held:
         _pending = signum  # raised as the held() block ends
         return
+    # Raised now, it supersedes one still held: a second signal landing just as held()
+    # leaves its block (after ``_held -= 1``, before the check) must not leave the first
+    # behind, to be raised by the next held() block, in the middle of the cleanup.
+    _pending = None
     raise Interrupted(signum)
 
 
