@@ -465,6 +465,14 @@ def test_absolute_member_refused(arena: tuple[Path, Path], tmp_path: Path) -> No
     assert escaped == []
 
 
+def test_nul_in_a_name_is_refused_as_such(arena: tuple[Path, Path]) -> None:
+    """Before: "absolute path", which it is not."""
+    info, data = _reg("x")
+    info.pax_headers = {"path": "evil\0name"}  # a pax record may hold a NUL; ustar names not
+    with pytest.raises(UnsafeArchiveError, match="NUL byte in its name"):
+        extract_stream(io.BytesIO(_tar([(info, data)])), arena[0])
+
+
 def test_links_inside_destination_are_fine(arena: tuple[Path, Path]) -> None:
     dest, _ = arena
     members = [_reg("docs/a.txt", b"A"), _link("docs/b.txt", "a.txt", tarfile.SYMTYPE),

@@ -1,10 +1,12 @@
 """The uploads folder as a tar stream, and its safe extraction.
 
 Archives are POSIX pax tar (GNU tar, bsdtar and Python read them): symlinks are stored as
-links, never followed; permissions, owners, mtimes, empty folders and non-ASCII names are kept.
-What cannot be read, and kinds a restore would refuse (:func:`unrestorable`), are skipped and
-recorded, never fatal. Extraction recreates every symlink exactly as stored (absolute,
-leaving the tree, dangling), after every file and folder, and refuses anything that would
+links, never followed (only the uploads folder itself may be a link to it: its root is the
+folder); permissions, owners, mtimes, empty folders and names are kept (non-ASCII and even
+non-UTF-8 ones, byte for byte). What cannot be read, and kinds a restore would refuse
+(:func:`unrestorable`), are skipped and recorded, never fatal.
+Extraction recreates every symlink exactly as stored (absolute, leaving the tree,
+dangling), after every file and folder, and refuses anything that would
 write outside the destination or through a link (absolute or ``..`` names, a path through a
 link, hard links to outside) and device files, using the stdlib's ``data`` filter for files
 and folders while keeping modes and owners (which that filter would discard).
@@ -27,7 +29,7 @@ from typing import IO, Any, BinaryIO
 
 from conexa_backup import tarcompat
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
-from conexa_backup.manifest import IndexEntry
+from conexa_backup.manifest import IndexEntry, shown_path
 from conexa_backup.pipeline import CHUNK, Gather, Sink
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,12 @@ class Skipped:
     listed: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, path: str, why: str) -> None:
+        """Count ``path``; name the first ones, printably (a name that is not UTF-8 with
+        ``\\xe9`` escapes: the manifest is JSON text)."""
         self.count += 1
         if len(self.listed) < SKIPPED_LISTED:
-            self.listed.append((path, why))
-            log.warning("uploads: %s: %s; skipped", path, why)
+            self.listed.append((shown_path(path), why))
+            log.warning("uploads: %s: %s; skipped", shown_path(path), why)
 
 
 @dataclass
@@ -189,9 +193,20 @@ def tar_writer(out: Sink, root: Path) -> Iterator[tarfile.TarFile]:
     with _ForgetfulTarFile(fileobj=buffered, mode="w",  # type: ignore[arg-type]  # write+tell
                            format=tarfile.PAX_FORMAT) as tar:
         tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
-        tar.addfile(tar.gettarinfo(str(root), arcname="."))
+        tar.addfile(_root_info(tar, root))
         yield tar
     buffered.flush()
+
+
+def _root_info(tar: tarfile.TarFile, root: Path) -> tarfile.TarInfo:
+    """``root`` as the member ``.``, from the folder itself: a root that is a link (an uploads
+    path linked to the real folder, ``/var/www/app/uploads -> /srv/uploads``) is followed, as
+    its listing is; only links below it are stored as links. A restore needs a folder there."""
+    tar.dereference = True
+    try:
+        return tar.gettarinfo(str(root), arcname=".")
+    finally:
+        tar.dereference = False
 
 
 def move_file(tar: tarfile.TarFile, path: Path, *, only_if_closed: bool = False) -> bool:
@@ -361,7 +376,9 @@ def _clean_name(name: str, what: str) -> str:
     Raises:
         UnsafeArchiveError: it is empty, absolute or has a ``..`` part.
     """
-    if name.startswith("/") or "\0" in name:
+    if "\0" in name:  # no file name holds one: the OS would cut the name there
+        raise UnsafeArchiveError(f"refusing archive member {what!r}: NUL byte in its name")
+    if name.startswith("/"):
         raise UnsafeArchiveError(f"refusing archive member {what!r}: absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
