@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -20,6 +21,10 @@ import pytest
 from conexa_backup.archive import (
     SKIPPED_LISTED,
     TreeStats,
+    _add_file,
+    _Entry,
+    _open_file,
+    _Replaced,
     extract_stream,
     move_file,
     probe_tree,
@@ -284,19 +289,26 @@ def test_file_instead_of_folder_raises(tmp_path: Path) -> None:
         write_tree(tmp_path / "file", io.BytesIO())
 
 
-def _race(monkeypatch: pytest.MonkeyPatch, victim: str, action: str) -> None:
-    """Right after ``victim`` is stat'ed for its tar header, delete or shrink it for real."""
+def _race(monkeypatch: pytest.MonkeyPatch, root: Path, victim: str, action: str) -> None:
+    """Delete ``victim`` for real after the walk saw it, before it is opened; or shrink it
+    right after its tar header is taken from the open file."""
+    if action == "delete":
+        original_open = os.open
+
+        def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+            if path == victim:
+                (root / victim).unlink()
+            return original_open(path, flags, mode, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", open_)
+        return
     original = tarfile.TarFile.gettarinfo
 
     def gettarinfo(self: tarfile.TarFile, name: str | None = None, arcname: str | None = None,
                    fileobj: object = None) -> tarfile.TarInfo:
         info = original(self, name, arcname, fileobj)  # type: ignore[arg-type]
         if arcname == victim:
-            path = Path(name or "")
-            if action == "delete":
-                path.unlink()
-            else:
-                path.write_bytes(b"tiny")
+            (root / victim).write_bytes(b"tiny")
         return info
 
     monkeypatch.setattr(tarfile.TarFile, "gettarinfo", gettarinfo)
@@ -309,7 +321,7 @@ def test_file_vanishing_during_walk_is_skipped(tmp_path: Path,
     (src / "a.txt").write_bytes(b"aaa")
     (src / "b.txt").write_bytes(b"bbbb")
     (src / "c.txt").write_bytes(b"cc")
-    _race(monkeypatch, "b.txt", "delete")
+    _race(monkeypatch, src, "b.txt", "delete")
     out = io.BytesIO()
     stats = write_tree(src, out)
     assert not (src / "b.txt").exists()
@@ -331,13 +343,65 @@ def test_entry_gone_before_stat_is_skipped(tmp_path: Path,
     assert (stats.files, stats.dirs) == (1, 0)
 
 
+def _add_swapped(tmp_path: Path, swap: str) -> tuple[TreeStats, bytes]:
+    """``_add_file`` on ``f.txt``, seen by the walk as a regular file, then replaced by a FIFO
+    (no writer: opening or reading it blocks forever) or a symlink to a file outside the tree.
+    Run in a thread, so that a regression fails instead of hanging the suite."""
+    src, outside = tmp_path / "src", tmp_path / "secret"
+    src.mkdir()
+    outside.write_bytes(b"secret")
+    (src / "f.txt").write_bytes(b"plain text")
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    entry = _Entry("f.txt", stat.S_IFMT(os.stat("f.txt", dir_fd=fd).st_mode), fd, "f.txt")
+    (src / "f.txt").unlink()
+    if swap == "fifo":
+        os.mkfifo(src / "f.txt")
+    else:
+        (src / "f.txt").symlink_to(outside)
+    stats, out = TreeStats(), io.BytesIO()
+    try:
+        with tar_writer(out, src) as tar:
+            worker = threading.Thread(target=_add_file, args=(tar, entry, stats, None),
+                                      daemon=True)
+            worker.start()
+            worker.join(timeout=30)
+            assert not worker.is_alive(), "blocked on the FIFO"
+    finally:
+        os.close(fd)
+    return stats, out.getvalue()
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlink"])
+def test_file_replaced_after_the_walk_saw_it_is_skipped(tmp_path: Path, swap: str) -> None:
+    """Before: the FIFO blocked the backup forever; the symlink was followed and the file
+    outside the tree stored as ``f.txt``."""
+    stats, data = _add_swapped(tmp_path, swap)
+    now = "a FIFO" if swap == "fifo" else "a symlink"
+    assert (stats.files, stats.skipped.count) == (0, 1)
+    assert stats.skipped.listed == [("f.txt", f"replaced while being read: now {now}")]
+    assert b"secret" not in data
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        assert tar.getnames() == ["."]
+
+
+def test_probe_does_not_block_on_a_fifo_or_follow_a_link(tmp_path: Path) -> None:
+    """What ``check`` opens is opened the same way (here: a FIFO and a link seen as files)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "pipe")
+    (src / "link").symlink_to(tmp_path)
+    for name in ("pipe", "link"):
+        with pytest.raises(_Replaced):
+            os.close(_open_file(src / name))
+
+
 def test_file_shrinking_during_read_keeps_archive_valid(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "big.bin").write_bytes(b"B" * 10_000)
     (src / "z.txt").write_bytes(b"after")
-    _race(monkeypatch, "big.bin", "shrink")
+    _race(monkeypatch, src, "big.bin", "shrink")
     out = io.BytesIO()
     stats = write_tree(src, out)
     assert (stats.files, stats.bytes) == (2, 10_005)
@@ -463,6 +527,14 @@ def test_absolute_member_refused(arena: tuple[Path, Path], tmp_path: Path) -> No
         for path in escaped:
             path.unlink()
     assert escaped == []
+
+
+def test_nul_in_a_name_is_refused_as_such(arena: tuple[Path, Path]) -> None:
+    """Before: "absolute path", which it is not."""
+    info, data = _reg("x")
+    info.pax_headers = {"path": "evil\0name"}  # a pax record may hold a NUL; ustar names not
+    with pytest.raises(UnsafeArchiveError, match="NUL byte in its name"):
+        extract_stream(io.BytesIO(_tar([(info, data)])), arena[0])
 
 
 def test_links_inside_destination_are_fine(arena: tuple[Path, Path]) -> None:

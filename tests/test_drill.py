@@ -451,14 +451,19 @@ def test_failing_check_query_fails_that_check_only(ws: Workspace, query: str,
     _assert_failed_at(ws, run, backup_id, f"check: {query}", _steps([CHECK, query]), expected)
 
 
-def test_file_missing_from_the_restored_uploads_fails(ws: Workspace) -> None:
+@pytest.mark.parametrize(("ghost", "shown"), [
+    ("2026/11/ghost-of-a-report.pdf", "2026/11/ghost-of-a-report.pdf"),
+    (os.fsdecode(b"2026/11/caf\xe9.pdf"), "2026/11/caf\\xe9.pdf"),  # a Latin-1 name
+], ids=["utf8", "latin1"])
+def test_file_missing_from_the_restored_uploads_fails(ws: Workspace, ghost: str,
+                                                      shown: str) -> None:
     """The index says a file was backed up that the archive does not hold: the manifest (the
-    unsigned commit marker) is rewritten to point at an index with one more entry."""
+    unsigned commit marker) is rewritten to point at an index with one more entry. A name
+    that is not UTF-8 is shown escaped (before: the JSON output failed on it)."""
     backup_id = _backup(ws)
     index = ws.backups / backup_id / "uploads.index.jsonl.zst"
     lines = zstandard.ZstdDecompressor().stream_reader(index.read_bytes()).read()
     assert lines.count(b'"type": "file"') == 60
-    ghost = "2026/11/ghost-of-a-report.pdf"
     entry = {"path": ghost, "size": 3, "sha256": hashlib.sha256(b"pdf").hexdigest()}
     data = zstandard.ZstdCompressor().compress(lines + json.dumps(entry).encode() + b"\n")
     index.write_bytes(data)
@@ -469,7 +474,7 @@ def test_file_missing_from_the_restored_uploads_fails(ws: Workspace) -> None:
 
     _rewrite_manifest(ws, backup_id, point_at_new_index)
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {ghost}"])
+    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {shown}"])
 
 
 def _links_leaving_the_tree(uploads: Path) -> dict[str, str]:

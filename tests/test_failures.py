@@ -700,6 +700,43 @@ def test_unreadable_upload_is_skipped_and_the_run_is_partial(shared_ws: Any,
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in ws.uploads.iterdir())
 
 
+def test_unreadable_upload_with_a_latin1_name_is_named_printably(shared_ws: Any,
+                                                                 tmp_path: Path) -> None:
+    """Before: the whole run failed after every upload had finished, on the manifest's JSON
+    ("surrogates not allowed"): the name is shown with \\xe9 escapes; its readable Latin-1
+    neighbour comes back under the same bytes."""
+    ws = shared_ws
+    (ws.uploads / os.fsdecode(b"caf\xe9.txt")).write_bytes(b"readable")
+    secret = ws.uploads / os.fsdecode(b"d\xe9p\xf4t.txt")
+    secret.write_bytes(b"unreadable")
+    subprocess.run(["chown", "--reference", str(ws.uploads), str(ws.uploads / os.fsdecode(
+        b"caf\xe9.txt")), str(secret)], check=True)
+    secret.chmod(0)
+    shown = {"d\\xe9p\\xf4t.txt": "cannot read: Permission denied"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ws.prefix, *cli_argv(ws, *args)], capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+                              env={**os.environ, "HOME": str(ws.state.parent)})
+
+    checked = run("check", "--json")
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    uploads = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "uploads")
+    assert "d\\xe9p\\xf4t.txt (cannot read: Permission denied)" in uploads["detail"], uploads
+    backup = run("backup", "--json")
+    assert backup.returncode == 3, backup.stdout + backup.stderr
+    report = json.loads(backup.stdout)
+    assert "d\\xe9p\\xf4t.txt (cannot read" in report["warnings"][0]
+    manifest = json.loads((ws.backups / report["id"] / "manifest.json").read_text())
+    assert {e["path"]: e["reason"] for e in manifest["uploads"]["skipped_paths"]} == shown
+    dest = tmp_path / "restored"
+    assert_ok(ws.run("restore", report["id"], "--only", "uploads", "--uploads-to", str(dest),
+                     "--yes"))
+    assert b"caf\xe9.txt" in os.listdir(os.fsencode(dest))
+    assert b"d\xe9p\xf4t.txt" not in os.listdir(os.fsencode(dest))
+    assert (dest / os.fsdecode(b"caf\xe9.txt")).read_bytes() == b"readable"
+
+
 # -- tracebacks are a choice -----------------------------------------------------------------
 
 def test_verbose_shows_the_traceback(ws: Any) -> None:

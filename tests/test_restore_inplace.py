@@ -138,3 +138,24 @@ def test_links_leaving_the_tree_come_back_in_place_exactly(ws: Workspace) -> Non
     assert tree_snapshot(ws.uploads) == before_tree
     assert {n: os.readlink(ws.uploads / n) for n in links} == links  # noqa: PTH115 - verbatim
     assert not (ws.root / "srv" / "nowhere").exists()  # nothing written through a link
+
+
+def test_uploads_path_that_is_a_link_is_restored_where_it_points(ws: Workspace) -> None:
+    """``[uploads] path`` is a link to the real folder on another volume: the restored tree
+    takes the real folder's place there, and the link stays. Before: the link was swapped for
+    a real folder beside it (the restored data on the link's volume) and kept as the old tree."""
+    real = ws.root / "volume" / "uploads"
+    real.parent.mkdir()
+    ws.uploads.rename(real)
+    ws.uploads.symlink_to(real)
+    before_tree = tree_snapshot(real)
+    backup_id = _backup(ws)
+    shutil.rmtree(real / "documentos")
+
+    result = ws.run("restore", backup_id, "--only", "uploads", "--yes", "--json")
+    assert result.returncode == 0, result.stderr
+    assert ws.uploads.is_symlink() and ws.uploads.resolve() == real
+    assert tree_snapshot(real) == before_tree
+    kept = json.loads(result.stdout)["previous_uploads"]
+    assert os.path.dirname(kept) == str(real.parent)  # noqa: PTH120 - a string from JSON
+    assert "documentos" not in os.listdir(kept)

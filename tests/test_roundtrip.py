@@ -179,3 +179,52 @@ def _tar_listing(path: Path) -> list[str]:
                              capture_output=True, text=True).stdout.splitlines()
     assert zstd.wait() == 0
     return listing
+
+
+def _round_trip_with_drill(ws: Workspace, restored: Path) -> str:
+    """Backup, ``restore --only uploads --uploads-to restored``, drill: each exits 0."""
+    result = ws.run("backup", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    backup_id: str = json.loads(result.stdout)["id"]
+    restore = ws.run("restore", backup_id, "--only", "uploads", "--uploads-to", str(restored),
+                     "--yes")
+    assert restore.returncode == 0, restore.stdout + restore.stderr
+    drill = ws.run("verify", "--drill", backup_id, "--json")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    return backup_id
+
+
+def test_names_that_are_not_utf8_round_trip(ws: Workspace, tmp_path: Path) -> None:
+    """Before: UnicodeEncodeError writing the uploads index: the whole backup failed, the
+    database included. A Latin-1 name comes back as the same bytes, and the drill finds it."""
+    folder, name = os.fsdecode(b"r\xe9sum\xe9s"), os.fsdecode(b"caf\xe9.txt")  # as os.listdir
+    (ws.uploads / folder).mkdir()
+    (ws.uploads / folder / name).write_bytes(b"latin-1 name")
+    (ws.uploads / os.fsdecode(b"lien-\xe9")).symlink_to(f"{folder}/{name}")
+    restored = tmp_path / "restored"
+    backup_id = _round_trip_with_drill(ws, restored)
+    assert tree_snapshot(restored) == tree_snapshot(ws.uploads)
+    assert b"r\xe9sum\xe9s" in os.listdir(os.fsencode(restored))  # the same bytes
+    assert os.listdir(os.fsencode(restored / folder)) == [b"caf\xe9.txt"]
+    assert (restored / folder / name).read_bytes() == b"latin-1 name"
+    assert os.fsencode((restored / os.fsdecode(b"lien-\xe9")).readlink()) == \
+        b"r\xe9sum\xe9s/caf\xe9.txt"
+    index = subprocess.run(["zstd", "-dc", str(ws.backups / backup_id / "uploads.index.jsonl.zst")],
+                           capture_output=True, check=True).stdout
+    assert b'"r\\udce9sum\\udce9s/caf\\udce9.txt"' in index  # ASCII, read back as the name
+
+
+def test_uploads_path_that_is_a_link_to_the_folder_round_trips(ws: Workspace,
+                                                               tmp_path: Path) -> None:
+    """``/var/www/app/uploads -> /srv/uploads``. Before: the archive's root was stored as that
+    link, and every restore refused it ("the archive's root is not a folder")."""
+    real = tmp_path / "real-uploads"
+    ws.uploads.rename(real)
+    ws.uploads.symlink_to(real)
+    restored = tmp_path / "restored"
+    _round_trip_with_drill(ws, restored)
+    assert tree_snapshot(restored) == tree_snapshot(real)
+    assert restored.is_dir() and not restored.is_symlink()
+    checked = ws.run("check", "--json")
+    uploads = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "uploads")
+    assert uploads["ok"] and f"a link to {real}" in uploads["detail"], uploads

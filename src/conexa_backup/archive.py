@@ -1,10 +1,13 @@
 """The uploads folder as a tar stream, and its safe extraction.
 
 Archives are POSIX pax tar (GNU tar, bsdtar and Python read them): symlinks are stored as
-links, never followed; permissions, owners, mtimes, empty folders and non-ASCII names are kept.
-What cannot be read, and kinds a restore would refuse (:func:`unrestorable`), are skipped and
-recorded, never fatal. Extraction recreates every symlink exactly as stored (absolute,
-leaving the tree, dangling), after every file and folder, and refuses anything that would
+links, never followed (only the uploads folder itself may be a link to it: its root is the
+folder); permissions, owners, mtimes, empty folders and names are kept (non-ASCII and even
+non-UTF-8 ones, byte for byte). Files are opened without following a link or waiting on a
+FIFO swapped in meanwhile. What cannot be read, and kinds a restore would refuse
+(:func:`unrestorable`), are skipped and recorded, never fatal.
+Extraction recreates every symlink exactly as stored (absolute, leaving the tree,
+dangling), after every file and folder, and refuses anything that would
 write outside the destination or through a link (absolute or ``..`` names, a path through a
 link, hard links to outside) and device files, using the stdlib's ``data`` filter for files
 and folders while keeping modes and owners (which that filter would discard).
@@ -13,6 +16,7 @@ and folders while keeping modes and owners (which that filter would discard).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -20,14 +24,14 @@ import os
 import secrets
 import stat
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, NamedTuple
 
 from conexa_backup import tarcompat
 from conexa_backup.errors import ConexaError, IntegrityError, UnsafeArchiveError
-from conexa_backup.manifest import IndexEntry
+from conexa_backup.manifest import IndexEntry, shown_path
 from conexa_backup.pipeline import CHUNK, Gather, Sink
 
 log = logging.getLogger(__name__)
@@ -44,10 +48,12 @@ class Skipped:
     listed: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, path: str, why: str) -> None:
+        """Count ``path``; name the first ones, printably (a name that is not UTF-8 with
+        ``\\xe9`` escapes: the manifest is JSON text)."""
         self.count += 1
         if len(self.listed) < SKIPPED_LISTED:
-            self.listed.append((path, why))
-            log.warning("uploads: %s: %s; skipped", path, why)
+            self.listed.append((shown_path(path), why))
+            log.warning("uploads: %s: %s; skipped", shown_path(path), why)
 
 
 @dataclass
@@ -66,27 +72,37 @@ EntryHook = Callable[[IndexEntry], None]  # each file (with its SHA-256) and sym
 
 
 class _PaddedFile:
-    """Reads exactly ``size`` bytes: zeros if the file shrank while we read it (like GNU tar).
+    """Reads exactly ``size`` bytes of the open file ``fd``: zeros if the file shrank while we
+    read it (like GNU tar). ``name`` and ``fileno()`` let ``gettarinfo`` fstat it.
 
     Hashes what it returns, so the uploads index records exactly what the archive holds.
     """
 
-    def __init__(self, raw: BinaryIO, size: int, path: str) -> None:
-        self._raw = raw
-        self._left = size
-        self._path = path
+    def __init__(self, fd: int, name: str) -> None:
+        self._fd = fd
+        self.name = name
+        self.left = 0  # bytes still to return: set from the header
         self.shrank = False
         self.sha256 = hashlib.sha256()
 
+    def fileno(self) -> int:
+        return self._fd
+
     def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._raw.read(n)
+        n = self.left if n < 0 else min(n, self.left)
+        data = os.read(self._fd, n)
+        while 0 < len(data) < n:  # a short read is not the end (network file systems)
+            more = os.read(self._fd, n - len(data))
+            if not more:
+                break
+            data += more
         if len(data) < n:
             if not self.shrank:
-                log.warning("%s: file shrank while being read; padded with zeros", self._path)
+                log.warning("%s: file shrank while being read; padded with zeros",
+                            shown_path(self.name))
             self.shrank = True
             data += b"\0" * (n - len(data))
-        self._left -= len(data)
+        self.left -= len(data)
         self.sha256.update(data)
         return data
 
@@ -106,9 +122,9 @@ def write_tree(root: Path, out: Sink, on_entry: EntryHook | None = None) -> Tree
     if not root.is_dir():
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
-    with tar_writer(out, root) as tar:
-        for rel, _ in _walk(root, stats.skipped):
-            _add_entry(tar, root, rel, stats, on_entry)
+    with tar_writer(out, root) as tar, contextlib.closing(_walk(root, stats.skipped)) as walk:
+        for entry in walk:
+            _add_entry(tar, root, entry, stats, on_entry)
     return stats
 
 
@@ -137,21 +153,23 @@ def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     probe = Probe()
     chosen: list[str] = []
-    for rel, kind in _walk(root, probe.skipped):
-        if kind != stat.S_IFREG:
-            continue
-        probe.files += 1
-        if len(chosen) < sample:
-            chosen.append(rel)
-        elif (slot := secrets.randbelow(probe.files)) < sample:  # reservoir sampling
-            chosen[slot] = rel
+    with contextlib.closing(_walk(root, probe.skipped)) as walk:
+        for entry in walk:
+            if entry.kind != stat.S_IFREG:
+                continue
+            probe.files += 1
+            if len(chosen) < sample:
+                chosen.append(entry.rel)
+            elif (slot := secrets.randbelow(probe.files)) < sample:  # reservoir sampling
+                chosen[slot] = entry.rel
     for rel in chosen:
         probe.tried += 1
         try:
-            with open(root / rel, "rb"):
-                pass
+            os.close(_open_file(root / rel))
         except FileNotFoundError:
             continue
+        except _Replaced as exc:
+            probe.skipped.add(rel, f"replaced while being examined: now {exc}")
         except OSError as exc:
             probe.skipped.add(rel, f"cannot read: {exc.strerror}")
     return probe
@@ -189,9 +207,20 @@ def tar_writer(out: Sink, root: Path) -> Iterator[tarfile.TarFile]:
     with _ForgetfulTarFile(fileobj=buffered, mode="w",  # type: ignore[arg-type]  # write+tell
                            format=tarfile.PAX_FORMAT) as tar:
         tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
-        tar.addfile(tar.gettarinfo(str(root), arcname="."))
+        tar.addfile(_root_info(tar, root))
         yield tar
     buffered.flush()
+
+
+def _root_info(tar: tarfile.TarFile, root: Path) -> tarfile.TarInfo:
+    """``root`` as the member ``.``, from the folder itself: a root that is a link (an uploads
+    path linked to the real folder, ``/var/www/app/uploads -> /srv/uploads``) is followed, as
+    its listing is; only links below it are stored as links. A restore needs a folder there."""
+    tar.dereference = True
+    try:
+        return tar.gettarinfo(str(root), arcname=".")
+    finally:
+        tar.dereference = False
 
 
 def move_file(tar: tarfile.TarFile, path: Path, *, only_if_closed: bool = False) -> bool:
@@ -249,6 +278,7 @@ def unrestorable(file_type: int) -> str | None:
 
 _SPECIAL = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+_KIND_NAMES = {**_SPECIAL, stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symlink"}
 
 
 def _member_type(member: tarfile.TarInfo) -> int:
@@ -261,29 +291,77 @@ def _member_type(member: tarfile.TarInfo) -> int:
     return next((kind for test, kind in kinds if test()), 0)
 
 
-def _walk(root: Path, skipped: Skipped, rel: str = ".") -> Iterator[tuple[str, int]]:
-    """Every entry below ``root`` a backup stores, folders before what they hold, as
-    ``(relative path, stat.S_IFMT kind)``. Entries that vanish meanwhile are left out (the
-    uploads folder is live); those that cannot be listed or examined, and kinds
-    :func:`unrestorable` refuses, are recorded in ``skipped``.
+class _Entry(NamedTuple):
+    """An entry the walk found: its path below the root, its ``stat.S_IFMT`` kind, and the
+    open folder holding it (valid until the walk moves on) with its name there."""
+
+    rel: str
+    kind: int
+    dir_fd: int
+    name: str
+
+
+# Files are opened where the walk found them (relative to their folder's fd), never through
+# a link (O_NOFOLLOW), and without waiting (O_NONBLOCK: a FIFO swapped in after the walk's
+# stat would block the open and every read; regular files ignore the flag), then fstat'ed.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY
+
+
+class _Replaced(Exception):
+    """A file the walk saw is now something else (a symlink, a FIFO...)."""
+
+
+def _open_file(path: str | Path, dir_fd: int | None = None) -> int:
+    """An fd of the regular file ``path`` (relative to ``dir_fd``), opened as
+    :data:`_FILE_FLAGS` says.
+
+    Raises:
+        _Replaced: it is a symlink or no longer a regular file.
+        OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise _Replaced("a symlink") from None
+        raise
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise _Replaced(_KIND_NAMES.get(kind, "a special file"))
+    return fd
+
+
+def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
+    """Every entry below ``root`` a backup stores, folders before what they hold. Entries that
+    vanish meanwhile are left out (the uploads folder is live); those that cannot be listed or
+    examined, and kinds :func:`unrestorable` refuses, are recorded in ``skipped``.
+
+    Each folder is opened once, without following a link (``root`` itself excepted: it may
+    be a link to the uploads folder), and what it holds is examined relative to it: a folder
+    swapped for a link meanwhile never leads the walk out of the tree.
 
     Raises:
         ConexaError: ``root`` itself cannot be listed.
     """
-    path = root if rel == "." else root / rel
     try:
-        names = sorted(os.listdir(path))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if rel == ".":  # nothing at all can be read: that is no backup of the uploads
-            raise ConexaError(f"cannot read uploads folder {path}: {exc.strerror}") from None
-        skipped.add(rel, f"cannot list folder: {exc.strerror}")
-        return
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        names = sorted(os.listdir(fd))
+    except OSError as exc:  # nothing at all can be read: that is no backup of the uploads
+        raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
+    try:
+        yield from _walk_folder(fd, ".", names, skipped)
+    finally:
+        os.close(fd)
+
+
+def _walk_folder(fd: int, rel: str, names: list[str], skipped: Skipped) -> Iterator[_Entry]:
+    """The entries ``names`` of the open folder ``fd`` (at ``rel``), and below them."""
     for name in names:
         child = name if rel == "." else f"{rel}/{name}"
         try:
-            kind = stat.S_IFMT(os.lstat(root / child).st_mode)
+            kind = stat.S_IFMT(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -293,24 +371,46 @@ def _walk(root: Path, skipped: Skipped, rel: str = ".") -> Iterator[tuple[str, i
         if why is not None:
             skipped.add(child, f"{why}: cannot be restored")
             continue
-        yield child, kind
+        yield _Entry(child, kind, fd, name)
         if kind == stat.S_IFDIR:
-            yield from _walk(root, skipped, child)
+            yield from _walk_subfolder(fd, name, child, skipped)
 
 
-def _add_entry(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
+def _walk_subfolder(parent: int, name: str, rel: str, skipped: Skipped) -> Iterator[_Entry]:
+    """What the folder ``name`` of the open folder ``parent`` holds: open for the walk there."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        skipped.add(rel, f"cannot list folder: {exc.strerror}")
+        return
+    try:
+        try:
+            names = sorted(os.listdir(fd))
+        except OSError as exc:
+            skipped.add(rel, f"cannot list folder: {exc.strerror}")
+            return
+        yield from _walk_folder(fd, rel, names, skipped)
+    finally:
+        os.close(fd)
+
+
+def _add_entry(tar: tarfile.TarFile, root: Path, entry: _Entry, stats: TreeStats,
                on_entry: EntryHook | None) -> None:
     """Store one entry (a folder's contents come next, from :func:`_walk`)."""
-    child = root / rel
-    try:
-        info = tar.gettarinfo(str(child), arcname=rel)
+    if entry.kind == stat.S_IFREG:
+        _add_file(tar, entry, stats, on_entry)
+        return
+    try:  # folders and links are not opened: their header says all
+        info = tar.gettarinfo(str(root / entry.rel), arcname=entry.rel)
     except FileNotFoundError:  # removed while we walk
         return
     except OSError as exc:
-        stats.skipped.add(rel, f"cannot read: {exc.strerror}")
+        stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
         return
-    if info.isreg() or info.islnk():  # a second hard link is stored as content
-        _add_file(tar, child, info, stats, on_entry)
+    if info is None:  # a socket now: gettarinfo has no header for it
+        stats.skipped.add(entry.rel, "replaced while being read")
     elif info.isdir():
         tar.addfile(info)
         stats.dirs += 1
@@ -318,40 +418,47 @@ def _add_entry(tar: tarfile.TarFile, root: Path, rel: str, stats: TreeStats,
         tar.addfile(info)
         stats.symlinks += 1
         if on_entry is not None:
-            on_entry(IndexEntry(rel, "symlink", target=info.linkname))
+            on_entry(IndexEntry(entry.rel, "symlink", target=info.linkname))
+    else:  # replaced by a file (stored next run) or a special file since the walk saw it
+        stats.skipped.add(entry.rel, "replaced while being read")
 
 
-def _add_file(tar: tarfile.TarFile, path: Path, info: tarfile.TarInfo, stats: TreeStats,
+def _add_file(tar: tarfile.TarFile, entry: _Entry, stats: TreeStats,
               on_entry: EntryHook | None) -> None:
-    """Store a regular file. One that cannot be opened is skipped and recorded; one that
-    fails while being read stops the run (half its bytes are already in the stream).
+    """Store a regular file, its header from the open file (what we store is what it held
+    when opened). One that cannot be opened, or is no longer a regular file, is skipped and
+    recorded; one that fails while being read stops the run (half its bytes are already in
+    the stream).
 
     Raises:
         ConexaError: reading an opened file failed.
     """
-    hard_link = info.islnk()
-    if hard_link:  # gettarinfo reports a second hard link as a link: store the content
-        info.type = tarfile.REGTYPE
-        info.linkname = ""
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
-        if hard_link:
-            info.size = os.fstat(fh.fileno()).st_size
+        fd = _open_file(entry.name, entry.dir_fd)
     except FileNotFoundError:
         return
-    except OSError as exc:
-        stats.skipped.add(info.name, f"cannot read: {exc.strerror}")
+    except _Replaced as exc:
+        stats.skipped.add(entry.rel, f"replaced while being read: now {exc}")
         return
-    with fh:
-        padded = _PaddedFile(fh, info.size, str(path))
-        try:
-            tar.addfile(info, padded)
-        except OSError as exc:
-            raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
+    except OSError as exc:
+        stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
+        return
+    try:
+        padded = _PaddedFile(fd, entry.rel)
+        # An fstat: gettarinfo needs only fileno() and name (the stubs want an IO).
+        info = tar.gettarinfo(arcname=entry.rel, fileobj=padded)  # type: ignore[arg-type]
+        if info.islnk():  # a second hard link (never, as tar forgets inodes): store content
+            info.type, info.linkname = tarfile.REGTYPE, ""
+        padded.left = info.size
+        tar.addfile(info, padded)
+    except OSError as exc:
+        raise ConexaError(f"cannot read {shown_path(entry.rel)}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     stats.files += 1
     stats.bytes += info.size
     if on_entry is not None:
-        on_entry(IndexEntry(info.name, "file", size=info.size,
+        on_entry(IndexEntry(entry.rel, "file", size=info.size,
                             sha256=padded.sha256.hexdigest()))
 
 
@@ -361,7 +468,9 @@ def _clean_name(name: str, what: str) -> str:
     Raises:
         UnsafeArchiveError: it is empty, absolute or has a ``..`` part.
     """
-    if name.startswith("/") or "\0" in name:
+    if "\0" in name:  # no file name holds one: the OS would cut the name there
+        raise UnsafeArchiveError(f"refusing archive member {what!r}: NUL byte in its name")
+    if name.startswith("/"):
         raise UnsafeArchiveError(f"refusing archive member {what!r}: absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:

@@ -9,6 +9,7 @@ taken in the dump's own snapshot, and what the uploads tree held.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -97,7 +98,9 @@ class IndexEntry:
 
     def to_line(self) -> bytes:
         data = {k: v for k, v in asdict(self).items() if v is not None}
-        return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+        # ASCII escapes: a name that is not UTF-8 (held as surrogate escapes, see os.fsdecode)
+        # is written as "\\udce9" and read back as the same str, which os functions accept.
+        return json.dumps(data).encode() + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> IndexEntry:
@@ -155,6 +158,12 @@ class Manifest(_Model):
         except (ValueError, ValidationError) as exc:
             first = str(exc).splitlines()[0]
             raise IntegrityError(f"{where}: invalid manifest ({first})") from None
+
+
+def shown_path(path: str) -> str:
+    """``path`` as printable text (for the manifest, messages and JSON): the bytes of a name
+    that is not UTF-8 as ``\\xe9`` escapes. Not for opening: the index keeps the real name."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def new_backup_id(now: datetime, taken: set[str]) -> str:

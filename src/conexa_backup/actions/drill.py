@@ -32,7 +32,7 @@ from conexa_backup.actions.fetch import read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ConexaError, IntegrityError
-from conexa_backup.manifest import IndexEntry, Manifest
+from conexa_backup.manifest import IndexEntry, Manifest, shown_path
 from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
 from conexa_backup.scratch import scratch_name
@@ -215,10 +215,11 @@ def _check_files(d: _Drill, root: Path) -> str:
     problems = [p for e in links if (p := _link_problem(root, e))]
     for entry in chosen:
         path = root / entry.path
+        # Names shown printably: one that is not UTF-8 would break the JSON and JUnit output.
         if path.is_symlink() or not path.is_file():
-            problems.append(f"missing {entry.path}")
+            problems.append(f"missing {shown_path(entry.path)}")
         elif path.stat().st_size != entry.size or hash_file(path) != entry.sha256:
-            problems.append(f"content differs: {entry.path}")
+            problems.append(f"content differs: {shown_path(entry.path)}")
     up = d.manifest.uploads
     if links and up is not None and len(links) != up.symlinks:
         problems.append(f"index lists {len(links)} symlinks, manifest says {up.symlinks}")
@@ -231,11 +232,12 @@ def _check_files(d: _Drill, root: Path) -> str:
 def _link_problem(root: Path, entry: IndexEntry) -> str | None:
     path = root / entry.path
     if not path.is_symlink():
-        return f"missing symlink {entry.path}"
+        return f"missing symlink {shown_path(entry.path)}"
     # os.readlink, not Path.readlink: the text exactly as stored (no normalising).
     target = os.readlink(path)  # noqa: PTH115
     if target != entry.target:
-        return f"symlink {entry.path} points to {target!r}, index says {entry.target!r}"
+        return (f"symlink {shown_path(entry.path)} points to {target!r}, "
+                f"index says {entry.target!r}")
     return None
 
 

@@ -82,6 +82,8 @@ def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
             uploads = opts.uploads_to
         elif ctx.config.uploads is not None:
             uploads = ctx.config.uploads.path
+            if uploads.is_symlink():  # backed up as the folder it points to: restored there
+                uploads = uploads.resolve()
         else:
             raise UsageError("no [uploads] path configured: pass --uploads-to DIR "
                              "or --only database")

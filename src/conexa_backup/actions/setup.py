@@ -91,7 +91,9 @@ def _check_uploads(ctx: Context) -> str:
         more = f" and {skipped.count - 5} more" if skipped.count > 5 else ""
         raise ConexaError(f"{path}: {scope}; a backup would skip {skipped.count} "
                           f"entr{'y' if skipped.count == 1 else 'ies'}: {named}{more}")
-    return f"{path} readable ({scope})"
+    # Followed by backups (the archive's root is the folder it points to): said, not refused.
+    link = f"; a link to {path.resolve()}, followed" if path.is_symlink() else ""
+    return f"{path} readable ({scope}){link}"
 
 
 def _check_state_dir(ctx: Context) -> str:
