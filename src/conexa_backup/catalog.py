@@ -21,7 +21,6 @@ from conexa_backup.errors import (
     IntegrityError,
     ObjectNotFoundError,
     StorageError,
-    UnsafeArchiveError,
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
@@ -29,6 +28,19 @@ from conexa_backup.state import Damage, atomic_write, checks, private_dir, recor
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
+
+
+def proves_damage(exc: BaseException) -> bool:
+    """Whether ``exc`` proves a copy's stored bytes bad: the one rule verify, drills and
+    restores use before recording a copy as damaged (``state.record_damaged``).
+
+    Yes for a size or checksum mismatch, corrupt data and restore checks against the manifest
+    (IntegrityError), and a missing object (ObjectNotFoundError). No for everything else: a
+    timeout or a 503 (StorageError), an archive refused for safety, a key that does not fit
+    (UnusableCopyError), a scratch server down, a full disk. Marking a good copy damaged on a
+    network blip would take it out of retention's protection and get it pruned.
+    """
+    return isinstance(exc, IntegrityError | ObjectNotFoundError)
 
 
 @dataclass
@@ -64,12 +76,11 @@ class Copy:
         return (self.damage.at, self.damage.why) if self.damage is not None else None
 
     def seen_bad(self, exc: Exception) -> None:
-        """Record that reading this copy found it corrupt or missing a file (``exc``), so
-        status, list and prune know before the next verify. Other failures (a network error,
-        an archive refused for safety) say nothing about the stored bytes; recording is best
+        """Record that reading this copy found it corrupt or missing a file (``exc``, see
+        :func:`proves_damage`), so status, list and prune know before the next verify. Other
+        failures say nothing about the stored bytes; recording is best
         effort and never hides the read's own error."""
-        if (self.state_dir is None or self.manifest is None or isinstance(exc, UnsafeArchiveError)
-                or not isinstance(exc, IntegrityError | ObjectNotFoundError)):
+        if self.state_dir is None or self.manifest is None or not proves_damage(exc):
             return
         try:
             record_damaged(self.state_dir, self.manifest.id, self.target.name, str(exc))
