@@ -115,6 +115,13 @@ class Backup:
         return [c for c in self.copies if c.state == "complete"]
 
     @property
+    def suspect(self) -> str | None:
+        """Why its uploads look wrong (an empty or shrunken folder: a volume not mounted),
+        as the backup recorded it; None when trusted."""
+        manifest = self.manifest
+        return manifest.uploads.suspect if manifest and manifest.uploads else None
+
+    @property
     def status(self) -> str:
         """damaged if any copy is (see :attr:`Copy.state`); else complete if a copy is;
         else incomplete."""
@@ -275,21 +282,48 @@ def refresh(backup: Backup, verifier: Any = None) -> None:
             log.warning("%s", exc)
 
 
-def resolve(backups: Sequence[Backup], ref: str) -> Backup:
-    """The complete backup named by ``ref``: an id, or ``latest`` (newest scheduled backup).
+def passed_over(backup: Backup) -> str | None:
+    """Why ``latest`` must not name this backup: every copy known damaged, or its uploads
+    suspect (restoring it would swap in an empty tree); None when it may."""
+    if not backup.good_copies:
+        return "every copy is damaged"
+    if backup.suspect is not None:
+        return f"its uploads are suspect ({backup.suspect})"
+    return None
 
-    ``latest`` skips safety backups (taken just before a restore, of the state being
-    replaced), so that ``restore latest`` run twice never restores the bad state.
+
+def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None) -> Backup:
+    """The complete backup named by ``ref``: an id, or ``latest``.
+
+    ``latest`` is the newest scheduled backup with a copy not known damaged and uploads not
+    suspect (:func:`passed_over`). It skips safety backups (taken just before a restore, of
+    the state being replaced), so that ``restore latest`` run twice never restores the bad
+    state. Each newer backup it passes over is logged and, with ``notes``, said there (one
+    line each: which and why), for the user to see.
 
     Raises:
-        UsageError: no such backup, or it has no complete copy.
+        UsageError: no such backup, or it has no complete copy; for ``latest``, no
+        scheduled backup that qualifies (name one by its id).
     """
     complete = [b for b in backups if b.complete_copies]
     if ref == "latest":
         scheduled = [b for b in complete if b.manifest and b.manifest.kind == "scheduled"]
         if not scheduled:
             raise UsageError("no complete backup found on any target")
-        return scheduled[-1]
+        skipped: list[str] = []
+        for backup in reversed(scheduled):
+            why = passed_over(backup)
+            if why is None:
+                break
+            skipped.append(f"latest: passed over backup {backup.id}: {why}")
+        else:
+            raise UsageError("no good backup to call 'latest': " + "; ".join(skipped),
+                             hint="name a backup by its id (see `conexa-backup list`)")
+        for line in skipped:
+            log.warning("%s", line)
+        if notes is not None:
+            notes += skipped
+        return backup
     for backup in backups:
         if backup.id == ref:
             problems = [c.problem for c in backup.copies if c.problem]

@@ -275,14 +275,15 @@ def _check_rto(seconds: float, objective: float) -> str:
     return verdict
 
 
-def run_drills(ctx: Context, ref: str, *, source: str | None = None,
-               all_targets: bool = False) -> list[DrillResult]:
+def run_drills(ctx: Context, ref: str, *, source: str | None = None, all_targets: bool = False,
+               notes: list[str] | None = None) -> list[DrillResult]:
     """Drill the copy on ``source`` (default: the first target holding one), or on every target.
+    Newer backups ``latest`` passed over (damaged or suspect) are said in ``notes``.
 
     Raises:
         UsageError: no such backup, or no complete copy on the named target.
     """
-    backup = ctx.resolve(ref, source)
+    backup = ctx.resolve(ref, source, notes)
     copies = backup.complete_copies
     if source is not None:
         copies = [c for c in copies if c.target.name == source]
