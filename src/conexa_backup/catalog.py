@@ -10,7 +10,7 @@ import base64
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,16 @@ from conexa_backup.errors import (
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
-from conexa_backup.state import Damage, atomic_write, checks, private_dir, record_damaged
+from conexa_backup.state import (
+    DAMAGED,
+    Checks,
+    Damage,
+    atomic_write,
+    checks,
+    forget_copies,
+    private_dir,
+    record_damaged,
+)
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
@@ -245,6 +254,8 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             log.warning("%s", exc)
             failed[target.name] = exc
             continue
+        if seen is not None and state_dir is not None:
+            _forget_gone(state_dir, seen, target.name, grouped)
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects, state_dir=state_dir,
                         damage=seen.damage(backup_id, target.name) if seen else None)
@@ -265,6 +276,19 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
     if unreachable is not None:
         unreachable.update({name: str(exc) for name, exc in failed.items()})
     return [backups[k] for k in sorted(backups, key=id_sort_key)]
+
+
+def _forget_gone(state_dir: Path, seen: Checks, target: str, listed: Iterable[str]) -> None:
+    """Drop the damage recorded for copies on ``target`` that its full listing no longer
+    shows (deleted outside the tool): a copy that is gone is not a damaged copy, and would
+    otherwise be counted (metrics, status) forever. Best effort: it is only a record."""
+    present = set(listed)
+    gone = [(i, t) for (i, t) in seen.damaged if t == target and i not in present]
+    if gone:
+        try:
+            forget_copies(state_dir, gone, records=[DAMAGED])
+        except OSError as exc:
+            log.warning("could not update the damaged-copies record: %s", exc)
 
 
 def refresh(backup: Backup, verifier: Any = None) -> None:
