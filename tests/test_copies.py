@@ -157,3 +157,30 @@ def test_seed_environment_variables_add_the_cloud_copies(
     # Clean up: these objects sit at the bucket root, shared with other tests' prefixes.
     backup_id = json.loads(result.stdout)["id"]
     assert ws.run("delete", backup_id, "--yes", env=env).returncode == 0
+
+
+def test_a_copy_that_cannot_be_read_is_not_marked_damaged_a_corrupt_one_is(
+        ws3: Workspace, s3_server: S3Server) -> None:
+    """One rule for "damaged" (catalog.proves_damage). Before: verify recorded damage for any
+    problem, so an S3 read refused (here InvalidObjectState: a lifecycle rule moved the dump
+    to Glacier; in the field a timeout or a 503) took a good copy out of retention's
+    protection."""
+    backup_id = str(_backup(ws3)["id"])
+    prefix = next(line.split('"')[1] for line in ws3.config.read_text().splitlines()
+                  if line.startswith("prefix = "))
+    key = f"{prefix}/{backup_id}/database.dump.zst"
+    s3_server.client().copy_object(Bucket=S3_BUCKET, Key=key, StorageClass="GLACIER",
+                                   CopySource={"Bucket": S3_BUCKET, "Key": key},
+                                   MetadataDirective="COPY")
+    _flip(ws3.backups / backup_id / "database.dump.zst")
+
+    verify = ws3.run("verify", "latest", "--json")
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    checks = {c["target"]: c for c in json.loads(verify.stdout)["checks"]}
+    assert not checks["s3"]["ok"] and "InvalidObjectState" in str(checks["s3"]["problems"])
+    assert not checks["local"]["ok"] and checks["gcs"]["ok"]
+
+    entry = json.loads(ws3.run("list", "--json").stdout)[0]
+    assert set(entry["damaged_targets"]) == {"local"}, entry  # the corrupt one only
+    assert "SHA-256" in entry["damaged_targets"]["local"]["why"]
+    assert entry["targets"] == ["s3", "gcs"]

@@ -34,7 +34,6 @@ from psycopg import sql
 from conexa_backup.actions import drill as drill_action
 from conexa_backup.actions.context import Context
 from conexa_backup.config import load_config
-from conexa_backup.errors import IntegrityError
 from conexa_backup.state import checks, verified
 from conexa_backup.testing.cluster import Cluster, find_bindir
 from conexa_backup.testing.emulators import GCSServer, S3Server
@@ -151,8 +150,10 @@ def _suite(run: DrillRun, target: str) -> ET.Element:
 
 
 def _assert_recorded(ws: Workspace, backup_id: str, target: str, ok: bool,
-                     result: dict[str, Any], *, listed: bool = True) -> None:
-    """drills.json (and ``list``, when ``listed``) say what the drill found."""
+                     result: dict[str, Any], *, listed: bool = True,
+                     damaged: bool = False) -> None:
+    """drills.json (and ``list``, when ``listed``) say what the drill found; ``damaged``:
+    the drill failed for a cause that proves the copy bad (catalog.proves_damage)."""
     history = json.loads((ws.state / "drills.json").read_text())["drills"]
     mine = [d for d in history if d["backup_id"] == backup_id and d["target"] == target]
     assert mine and mine[-1]["ok"] is ok
@@ -162,11 +163,12 @@ def _assert_recorded(ws: Workspace, backup_id: str, target: str, ok: bool,
         assert target in verified(ws.state).get(backup_id, {})
     else:  # a failed one proves nothing
         assert target not in verified(ws.state).get(backup_id, {})
-    # A copy that did not restore is damaged until a verify or drill passes; one that only
-    # restored slower than the RTO is not.
-    failed = [s["name"] for s in result["steps"] if not s["ok"] and s["name"] != RTO_STEP]
+    # A copy found bad is damaged until a verify or drill passes; one that failed for another
+    # cause (a role missing here, a check query, only slower than the RTO) is not.
+    failed = [s["name"] for s in result["steps"] if not s["ok"]]
+    assert [s["name"] for s in result["steps"] if s["damage"]] == (failed if damaged else [])
     damage = checks(ws.state).damage(backup_id, target)
-    assert (damage is not None) == bool(failed), damage
+    assert (damage is not None) == damaged, damage
     if damage is not None:
         assert damage.why.startswith(f"drill: {failed[0]}: "), damage
     if not listed:
@@ -175,8 +177,8 @@ def _assert_recorded(ws: Workspace, backup_id: str, target: str, ok: bool,
     entry = next(b for b in listing if b["id"] == backup_id)
     assert entry["drills"][target]["ok"] is ok
     assert entry["drills"][target]["at"] == result["started_at"]
-    assert (target in entry["damaged_targets"]) == bool(failed), entry
-    if failed:
+    assert (target in entry["damaged_targets"]) == damaged, entry
+    if damaged:
         assert entry["status"] == "damaged" and target not in entry["targets"]
         assert entry["damaged_targets"][target]["why"].startswith(f"drill: {failed[0]}: ")
         assert entry["damaged_targets"][target]["at"] >= result["started_at"][:19]
@@ -220,10 +222,11 @@ def _assert_passed(ws: Workspace, run: DrillRun, backup_id: str,
 
 def _assert_failed_at(ws: Workspace, run: DrillRun, backup_id: str, failed: str,
                       steps: Sequence[str], detail: Sequence[str], *,
-                      full: bool = False) -> str:
+                      full: bool = False, damaged: bool = True) -> str:
     """Exit 1; ``failed`` is the one failing step (its detail holding each of ``detail``);
     every other step in ``steps`` ran and passed; JUnit marks exactly that failure; the
-    result is recorded (with ``full``, also as ``list`` and ``status`` show it)."""
+    result is recorded (with ``full``, also as ``list`` and ``status`` show it), the copy
+    as damaged when ``damaged``."""
     target = "local"
     assert run.proc.returncode == 1, run.proc.stdout + run.proc.stderr
     assert run.report["ok"] is False and len(run.results) == 1
@@ -242,7 +245,7 @@ def _assert_failed_at(ws: Workspace, run: DrillRun, backup_id: str, failed: str,
     failure = failing[0].find("failure")
     assert failure is not None and failure.get("message") == message.splitlines()[0]
     assert failure.text == message  # the whole message (pg_restore context and all)
-    _assert_recorded(ws, backup_id, target, False, result, listed=full)
+    _assert_recorded(ws, backup_id, target, False, result, listed=full, damaged=damaged)
     if full:
         _assert_status_last_drill(ws, backup_id, target, False)
     beside = json.loads((ws.backups / backup_id / "drill.json").read_text())
@@ -448,7 +451,9 @@ def test_failing_check_query_fails_that_check_only(ws: Workspace, query: str,
     ws.write_config(_drill_toml([CHECK, query]))
     backup_id = _backup(ws)
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, f"check: {query}", _steps([CHECK, query]), expected)
+    # The dump restored as stored: a check the data fails says nothing about the copy.
+    _assert_failed_at(ws, run, backup_id, f"check: {query}", _steps([CHECK, query]), expected,
+                      damaged=False)
 
 
 @pytest.mark.parametrize(("ghost", "shown"), [
@@ -528,7 +533,8 @@ def test_pg_restore_error_fails_the_restore_with_its_stderr(ws: Workspace) -> No
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "restore database",
                       ["fetch database", "restore database", *UPLOADS_STEPS, RTO_STEP],
-                      ["pg_restore failed (exit 1)", "simulated restore error"])
+                      ["pg_restore failed (exit 1)", "simulated restore error"],
+                      damaged=False)
 
 
 def _backup_with_a_lost_owner(ws: Workspace) -> tuple[str, str]:
@@ -547,12 +553,14 @@ def _backup_with_a_lost_owner(ws: Workspace) -> tuple[str, str]:
 
 
 def test_real_restore_error_fails_the_restore_and_says_why(ws: Workspace) -> None:
+    """The stored dump is intact (its SHA-256 checked): a role missing on this server is not
+    the copy's fault, so the copy is not marked damaged. Before: any failed step marked it."""
     backup_id, role = _backup_with_a_lost_owner(ws)
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "restore database",
                       ["fetch database", "restore database", *UPLOADS_STEPS, RTO_STEP],
                       ["pg_restore failed (exit 1)", f'role "{role}" does not exist'],
-                      full=True)
+                      full=True, damaged=False)
 
 
 # -- the recovery time objective ----------------------------------------------------------------
@@ -560,7 +568,7 @@ def test_real_restore_error_fails_the_restore_and_says_why(ws: Workspace) -> Non
 def test_check_rto_passes_within_and_fails_beyond_the_objective() -> None:
     assert drill_action._check_rto(59.94, 60) == "59.9 s (objective 60 s)"
     assert drill_action._check_rto(60.0, 60).startswith("60.0 s")
-    with pytest.raises(IntegrityError, match=r"recovery took 61\.0 s .*RTO exceeded"):
+    with pytest.raises(drill_action.CheckFailed, match=r"recovery took 61\.0 s .*RTO exceeded"):
         drill_action._check_rto(61.0, 60)
 
 
@@ -580,7 +588,7 @@ def test_exceeded_rto_fails_the_recovery_time_step(ws: Workspace,
     run = DrillRun(subprocess.CompletedProcess([], 1, result.stdout, ""), report,
                    ET.parse(junit).getroot())  # noqa: S314 (ours)
     _assert_failed_at(ws, run, backup_id, RTO_STEP, _steps([CHECK]),
-                      ["RTO exceeded", "(objective 60 s)"])
+                      ["RTO exceeded", "(objective 60 s)"], damaged=False)
     assert run.results[0]["recovery_seconds"] > 60
     assert run.results[0]["rto_objective_seconds"] == 60
 
@@ -590,7 +598,7 @@ def test_rto_objective_in_seconds_end_to_end(ws: Workspace) -> None:
     ws.write_config(_drill_toml(rto_objective="1s"))
     _use_bin_dir(ws, _bin_dir(ws, 'sleep 2\nexec "$REAL" "$@"'))
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, RTO_STEP, _steps(), ["RTO exceeded"])
+    _assert_failed_at(ws, run, backup_id, RTO_STEP, _steps(), ["RTO exceeded"], damaged=False)
 
 
 # -- interrupted ----------------------------------------------------------------------------------

@@ -792,9 +792,6 @@ def test_restore_falls_back_to_the_good_copy(ws: Any, tmp_path: Path, damage: st
     else:
         with artifact.open("r+b") as fh:
             fh.truncate(artifact.stat().st_size // 2)
-    bad = ws.run("verify", backup_id)
-    assert bad.returncode == 1
-    assert "local" in bad.stdout and artifact.name in bad.stdout
 
     target, dest = f"{ws.dbname}_fallback", tmp_path / "fallback uploads"
     restored = ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
@@ -809,6 +806,17 @@ def test_restore_falls_back_to_the_good_copy(ws: Any, tmp_path: Path, damage: st
     event = runs(ws.state)[-1]
     assert event["kind"] == "restore" and event["outcome"] == "success"
     assert "fallback" in event["title"] and why in event["details"]["fallbacks"]
+    bad = ws.run("verify", backup_id)
+    assert bad.returncode == 1
+    assert "local" in bad.stdout and artifact.name in bad.stdout
+
+    # The copy is now known damaged: the next restore reads the good one first, with no
+    # download of the bad one and no fallback. Before: the damaged copy was always tried first.
+    again = ws.run("restore", backup_id, "--to-database", f"{target}_2", "--uploads-to",
+                   str(tmp_path / "again"), "--yes")
+    assert_ok(again)
+    assert "warning: " not in again.stderr, again.stderr
+    assert "fallback" not in runs(ws.state)[-1]["title"]
 
 
 # -- one line, once ----------------------------------------------------------------------------

@@ -107,6 +107,56 @@ def test_empty_uploads_folder_warns_and_holds_the_prune_back(ws: Any) -> None:
     assert complete_ids(ws) == [third]  # back to normal: the policy applies again
 
 
+def test_latest_passes_over_a_suspect_backup_and_prune_keeps_the_last_good_one(
+        ws: Any, tmp_path: Path) -> None:
+    """After a night with the uploads volume unmounted, ``restore latest`` restores the last
+    trusted backup (and says which it passed over), and a manual ``prune`` with
+    ``keep_last = 1`` keeps it. Before: ``latest`` was the empty backup, and prune deleted
+    the last backup holding the files."""
+    ws.write_config("[retention]\nkeep_last = 1\n")
+    first = backup_ok(ws)
+    shutil.rmtree(ws.uploads)
+    ws.uploads.mkdir()
+    code, result, stderr = _backup_json(ws)
+    assert code == 3, stderr
+    suspect = result["id"]
+
+    out = tmp_path / "restored"
+    restore = ws.run("restore", "latest", "--only", "uploads", "--uploads-to", str(out),
+                     "--json")
+    assert restore.returncode == 0, restore.stderr
+    assert json.loads(restore.stdout)["id"] == first
+    assert f"passed over backup {suspect}: its uploads are suspect" in restore.stderr
+    assert any(p.is_file() for p in out.rglob("*"))
+
+    pruned = ws.run("prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(complete_ids(ws)) == sorted([first, suspect])
+
+
+def test_latest_passes_over_a_backup_whose_every_copy_is_damaged(ws: Any,
+                                                                  tmp_path: Path) -> None:
+    """A verify found the newest backup's only copy corrupt: ``latest`` is the one before
+    (a download says so); with no good one left, ``latest`` is refused, not guessed."""
+    first = backup_ok(ws)
+    newest = backup_ok(ws)
+    dump = ws.backups / newest / "database.dump.zst"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    dump.write_bytes(bytes(data))
+    assert ws.run("verify", newest).returncode == 1
+
+    fetched = ws.run("download", "latest", "--to", str(tmp_path / "a"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip() == str(tmp_path / "a" / first)
+
+    (ws.backups / first / "database.dump.zst").write_bytes(b"gone bad")
+    assert ws.run("verify", first).returncode == 1
+    refused = ws.run("download", "latest", "--to", str(tmp_path / "b"))
+    assert_error(refused, 2, "no good backup to call 'latest'",
+                 f"passed over backup {newest}: every copy is damaged")
+
+
 def _remove_two_in_three(root: Path) -> None:
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
     for i, path in enumerate(files):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 from conexa_backup.testing.cluster import free_port
+from conexa_backup.testing.sample import make_uploads_tree
 
 # pytest-httpserver listens on "localhost" by default, which may resolve to ::1 first; its
 # session fixture reads this when first used, after collection.
@@ -562,3 +564,71 @@ def test_the_damage_record_is_cleared_by_a_pass_forgotten_with_the_copy_and_neve
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: record_damaged(tmp_path, i, "s3", "bad"), ids))
     assert {i for i, t in checks(tmp_path).damaged if t == "s3"} == set(ids)
+
+
+# -- stored with problems: warnings and suspect uploads show in every signal --------------------
+
+def test_a_backup_of_an_empty_uploads_folder_shows_in_list_status_metrics_and_report(
+        ws: Any, tmp_path: Path) -> None:
+    """Before: ``list`` said ``complete`` and nothing else, ``status`` stayed green (after a
+    drill), and neither the metrics nor the report said a word."""
+
+    prom = tmp_path / "conexa.prom"
+    ws.write_config(f'[monitoring]\nmetrics_file = "{prom}"\n')
+    good = backup(ws)
+    drill(ws)
+    assert status(ws)[0] == 0
+    shutil.rmtree(ws.uploads)
+    ws.uploads.mkdir()  # the volume is not mounted
+    run = ws.run("backup")
+    assert run.returncode == 3, run.stderr
+    suspect = run.stdout.strip().splitlines()[-1]
+
+    listing = {b["id"]: b for b in json.loads(ws.run("list", "--json").stdout)}
+    entry = listing[suspect]
+    assert entry["status"] == "complete"  # unchanged for existing consumers
+    assert len(entry["warnings"]) == 1 and "is empty" in entry["warnings"][0]
+    assert "is empty" in entry["suspect"] and entry["uploads_skipped"] == 0
+    assert (listing[good]["warnings"], listing[good]["suspect"]) == ([], None)
+    human = ws.run("list").stdout
+    assert "complete (suspect, 1 warning)" in human, human
+    assert f"{suspect}: warning: " in human and "is empty" in human, human
+
+    code, line, data = status(ws)
+    assert code == 1 and data["status"] == "WARNING", data
+    assert f"local: newest backup {suspect}: uploads suspect: " in line, line
+    assert data["last_backup"]["suspect"] == entry["suspect"]
+
+    samples = parse_textfile(prom.read_text())
+    assert samples["conexa_backup_last_backup_warnings"] == 1
+    report = ws.run("report", "--json")
+    assert report.returncode == 0, report.stderr
+    with_warnings = json.loads(report.stdout)["backups"]["with_warnings"]
+    assert [w["id"] for w in with_warnings] == [suspect]
+    assert f"{suspect} stored with 1 warning(s): " in ws.run("report").stdout
+
+    ws.uploads.rmdir()  # the volume is back: a clean backup clears it all
+    make_uploads_tree(ws.uploads, files=20, seed=3)
+    assert ws.run("backup", "--accept-shrink").returncode == 0
+    assert parse_textfile(prom.read_text())["conexa_backup_last_backup_warnings"] == 0
+    assert "uploads suspect" not in status(ws)[1]
+
+
+def test_a_damaged_copy_deleted_outside_the_tool_leaves_the_gauge(ws: Any, tmp_path: Path) -> None:
+    """Before: damaged.json kept the deleted copy, and the gauge counted it forever."""
+
+    prom = tmp_path / "conexa.prom"
+    ws.write_config(f'[monitoring]\nmetrics_file = "{prom}"\n')
+    backup(ws)
+    bad = backup(ws)
+    _flip_middle_byte(ws.backups / bad / "database.dump.zst")
+    assert ws.run("verify", bad).returncode == 1
+    assert parse_textfile(prom.read_text())[
+        'conexa_backup_target_damaged_copies{target="local"}'] == 1
+
+    shutil.rmtree(ws.backups / bad)  # an operator cleans up by hand
+    backup(ws)  # any run lists the target, then writes the metrics
+    assert parse_textfile(prom.read_text())[
+        'conexa_backup_target_damaged_copies{target="local"}'] == 0
+    assert not (ws.state / "damaged.json").exists() or \
+        bad not in json.loads((ws.state / "damaged.json").read_text())

@@ -10,7 +10,7 @@ import base64
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +21,35 @@ from conexa_backup.errors import (
     IntegrityError,
     ObjectNotFoundError,
     StorageError,
-    UnsafeArchiveError,
     UsageError,
 )
 from conexa_backup.manifest import ID_PATTERN, MANIFEST_NAME, OWNED_NAME, Manifest, id_sort_key
-from conexa_backup.state import Damage, atomic_write, checks, private_dir, record_damaged
+from conexa_backup.state import (
+    DAMAGED,
+    Checks,
+    Damage,
+    atomic_write,
+    checks,
+    forget_copies,
+    private_dir,
+    record_damaged,
+)
 from conexa_backup.storage.base import ObjectInfo, Target
 
 log = logging.getLogger(__name__)
+
+
+def proves_damage(exc: BaseException) -> bool:
+    """Whether ``exc`` proves a copy's stored bytes bad: the one rule verify, drills and
+    restores use before recording a copy as damaged (``state.record_damaged``).
+
+    Yes for a size or checksum mismatch, corrupt data and restore checks against the manifest
+    (IntegrityError), and a missing object (ObjectNotFoundError). No for everything else: a
+    timeout or a 503 (StorageError), an archive refused for safety, a key that does not fit
+    (UnusableCopyError), a scratch server down, a full disk. Marking a good copy damaged on a
+    network blip would take it out of retention's protection and get it pruned.
+    """
+    return isinstance(exc, IntegrityError | ObjectNotFoundError)
 
 
 @dataclass
@@ -64,12 +85,11 @@ class Copy:
         return (self.damage.at, self.damage.why) if self.damage is not None else None
 
     def seen_bad(self, exc: Exception) -> None:
-        """Record that reading this copy found it corrupt or missing a file (``exc``), so
-        status, list and prune know before the next verify. Other failures (a network error,
-        an archive refused for safety) say nothing about the stored bytes; recording is best
+        """Record that reading this copy found it corrupt or missing a file (``exc``, see
+        :func:`proves_damage`), so status, list and prune know before the next verify. Other
+        failures say nothing about the stored bytes; recording is best
         effort and never hides the read's own error."""
-        if (self.state_dir is None or self.manifest is None or isinstance(exc, UnsafeArchiveError)
-                or not isinstance(exc, IntegrityError | ObjectNotFoundError)):
+        if self.state_dir is None or self.manifest is None or not proves_damage(exc):
             return
         try:
             record_damaged(self.state_dir, self.manifest.id, self.target.name, str(exc))
@@ -102,6 +122,13 @@ class Backup:
     def good_copies(self) -> list[Copy]:
         """Complete copies not known to be damaged."""
         return [c for c in self.copies if c.state == "complete"]
+
+    @property
+    def suspect(self) -> str | None:
+        """Why its uploads look wrong (an empty or shrunken folder: a volume not mounted),
+        as the backup recorded it; None when trusted."""
+        manifest = self.manifest
+        return manifest.uploads.suspect if manifest and manifest.uploads else None
 
     @property
     def status(self) -> str:
@@ -227,6 +254,8 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             log.warning("%s", exc)
             failed[target.name] = exc
             continue
+        if seen is not None and state_dir is not None:
+            _forget_gone(state_dir, seen, target.name, grouped)
         for backup_id, objects in grouped.items():
             copy = Copy(target, objects, state_dir=state_dir,
                         damage=seen.damage(backup_id, target.name) if seen else None)
@@ -249,6 +278,19 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
     return [backups[k] for k in sorted(backups, key=id_sort_key)]
 
 
+def _forget_gone(state_dir: Path, seen: Checks, target: str, listed: Iterable[str]) -> None:
+    """Drop the damage recorded for copies on ``target`` that its full listing no longer
+    shows (deleted outside the tool): a copy that is gone is not a damaged copy, and would
+    otherwise be counted (metrics, status) forever. Best effort: it is only a record."""
+    present = set(listed)
+    gone = [(i, t) for (i, t) in seen.damaged if t == target and i not in present]
+    if gone:
+        try:
+            forget_copies(state_dir, gone, records=[DAMAGED])
+        except OSError as exc:
+            log.warning("could not update the damaged-copies record: %s", exc)
+
+
 def refresh(backup: Backup, verifier: Any = None) -> None:
     """Re-read each copy's manifest from its target (not the cache): what a restore, download
     or drill relies on must be what is stored now."""
@@ -264,21 +306,48 @@ def refresh(backup: Backup, verifier: Any = None) -> None:
             log.warning("%s", exc)
 
 
-def resolve(backups: Sequence[Backup], ref: str) -> Backup:
-    """The complete backup named by ``ref``: an id, or ``latest`` (newest scheduled backup).
+def passed_over(backup: Backup) -> str | None:
+    """Why ``latest`` must not name this backup: every copy known damaged, or its uploads
+    suspect (restoring it would swap in an empty tree); None when it may."""
+    if not backup.good_copies:
+        return "every copy is damaged"
+    if backup.suspect is not None:
+        return f"its uploads are suspect ({backup.suspect})"
+    return None
 
-    ``latest`` skips safety backups (taken just before a restore, of the state being
-    replaced), so that ``restore latest`` run twice never restores the bad state.
+
+def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None) -> Backup:
+    """The complete backup named by ``ref``: an id, or ``latest``.
+
+    ``latest`` is the newest scheduled backup with a copy not known damaged and uploads not
+    suspect (:func:`passed_over`). It skips safety backups (taken just before a restore, of
+    the state being replaced), so that ``restore latest`` run twice never restores the bad
+    state. Each newer backup it passes over is logged and, with ``notes``, said there (one
+    line each: which and why), for the user to see.
 
     Raises:
-        UsageError: no such backup, or it has no complete copy.
+        UsageError: no such backup, or it has no complete copy; for ``latest``, no
+        scheduled backup that qualifies (name one by its id).
     """
     complete = [b for b in backups if b.complete_copies]
     if ref == "latest":
         scheduled = [b for b in complete if b.manifest and b.manifest.kind == "scheduled"]
         if not scheduled:
             raise UsageError("no complete backup found on any target")
-        return scheduled[-1]
+        skipped: list[str] = []
+        for backup in reversed(scheduled):
+            why = passed_over(backup)
+            if why is None:
+                break
+            skipped.append(f"latest: passed over backup {backup.id}: {why}")
+        else:
+            raise UsageError("no good backup to call 'latest': " + "; ".join(skipped),
+                             hint="name a backup by its id (see `conexa-backup list`)")
+        for line in skipped:
+            log.warning("%s", line)
+        if notes is not None:
+            notes += skipped
+        return backup
     for backup in backups:
         if backup.id == ref:
             problems = [c.problem for c in backup.copies if c.problem]

@@ -390,7 +390,7 @@ def restore(
             result = run_restore(ctx, opts)
             result.fallbacks = [_redact(note) for note in result.fallbacks]  # storage errors
             _alert(ctx, events.restore_event(result))
-        for note in result.fallbacks:  # a damaged copy was passed over: say so, not only in logs
+        for note in result.fallbacks:  # a damaged copy or backup passed over: say so, not only logs
             STATE.err.print(f"warning: {escape(note)}", highlight=False)
         _emit(as_json, lambda: render.restore_json(result),
               lambda c: render.restore_human(c, result))
@@ -449,8 +449,11 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
     if source and all_targets:
         raise UsageError("--from and --all-targets exclude each other")
     with _session("drill", lock=False, alert="drill") as ctx:
-        results = run_drills(ctx, ref, source=source, all_targets=all_targets)
+        notes: list[str] = []
+        results = run_drills(ctx, ref, source=source, all_targets=all_targets, notes=notes)
         _alert(ctx, events.drill_event(results))
+    for note in notes:  # "latest" passed over a damaged or suspect backup: say which
+        STATE.err.print(f"warning: {escape(note)}", highlight=False)
     if junit is not None:
         try:
             junit.write_text(render.drill_junit(results), encoding="utf-8")

@@ -117,6 +117,11 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
         "database_bytes": by_kind.get("database"),
         "uploads_bytes": by_kind.get("uploads"),
         "uploads_files": m.uploads.files if m and m.uploads else None,
+        # Stored, but with problems: the backup run's warnings (exit 3), files it could not
+        # read, and why its uploads look wrong (empty or shrunken), if they do.
+        "warnings": list(m.warnings) if m else [],
+        "uploads_skipped": m.uploads.skipped if m and m.uploads else 0,
+        "suspect": b.suspect,
         "targets": [c.target.name for c in b.good_copies],
         "damaged_targets": {c.target.name: {"at": why[0], "why": why[1]} for c in b.copies
                             if (why := c.why_damaged) is not None},
@@ -143,6 +148,10 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
         e = backup_entry(b, drills)
         created = (e["created_at"] or "-").replace("T", " ").rstrip("Z")[:19]
         status = e["status"] if e["status"] == "complete" else f"[yellow]{e['status']}[/]"
+        if e["status"] == "complete" and (e["suspect"] or e["warnings"]):
+            n = len(e["warnings"])
+            tags = ["suspect"] * bool(e["suspect"]) + [f"{n} warning{'s' * (n != 1)}"] * bool(n)
+            status = f"[yellow]complete ({', '.join(tags)})[/]"
         if e["damaged_targets"]:
             status = f"[red]damaged[/] ({', '.join(e['damaged_targets'])})"
         where = ", ".join(e["targets"]) or "-"
@@ -154,10 +163,15 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
                       status, proven)
     console.print(table)
     for b in reversed(backups):  # why, under the table: a reason does not fit in a column
-        for target, d in backup_entry(b)["damaged_targets"].items():
+        e = backup_entry(b)
+        for target, d in e["damaged_targets"].items():
             since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""
             console.print(f"{b.id} on {target}: damaged{since}: {d['why']}", markup=False,
                           highlight=False)
+        notes = [*e["warnings"], *([e["suspect"]] if e["suspect"] not in
+                                   (None, *e["warnings"]) else [])]
+        for note in notes:
+            console.print(f"{b.id}: warning: {note}", markup=False, highlight=False)
 
 
 def status_json(h: Health) -> dict[str, Any]:
@@ -366,6 +380,8 @@ def report_text(r: dict[str, Any]) -> str:
              f"backups: {b['runs']} runs, {b['success']} ok, {b['partial']} partial, "
              f"{b['failure']} failed"]
     lines += [f"  failed {f['time']}: {f['error']}" for f in b["failures"]]
+    lines += [f"  {w['id']} stored with {len(w['warnings'])} warning(s): {w['warnings'][0]}"
+              for w in b.get("with_warnings", []) if w["warnings"]]
     if b["sizes"]:
         lines.append("sizes: " + ", ".join(f"{s['id'][:8]} {human_bytes(s['bytes'])}"
                                            for s in b["sizes"][-14:]))

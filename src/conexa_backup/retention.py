@@ -12,8 +12,9 @@ Definitions (UTC throughout, from the backup id's timestamp):
   new backup per period and never one it would delete the next day, which is what choosing the
   newest would cause (it changes every day of the month). Safety backups (taken just before a
   restore) never represent a period.
-- A *damaged* copy (found bad by a verify, drill or restore: ``state.checks``) represents a
-  period only when the period has no good one; likewise ``keep_last`` and ``min_keep`` count
+- A *damaged* copy (found bad by a verify, drill or restore: ``state.checks``; or a backup
+  whose uploads were suspect: empty or shrunken) represents a period only when the period
+  has no good one; likewise ``keep_last`` and ``min_keep`` count
   good backups first and fall back to damaged ones only when there are too few good ones.
 - ``keep_daily = N`` keeps the representatives of the newest N days *that have a backup*
   (likewise weeks, months, years), so when backups stop, retention never runs out of days and
@@ -73,7 +74,7 @@ class Candidate:
     id: str
     complete: bool
     kind: str = "scheduled"
-    damaged: bool = False  # found bad by a verify, drill or restore, not verified since
+    damaged: bool = False  # found bad by a verify, drill or restore, or its uploads suspect
 
     @property
     def time(self) -> datetime:

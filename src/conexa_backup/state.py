@@ -124,11 +124,13 @@ def record_damaged(state_dir: Path, backup_id: str, target: str, why: str,
         write_json(state_dir / DAMAGED, data)
 
 
-def forget_copies(state_dir: Path, copies: Iterable[tuple[str, str]]) -> None:
+def forget_copies(state_dir: Path, copies: Iterable[tuple[str, str]],
+                  records: Iterable[str] = (VERIFIED, DAMAGED)) -> None:
     """Drop what checks found of copies (backup id, target) that were deleted: a deleted
-    copy is neither damaged nor the newest verified one on its target any more."""
+    copy is neither damaged nor the newest verified one on its target any more. ``records``:
+    which of the files (``DAMAGED`` alone for copies a listing no longer shows)."""
     copies = list(copies)
-    files = [state_dir / name for name in (VERIFIED, DAMAGED) if (state_dir / name).exists()]
+    files = [state_dir / name for name in records if (state_dir / name).exists()]
     if copies and files:
         with _locked(state_dir):
             for path in files:

@@ -441,7 +441,7 @@ def _uploads_before(existing: Sequence[Backup]) -> tuple[str, UploadsInfo] | Non
     A backup that was itself suspect (empty or shrunken) is passed over, so an unmounted
     volume keeps warning (and holding pruning back) every night until it is mounted again or
     the operator accepts the smaller tree (``backup --accept-shrink``)."""
-    for backup in reversed(existing):  # oldest first
+    for backup in reversed(existing):  # newest first: the nearest trusted yardstick
         manifest = backup.manifest
         if manifest is not None and manifest.uploads is not None \
                 and manifest.uploads.suspect is None:

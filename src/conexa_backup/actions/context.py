@@ -121,16 +121,18 @@ class Context:
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
                     cache=cache, verifier=self.verifier, state_dir=self.config.state_dir)
 
-    def resolve(self, ref: str, source: str | None = None) -> Backup:
+    def resolve(self, ref: str, source: str | None = None,
+                notes: list[str] | None = None) -> Backup:
         """The complete backup ``ref`` names (an id or ``latest``), its manifests re-read from
         the targets; ``source``, if given, must name a configured target holding a copy.
+        Newer backups ``latest`` passed over are said in ``notes`` (:func:`catalog.resolve`).
 
         Raises:
             UsageError: unknown target, no such backup, or no complete copy (on ``source``).
         """
         if source is not None:
             self.targets([source])  # an unknown name is a usage error
-        backup = resolve(self.scan(self.targets()), ref)
+        backup = resolve(self.scan(self.targets()), ref, notes)
         refresh(backup, self.verifier)
         if not backup.complete_copies:
             raise UsageError(f"backup {backup.id} has no usable copy left: "

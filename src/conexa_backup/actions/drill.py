@@ -29,9 +29,9 @@ from conexa_backup import postgres
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import read_plain
-from conexa_backup.catalog import Backup, Copy
+from conexa_backup.catalog import Backup, Copy, proves_damage
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError, IntegrityError
+from conexa_backup.errors import ConexaError
 from conexa_backup.manifest import IndexEntry, Manifest, shown_path
 from conexa_backup.pipeline import hash_file
 from conexa_backup.postgres import ConnInfo
@@ -48,6 +48,7 @@ class Step:
     ok: bool
     seconds: float
     detail: str
+    damage: bool = False  # it failed for a cause that proves the copy bad (proves_damage)
 
 
 @dataclass
@@ -65,9 +66,11 @@ class DrillResult:
 
     @property
     def damage(self) -> str | None:
-        """Why the copy did not restore (its failed steps), or None if it did. A recovery
-        that was only slower than the RTO restored everything: the copy is not damaged."""
-        failed = [s for s in self.steps if not s.ok and s.name != RTO_STEP]
+        """Why the copy is damaged (the steps that failed for a cause proving its stored
+        bytes bad: a checksum, a missing object, restored data that differs from the
+        manifest), or None. A scratch server down, a missing key, a full disk or a recovery
+        only slower than the RTO say nothing about the copy."""
+        failed = [s for s in self.steps if s.damage]
         if not failed:
             return None
         return "drill: " + "; ".join(f"{s.name}: {(s.detail.strip() or '?').splitlines()[0]}"
@@ -78,6 +81,11 @@ class DrillResult:
         data["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
         data["ok"] = self.ok
         return data
+
+
+class CheckFailed(ConexaError):
+    """A configured check query or the RTO failed: the backup restored as stored (its data
+    is what was dumped), so this says nothing about the copy being damaged."""
 
 
 class _Stop(Exception):
@@ -103,11 +111,14 @@ class _Drill:
         depends on it); other failures are recorded and the drill goes on."""
         self.ctx.reporter.step(f"drill {self.backup.id} on {self.copy.target.name}: {name}")
         t0 = time.monotonic()
+        damage = False
         try:
             detail, ok = action(), True
         except (ConexaError, psycopg.Error, OSError) as exc:
             detail, ok = str(exc).strip() or repr(exc), False  # whole: pg_restore's context
-        self.result.steps.append(Step(name, ok, round(time.monotonic() - t0, 3), detail))
+            damage = proves_damage(exc)
+        self.result.steps.append(Step(name, ok, round(time.monotonic() - t0, 3), detail,
+                                      damage))
         log.info("drill %s/%s: %s: %s (%s)", self.backup.id, self.copy.target.name, name,
                  "ok" if ok else "FAILED", detail)
         if not ok and critical:
@@ -169,7 +180,7 @@ def _run_check(info: ConnInfo, name: str, query: str, timeout: float) -> str:
         conn.execute(f"SET statement_timeout = {int(timeout * 1000)}")
         rows = conn.execute(query).fetchall()  # the admin's own SQL, from the config file
     if len(rows) != 1 or len(rows[0]) != 1 or rows[0][0] is not True:
-        raise IntegrityError(f"check returned {rows[:3]!r}, expected one true value")
+        raise CheckFailed(f"check returned {rows[:3]!r}, expected one true value")
     return "true"
 
 
@@ -262,18 +273,19 @@ def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:
 def _check_rto(seconds: float, objective: float) -> str:
     verdict = f"{seconds:.1f} s (objective {objective:.0f} s)"
     if seconds > objective:
-        raise IntegrityError(f"recovery took {verdict}: RTO exceeded")
+        raise CheckFailed(f"recovery took {verdict}: RTO exceeded")
     return verdict
 
 
-def run_drills(ctx: Context, ref: str, *, source: str | None = None,
-               all_targets: bool = False) -> list[DrillResult]:
+def run_drills(ctx: Context, ref: str, *, source: str | None = None, all_targets: bool = False,
+               notes: list[str] | None = None) -> list[DrillResult]:
     """Drill the copy on ``source`` (default: the first target holding one), or on every target.
+    Newer backups ``latest`` passed over (damaged or suspect) are said in ``notes``.
 
     Raises:
         UsageError: no such backup, or no complete copy on the named target.
     """
-    backup = ctx.resolve(ref, source)
+    backup = ctx.resolve(ref, source, notes)
     copies = backup.complete_copies
     if source is not None:
         copies = [c for c in copies if c.target.name == source]

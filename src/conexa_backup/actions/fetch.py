@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, TypeVar
 
-from conexa_backup.catalog import Backup, Copy
+from conexa_backup.catalog import Backup, Copy, proves_damage
 from conexa_backup.crypto import decrypt_to
 from conexa_backup.errors import (
     ConexaError,
@@ -118,30 +118,34 @@ def read_plain(copy: Copy, backup_id: str, artifact: Artifact,
 
 def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
                     prefer: str | None = None, fallbacks: list[str] | None = None) -> T:
-    """Call ``attempt`` on each complete copy until one succeeds.
+    """Call ``attempt`` on each complete copy until one succeeds: copies not known to be
+    damaged first (a known-damaged copy is tried only when every other one failed), in
+    target order otherwise.
 
-    A damaged, missing or unusable copy (IntegrityError, StorageError, UnusableCopyError)
-    makes it try the next; any other error is the restore's own and is raised as it is. When
-    a later copy succeeds, one line per copy passed over (which, why, and which copy was
-    used) goes to ``fallbacks``.
+    A damaged, missing, unreadable or unusable copy (IntegrityError, StorageError,
+    UnusableCopyError) makes it try the next; any other error is the restore's own and is
+    raised as it is. When a later copy succeeds, one line per copy passed over (which, why,
+    and which copy was used) goes to ``fallbacks``.
 
     Raises:
         IntegrityError: every copy is damaged or missing ("no good copy"; why, per target).
         UnusableCopyError: no copy could be used, and some were intact (why, per target).
+        StorageError: no copy could be used, and some could not be read (why, per target).
     """
-    copies = backup.complete_copies
+    # A known-damaged copy last: trying it first costs a full download before the fallback.
+    copies = sorted(backup.complete_copies, key=lambda c: c.state == "damaged")
     if prefer is not None:
         copies = [c for c in copies if c.target.name == prefer]
         if not copies:
             raise IntegrityError(f"backup {backup.id} has no complete copy on target {prefer!r}")
     problems: list[str] = []
-    all_damaged = True
+    errors: list[Exception] = []
     for copy in copies:
         assert copy.manifest is not None
         try:
             result = attempt(copy, copy.manifest)
         except (IntegrityError, StorageError, UnusableCopyError) as exc:  # try the next one
-            all_damaged = all_damaged and not isinstance(exc, UnusableCopyError)
+            errors.append(exc)
             copy.seen_bad(exc)  # status, list and prune must know, not only this run's log
             where = f"target {copy.target.name!r}"
             problems.append(str(exc) if where in str(exc) else f"{where}: {exc}")
@@ -152,8 +156,11 @@ def from_first_good(backup: Backup, attempt: Callable[[Copy, Manifest], T],
             fallbacks += [f"backup {backup.id}: used the copy on {copy.target.name!r} because "
                           f"{problem}" for problem in problems]
         return result
-    if all_damaged:
+    if all(proves_damage(e) for e in errors):
         raise IntegrityError(f"backup {backup.id}: no good copy: " + "; ".join(problems))
+    if not any(isinstance(e, UnusableCopyError) for e in errors):  # a network error, a 503...
+        raise StorageError(", ".join(c.target.name for c in copies),
+                           f"backup {backup.id}: no copy could be read: " + "; ".join(problems))
     raise UnusableCopyError(f"backup {backup.id}: cannot be restored from any copy: "
                             + "; ".join(problems))
 

@@ -15,7 +15,7 @@ from conexa_backup.actions.fetch import (
     read_verified,
     save_verified,
 )
-from conexa_backup.catalog import Backup, Copy, resolve
+from conexa_backup.catalog import Backup, Copy, proves_damage, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
@@ -42,6 +42,7 @@ class CopyCheck:
     ok: bool
     problems: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    damage: list[str] = field(default_factory=list)  # the problems that prove the copy bad
 
 
 def _verify_copy(copy: Copy, backup_id: str) -> CopyCheck:
@@ -57,6 +58,8 @@ def _verify_copy(copy: Copy, backup_id: str) -> CopyCheck:
         except (IntegrityError, StorageError) as exc:
             check.ok = False
             check.problems.append(str(exc))
+            if proves_damage(exc):  # a timeout or a 503 says nothing about the stored bytes
+                check.damage.append(str(exc))
     return check
 
 
@@ -90,9 +93,9 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
             check = _verify_copy(copy, backup.id)
             if check.ok:  # the newest verified backup is protected from pruning
                 record_verified(ctx.state_dir(), backup.id, copy.target.name)
-            elif copy.manifest is not None:  # damaged until a later verify or drill passes
+            elif check.damage:  # damaged until a later verify or drill passes
                 record_damaged(ctx.state_dir(), backup.id, copy.target.name,
-                               "verify: " + "; ".join(check.problems))
+                               "verify: " + "; ".join(check.damage))
             results.append(check)
     for name, error in unreachable.items():  # a copy we cannot read is not a verified copy
         results.append(CopyCheck("-", name, ok=False, problems=[error]))

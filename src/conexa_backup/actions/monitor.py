@@ -2,10 +2,11 @@
 
 Status levels follow the Nagios plugin convention so ``status`` plugs into existing monitoring:
 OK (0); WARNING (1): no successful drill within ``max_drill_age``, a copy on a target is
-damaged (found bad by a verify, drill or restore, see ``Copy.state``), or the last backup run
-failed or was partial while copies are still fresh; CRITICAL (2): a target's newest *good*
-backup (complete, not damaged) is older than ``max_backup_age`` (or there is none); UNKNOWN (3):
-the state cannot be read (bad config, a target that cannot be listed).
+damaged (found bad by a verify, drill or restore, see ``Copy.state``), a target's newest
+backup was stored with warnings or suspect uploads (an empty or shrunken folder), or the last
+backup run failed or was partial while copies are still fresh; CRITICAL (2): a target's
+newest *good* backup (complete, not damaged) is older than ``max_backup_age`` (or there is
+none); UNKNOWN (3): the state cannot be read (bad config, a target that cannot be listed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
+from conexa_backup.manifest import Manifest
 from conexa_backup.state import atomic_write, checks, drills, runs
 
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
@@ -78,6 +80,18 @@ def damaged_copies(backups: Sequence[Backup], target: str | None = None) -> list
     return found
 
 
+def _stored_with_problems(backup: Backup, manifest: Manifest) -> str | None:
+    """Why a target's newest backup, though complete, needs a look: its uploads were suspect
+    (an empty or shrunken folder: a volume not mounted) or the run stored it with warnings
+    (files it could not read...); None when it was clean."""
+    if manifest.uploads is not None and manifest.uploads.suspect is not None:
+        return f"newest backup {backup.id}: uploads suspect: {manifest.uploads.suspect}"
+    if manifest.warnings:
+        more = f" (and {len(manifest.warnings) - 1} more)" if len(manifest.warnings) > 1 else ""
+        return f"newest backup {backup.id} has warnings: {manifest.warnings[0]}{more}"
+    return None
+
+
 def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
                    now: datetime) -> TargetHealth:
     mon = ctx.config.monitoring
@@ -86,6 +100,10 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
     if good and good[-1][1] is not None:
         health.newest_backup = good[-1][0].id
         health.backup_age_seconds = (now - good[-1][1].finished_at).total_seconds()
+    newest, manifest = good[-1] if good else (None, None)
+    if newest and manifest and (why := _stored_with_problems(newest, manifest)):
+        health.level = 1  # a green status after a backup of an empty folder would lie
+        health.problems.append(why)
     for d in health.damaged:  # a bad copy is worth a look even while a good one is fresh
         health.level = 1
         since = f" since {d['at'][:16].replace('T', ' ')}" if d["at"] else ""
@@ -195,6 +213,11 @@ def metrics_text(ctx: Context) -> str:
     gauge("last_backup_size_bytes", "Stored size of the last successful backup.",
           [("", float(last_ok["backup"]["size_bytes"]))]
           if "backup" in last_ok and last_ok["backup"].get("size_bytes") is not None else [])
+    last_backup = last.get("backup")
+    warned = (last_backup.get("details") or {}).get("warnings") if last_backup else None
+    gauge("last_backup_warnings", "Warnings of the last backup run: uploads empty or shrunken, "
+          "files it could not read (alert on > 0).",
+          [("", float(len(warned or [])))] if last_backup is not None else [])
     gauge("target_last_success_timestamp_seconds", "Last backup stored on each target.",
           [(f'{{target="{t}"}}', v) for t, v in per_target.items()])
     newest: dict[str, dict[str, Any]] = {str(d.get("target")): d
@@ -208,7 +231,8 @@ def metrics_text(ctx: Context) -> str:
           [(f'{{target="{t}"}}', (_parse_time(d.get("started_at")) or datetime.now(UTC))
             .timestamp()) for t, d in newest.items()])
     # From the record of copies seen bad (no listing: this runs after every run, also when a
-    # target is down); a copy leaves it when a verify or drill passes or it is deleted.
+    # target is down); a copy leaves it when a verify or drill passes, when it is deleted,
+    # and when a listing of its target (any scan: every run has one) no longer shows it.
     damaged = checks(ctx.config.state_dir).damaged
     gauge("target_damaged_copies", "Copies found bad by a verify, drill or restore and not "
           "verified since (alert on > 0).",
@@ -267,6 +291,9 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
                          for r in backups_made if r.get("outcome") == "failure"],
             "sizes": [{"id": b.id, "bytes": b.manifest.size_bytes} for b in in_period
                       if b.manifest],
+            "with_warnings": [{"id": b.id, "warnings": b.manifest.warnings,
+                               "suspect": b.suspect} for b in in_period
+                              if b.manifest and (b.manifest.warnings or b.suspect)],
         },
         "rpo": {"objective_seconds": parse_duration(mon.max_backup_age).total_seconds(),
                 "largest_gap_seconds": max(gaps) if gaps else None,

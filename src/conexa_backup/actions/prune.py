@@ -51,7 +51,10 @@ def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate],
             if not copy.owned_keys(backup.id):
                 continue  # only files we did not write: not a backup, nothing of ours to do
             kind = copy.manifest.kind if copy.manifest is not None else "scheduled"
-            cands.append(Candidate(backup.id, copy.complete, kind, copy.state == "damaged"))
+            # A suspect backup (uploads empty or shrunken: a volume not mounted) is as bad as
+            # a damaged copy: never the newest good one, nor a period's while a good one is.
+            bad = copy.state == "damaged" or backup.suspect is not None
+            cands.append(Candidate(backup.id, copy.complete, kind, bad))
             copies[backup.id] = copy
     return cands, copies
 

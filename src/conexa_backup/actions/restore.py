@@ -62,8 +62,8 @@ class _Plan:
     in_place_uploads: bool
 
 
-def _plan(ctx: Context, opts: RestoreOptions) -> _Plan:
-    backup = ctx.resolve(opts.ref, opts.source)
+def _plan(ctx: Context, opts: RestoreOptions, notes: list[str]) -> _Plan:
+    backup = ctx.resolve(opts.ref, opts.source, notes)
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
@@ -120,8 +120,9 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
         ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
     """
     t0 = time.monotonic()
-    plan = _plan(ctx, opts)
-    result = RestoreResult(plan.backup.id)
+    passed: list[str] = []  # newer backups ``latest`` passed over (damaged or suspect)
+    plan = _plan(ctx, opts, passed)
+    result = RestoreResult(plan.backup.id, fallbacks=passed)
     stamp = datetime.now(UTC).strftime(ID_FORMAT)
     if opts.safety_backup and (plan.in_place_db or plan.in_place_uploads):
         result.safety_backup_id = _safety_backup(ctx, plan)
