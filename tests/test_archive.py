@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import stat
@@ -14,10 +17,12 @@ import sys
 import tarfile
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conexa_backup import archive
 from conexa_backup.archive import (
     SKIPPED_LISTED,
     TreeStats,
@@ -421,6 +426,123 @@ def test_truncated_archive_is_an_error(archived: tuple[bytes, TreeStats],
 def test_garbage_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConexaError, match="damaged"):
         extract_stream(io.BytesIO(b"this is not a tar archive" * 100), tmp_path / "dest")
+
+
+# -- deep trees and headers taken where the walk is ----------------------------------------------
+
+def make_deep_tree(root: Path, depth: int) -> None:
+    """``root/a/a/.../a`` (``depth`` folders) with ``f.txt`` at the bottom, built one level at
+    a time relative to the previous level's fd (no path ever gets long)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", 0o750, dir_fd=fd)
+            sub = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+        os.write(out, b"deep")
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def remove_deep_tree(root: Path) -> None:
+    """Remove what :func:`make_deep_tree` made (and its copies), bottom up through fds: pytest
+    (``shutil.rmtree``) recurses once per level and would fail on it."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        while "a" in os.listdir(fds[-1]):
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("f.txt", dir_fd=fds[-1])
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir("a", dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.fixture
+def deep_trees(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """``src`` (1,000 folders deep) and ``dest``; removed after."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1000 + 64:  # the walk's depth limit
+        pytest.skip("open-file limit too low for 1,000 levels")
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_deep_tree(src, 1000)
+    try:
+        yield src, dest
+    finally:
+        for root in (src, dest):
+            if root.exists():
+                remove_deep_tree(root)
+
+
+def deep_snapshot(root: Path) -> dict[str, object]:
+    """``tree_snapshot``, which recurses once per level, with room for 1,000 of them (only
+    here: the walk under test must need none)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2_000)
+    try:
+        return dict(tree_snapshot(root))
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_tree_1000_folders_deep_round_trips(deep_trees: tuple[Path, Path]) -> None:
+    """Before: RecursionError at about 495 levels (two nested generators per level), and the
+    whole backup lost, database included. (Extraction takes ~25 s here: the stdlib's data
+    filter resolves every member's path, lstat-ing each of its parts.)"""
+    src, dest = deep_trees
+    out = io.BytesIO()
+    stats = write_tree(src, out)
+    assert (stats.files, stats.dirs, stats.skipped.count) == (1, 1000, 0)
+    probe = probe_tree(src)
+    assert (probe.files, probe.tried, probe.skipped.count) == (1, 1, 0)
+    extract_stream(io.BytesIO(out.getvalue()), dest)
+    assert deep_snapshot(dest) == deep_snapshot(src)
+
+
+def test_folders_past_the_depth_limit_are_stored_empty_and_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive, "MAX_DEPTH", 3, raising=False)  # before: no limit at all
+    src = tmp_path / "src"
+    make_deep_tree(src, 5)
+    expected = [("a/a/a/a", "cannot list folder: more than 3 levels deep")]
+    out = io.BytesIO()
+    stats = write_tree(src, out)
+    assert (stats.files, stats.dirs, stats.skipped.listed) == (0, 4, expected)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        assert tar.getnames() == [".", "a", "a/a", "a/a/a", "a/a/a/a"]
+    assert probe_tree(src).skipped.listed == expected
+
+
+def test_depth_limit_leaves_room_under_the_open_file_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive.resource, "getrlimit", lambda _which: (200, 4096))
+    assert archive._max_depth() == 200 - archive._FD_RESERVE
+    monkeypatch.setattr(archive.resource, "getrlimit",
+                        lambda _which: (archive.resource.RLIM_INFINITY,) * 2)
+    assert archive._max_depth() == archive.MAX_DEPTH
+
+
+def test_out_of_descriptors_skips_the_folder(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    make_deep_tree(src, 3)
+    original_open, full = os.open, (src / "a").stat()
+
+    def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if dir_fd is not None and os.path.samestat(os.fstat(dir_fd), full):  # opening a/a
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return original_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    stats = write_tree(src, io.BytesIO())
+    assert stats.dirs == 2
+    assert stats.skipped.listed == [("a/a", "cannot list folder: Too many open files")]
 
 
 # -- hostile archives ---------------------------------------------------------------------------

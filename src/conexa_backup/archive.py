@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import resource
 import secrets
 import stat
 import tarfile
@@ -333,6 +334,31 @@ def _open_file(path: str | Path, dir_fd: int | None = None) -> int:
     return fd
 
 
+MAX_DEPTH = 1000  # folder levels below the uploads folder listed at most (see _max_depth)
+_FD_RESERVE = 64  # descriptors the walk leaves free for the rest of the process
+
+
+def _max_depth() -> int:
+    """How deep the walk lists folders: :data:`MAX_DEPTH`, fewer when the open-file limit is
+    low. The walk keeps one fd open per level of the current path (that is what keeps it
+    inside the tree), so the depth must stay well under the soft ``RLIMIT_NOFILE``."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEPTH
+    return max(1, min(MAX_DEPTH, soft - _FD_RESERVE))
+
+
+@dataclass
+class _Level:
+    """One open folder on the walk's current path: its fd, path, sorted names, and the next
+    name to examine."""
+
+    fd: int
+    rel: str
+    names: list[str]
+    next: int = 0
+
+
 def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
     """Every entry below ``root`` a backup stores, folders before what they hold. Entries that
     vanish meanwhile are left out (the uploads folder is live); those that cannot be listed or
@@ -340,60 +366,81 @@ def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
 
     Each folder is opened once, without following a link (``root`` itself excepted: it may
     be a link to the uploads folder), and what it holds is examined relative to it: a folder
-    swapped for a link meanwhile never leads the walk out of the tree.
+    swapped for a link meanwhile never leads the walk out of the tree. The walk keeps an
+    explicit stack (no recursion: any depth), one open fd per level; a folder deeper than
+    :func:`_max_depth`, or one that cannot be opened for lack of descriptors, is stored
+    empty and recorded as skipped.
 
     Raises:
         ConexaError: ``root`` itself cannot be listed.
     """
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        names = sorted(os.listdir(fd))
     except OSError as exc:  # nothing at all can be read: that is no backup of the uploads
         raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
+    stack = [_Level(fd, ".", [])]
     try:
-        yield from _walk_folder(fd, ".", names, skipped)
-    finally:
-        os.close(fd)
-
-
-def _walk_folder(fd: int, rel: str, names: list[str], skipped: Skipped) -> Iterator[_Entry]:
-    """The entries ``names`` of the open folder ``fd`` (at ``rel``), and below them."""
-    for name in names:
-        child = name if rel == "." else f"{rel}/{name}"
         try:
-            kind = stat.S_IFMT(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-        except FileNotFoundError:
-            continue
+            stack[0].names = sorted(os.listdir(fd))
         except OSError as exc:
-            skipped.add(child, f"cannot read: {exc.strerror}")
-            continue
-        why = unrestorable(kind)
-        if why is not None:
-            skipped.add(child, f"{why}: cannot be restored")
-            continue
-        yield _Entry(child, kind, fd, name)
-        if kind == stat.S_IFDIR:
-            yield from _walk_subfolder(fd, name, child, skipped)
+            raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
+        depth_limit = _max_depth()
+        while stack:
+            level = stack[-1]
+            if level.next == len(level.names):
+                os.close(stack.pop().fd)
+                continue
+            name = level.names[level.next]
+            level.next += 1
+            entry = _examine(level, name, skipped)
+            if entry is None:
+                continue
+            yield entry
+            if entry.kind == stat.S_IFDIR:
+                if len(stack) > depth_limit:
+                    skipped.add(entry.rel, f"cannot list folder: more than {depth_limit} "
+                                "levels deep")
+                elif (sub := _open_folder(level.fd, name, entry.rel, skipped)) is not None:
+                    stack.append(sub)
+    finally:
+        for level in stack:
+            os.close(level.fd)
 
 
-def _walk_subfolder(parent: int, name: str, rel: str, skipped: Skipped) -> Iterator[_Entry]:
-    """What the folder ``name`` of the open folder ``parent`` holds: open for the walk there."""
+def _examine(level: _Level, name: str, skipped: Skipped) -> _Entry | None:
+    """The entry ``name`` of the open folder ``level``, or None when it vanished or is not
+    stored (then recorded in ``skipped``)."""
+    rel = name if level.rel == "." else f"{level.rel}/{name}"
+    try:
+        kind = stat.S_IFMT(os.stat(name, dir_fd=level.fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        skipped.add(rel, f"cannot read: {exc.strerror}")
+        return None
+    why = unrestorable(kind)
+    if why is not None:
+        skipped.add(rel, f"{why}: cannot be restored")
+        return None
+    return _Entry(rel, kind, level.fd, name)
+
+
+def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level | None:
+    """The folder ``name`` of the open folder ``parent``, opened and listed; None when it
+    vanished or cannot be (then recorded: also EMFILE/ENFILE, out of descriptors)."""
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         skipped.add(rel, f"cannot list folder: {exc.strerror}")
-        return
+        return None
     try:
-        try:
-            names = sorted(os.listdir(fd))
-        except OSError as exc:
-            skipped.add(rel, f"cannot list folder: {exc.strerror}")
-            return
-        yield from _walk_folder(fd, rel, names, skipped)
-    finally:
+        return _Level(fd, rel, sorted(os.listdir(fd)))
+    except OSError as exc:
         os.close(fd)
+        skipped.add(rel, f"cannot list folder: {exc.strerror}")
+        return None
 
 
 def _add_entry(tar: tarfile.TarFile, root: Path, entry: _Entry, stats: TreeStats,
