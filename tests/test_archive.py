@@ -26,8 +26,10 @@ from conexa_backup import archive
 from conexa_backup.archive import (
     SKIPPED_LISTED,
     TreeStats,
+    _add_entry,
     _add_file,
     _Entry,
+    _ForgetfulTarFile,
     _open_file,
     _Replaced,
     extract_stream,
@@ -307,16 +309,16 @@ def _race(monkeypatch: pytest.MonkeyPatch, root: Path, victim: str, action: str)
 
         monkeypatch.setattr(os, "open", open_)
         return
-    original = tarfile.TarFile.gettarinfo
+    original = _ForgetfulTarFile.header
 
-    def gettarinfo(self: tarfile.TarFile, name: str | None = None, arcname: str | None = None,
-                   fileobj: object = None) -> tarfile.TarInfo:
-        info = original(self, name, arcname, fileobj)  # type: ignore[arg-type]
-        if arcname == victim:
+    def header(self: _ForgetfulTarFile, name: str, st: os.stat_result,
+               linkname: str = "") -> tarfile.TarInfo:
+        info = original(self, name, st, linkname)
+        if name == victim:
             (root / victim).write_bytes(b"tiny")
         return info
 
-    monkeypatch.setattr(tarfile.TarFile, "gettarinfo", gettarinfo)
+    monkeypatch.setattr(_ForgetfulTarFile, "header", header)
 
 
 def test_file_vanishing_during_walk_is_skipped(tmp_path: Path,
@@ -543,6 +545,62 @@ def test_out_of_descriptors_skips_the_folder(tmp_path: Path,
     stats = write_tree(src, io.BytesIO())
     assert stats.dirs == 2
     assert stats.skipped.listed == [("a/a", "cannot list folder: Too many open files")]
+
+
+def _moved_parent(tmp_path: Path) -> tuple[Path, Path, int]:
+    """``src/sub`` holding folder ``d`` (mode 0o705) and link ``l`` (to ``inside``), opened
+    as the walk does; then ``src/sub`` is moved away and replaced by a link to ``outside``,
+    whose ``d`` and ``l`` differ (mode 0o777, link to ``/etc/shadow``)."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    for top, mode, target in ((src / "sub", 0o705, "inside"), (outside, 0o777, "/etc/shadow")):
+        (top / "d").mkdir(parents=True)
+        (top / "d").chmod(mode)
+        os.utime(top / "d", (1_000_000 + mode, 1_000_000 + mode))
+        (top / "l").symlink_to(target)
+        (top / "f.txt").write_bytes(b"x" * mode)
+    fd = os.open(src / "sub", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    (src / "sub").rename(tmp_path / "moved")
+    (src / "sub").symlink_to(outside)
+    return src, outside, fd
+
+
+def test_headers_come_from_the_walked_folder_not_its_path(tmp_path: Path) -> None:
+    """Before: folder and link headers were taken by path (``src/sub/d``), through the link
+    now there: mode, mtime and link text of the outside folder's entries."""
+    src, _outside, fd = _moved_parent(tmp_path)
+    stats, out, index = TreeStats(), io.BytesIO(), []
+    try:
+        with tar_writer(out, src) as tar:
+            for name, kind in (("d", stat.S_IFDIR), ("l", stat.S_IFLNK), ("f.txt", stat.S_IFREG)):
+                _add_entry(tar, _Entry(f"sub/{name}", kind, fd, name), stats, index.append)
+    finally:
+        os.close(fd)
+    assert (stats.dirs, stats.symlinks, stats.files, stats.skipped.count) == (1, 1, 1, 0)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        d, link, f = tar.getmember("sub/d"), tar.getmember("sub/l"), tar.getmember("sub/f.txt")
+    assert (d.mode, d.mtime) == (0o705, 1_000_000 + 0o705)
+    assert (link.linkname, f.size) == ("inside", 0o705)
+    assert index[0] == IndexEntry("sub/l", "symlink", target="inside")
+
+
+def test_archive_is_byte_for_byte_what_gettarinfo_made(uploads: Path, tmp_path: Path) -> None:
+    """Headers made from the walk's stat are those tarfile's ``gettarinfo`` made (types,
+    modes, owners with names, sizes, mtimes, link text, pax records): the same archive."""
+    out = io.BytesIO()
+    write_tree(uploads, out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        names = tar.getnames()
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.PAX_FORMAT) as ref:
+        for name in names:
+            made = ref.gettarinfo(str(uploads / name), arcname=name)
+            ref.inodes.clear()  # type: ignore[attr-defined]  # hard links: stored as content
+            if made.isreg():
+                with (uploads / name).open("rb") as fh:
+                    ref.addfile(made, fh)
+            else:
+                ref.addfile(made)
+    assert len(names) > 80
+    assert out.getvalue() == (tmp_path / "ref.tar").read_bytes()
 
 
 # -- hostile archives ---------------------------------------------------------------------------
