@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import stat
@@ -14,15 +17,19 @@ import sys
 import tarfile
 import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conexa_backup import archive
 from conexa_backup.archive import (
     SKIPPED_LISTED,
     TreeStats,
+    _add_entry,
     _add_file,
     _Entry,
+    _ForgetfulTarFile,
     _open_file,
     _Replaced,
     extract_stream,
@@ -302,16 +309,16 @@ def _race(monkeypatch: pytest.MonkeyPatch, root: Path, victim: str, action: str)
 
         monkeypatch.setattr(os, "open", open_)
         return
-    original = tarfile.TarFile.gettarinfo
+    original = _ForgetfulTarFile.header
 
-    def gettarinfo(self: tarfile.TarFile, name: str | None = None, arcname: str | None = None,
-                   fileobj: object = None) -> tarfile.TarInfo:
-        info = original(self, name, arcname, fileobj)  # type: ignore[arg-type]
-        if arcname == victim:
+    def header(self: _ForgetfulTarFile, name: str, st: os.stat_result,
+               linkname: str = "") -> tarfile.TarInfo:
+        info = original(self, name, st, linkname)
+        if name == victim:
             (root / victim).write_bytes(b"tiny")
         return info
 
-    monkeypatch.setattr(tarfile.TarFile, "gettarinfo", gettarinfo)
+    monkeypatch.setattr(_ForgetfulTarFile, "header", header)
 
 
 def test_file_vanishing_during_walk_is_skipped(tmp_path: Path,
@@ -421,6 +428,179 @@ def test_truncated_archive_is_an_error(archived: tuple[bytes, TreeStats],
 def test_garbage_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConexaError, match="damaged"):
         extract_stream(io.BytesIO(b"this is not a tar archive" * 100), tmp_path / "dest")
+
+
+# -- deep trees and headers taken where the walk is ----------------------------------------------
+
+def make_deep_tree(root: Path, depth: int) -> None:
+    """``root/a/a/.../a`` (``depth`` folders) with ``f.txt`` at the bottom, built one level at
+    a time relative to the previous level's fd (no path ever gets long)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("a", 0o750, dir_fd=fd)
+            sub = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+        os.write(out, b"deep")
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def remove_deep_tree(root: Path) -> None:
+    """Remove what :func:`make_deep_tree` made (and its copies), bottom up through fds: pytest
+    (``shutil.rmtree``) recurses once per level and would fail on it."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        while "a" in os.listdir(fds[-1]):
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("f.txt", dir_fd=fds[-1])
+        while len(fds) > 1:
+            os.close(fds.pop())
+            os.rmdir("a", dir_fd=fds[-1])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.fixture
+def deep_trees(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """``src`` (1,000 folders deep) and ``dest``; removed after."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1000 + 64:  # the walk's depth limit
+        pytest.skip("open-file limit too low for 1,000 levels")
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_deep_tree(src, 1000)
+    try:
+        yield src, dest
+    finally:
+        for root in (src, dest):
+            if root.exists():
+                remove_deep_tree(root)
+
+
+def deep_snapshot(root: Path) -> dict[str, object]:
+    """``tree_snapshot``, which recurses once per level, with room for 1,000 of them (only
+    here: the walk under test must need none)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 2_000)
+    try:
+        return dict(tree_snapshot(root))
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_tree_1000_folders_deep_round_trips(deep_trees: tuple[Path, Path]) -> None:
+    """Before: RecursionError at about 495 levels (two nested generators per level), and the
+    whole backup lost, database included. (Extraction takes ~25 s here: the stdlib's data
+    filter resolves every member's path, lstat-ing each of its parts.)"""
+    src, dest = deep_trees
+    out = io.BytesIO()
+    stats = write_tree(src, out)
+    assert (stats.files, stats.dirs, stats.skipped.count) == (1, 1000, 0)
+    probe = probe_tree(src)
+    assert (probe.files, probe.tried, probe.skipped.count) == (1, 1, 0)
+    extract_stream(io.BytesIO(out.getvalue()), dest)
+    assert deep_snapshot(dest) == deep_snapshot(src)
+
+
+def test_folders_past_the_depth_limit_are_stored_empty_and_recorded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive, "MAX_DEPTH", 3, raising=False)  # before: no limit at all
+    src = tmp_path / "src"
+    make_deep_tree(src, 5)
+    expected = [("a/a/a/a", "cannot list folder: more than 3 levels deep")]
+    out = io.BytesIO()
+    stats = write_tree(src, out)
+    assert (stats.files, stats.dirs, stats.skipped.listed) == (0, 4, expected)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        assert tar.getnames() == [".", "a", "a/a", "a/a/a", "a/a/a/a"]
+    assert probe_tree(src).skipped.listed == expected
+
+
+def test_depth_limit_leaves_room_under_the_open_file_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive.resource, "getrlimit", lambda _which: (200, 4096))
+    assert archive._max_depth() == 200 - archive._FD_RESERVE
+    monkeypatch.setattr(archive.resource, "getrlimit",
+                        lambda _which: (archive.resource.RLIM_INFINITY,) * 2)
+    assert archive._max_depth() == archive.MAX_DEPTH
+
+
+def test_out_of_descriptors_skips_the_folder(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    make_deep_tree(src, 3)
+    original_open, full = os.open, (src / "a").stat()
+
+    def open_(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if dir_fd is not None and os.path.samestat(os.fstat(dir_fd), full):  # opening a/a
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return original_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    stats = write_tree(src, io.BytesIO())
+    assert stats.dirs == 2
+    assert stats.skipped.listed == [("a/a", "cannot list folder: Too many open files")]
+
+
+def _moved_parent(tmp_path: Path) -> tuple[Path, Path, int]:
+    """``src/sub`` holding folder ``d`` (mode 0o705) and link ``l`` (to ``inside``), opened
+    as the walk does; then ``src/sub`` is moved away and replaced by a link to ``outside``,
+    whose ``d`` and ``l`` differ (mode 0o777, link to ``/etc/shadow``)."""
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    for top, mode, target in ((src / "sub", 0o705, "inside"), (outside, 0o777, "/etc/shadow")):
+        (top / "d").mkdir(parents=True)
+        (top / "d").chmod(mode)
+        os.utime(top / "d", (1_000_000 + mode, 1_000_000 + mode))
+        (top / "l").symlink_to(target)
+        (top / "f.txt").write_bytes(b"x" * mode)
+    fd = os.open(src / "sub", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    (src / "sub").rename(tmp_path / "moved")
+    (src / "sub").symlink_to(outside)
+    return src, outside, fd
+
+
+def test_headers_come_from_the_walked_folder_not_its_path(tmp_path: Path) -> None:
+    """Before: folder and link headers were taken by path (``src/sub/d``), through the link
+    now there: mode, mtime and link text of the outside folder's entries."""
+    src, _outside, fd = _moved_parent(tmp_path)
+    stats, out, index = TreeStats(), io.BytesIO(), []
+    try:
+        with tar_writer(out, src) as tar:
+            for name, kind in (("d", stat.S_IFDIR), ("l", stat.S_IFLNK), ("f.txt", stat.S_IFREG)):
+                _add_entry(tar, _Entry(f"sub/{name}", kind, fd, name), stats, index.append)
+    finally:
+        os.close(fd)
+    assert (stats.dirs, stats.symlinks, stats.files, stats.skipped.count) == (1, 1, 1, 0)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        d, link, f = tar.getmember("sub/d"), tar.getmember("sub/l"), tar.getmember("sub/f.txt")
+    assert (d.mode, d.mtime) == (0o705, 1_000_000 + 0o705)
+    assert (link.linkname, f.size) == ("inside", 0o705)
+    assert index[0] == IndexEntry("sub/l", "symlink", target="inside")
+
+
+def test_archive_is_byte_for_byte_what_gettarinfo_made(uploads: Path, tmp_path: Path) -> None:
+    """Headers made from the walk's stat are those tarfile's ``gettarinfo`` made (types,
+    modes, owners with names, sizes, mtimes, link text, pax records): the same archive."""
+    out = io.BytesIO()
+    write_tree(uploads, out)
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar:
+        names = tar.getnames()
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.PAX_FORMAT) as ref:
+        for name in names:
+            made = ref.gettarinfo(str(uploads / name), arcname=name)
+            ref.inodes.clear()  # type: ignore[attr-defined]  # hard links: stored as content
+            if made.isreg():
+                with (uploads / name).open("rb") as fh:
+                    ref.addfile(made, fh)
+            else:
+                ref.addfile(made)
+    assert len(names) > 80
+    assert out.getvalue() == (tmp_path / "ref.tar").read_bytes()
 
 
 # -- hostile archives ---------------------------------------------------------------------------

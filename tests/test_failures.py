@@ -34,10 +34,12 @@ import pytest
 import zstandard
 from psycopg import sql
 
+from conexa_backup import archive
 from conexa_backup.state import runs
 from conexa_backup.testing.cluster import find_bindir
 from conexa_backup.testing.compare import plain_dump, tree_snapshot
 from conexa_backup.testing.sample import make_uploads_tree
+from tests.test_archive import make_deep_tree, remove_deep_tree
 
 REAL_BIN = find_bindir()
 REAL_PG_DUMP = REAL_BIN / "pg_dump"
@@ -735,6 +737,32 @@ def test_unreadable_upload_with_a_latin1_name_is_named_printably(shared_ws: Any,
     assert b"caf\xe9.txt" in os.listdir(os.fsencode(dest))
     assert b"d\xe9p\xf4t.txt" not in os.listdir(os.fsencode(dest))
     assert (dest / os.fsdecode(b"caf\xe9.txt")).read_bytes() == b"readable"
+
+
+def test_uploads_too_deep_are_skipped_and_the_run_is_partial(ws: Any) -> None:
+    """Before: a tree about 495 folders deep raised RecursionError in the walk: a traceback,
+    and the whole backup lost, database included. Now the folders past the walk's depth limit
+    are stored empty, named, and the run is partial."""
+    limit = archive._max_depth()
+    make_deep_tree(ws.uploads / "deep", limit)
+    try:
+        deepest = "deep/" + "/".join(["a"] * limit)
+        why = f"cannot list folder: more than {limit} levels deep"
+        checked = ws.run("check", "--json")
+        assert checked.returncode == 1, checked.stdout + checked.stderr
+        uploads = next(c for c in json.loads(checked.stdout)["checks"]
+                       if c["name"] == "uploads")
+        assert f"{deepest} ({why})" in uploads["detail"]
+        backup = ws.run("backup", "--json")
+        assert backup.returncode == 3, backup.stdout + backup.stderr
+        assert "Traceback" not in backup.stderr
+        report = json.loads(backup.stdout)
+        assert "uploads: 1 entry not backed up" in report["warnings"][0], report["warnings"]
+        manifest = json.loads((ws.backups / report["id"] / "manifest.json").read_text())
+        assert manifest["uploads"]["skipped_paths"] == [{"path": deepest, "reason": why}]
+        assert {a["kind"] for a in manifest["artifacts"]} >= {"database", "uploads"}
+    finally:
+        remove_deep_tree(ws.uploads / "deep")  # pytest's rmtree recurses once per level
 
 
 # -- tracebacks are a choice -----------------------------------------------------------------

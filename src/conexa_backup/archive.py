@@ -4,8 +4,11 @@ Archives are POSIX pax tar (GNU tar, bsdtar and Python read them): symlinks are 
 links, never followed (only the uploads folder itself may be a link to it: its root is the
 folder); permissions, owners, mtimes, empty folders and names are kept (non-ASCII and even
 non-UTF-8 ones, byte for byte). Files are opened without following a link or waiting on a
-FIFO swapped in meanwhile. What cannot be read, and kinds a restore would refuse
-(:func:`unrestorable`), are skipped and recorded, never fatal.
+FIFO swapped in meanwhile, and every header is taken where the walk is (relative to the open
+folder, or from the open file). The walk keeps an explicit stack: depth is bounded by a limit
+under the open-file limit, not by Python's recursion limit. What cannot be read, what lies
+past that limit, and kinds a restore would refuse (:func:`unrestorable`), are skipped and
+recorded, never fatal.
 Extraction recreates every symlink exactly as stored (absolute, leaving the tree,
 dangling), after every file and folder, and refuses anything that would
 write outside the destination or through a link (absolute or ``..`` names, a path through a
@@ -18,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import grp
 import hashlib
 import logging
 import os
+import pwd
+import resource
 import secrets
 import stat
 import tarfile
@@ -72,8 +78,8 @@ EntryHook = Callable[[IndexEntry], None]  # each file (with its SHA-256) and sym
 
 
 class _PaddedFile:
-    """Reads exactly ``size`` bytes of the open file ``fd``: zeros if the file shrank while we
-    read it (like GNU tar). ``name`` and ``fileno()`` let ``gettarinfo`` fstat it.
+    """Reads exactly ``left`` bytes of the open file ``fd``: zeros if the file shrank while we
+    read it (like GNU tar).
 
     Hashes what it returns, so the uploads index records exactly what the archive holds.
     """
@@ -84,9 +90,6 @@ class _PaddedFile:
         self.left = 0  # bytes still to return: set from the header
         self.shrank = False
         self.sha256 = hashlib.sha256()
-
-    def fileno(self) -> int:
-        return self._fd
 
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
@@ -124,7 +127,7 @@ def write_tree(root: Path, out: Sink, on_entry: EntryHook | None = None) -> Tree
     stats = TreeStats()
     with tar_writer(out, root) as tar, contextlib.closing(_walk(root, stats.skipped)) as walk:
         for entry in walk:
-            _add_entry(tar, root, entry, stats, on_entry)
+            _add_entry(tar, entry, stats, on_entry)
     return stats
 
 
@@ -165,7 +168,7 @@ def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
     for rel in chosen:
         probe.tried += 1
         try:
-            os.close(_open_file(root / rel))
+            os.close(_open_file(root / rel)[0])
         except FileNotFoundError:
             continue
         except _Replaced as exc:
@@ -187,10 +190,39 @@ class _TarOut(Gather):
         return self.written
 
 
+_TAR_TYPES = {stat.S_IFREG: tarfile.REGTYPE, stat.S_IFDIR: tarfile.DIRTYPE,
+              stat.S_IFLNK: tarfile.SYMTYPE}
+
+
 class _ForgetfulTarFile(tarfile.TarFile):
     """Keeps nothing per file written. TarFile keeps every TarInfo (~1 KB a file: 100,000
     small files cost 100 MB; measured) and every file's inode, to write later hard links as
-    links; we store those as content (see :func:`write_tree`), so it need not remember."""
+    links; we store those as content (see :func:`write_tree`), so it need not remember.
+
+    Makes headers from a stat already taken (:meth:`header`), with owner names looked up once
+    per archive and owner: ``gettarinfo`` stats by path again and re-reads /etc/passwd and
+    /etc/group for every entry (~31 µs a file).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unames: dict[int, str] = {}
+        self._gnames: dict[int, str] = {}
+
+    def header(self, name: str, st: os.stat_result, linkname: str = "") -> tarfile.TarInfo:
+        """The header ``gettarinfo`` would make for a file, folder or symlink (``linkname``
+        its target) with the lstat ``st``, named ``name``: same type, mode, owners, size and
+        mtime; a regular file is never a hard link (we store content, see above)."""
+        info = self.tarinfo(name)
+        info.type = _TAR_TYPES[stat.S_IFMT(st.st_mode)]
+        info.mode = st.st_mode
+        info.uid, info.gid = st.st_uid, st.st_gid
+        info.size = st.st_size if info.type == tarfile.REGTYPE else 0
+        info.mtime = st.st_mtime
+        info.linkname = linkname
+        info.uname = _cached(self._unames, st.st_uid, lambda uid: pwd.getpwuid(uid).pw_name)
+        info.gname = _cached(self._gnames, st.st_gid, lambda gid: grp.getgrgid(gid).gr_name)
+        return info
 
     def addfile(self, tarinfo: tarfile.TarInfo, fileobj: Any = None) -> None:
         super().addfile(tarinfo, fileobj)
@@ -199,12 +231,12 @@ class _ForgetfulTarFile(tarfile.TarFile):
 
 
 @contextlib.contextmanager
-def tar_writer(out: Sink, root: Path) -> Iterator[tarfile.TarFile]:
+def tar_writer(out: Sink, root: Path) -> Iterator[_ForgetfulTarFile]:
     """A pax tar stream to ``out`` whose first member is ``root`` itself, as ``.`` (its mode
     and mtime); leaving the block normally writes the end-of-archive blocks and flushes."""
     buffered = _TarOut(out)
     # On an exception TarFile's __exit__ writes nothing more: the caller discards the stream.
-    with _ForgetfulTarFile(fileobj=buffered, mode="w",  # type: ignore[arg-type]  # write+tell
+    with _ForgetfulTarFile(fileobj=buffered, mode="w",  # our __init__ takes Any: write+tell
                            format=tarfile.PAX_FORMAT) as tar:
         tar.copybufsize = CHUNK  # type: ignore[attr-defined]  # not in the stubs; addfile reads it
         tar.addfile(_root_info(tar, root))
@@ -251,6 +283,18 @@ def move_file(tar: tarfile.TarFile, path: Path, *, only_if_closed: bool = False)
     except OSError as exc:
         raise ConexaError(f"cannot read {path}: {exc.strerror}") from None
     return True
+
+
+def _cached(names: dict[int, str], key: int, lookup: Callable[[int], str]) -> str:
+    """``names[key]``, looked up once; "" (as ``gettarinfo`` leaves it) for an unknown id."""
+    name = names.get(key)
+    if name is None:
+        try:
+            name = lookup(key)
+        except KeyError:
+            name = ""
+        names[key] = name
+    return name
 
 
 def _no_writers(fd: int) -> bool:
@@ -312,9 +356,9 @@ class _Replaced(Exception):
     """A file the walk saw is now something else (a symlink, a FIFO...)."""
 
 
-def _open_file(path: str | Path, dir_fd: int | None = None) -> int:
+def _open_file(path: str | Path, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
     """An fd of the regular file ``path`` (relative to ``dir_fd``), opened as
-    :data:`_FILE_FLAGS` says.
+    :data:`_FILE_FLAGS` says, and its fstat.
 
     Raises:
         _Replaced: it is a symlink or no longer a regular file.
@@ -326,11 +370,37 @@ def _open_file(path: str | Path, dir_fd: int | None = None) -> int:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
             raise _Replaced("a symlink") from None
         raise
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    st = os.fstat(fd)
+    kind = stat.S_IFMT(st.st_mode)
     if kind != stat.S_IFREG:
         os.close(fd)
         raise _Replaced(_KIND_NAMES.get(kind, "a special file"))
-    return fd
+    return fd, st
+
+
+MAX_DEPTH = 1000  # folder levels below the uploads folder listed at most (see _max_depth)
+_FD_RESERVE = 64  # descriptors the walk leaves free for the rest of the process
+
+
+def _max_depth() -> int:
+    """How deep the walk lists folders: :data:`MAX_DEPTH`, fewer when the open-file limit is
+    low. The walk keeps one fd open per level of the current path (that is what keeps it
+    inside the tree), so the depth must stay well under the soft ``RLIMIT_NOFILE``."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_DEPTH
+    return max(1, min(MAX_DEPTH, soft - _FD_RESERVE))
+
+
+@dataclass
+class _Level:
+    """One open folder on the walk's current path: its fd, path, sorted names, and the next
+    name to examine."""
+
+    fd: int
+    rel: str
+    names: list[str]
+    next: int = 0
 
 
 def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
@@ -340,90 +410,113 @@ def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
 
     Each folder is opened once, without following a link (``root`` itself excepted: it may
     be a link to the uploads folder), and what it holds is examined relative to it: a folder
-    swapped for a link meanwhile never leads the walk out of the tree.
+    swapped for a link meanwhile never leads the walk out of the tree. The walk keeps an
+    explicit stack (no recursion: any depth), one open fd per level; a folder deeper than
+    :func:`_max_depth`, or one that cannot be opened for lack of descriptors, is stored
+    empty and recorded as skipped.
 
     Raises:
         ConexaError: ``root`` itself cannot be listed.
     """
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        names = sorted(os.listdir(fd))
     except OSError as exc:  # nothing at all can be read: that is no backup of the uploads
         raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
+    stack = [_Level(fd, ".", [])]
     try:
-        yield from _walk_folder(fd, ".", names, skipped)
-    finally:
-        os.close(fd)
-
-
-def _walk_folder(fd: int, rel: str, names: list[str], skipped: Skipped) -> Iterator[_Entry]:
-    """The entries ``names`` of the open folder ``fd`` (at ``rel``), and below them."""
-    for name in names:
-        child = name if rel == "." else f"{rel}/{name}"
         try:
-            kind = stat.S_IFMT(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
-        except FileNotFoundError:
-            continue
+            stack[0].names = sorted(os.listdir(fd))
         except OSError as exc:
-            skipped.add(child, f"cannot read: {exc.strerror}")
-            continue
-        why = unrestorable(kind)
-        if why is not None:
-            skipped.add(child, f"{why}: cannot be restored")
-            continue
-        yield _Entry(child, kind, fd, name)
-        if kind == stat.S_IFDIR:
-            yield from _walk_subfolder(fd, name, child, skipped)
+            raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
+        depth_limit = _max_depth()
+        while stack:
+            level = stack[-1]
+            if level.next == len(level.names):
+                os.close(stack.pop().fd)
+                continue
+            name = level.names[level.next]
+            level.next += 1
+            entry = _examine(level, name, skipped)
+            if entry is None:
+                continue
+            yield entry
+            if entry.kind == stat.S_IFDIR:
+                if len(stack) > depth_limit:
+                    skipped.add(entry.rel, f"cannot list folder: more than {depth_limit} "
+                                "levels deep")
+                elif (sub := _open_folder(level.fd, name, entry.rel, skipped)) is not None:
+                    stack.append(sub)
+    finally:
+        for level in stack:
+            os.close(level.fd)
 
 
-def _walk_subfolder(parent: int, name: str, rel: str, skipped: Skipped) -> Iterator[_Entry]:
-    """What the folder ``name`` of the open folder ``parent`` holds: open for the walk there."""
+def _examine(level: _Level, name: str, skipped: Skipped) -> _Entry | None:
+    """The entry ``name`` of the open folder ``level``, or None when it vanished or is not
+    stored (then recorded in ``skipped``)."""
+    rel = name if level.rel == "." else f"{level.rel}/{name}"
+    try:
+        kind = stat.S_IFMT(os.stat(name, dir_fd=level.fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        skipped.add(rel, f"cannot read: {exc.strerror}")
+        return None
+    why = unrestorable(kind)
+    if why is not None:
+        skipped.add(rel, f"{why}: cannot be restored")
+        return None
+    return _Entry(rel, kind, level.fd, name)
+
+
+def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level | None:
+    """The folder ``name`` of the open folder ``parent``, opened and listed; None when it
+    vanished or cannot be (then recorded: also EMFILE/ENFILE, out of descriptors)."""
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         skipped.add(rel, f"cannot list folder: {exc.strerror}")
-        return
+        return None
     try:
-        try:
-            names = sorted(os.listdir(fd))
-        except OSError as exc:
-            skipped.add(rel, f"cannot list folder: {exc.strerror}")
-            return
-        yield from _walk_folder(fd, rel, names, skipped)
-    finally:
+        return _Level(fd, rel, sorted(os.listdir(fd)))
+    except OSError as exc:
         os.close(fd)
+        skipped.add(rel, f"cannot list folder: {exc.strerror}")
+        return None
 
 
-def _add_entry(tar: tarfile.TarFile, root: Path, entry: _Entry, stats: TreeStats,
+def _add_entry(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
                on_entry: EntryHook | None) -> None:
-    """Store one entry (a folder's contents come next, from :func:`_walk`)."""
+    """Store one entry (a folder's contents come next, from :func:`_walk`). Folders and links
+    are not opened: their header, examined relative to the open folder holding them (never
+    by path: a parent swapped for a link would lead outside the tree), says all."""
     if entry.kind == stat.S_IFREG:
         _add_file(tar, entry, stats, on_entry)
         return
-    try:  # folders and links are not opened: their header says all
-        info = tar.gettarinfo(str(root / entry.rel), arcname=entry.rel)
+    try:
+        st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
+        kind = stat.S_IFMT(st.st_mode)
+        target = os.readlink(entry.name, dir_fd=entry.dir_fd) if kind == stat.S_IFLNK else ""
     except FileNotFoundError:  # removed while we walk
         return
     except OSError as exc:
         stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
         return
-    if info is None:  # a socket now: gettarinfo has no header for it
-        stats.skipped.add(entry.rel, "replaced while being read")
-    elif info.isdir():
-        tar.addfile(info)
+    if kind == stat.S_IFDIR:
+        tar.addfile(tar.header(entry.rel, st))
         stats.dirs += 1
-    elif info.issym():
-        tar.addfile(info)
+    elif kind == stat.S_IFLNK:
+        tar.addfile(tar.header(entry.rel, st, target))
         stats.symlinks += 1
         if on_entry is not None:
-            on_entry(IndexEntry(entry.rel, "symlink", target=info.linkname))
+            on_entry(IndexEntry(entry.rel, "symlink", target=target))
     else:  # replaced by a file (stored next run) or a special file since the walk saw it
         stats.skipped.add(entry.rel, "replaced while being read")
 
 
-def _add_file(tar: tarfile.TarFile, entry: _Entry, stats: TreeStats,
+def _add_file(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
               on_entry: EntryHook | None) -> None:
     """Store a regular file, its header from the open file (what we store is what it held
     when opened). One that cannot be opened, or is no longer a regular file, is skipped and
@@ -434,7 +527,7 @@ def _add_file(tar: tarfile.TarFile, entry: _Entry, stats: TreeStats,
         ConexaError: reading an opened file failed.
     """
     try:
-        fd = _open_file(entry.name, entry.dir_fd)
+        fd, st = _open_file(entry.name, entry.dir_fd)
     except FileNotFoundError:
         return
     except _Replaced as exc:
@@ -445,10 +538,7 @@ def _add_file(tar: tarfile.TarFile, entry: _Entry, stats: TreeStats,
         return
     try:
         padded = _PaddedFile(fd, entry.rel)
-        # An fstat: gettarinfo needs only fileno() and name (the stubs want an IO).
-        info = tar.gettarinfo(arcname=entry.rel, fileobj=padded)  # type: ignore[arg-type]
-        if info.islnk():  # a second hard link (never, as tar forgets inodes): store content
-            info.type, info.linkname = tarfile.REGTYPE, ""
+        info = tar.header(entry.rel, st)  # the open file's one fstat: sized as opened
         padded.left = info.size
         tar.addfile(info, padded)
     except OSError as exc:
