@@ -184,3 +184,32 @@ def test_a_copy_that_cannot_be_read_is_not_marked_damaged_a_corrupt_one_is(
     assert set(entry["damaged_targets"]) == {"local"}, entry  # the corrupt one only
     assert "SHA-256" in entry["damaged_targets"]["local"]["why"]
     assert entry["targets"] == ["s3", "gcs"]
+
+
+def test_latest_from_a_target_and_a_drill_prefer_copies_not_known_damaged(
+        ws3: Workspace) -> None:
+    """The newest backup's local copy was found corrupt by a verify. ``restore latest --from
+    local`` takes the newest backup with a good copy *there* (saying which it passed over);
+    without ``--from`` it takes the newest one, from a good cloud copy; a drill of ``latest``
+    drills a good copy, not the known-damaged first one. Before: ``--from local`` chose the
+    newest backup and failed on its damaged copy, and the drill picked the local copy."""
+    first = str(_backup(ws3)["id"])
+    newest = str(_backup(ws3)["id"])
+    _flip(ws3.backups / newest / "database.dump.zst")
+    assert ws3.run("verify", newest, "--target", "local").returncode == 1
+
+    local = ws3.run("restore", "latest", "--only", "database", "--from", "local",
+                    "--to-database", f"{ws3.dbname}_a", "--json")
+    assert local.returncode == 0, local.stderr
+    assert json.loads(local.stdout)["id"] == first
+    assert (f"passed over backup {newest}: every copy on target 'local' is damaged"
+            in local.stderr), local.stderr
+    anywhere = ws3.run("restore", "latest", "--only", "database",
+                       "--to-database", f"{ws3.dbname}_b", "--json")
+    assert anywhere.returncode == 0, anywhere.stderr
+    assert json.loads(anywhere.stdout)["id"] == newest
+
+    drill = ws3.run("verify", "--drill", "latest", "--json")
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    results = json.loads(drill.stdout)["drills"]
+    assert [(r["backup_id"], r["target"]) for r in results] == [(newest, "s3")]

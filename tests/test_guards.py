@@ -134,27 +134,84 @@ def test_latest_passes_over_a_suspect_backup_and_prune_keeps_the_last_good_one(
     assert sorted(complete_ids(ws)) == sorted([first, suspect])
 
 
+def _corrupt(path: Path) -> bytes:
+    """Flip one byte in the middle of ``path``; return what it held."""
+    data = path.read_bytes()
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(changed))
+    return data
+
+
+def _restore_db_latest(ws: Any, name: str) -> subprocess.CompletedProcess[str]:
+    return ws.run("restore", "latest", "--only", "database", "--to-database",
+                  f"{ws.dbname}_{name}", "--json")
+
+
 def test_latest_passes_over_a_backup_whose_every_copy_is_damaged(ws: Any,
                                                                   tmp_path: Path) -> None:
-    """A verify found the newest backup's only copy corrupt: ``latest`` is the one before
-    (a download says so); with no good one left, ``latest`` is refused, not guessed."""
+    """A verify found the newest backup's only copy corrupt: ``restore latest`` takes the
+    one before (and says so); ``download latest`` takes the newest as it is, saying it is
+    damaged, and fails on its bytes; with no good one left, ``restore latest`` is refused,
+    not guessed."""
     first = backup_ok(ws)
     newest = backup_ok(ws)
-    dump = ws.backups / newest / "database.dump.zst"
-    data = bytearray(dump.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    dump.write_bytes(bytes(data))
+    _corrupt(ws.backups / newest / "database.dump.zst")
     assert ws.run("verify", newest).returncode == 1
 
+    restored = _restore_db_latest(ws, "a")
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["id"] == first
+    assert f"passed over backup {newest}: every copy is damaged" in restored.stderr
     fetched = ws.run("download", "latest", "--to", str(tmp_path / "a"))
-    assert fetched.returncode == 0, fetched.stderr
-    assert fetched.stdout.strip() == str(tmp_path / "a" / first)
+    assert fetched.returncode != 0
+    assert f"latest: backup {newest} taken as it is, though every copy is damaged" \
+        in fetched.stderr
 
-    (ws.backups / first / "database.dump.zst").write_bytes(b"gone bad")
+    _corrupt(ws.backups / first / "database.dump.zst")
     assert ws.run("verify", first).returncode == 1
-    refused = ws.run("download", "latest", "--to", str(tmp_path / "b"))
-    assert_error(refused, 2, "no good backup to call 'latest'",
+    assert_error(_restore_db_latest(ws, "b"), 2, "no good backup to call 'latest'",
                  f"passed over backup {newest}: every copy is damaged")
+
+
+def test_latest_depends_on_what_it_is_for(ws: Any, tmp_path: Path) -> None:
+    """The newest backup has suspect uploads: ``restore latest --only database`` still takes
+    it (its dump is fine), ``verify latest`` and ``download latest`` take it as it is and say
+    so. Damaged by a flipped byte, ``restore latest --only database`` passes it over while
+    ``verify latest`` re-checks it; repaired, that verify clears it and it is ``latest``
+    again. Before: every use skipped it for the older backup, and a damaged newest backup
+    could never be re-checked by the nightly ``verify latest``."""
+    first = backup_ok(ws)
+    shutil.rmtree(ws.uploads)
+    ws.uploads.mkdir()
+    code, result, stderr = _backup_json(ws)
+    assert code == 3, stderr
+    suspect = result["id"]
+    said = f"latest: backup {suspect} taken as it is, though its uploads are suspect"
+
+    restored = _restore_db_latest(ws, "a")
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["id"] == suspect and "passed over" not in restored.stderr
+    verified = ws.run("verify", "latest", "--json")
+    assert verified.returncode == 0, verified.stderr
+    assert [c["id"] for c in json.loads(verified.stdout)["checks"]] == [suspect]
+    assert said in verified.stderr
+    fetched = ws.run("download", "latest", "--to", str(tmp_path / "dl"))
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.strip() == str(tmp_path / "dl" / suspect) and said in fetched.stderr
+
+    dump = ws.backups / suspect / "database.dump.zst"
+    original = _corrupt(dump)
+    assert ws.run("verify", "latest").returncode == 1  # the newest, damaged or not
+    restored = _restore_db_latest(ws, "b")
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["id"] == first
+    assert f"passed over backup {suspect}: every copy is damaged" in restored.stderr
+
+    dump.write_bytes(original)
+    assert ws.run("verify", "latest").returncode == 0  # re-checked: no longer damaged
+    restored = _restore_db_latest(ws, "c")
+    assert json.loads(restored.stdout)["id"] == suspect, restored.stderr
 
 
 def _remove_two_in_three(root: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conexa_backup import postgres, process
-from conexa_backup.catalog import Backup, Copy, read_manifest, resolve, scan
+from conexa_backup.catalog import Backup, Copy, Use, read_manifest, resolve, scan
 from conexa_backup.config import DatabaseConfig
 from conexa_backup.errors import (
     ConfigError,
@@ -356,36 +356,37 @@ def test_scan_without_manifests(two_targets: tuple[LocalTarget, LocalTarget]) ->
 def test_resolve_latest_skips_safety_and_incomplete(
         two_targets: tuple[LocalTarget, LocalTarget]) -> None:
     backups = scan(list(two_targets))
-    latest = resolve(backups, "latest")
+    latest = resolve(backups, "latest", use=Use.RESTORE)
     assert latest.id == "20260302T021500Z-10"
     assert latest.manifest is not None and latest.manifest.kind == "scheduled"
 
 
 def test_resolve_by_id(two_targets: tuple[LocalTarget, LocalTarget]) -> None:
     backups = scan(list(two_targets))
-    assert resolve(backups, "20260301T021500Z").id == "20260301T021500Z"
-    safety = resolve(backups, "20260303T090000Z")  # explicit ids may name a safety backup
+    assert resolve(backups, "20260301T021500Z", use=Use.RESTORE).id == "20260301T021500Z"
+    # Explicit ids may name a safety backup.
+    safety = resolve(backups, "20260303T090000Z", use=Use.RESTORE)
     assert safety.manifest is not None and safety.manifest.kind == "safety"
 
 
 def test_resolve_incomplete_id(two_targets: tuple[LocalTarget, LocalTarget]) -> None:
     with pytest.raises(UsageError, match="incomplete") as info:
-        resolve(scan(list(two_targets)), "20260304T021500Z")
+        resolve(scan(list(two_targets)), "20260304T021500Z", use=Use.RESTORE)
     assert info.value.exit_code == ExitCode.USAGE
 
 
 def test_resolve_unknown_id(two_targets: tuple[LocalTarget, LocalTarget]) -> None:
     with pytest.raises(UsageError, match="no backup with id '20990101T000000Z'"):
-        resolve(scan(list(two_targets)), "20990101T000000Z")
+        resolve(scan(list(two_targets)), "20990101T000000Z", use=Use.RESTORE)
 
 
 def test_resolve_latest_with_nothing(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no complete backup"):
-        resolve([], "latest")
+        resolve([], "latest", use=Use.RESTORE)
     only_safety = Backup("20260303T090000Z", [
         Copy(local(tmp_path, "t"), [], make_manifest("20260303T090000Z", "safety"))])
     with pytest.raises(UsageError, match="no complete backup"):
-        resolve([only_safety], "latest")
+        resolve([only_safety], "latest", use=Use.RESTORE)
 
 
 def test_resolve_with_constructed_objects(tmp_path: Path) -> None:
@@ -395,7 +396,7 @@ def test_resolve_with_constructed_objects(tmp_path: Path) -> None:
         Backup("20260301T000000Z-10", [Copy(target, [], make_manifest("20260301T000000Z-10"))]),
         Backup("20260301T000001Z", [Copy(target, [], None)]),
     ]
-    assert resolve(backups, "latest").id == "20260301T000000Z-10"
+    assert resolve(backups, "latest", use=Use.RESTORE).id == "20260301T000000Z-10"
 
 
 def test_damaged_manifest_makes_copy_incomplete(tmp_path: Path,
@@ -417,7 +418,7 @@ def test_damaged_manifest_makes_copy_incomplete(tmp_path: Path,
     misplaced = backups["20260303T021500Z"]
     assert misplaced.status == "damaged"  # a manifest is there, but unusable
     assert "describes backup 20260302T021500Z" in (misplaced.copies[0].problem or "")
-    assert resolve(list(backups.values()), "latest").id == "20260302T021500Z"
+    assert resolve(list(backups.values()), "latest", use=Use.RESTORE).id == "20260302T021500Z"
 
 
 def test_read_manifest(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,17 @@ class Backup:
         as the backup recorded it; None when trusted."""
         manifest = self.manifest
         return manifest.uploads.suspect if manifest and manifest.uploads else None
+
+    def trusts(self, copy: Copy) -> bool:
+        """Whether ``copy`` can be counted on as this backup's good copy: complete, not known
+        damaged, and the backup's uploads not suspect. The one rule status's age check,
+        ``latest`` for a restore with uploads, and prune's protection use."""
+        return copy.state == "complete" and self.suspect is None
+
+    @property
+    def trusted(self) -> bool:
+        """It has a copy :meth:`trusts`."""
+        return any(self.trusts(c) for c in self.copies)
 
     @property
     def status(self) -> str:
@@ -306,24 +318,41 @@ def refresh(backup: Backup, verifier: Any = None) -> None:
             log.warning("%s", exc)
 
 
-def passed_over(backup: Backup) -> str | None:
-    """Why ``latest`` must not name this backup: every copy known damaged, or its uploads
-    suspect (restoring it would swap in an empty tree); None when it may."""
-    if not backup.good_copies:
-        return "every copy is damaged"
-    if backup.suspect is not None:
+class Use(Enum):
+    """What ``latest`` is wanted for; it decides which backups it may name (:func:`resolve`)."""
+
+    RESTORE = "restore"  # a restore with uploads: a good copy, uploads not suspect
+    DATABASE = "database"  # restore --only database: a good copy (its dump is fine if suspect)
+    CHECK = "check"  # verify, drill, download: the newest as it is, so damage gets re-checked
+
+
+def passed_over(backup: Backup, use: Use, source: str | None = None) -> str | None:
+    """Why ``latest`` for ``use`` must not name this complete backup (the copy on ``source``
+    only, when given): no copy there (CHECK), none not known damaged (DATABASE), or also its
+    uploads suspect (RESTORE: restoring it would swap in an empty tree); None when it may."""
+    copies = [c for c in backup.complete_copies if source in (None, c.target.name)]
+    where = f" on target {source!r}" if source is not None else ""
+    if not copies:
+        return f"no complete copy{where}"
+    if use is Use.CHECK:
+        return None
+    if not any(c.state == "complete" for c in copies):
+        return f"every copy{where} is damaged"
+    if use is Use.RESTORE and not any(backup.trusts(c) for c in copies):
         return f"its uploads are suspect ({backup.suspect})"
     return None
 
 
-def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None) -> Backup:
+def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None, *,
+            use: Use, source: str | None = None) -> Backup:
     """The complete backup named by ``ref``: an id, or ``latest``.
 
-    ``latest`` is the newest scheduled backup with a copy not known damaged and uploads not
-    suspect (:func:`passed_over`). It skips safety backups (taken just before a restore, of
-    the state being replaced), so that ``restore latest`` run twice never restores the bad
-    state. Each newer backup it passes over is logged and, with ``notes``, said there (one
-    line each: which and why), for the user to see.
+    ``latest`` is the newest scheduled backup that :func:`passed_over` accepts for ``use``
+    (with ``source``, judging only its copy there). It skips safety backups (taken just
+    before a restore, of the state being replaced), so that ``restore latest`` run twice
+    never restores the bad state. Each newer backup it passes over (and, for CHECK, a
+    damaged or suspect backup it names) is logged and, with ``notes``, said there (one line
+    each: which and why), for the user to see.
 
     Raises:
         UsageError: no such backup, or it has no complete copy; for ``latest``, no
@@ -336,13 +365,15 @@ def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None)
             raise UsageError("no complete backup found on any target")
         skipped: list[str] = []
         for backup in reversed(scheduled):
-            why = passed_over(backup)
+            why = passed_over(backup, use, source)
             if why is None:
                 break
             skipped.append(f"latest: passed over backup {backup.id}: {why}")
         else:
             raise UsageError("no good backup to call 'latest': " + "; ".join(skipped),
                              hint="name a backup by its id (see `conexa-backup list`)")
+        if use is Use.CHECK and (why := passed_over(backup, Use.RESTORE, source)):
+            skipped.append(f"latest: backup {backup.id} taken as it is, though {why}")
         for line in skipped:
             log.warning("%s", line)
         if notes is not None:

@@ -422,7 +422,10 @@ def verify(
         if source or all_targets or junit:
             raise UsageError("--from, --all-targets and --junit go with --drill")
         with _session("verify", lock=False, alert="verify") as ctx:
-            checks = inspect.verify(ctx, ref, all_backups=all_backups, target_names=target)
+            notes: list[str] = []
+            with _notes(notes):
+                checks = inspect.verify(ctx, ref, all_backups=all_backups,
+                                        target_names=target, notes=notes)
             bad = [f"{c.backup_id} on {c.target}: {'; '.join(c.problems)}"
                    for c in checks if not c.ok]
             _alert(ctx, Event("verify", "failure", "verification FAILED",
@@ -433,6 +436,18 @@ def verify(
         if not checks or not all(c.ok for c in checks):
             raise typer.Exit(int(ExitCode.FAILURE))
     _guard(act)
+
+
+@contextlib.contextmanager
+def _notes(notes: list[str]) -> Iterator[None]:
+    """Say on stderr, once the block is done (failed or not), what ``latest`` passed over, or
+    that it named a damaged or suspect backup (``catalog.resolve``): which backup a command
+    used must never be a surprise."""
+    try:
+        yield
+    finally:
+        for note in notes:
+            STATE.err.print(f"warning: {escape(note)}", highlight=False)
 
 
 def _drill_source(source: str | None, targets: list[str] | None) -> str | None:
@@ -450,10 +465,9 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
         raise UsageError("--from and --all-targets exclude each other")
     with _session("drill", lock=False, alert="drill") as ctx:
         notes: list[str] = []
-        results = run_drills(ctx, ref, source=source, all_targets=all_targets, notes=notes)
+        with _notes(notes):
+            results = run_drills(ctx, ref, source=source, all_targets=all_targets, notes=notes)
         _alert(ctx, events.drill_event(results))
-    for note in notes:  # "latest" passed over a damaged or suspect backup: say which
-        STATE.err.print(f"warning: {escape(note)}", highlight=False)
     if junit is not None:
         try:
             junit.write_text(render.drill_junit(results), encoding="utf-8")
@@ -495,7 +509,9 @@ def download(
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
     def act() -> None:
         with _session("download", lock=False) as ctx:
-            _, folder = inspect.download(ctx, ref, to, source)
+            notes: list[str] = []
+            with _notes(notes):
+                _, folder = inspect.download(ctx, ref, to, source, notes)
         if not STATE.quiet:
             STATE.out.print(str(folder), markup=False, highlight=False)
     _guard(act)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from conexa_backup.actions.monitor import LEVELS
+from conexa_backup.actions.monitor import LEVELS, drill_failure
 
 if TYPE_CHECKING:  # types only: the CLI imports each action when its command runs
     from conexa_backup.actions.backup import BackupResult
@@ -132,7 +132,8 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
 
 def _drill_summary(d: dict[str, Any]) -> dict[str, Any]:
     return {"at": d.get("started_at"), "ok": d.get("ok"),
-            "recovery_seconds": d.get("recovery_seconds")}
+            "recovery_seconds": d.get("recovery_seconds"),
+            "failed": None if d.get("ok") else drill_failure(d)}
 
 
 def list_human(console: Console, backups: Sequence[Backup], drills: Drills | None = None) -> None:
@@ -163,13 +164,19 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
                       status, proven)
     console.print(table)
     for b in reversed(backups):  # why, under the table: a reason does not fit in a column
-        e = backup_entry(b)
+        e = backup_entry(b, drills)
+        for target, d in e["drills"].items():
+            if d["failed"]:
+                console.print(f"{b.id} on {target}: {d['failed']}", markup=False,
+                              highlight=False)
         for target, d in e["damaged_targets"].items():
             since = f" since {d['at'][:19].replace('T', ' ')}" if d["at"] else ""
             console.print(f"{b.id} on {target}: damaged{since}: {d['why']}", markup=False,
                           highlight=False)
-        notes = [*e["warnings"], *([e["suspect"]] if e["suspect"] not in
-                                   (None, *e["warnings"]) else [])]
+        # The run stores the suspect reason among its warnings, with more words after it.
+        suspect = e["suspect"]
+        notes = [*e["warnings"], *([suspect] if suspect and not any(
+            w.startswith(suspect) for w in e["warnings"]) else [])]
         for note in notes:
             console.print(f"{b.id}: warning: {note}", markup=False, highlight=False)
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from pydantic import SecretStr
 
 from conexa_backup.actions.fetch import Keys
-from conexa_backup.catalog import Backup, ManifestCache, refresh, resolve, scan
+from conexa_backup.catalog import Backup, ManifestCache, Use, refresh, resolve, scan
 from conexa_backup.config import Config
 from conexa_backup.crypto import load_identities, load_public_key
 from conexa_backup.errors import ConexaError, ConfigError, UsageError
@@ -122,17 +122,18 @@ class Context:
                     cache=cache, verifier=self.verifier, state_dir=self.config.state_dir)
 
     def resolve(self, ref: str, source: str | None = None,
-                notes: list[str] | None = None) -> Backup:
-        """The complete backup ``ref`` names (an id or ``latest``), its manifests re-read from
-        the targets; ``source``, if given, must name a configured target holding a copy.
-        Newer backups ``latest`` passed over are said in ``notes`` (:func:`catalog.resolve`).
+                notes: list[str] | None = None, *, use: Use) -> Backup:
+        """The complete backup ``ref`` names (an id or ``latest`` for ``use``), its manifests
+        re-read from the targets; ``source``, if given, must name a configured target holding
+        a copy (``latest`` is chosen among the backups with one there). Newer backups
+        ``latest`` passed over are said in ``notes`` (:func:`catalog.resolve`).
 
         Raises:
             UsageError: unknown target, no such backup, or no complete copy (on ``source``).
         """
         if source is not None:
             self.targets([source])  # an unknown name is a usage error
-        backup = resolve(self.scan(self.targets()), ref, notes)
+        backup = resolve(self.scan(self.targets()), ref, notes, use=use, source=source)
         refresh(backup, self.verifier)
         if not backup.complete_copies:
             raise UsageError(f"backup {backup.id} has no usable copy left: "

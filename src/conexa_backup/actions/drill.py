@@ -29,7 +29,7 @@ from conexa_backup import postgres
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import read_plain
-from conexa_backup.catalog import Backup, Copy, proves_damage
+from conexa_backup.catalog import Backup, Copy, Use, proves_damage
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ConexaError
 from conexa_backup.manifest import IndexEntry, Manifest, shown_path
@@ -280,13 +280,15 @@ def _check_rto(seconds: float, objective: float) -> str:
 def run_drills(ctx: Context, ref: str, *, source: str | None = None, all_targets: bool = False,
                notes: list[str] | None = None) -> list[DrillResult]:
     """Drill the copy on ``source`` (default: the first target holding one), or on every target.
-    Newer backups ``latest`` passed over (damaged or suspect) are said in ``notes``.
+    ``latest`` is the newest complete backup as it is (damaged or suspect too: drilling it is
+    how damage is re-checked); its copies not known damaged are drilled first.
 
     Raises:
         UsageError: no such backup, or no complete copy on the named target.
     """
-    backup = ctx.resolve(ref, source, notes)
-    copies = backup.complete_copies
+    backup = ctx.resolve(ref, source, notes, use=Use.CHECK)
+    # Copies not known damaged first, as a restore would read them (fetch.from_first_good).
+    copies = sorted(backup.complete_copies, key=lambda c: c.state == "damaged")
     if source is not None:
         copies = [c for c in copies if c.target.name == source]
     elif not all_targets:

@@ -15,7 +15,7 @@ from conexa_backup.actions.fetch import (
     read_verified,
     save_verified,
 )
-from conexa_backup.catalog import Backup, Copy, proves_damage, resolve
+from conexa_backup.catalog import Backup, Copy, Use, proves_damage, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
@@ -69,11 +69,13 @@ class _Discard:
 
 
 def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
-           target_names: Sequence[str] | None = None) -> list[CopyCheck]:
+           target_names: Sequence[str] | None = None,
+           notes: list[str] | None = None) -> list[CopyCheck]:
     """Re-read every artifact of the chosen backup(s) on each target and check the manifest.
 
     With ``all_backups``, incomplete leftovers (no manifest, no problem) are skipped; a named
-    backup (or ``latest``) reports every copy, incomplete ones as failures.
+    backup (or ``latest``: the newest as it is, damaged or suspect too, said in ``notes``)
+    reports every copy, incomplete ones as failures.
 
     Raises:
         UsageError: no such backup.
@@ -83,7 +85,7 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
     if all_backups:
         chosen = [b for b in backups if b.complete_copies or any(c.problem for c in b.copies)]
     else:
-        chosen = [resolve(backups, ref or "latest")]
+        chosen = [resolve(backups, ref or "latest", notes, use=Use.CHECK)]
     results = []
     for backup in chosen:
         for copy in backup.copies:
@@ -102,14 +104,16 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
     return results
 
 
-def download(ctx: Context, ref: str, dest: Path, source: str | None = None) -> tuple[str, Path]:
+def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
+             notes: list[str] | None = None) -> tuple[str, Path]:
     """Fetch a backup's files as stored (plus manifest) into ``dest/<id>/``, checked.
+    ``latest`` is the newest as it is (damaged or suspect too, said in ``notes``).
 
     Raises:
         UsageError: no such backup, or the folder already exists.
         IntegrityError: no copy matches its manifest.
     """
-    backup = ctx.resolve(ref, source)
+    backup = ctx.resolve(ref, source, notes, use=Use.CHECK)
     out = dest / backup.id
     if out.exists():
         raise UsageError(f"{out} already exists")

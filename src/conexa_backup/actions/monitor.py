@@ -1,12 +1,14 @@
 """``status`` (Nagios-style health), the Prometheus textfile, and the periodic ``report``.
 
 Status levels follow the Nagios plugin convention so ``status`` plugs into existing monitoring:
-OK (0); WARNING (1): no successful drill within ``max_drill_age``, a copy on a target is
+OK (0); WARNING (1): no successful drill within ``max_drill_age``, the newest drill on a
+target failed (for any reason, until a later one passes), a copy on a target is
 damaged (found bad by a verify, drill or restore, see ``Copy.state``), a target's newest
 backup was stored with warnings or suspect uploads (an empty or shrunken folder), or the last
 backup run failed or was partial while copies are still fresh; CRITICAL (2): a target's
-newest *good* backup (complete, not damaged) is older than ``max_backup_age`` (or there is
-none); UNKNOWN (3): the state cannot be read (bad config, a target that cannot be listed).
+newest *trusted* backup (``Backup.trusts``: complete, not damaged, uploads not suspect) is
+older than ``max_backup_age`` (or there is none); UNKNOWN (3): the state cannot be read
+(bad config, a target that cannot be listed).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Health:
     last_run: dict[str, Any] | None
     summary: str
     incomplete: int = 0
-    last: Backup | None = None  # the newest backup with a good copy anywhere
+    last: Backup | None = None  # the newest trusted backup anywhere (Backup.trusted)
     age_seconds: float | None = None
     last_drill: dict[str, Any] | None = None
 
@@ -96,12 +98,14 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
                    now: datetime) -> TargetHealth:
     mon = ctx.config.monitoring
     health = TargetHealth(name, 0, damaged=damaged_copies(backups, name))
-    good = [(b, c.manifest) for b in backups for c in b.good_copies if c.target.name == name]
-    if good and good[-1][1] is not None:
-        health.newest_backup = good[-1][0].id
-        health.backup_age_seconds = (now - good[-1][1].finished_at).total_seconds()
-    newest, manifest = good[-1] if good else (None, None)
-    if newest and manifest and (why := _stored_with_problems(newest, manifest)):
+    here = [(b, c) for b in backups for c in b.copies if c.target.name == name]
+    good = [b for b, c in here if c.state == "complete"]
+    trusted = [b for b, c in here if b.trusts(c)]  # suspect uploads are not a fresh backup
+    if trusted and (manifest := trusted[-1].manifest) is not None:
+        health.newest_backup = trusted[-1].id
+        health.backup_age_seconds = (now - manifest.finished_at).total_seconds()
+    if good and (manifest := good[-1].manifest) and (why := _stored_with_problems(good[-1],
+                                                                                   manifest)):
         health.level = 1  # a green status after a backup of an empty folder would lie
         health.problems.append(why)
     for d in health.damaged:  # a bad copy is worth a look even while a good one is fresh
@@ -109,15 +113,28 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
         since = f" since {d['at'][:16].replace('T', ' ')}" if d["at"] else ""
         health.problems.append(f"{d['id']} damaged{since}: {d['why']}")
     max_age = parse_duration(mon.max_backup_age)
-    good_ = "good" if health.damaged else "complete"  # say "good" where some are not
+    # Say "good" where some complete backups are not (damaged, or uploads suspect).
+    good_ = "good " if health.damaged or len(trusted) != len(good) else ""
     if health.backup_age_seconds is None:
         health.level = 2
-        health.problems.append(f"no {good_} backup")
+        health.problems.append(f"no {good_ or 'complete '}backup")
     elif health.backup_age_seconds > max_age.total_seconds():
         health.level = 2
-        health.problems.append(f"newest {'good ' if health.damaged else ''}backup older than "
-                               f"{mon.max_backup_age}")
-    passed = [d for d in drills(ctx.config.state_dir) if d.get("target") == name and d.get("ok")]
+        health.problems.append(f"newest {good_}backup older than {mon.max_backup_age}")
+    _drill_health(ctx, health, now)
+    return health
+
+
+def _drill_health(ctx: Context, health: TargetHealth, now: datetime) -> None:
+    """WARNING when no drill passed within ``max_drill_age``, or when the newest drill on the
+    target failed, for any reason (a check query, pg_restore, differing counts; not only
+    damage): it stays said until a later drill passes."""
+    mon = ctx.config.monitoring
+    here = [d for d in drills(ctx.config.state_dir) if d.get("target") == health.target]
+    if here and not here[-1].get("ok"):
+        health.level = max(health.level, 1)
+        health.problems.append(drill_failure(here[-1]))
+    passed = [d for d in here if d.get("ok")]
     when = _parse_time(passed[-1].get("started_at")) if passed else None
     if passed and when is not None:
         health.newest_drill = passed[-1]
@@ -125,7 +142,19 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
     if when is None or (now - when) > parse_duration(mon.max_drill_age):
         health.level = max(health.level, 1)
         health.problems.append(f"no successful restore drill within {mon.max_drill_age}")
-    return health
+
+
+def first_line(text: object) -> str:
+    return (str(text or "").strip() or "?").splitlines()[0]
+
+
+def drill_failure(drill: dict[str, Any]) -> str:
+    """One line for a failed recorded drill: which backup, when, and its failed steps."""
+    steps = [s for s in drill.get("steps") or [] if isinstance(s, dict) and not s.get("ok")]
+    why = "; ".join(f"{s.get('name')}: {first_line(s.get('detail'))}" for s in steps)
+    why = why or "no step ran"
+    at = str(drill.get("started_at") or "?")[:16].replace("T", " ")
+    return f"restore drill of {drill.get('backup_id')} failed at {at}: {why}"
 
 
 def health(ctx: Context, now: datetime | None = None) -> Health:
@@ -148,7 +177,7 @@ def health(ctx: Context, now: datetime | None = None) -> Health:
     if last is not None and last.get("outcome") in ("failure", "partial"):
         problems.append(f"last backup run: {last.get('outcome')}")
     summary = "; ".join(problems) if problems else _ok_summary(targets)
-    good = [b for b in backups if b.good_copies and b.manifest is not None]
+    good = [b for b in backups if b.trusted and b.manifest is not None]
     newest = good[-1] if good else None
     age = (now - newest.manifest.finished_at).total_seconds() \
         if newest is not None and newest.manifest is not None else None

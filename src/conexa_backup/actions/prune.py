@@ -52,8 +52,9 @@ def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate],
                 continue  # only files we did not write: not a backup, nothing of ours to do
             kind = copy.manifest.kind if copy.manifest is not None else "scheduled"
             # A suspect backup (uploads empty or shrunken: a volume not mounted) is as bad as
-            # a damaged copy: never the newest good one, nor a period's while a good one is.
-            bad = copy.state == "damaged" or backup.suspect is not None
+            # a damaged copy (Backup.trusts): never the newest good one, nor a period's while
+            # a good one is.
+            bad = not backup.trusts(copy)
             cands.append(Candidate(backup.id, copy.complete, kind, bad))
             copies[backup.id] = copy
     return cands, copies

@@ -21,7 +21,7 @@ from conexa_backup import signals
 from conexa_backup.actions import journal, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
-from conexa_backup.catalog import Backup
+from conexa_backup.catalog import Backup, Use
 from conexa_backup.errors import PartialFailure, UsageError
 from conexa_backup.manifest import ID_FORMAT, Manifest
 
@@ -63,7 +63,9 @@ class _Plan:
 
 
 def _plan(ctx: Context, opts: RestoreOptions, notes: list[str]) -> _Plan:
-    backup = ctx.resolve(opts.ref, opts.source, notes)
+    # A suspect backup's dump is fine, only its uploads are in doubt (catalog.Use).
+    use = Use.DATABASE if opts.only == "database" else Use.RESTORE
+    backup = ctx.resolve(opts.ref, opts.source, notes, use=use)
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
