@@ -1,0 +1,1 @@
+"""The HTTP API (``conexa-backup serve``): a second front door beside ``cli.py``."""
