@@ -537,3 +537,10 @@ def test_server_download_mode_and_empty_roles() -> None:
     assert "'proxy' or 'presigned'" in server_error(server='download = "redirect"')
     assert server_config('download = "presigned"').server.download == "presigned"  # type: ignore[union-attr]
     assert "role must not be empty" in server_error(auth=HS + '\nread_roles = [""]')
+
+
+def test_server_secret_written_literally_is_found() -> None:
+    """A world-readable file with the JWT secret in it gets the chmod 600 warning."""
+    literal = SERVER.format(server="", auth='secret = "literal-jwt-secret"')
+    assert loading.secrets_written_in(literal) == ["server.auth.secret"]
+    assert loading.secrets_written_in(SERVER.format(server="", auth=HS)) == []
