@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
@@ -277,3 +278,27 @@ def test_serve_token_create_prints_the_token_once(tmp_path: Path) -> None:
     made = runner.invoke(app, ["-c", str(config), "serve", "token", "create", "cron",
                                "--role", "admin", "--json"], env=env)
     assert json.loads(made.stdout)["token"].startswith("cxb_")
+
+
+def test_serve_token_list_and_revoke(tmp_path: Path) -> None:
+    from conexa_backup.server.tokens import find_machine_token
+
+    config = tmp_path / "backup.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[database]\nurl = '
+                      f'"postgresql://u@h/db"\n[[targets]]\nname = "l"\ntype = "local"\n'
+                      f'path = "{tmp_path / "b"}"\n[server.auth]\nsecret = "{"s" * 40}"\n',
+                      encoding="utf-8")
+    runner = CliRunner()
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, ["-c", str(config), "serve", "token", *args])
+    token = cli("create", "backup-script", "--role", "admin").stdout.strip()
+    listed = cli("list", "--json")
+    assert listed.exit_code == 0
+    [entry] = json.loads(listed.stdout)
+    assert (entry["name"], entry["role"]) == ("backup-script", "admin")
+    assert token not in listed.stdout
+    assert find_machine_token(tmp_path / "state", token) is not None
+    assert cli("revoke", "backup-script").exit_code == 0
+    assert find_machine_token(tmp_path / "state", token) is None
+    assert cli("revoke", "backup-script").exit_code == 2
+    assert json.loads(cli("list", "--json").stdout) == []

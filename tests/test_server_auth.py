@@ -27,6 +27,7 @@ from conexa_backup.server.tokens import (
     create_machine_token,
     find_machine_token,
     issue_machine_token,
+    revoke_machine_token,
 )
 
 SECRET = "a-shared-secret-of-sixty-four-bytes-for-hs256-hs384-and-hs512!!!"
@@ -321,6 +322,10 @@ def test_machine_token_is_shown_once_and_stored_as_a_hash(tmp_path: Path) -> Non
     assert principal == Principal("token:nagios", "monitor", True, False, False)
     assert refused(verifier, f"Bearer {token[:-1]}x").code == "unknown_token"
     assert create_machine_token(tmp_path / "state", "other", "admin") != token
+    revoke_machine_token(tmp_path / "state", "nagios")
+    assert refused(verifier, f"Bearer {token}").code == "unknown_token"
+    assert verifier.verify_header("Bearer " + create_machine_token(
+        tmp_path / "state", "nagios", "monitor")).sub == "token:nagios"  # the name is free
 
 
 def test_machine_token_names_and_roles_are_checked(tmp_path: Path) -> None:
@@ -388,3 +393,14 @@ def test_listen_override_is_checked_at_start(tmp_path: Path) -> None:
     assert "allow_plain_http" in startup_error(config, "0.0.0.0:8765")
     insecure = make_config(tmp_path, "insecure_no_auth = true")
     assert "insecure_no_auth" in startup_error(insecure, "192.0.2.10:8765")
+
+
+def test_machine_tokens_made_at_once_are_all_kept(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = tmp_path / "state"
+    with ThreadPoolExecutor(8) as pool:
+        tokens = list(pool.map(lambda i: create_machine_token(state, f"t{i}", "admin"),
+                               range(24)))
+    assert {find_machine_token(state, t).name for t in tokens} \
+        == {f"t{i}" for i in range(24)}  # type: ignore[union-attr]

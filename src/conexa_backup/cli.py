@@ -40,7 +40,7 @@ from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 from conexa_backup.notify.base import Event, Kind
 from conexa_backup.notify.dispatch import dispatch
-from conexa_backup.server.tokens import issue_machine_token
+from conexa_backup.server.tokens import issue_machine_token, machine_tokens, revoke_machine_token
 from conexa_backup.state import last_drills, record_run, sweep_stale
 
 T = TypeVar("T")
@@ -658,6 +658,25 @@ def token_create(
     if not STATE.quiet:
         STATE.err.print("(shown once: only its hash is kept; send it as 'Authorization: Bearer "
                         "<token>')", markup=False, highlight=False)
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """The machine tokens: name, role, creation time (never the tokens)."""
+    found = _guard(lambda: machine_tokens(_context().config.state_dir))
+
+    def human(console: Console) -> None:
+        for t in found:
+            console.print(f"{t.name}\t{t.role}\t{t.created}", markup=False, highlight=False)
+    _emit(as_json, lambda: [vars(t) for t in found], human)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name (see `serve token list`).")],
+) -> None:
+    """Forget a machine token: requests bearing it are refused from now on."""
+    _guard(lambda: revoke_machine_token(_context().config.state_dir, name))
 
 
 def _tune_malloc() -> None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -63,7 +63,7 @@ class Principal:
     can_admin: bool  # trigger, download, cancel
     can_restore: bool  # restore, delete
 
-    def require(self, capability: str) -> None:
+    def require(self, capability: Literal["read", "admin", "restore"]) -> None:
         """Raises AuthError(403) unless the principal has ``capability`` (read, admin,
         restore)."""
         if not getattr(self, f"can_{capability}"):
@@ -166,6 +166,9 @@ class Verifier:
                          "ADMIN, with no token checked")
         elif self.auth.algorithms[0] in HMAC_ALGORITHMS:
             self._secret = _read_secret(self.auth)
+            if len(self._secret) < 32:  # RFC 7518 3.2; the app's secret is not ours to refuse
+                _log.warning("server.auth secret is %d bytes; HS256 wants at least 32",
+                             len(self._secret))
         elif self.auth.public_key_file is not None:
             self._key = _read_public_key(self.auth.public_key_file)
         else:

@@ -102,3 +102,17 @@ def issue_machine_token(config: Config, name: str, role: str) -> str:
         raise UsageError(f"role {role!r} is in none of server.auth's read_roles, admin_roles "
                          f"or restore_roles ({', '.join(sorted(known)) or 'none'})")
     return create_machine_token(config.state_dir, name, role)
+
+
+def revoke_machine_token(state_dir: Path, name: str) -> None:
+    """Forget the token called ``name``: requests bearing it are refused from now on.
+
+    Raises:
+        UsageError: no token has that name.
+    """
+    with _locked(private_dir(state_dir)):
+        entries = _entries(state_dir)
+        kept = [e for e in entries if e["name"] != name]
+        if len(kept) == len(entries):
+            raise UsageError(f"no machine token named {name!r}")
+        write_json(state_dir / TOKENS, {"tokens": kept})
