@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
@@ -241,3 +242,63 @@ def test_check_names_the_broken_part(ws: Workspace, tmp_path: Path) -> None:
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["database"]["ok"] and checks["uploads"]["ok"]
     assert not checks["target local"]["ok"] and "local" in checks["target local"]["detail"]
+
+
+def test_the_cli_never_imports_the_server_stack() -> None:
+    """`conexa-backup[server]` is optional: a plain install must run every other command."""
+    code = ("import sys, conexa_backup.cli, conexa_backup.__main__\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('fastapi', 'starlette', 'uvicorn', 'jwt', 'httpx')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_serve_token_create_prints_the_token_once(tmp_path: Path) -> None:
+    config = tmp_path / "backup.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[database]\nurl = '
+                      f'"postgresql://u@h/db"\n[[targets]]\nname = "l"\ntype = "local"\n'
+                      f'path = "{tmp_path / "b"}"\n[server.auth]\nsecret = "${{S}}"\n'
+                      f'read_roles = ["monitor"]\n', encoding="utf-8")
+    runner = CliRunner()
+    env = {"S": "s" * 40}
+    made = runner.invoke(app, ["-c", str(config), "-q", "serve", "token", "create", "nagios",
+                               "--role", "monitor"], env=env)
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip()
+    assert token.startswith("cxb_") and len(token) > 40
+    stored = (tmp_path / "state" / "server-tokens.json").read_text()
+    assert hashlib.sha256(token.encode()).hexdigest() in stored and token not in stored
+    again = runner.invoke(app, ["-c", str(config), "serve", "token", "create", "nagios",
+                                "--role", "monitor", "--json"], env=env)
+    assert again.exit_code == 2 and "exists already" in again.output
+    other = runner.invoke(app, ["-c", str(config), "serve", "token", "create", "x",
+                                "--role", "root", "--json"], env=env)
+    assert other.exit_code == 2 and "none of" in other.output
+    made = runner.invoke(app, ["-c", str(config), "serve", "token", "create", "cron",
+                               "--role", "admin", "--json"], env=env)
+    assert json.loads(made.stdout)["token"].startswith("cxb_")
+
+
+def test_serve_token_list_and_revoke(tmp_path: Path) -> None:
+    from conexa_backup.server.tokens import find_machine_token
+
+    config = tmp_path / "backup.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[database]\nurl = '
+                      f'"postgresql://u@h/db"\n[[targets]]\nname = "l"\ntype = "local"\n'
+                      f'path = "{tmp_path / "b"}"\n[server.auth]\nsecret = "{"s" * 40}"\n',
+                      encoding="utf-8")
+    runner = CliRunner()
+    def cli(*args: str) -> Any:
+        return runner.invoke(app, ["-c", str(config), "serve", "token", *args])
+    token = cli("create", "backup-script", "--role", "admin").stdout.strip()
+    listed = cli("list", "--json")
+    assert listed.exit_code == 0
+    [entry] = json.loads(listed.stdout)
+    assert (entry["name"], entry["role"]) == ("backup-script", "admin")
+    assert token not in listed.stdout
+    assert find_machine_token(tmp_path / "state", token) is not None
+    assert cli("revoke", "backup-script").exit_code == 0
+    assert find_machine_token(tmp_path / "state", token) is None
+    assert cli("revoke", "backup-script").exit_code == 2
+    assert json.loads(cli("list", "--json").stdout) == []

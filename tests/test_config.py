@@ -420,3 +420,127 @@ def test_example_parses() -> None:
     assert config.uploads is not None
     assert [t.name for t in config.targets] == ["local"]
     assert config.compression.algorithm == "zstd"
+
+
+# -- [server]: the HTTP API, fail closed ----------------------------------------------------------
+
+SERVER = VALID + '\n[server]\n{server}\n[server.auth]\n{auth}\n'
+HS = 'secret = "${JWT_SECRET}"'
+JWT_ENV = {"JWT_SECRET": "x" * 40}
+
+
+def server_config(server: str = "", auth: str = HS, env: dict[str, str] | None = None) -> Config:
+    return parse(SERVER.format(server=server, auth=auth), JWT_ENV if env is None else env)
+
+
+def server_error(server: str = "", auth: str = HS, env: dict[str, str] | None = None) -> str:
+    message = error_of(SERVER.format(server=server, auth=auth), JWT_ENV if env is None else env)
+    assert "x" * 40 not in message  # never the secret
+    return message
+
+
+def test_no_server_section_is_fine_for_the_cli() -> None:
+    assert parse(VALID).server is None
+
+
+def test_server_defaults() -> None:
+    server = server_config().server
+    assert server is not None
+    assert (server.listen, server.allow_plain_http, server.download) == (
+        "127.0.0.1:8765", False, "proxy")
+    assert server.cors_origins == [] and server.tls_cert_file is None
+    auth = server.auth
+    assert auth.algorithms == ["HS256"]
+    assert auth.secret is not None and auth.secret.get_secret_value() == "x" * 40
+    assert (auth.role_claim, auth.admin_roles, auth.read_roles) == ("role", ["admin"], [])
+    assert auth.restore_roles == ["admin"]  # default: admin_roles
+    assert not auth.insecure_no_auth
+    assert server_config(auth=HS + '\nadmin_roles = ["gestor"]').server.auth.restore_roles \
+        == ["gestor"]  # type: ignore[union-attr]
+
+
+def test_server_needs_its_auth_table() -> None:
+    message = error_of(VALID + '\n[server]\nlisten = "127.0.0.1:9000"\n')
+    assert "server.auth: required key is missing" in message
+
+
+def test_server_unknown_keys_are_refused() -> None:
+    assert "server.auth.algorithm (line 15): unknown key" in server_error(
+        auth=HS + '\nalgorithm = "HS256"')
+    assert "server.port" in server_error(server="port = 80")
+
+
+@pytest.mark.parametrize("listen", ["8765", "localhost", ":8765", "127.0.0.1:99999",
+                                    "127.0.0.1:http"])
+def test_server_listen_must_be_host_port(listen: str) -> None:
+    assert "server.listen (line 12): must be HOST:PORT" in server_error(
+        server=f'listen = "{listen}"')
+
+
+def test_server_reachable_listen_needs_tls_or_allow_plain_http() -> None:
+    message = server_error(server='listen = "0.0.0.0:8765"')
+    assert "server (line 11)" in message and "allow_plain_http" in message
+    assert "tls_cert_file" in message
+    server_config('listen = "0.0.0.0:8765"\nallow_plain_http = true')
+    server_config('listen = "10.0.0.5:8765"\ntls_cert_file = "/c.pem"\ntls_key_file = "/k.pem"')
+    for loopback in ("127.0.0.1:1", "[::1]:8765", "localhost:8765", "127.9.9.9:80"):
+        server_config(f'listen = "{loopback}"')
+    assert "set both or neither" in server_error(server='tls_cert_file = "/c.pem"')
+
+
+def test_server_insecure_no_auth_only_on_loopback() -> None:
+    config = server_config(auth="insecure_no_auth = true")  # no secret needed there
+    assert config.server is not None and config.server.auth.insecure_no_auth
+    message = server_error('listen = "0.0.0.0:8765"\nallow_plain_http = true',
+                           "insecure_no_auth = true")
+    assert "auth.insecure_no_auth: only allowed with a loopback listen" in message
+
+
+@pytest.mark.parametrize("auth", ["", 'algorithms = ["HS256"]', 'secret = ""',
+                                  'secret = "${EMPTY}"', 'secret = "  "'])
+def test_server_hmac_needs_a_non_empty_secret(auth: str) -> None:
+    message = server_error(auth=auth, env={"EMPTY": ""})
+    assert "server.auth (line" in message and "secret" in message
+
+
+def test_server_key_sources_fit_the_algorithms() -> None:
+    assert "set only one" in server_error(auth=HS + '\nsecret_file = "/s"')
+    assert "needs `secret` or `secret_file`" in server_error(auth=HS + '\njwks_url = '
+                                                             '"https://app/jwks.json"')
+    message = server_error(auth='algorithms = ["RS256"]')
+    assert "RS256 needs `public_key_file` or `jwks_url`" in message
+    assert "secret" in server_error(auth='algorithms = ["ES256"]\npublic_key_file = "/k"\n' + HS)
+    assert "set only one" in server_error(
+        auth='algorithms = ["EdDSA"]\npublic_key_file = "/k"\njwks_url = "https://a/j"')
+    server_config(auth='algorithms = ["RS256", "ES256"]\njwks_url = "https://app/jwks.json"')
+    server_config(auth='algorithms = ["EdDSA"]\npublic_key_file = "/etc/conexa/app.pem"')
+
+
+def test_server_hmac_and_public_key_algorithms_are_never_mixed() -> None:
+    message = server_error(auth='algorithms = ["RS256", "HS256"]\npublic_key_file = "/k"')
+    assert "HS256 cannot be listed with RS256" in message
+
+
+@pytest.mark.parametrize("algorithms", ['["none"]', '[]', '["hs256"]', '["HS1"]'])
+def test_server_algorithms_are_a_known_non_empty_list(algorithms: str) -> None:
+    assert "server.auth.algorithms" in server_error(auth=f"algorithms = {algorithms}\n{HS}")
+
+
+def test_server_jwks_url_must_be_https_off_loopback() -> None:
+    rs = 'algorithms = ["RS256"]\n'
+    assert "https://" in server_error(auth=rs + 'jwks_url = "http://app.internal/jwks.json"')
+    assert "https://" in server_error(auth=rs + 'jwks_url = "file:///etc/jwks.json"')
+    server_config(auth=rs + 'jwks_url = "http://127.0.0.1:3000/jwks.json"')
+
+
+def test_server_download_mode_and_empty_roles() -> None:
+    assert "'proxy' or 'presigned'" in server_error(server='download = "redirect"')
+    assert server_config('download = "presigned"').server.download == "presigned"  # type: ignore[union-attr]
+    assert "role must not be empty" in server_error(auth=HS + '\nread_roles = [""]')
+
+
+def test_server_secret_written_literally_is_found() -> None:
+    """A world-readable file with the JWT secret in it gets the chmod 600 warning."""
+    literal = SERVER.format(server="", auth='secret = "literal-jwt-secret"')
+    assert loading.secrets_written_in(literal) == ["server.auth.secret"]
+    assert loading.secrets_written_in(SERVER.format(server="", auth=HS)) == []

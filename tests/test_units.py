@@ -473,7 +473,7 @@ def test_lock_of_sigkilled_process_does_not_block(tmp_path: Path,
     assert (tmp_path / LOCK_NAME).exists()  # the file stays; the lock died with the process
     with run_lock(tmp_path, "backup"):
         content = (tmp_path / LOCK_NAME).read_text()
-        assert content == f"pid {os.getpid()}, backup\n"
+        assert re.fullmatch(rf"pid {os.getpid()}, backup, since \S+Z\n", content)
 
 
 def test_lock_released_after_block(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 from conexa_backup.notify.base import Event, Kind
 from conexa_backup.notify.dispatch import dispatch
+from conexa_backup.server.tokens import issue_machine_token, machine_tokens, revoke_machine_token
 from conexa_backup.state import last_drills, record_run, sweep_stale
 
 T = TypeVar("T")
@@ -645,6 +646,53 @@ def check(as_json: JsonOpt = False) -> None:
         if not all(r.ok for r in results):
             raise typer.Exit(int(ExitCode.FAILURE))
     _guard(act)
+
+
+serve_app = typer.Typer(help="The HTTP API for the admin panel (so far: its machine tokens).",
+                        no_args_is_help=True)
+token_app = typer.Typer(help="Machine tokens: bearer tokens for scripts.", no_args_is_help=True)
+serve_app.add_typer(token_app, name="token")
+app.add_typer(serve_app, name="serve")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="A name for the token (audit log, revoking).")],
+    role: Annotated[str, typer.Option("--role", help="A role of [server.auth]: what the "
+                                      "token may do.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a machine token and print it, once: only its SHA-256 is kept (state_dir)."""
+    def act() -> str:
+        return issue_machine_token(_context().config, name, role)
+    token = _guard(act)
+    # The token is the output, even with --quiet: lost here, it is lost for good.
+    if as_json:
+        render.print_json(STATE.out, {"name": name, "role": role, "token": token})
+        return
+    STATE.out.print(token, markup=False, highlight=False)
+    if not STATE.quiet:
+        STATE.err.print("(shown once: only its hash is kept; send it as 'Authorization: Bearer "
+                        "<token>')", markup=False, highlight=False)
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False) -> None:
+    """The machine tokens: name, role, creation time (never the tokens)."""
+    found = _guard(lambda: machine_tokens(_context().config.state_dir))
+
+    def human(console: Console) -> None:
+        for t in found:
+            console.print(f"{t.name}\t{t.role}\t{t.created}", markup=False, highlight=False)
+    _emit(as_json, lambda: [vars(t) for t in found], human)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: Annotated[str, typer.Argument(help="The token's name (see `serve token list`).")],
+) -> None:
+    """Forget a machine token: requests bearing it are refused from now on."""
+    _guard(lambda: revoke_machine_token(_context().config.state_dir, name))
 
 
 def _tune_malloc() -> None:

@@ -61,6 +61,23 @@ class LockedError(ConexaError):
     exit_code = ExitCode.LOCKED
 
 
+class BusyError(LockedError):
+    """A job cannot start: a run holds the lock, or one of the server's own jobs is active.
+
+    ``holder`` says who ("pid 123, backup" or "job <id> (backup)"), ``since`` when it took the
+    lock (ISO 8601, or None when unknown), for the API's 409 answer.
+    """
+
+    def __init__(self, message: str, *, holder: str, since: str | None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.since = since
+
+
+class JobNotFoundError(ConexaError):
+    """No job has this id (or the id is not one we could have made)."""
+
+
 class ProcessError(ConexaError):
     """A child process (pg_dump, pg_restore, psql...) failed; carries its stderr tail."""
 

@@ -1,7 +1,8 @@
 """One run at a time: an advisory lock on a file in ``state_dir``.
 
 ``flock`` locks die with their process, so a run killed with SIGKILL never blocks the next one;
-the pid written into the file is only for the message.
+the line written into the file (pid, what, since when) is only for messages: :func:`holder`
+and :class:`~conexa_backup.errors.LockedError`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from conexa_backup.errors import ConexaError, LockedError
@@ -38,7 +42,49 @@ def run_lock(state_dir: Path, what: str) -> Iterator[None]:
                 f"another conexa-backup run holds the lock {path} ({holder}); try again later"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}, {what}\n".encode(), 0)
+        since = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        os.pwrite(fd, f"pid {os.getpid()}, {what}, since {since}\n".encode(), 0)
         yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds the lock, as its file says: ``pid`` and ``since`` are None when the file
+    does not say (an older version wrote no time)."""
+
+    pid: int | None
+    what: str
+    since: str | None
+
+
+_LINE = re.compile(r"^pid (?P<pid>\d+), (?P<what>.*?)(?:, since (?P<since>\S+))?$")
+
+
+def holder(state_dir: Path) -> Holder | None:
+    """Who holds the lock now, or None if nobody does.
+
+    Probes with a non-blocking shared ``flock`` released at once, so it never waits and keeps
+    a starting run out for microseconds only (that run would exit 4, like any lost race).
+
+    Raises:
+        ConexaError: the lock file cannot be opened.
+    """
+    path = state_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConexaError(f"cannot open lock file {path}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            line = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            found = _LINE.match(line)
+            if found is None:
+                return Holder(None, line or "unknown", None)
+            return Holder(int(found["pid"]), found["what"], found["since"])
+        return None  # closing the descriptor releases the probe's lock
     finally:
         os.close(fd)

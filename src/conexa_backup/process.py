@@ -8,7 +8,9 @@ Rules it enforces (principle 5):
   pipe and a failure can say what the child last wrote;
 - a child is killed when the code driving it fails, so nothing is left running: each child
   leads its own process group and the whole group is killed, so the parallel workers of
-  ``pg_dump -j``/``pg_restore -j`` go with it instead of finishing their table unseen.
+  ``pg_dump -j``/``pg_restore -j`` go with it instead of finishing their table unseen;
+- the one exception: the API server's jobs (the CLI run in the background) outlive the call
+  that starts them, by design; :func:`spawn_detached` starts one, :func:`poll_child` reaps it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 from conexa_backup import signals
@@ -223,3 +226,70 @@ def _started(argv: Sequence[str], env: Mapping[str, str] | None, what: str | Non
     finally:
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
+
+
+def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str] | None, stdout_path: Path,
+                   stderr_path: Path) -> int:
+    """Start ``argv`` in the background and return its pid; nothing waits for it here.
+
+    The child leads its own process group (so :func:`signal_group` reaches its workers too,
+    and a Ctrl-C meant for us is not sent to it), its stdin is ``/dev/null`` and its stdout
+    and stderr go to new files (0600). SIGINT/SIGTERM/SIGHUP are at their default and no
+    signal is blocked in it, whatever our own threads do. The caller must reap it with
+    :func:`poll_child`. ``posix_spawn`` rather than ``subprocess``: ``subprocess`` reaps
+    children it has forgotten on its own, and would take their exit status from us.
+
+    Raises:
+        ProcessError: the program is missing or cannot be started.
+    """
+    log.info("starting in the background %s", format_argv(argv))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, str(stdout_path), flags, 0o600),
+               (os.POSIX_SPAWN_OPEN, 2, str(stderr_path), flags, 0o600)]
+    try:
+        return os.posix_spawnp(
+            argv[0], list(argv), child_env(env), file_actions=actions, setpgroup=0,
+            setsigmask=(), setsigdef=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+        )
+    except OSError as exc:
+        raise ProcessError(f"cannot start {os.path.basename(argv[0])}: {exc.strerror}",
+                           returncode=None, stderr_tail="") from None
+
+
+def poll_child(pid: int) -> int | None:
+    """The exit code of our child ``pid`` if it has ended (reaping it), else None.
+
+    Shell-style: a child killed by signal N gives 128 + N (143 for SIGTERM, 137 for an
+    OOM kill). A pid that is not (or no longer) our child gives -1.
+    """
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return -1
+    if done == 0:
+        return None
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def signal_group(pid: int, signum: int) -> bool:
+    """Send ``signum`` to the process group led by ``pid``; False if it is gone."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat`` field 22),
+    or None if there is no such process or it has exited (a zombie not yet reaped): with the
+    pid, it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])

@@ -242,7 +242,8 @@ def load_config(explicit: Path | None = None) -> tuple[Config, Path]:
     return parse_config(text, src), src
 
 
-_SECRET_KEYS = {"password", "secret_access_key", "webhook_url", "identity", "url", "headers"}
+_SECRET_KEYS = {"password", "secret", "secret_access_key", "webhook_url", "identity", "url",
+                "headers"}
 _URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]+@")
 _ONLY_VARS = re.compile(r"^(?:\$\{[A-Za-z_][A-Za-z0-9_]*\}\s*)+$")
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from conexa_backup.config.server import ServerConfig
 from conexa_backup.durations import parse_duration
 from conexa_backup.notify.base import NotifierConfig
 from conexa_backup.notify.registry import REGISTRY as NOTIFIERS
@@ -148,6 +149,8 @@ class Config(_Model):
     signing: SigningConfig = SigningConfig()
     targets: list[AnyTargetConfig] = Field(min_length=1)
     notify: list[AnyNotifierConfig] = Field(default_factory=list)
+    # `conexa-backup serve` (the HTTP API); absent: serve refuses to start.
+    server: ServerConfig | None = None
 
     def retention_for(self, target: str) -> RetentionConfig:
         """The target's own retention table, else the top-level one."""
