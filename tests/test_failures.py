@@ -662,6 +662,13 @@ def shared_ws(ws: Any) -> Iterator[Any]:
         shutil.rmtree(home)
 
 
+def _run_as(ws: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as ``shared_ws``'s unprivileged user (``ws.prefix``: setpriv)."""
+    return subprocess.run([*ws.prefix, *cli_argv(ws, *args)], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+                          env={**os.environ, "HOME": str(ws.state.parent)})
+
+
 def test_unreadable_upload_is_skipped_and_the_run_is_partial(shared_ws: Any,
                                                             tmp_path: Path) -> None:
     """Before: "cannot read .../extrato.csv: Permission denied", exit 1, nothing stored (the
@@ -672,18 +679,13 @@ def test_unreadable_upload_is_skipped_and_the_run_is_partial(shared_ws: Any,
     expected = {"financeiro/extrato.csv": "cannot read: Permission denied",
                 "fotos": "cannot list folder: Permission denied"}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ws.prefix, *cli_argv(ws, *args)], capture_output=True,
-                              text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
-                              env={**os.environ, "HOME": str(ws.state.parent)})
-
-    checked = run("check", "--json")
+    checked = _run_as(ws, "check", "--json")
     assert checked.returncode == 1, checked.stdout + checked.stderr
     uploads = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "uploads")
     assert not uploads["ok"] and "opened all" in uploads["detail"]
     assert all(f"{p} ({why})" in uploads["detail"] for p, why in expected.items()), uploads
 
-    backup = run("backup", "--json")
+    backup = _run_as(ws, "backup", "--json")
     assert backup.returncode == 3, backup.stdout + backup.stderr
     report = json.loads(backup.stdout)
     assert report["status"] == "partial" and len(report["warnings"]) == 1
@@ -716,16 +718,11 @@ def test_unreadable_upload_with_a_latin1_name_is_named_printably(shared_ws: Any,
     secret.chmod(0)
     shown = {"d\\xe9p\\xf4t.txt": "cannot read: Permission denied"}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ws.prefix, *cli_argv(ws, *args)], capture_output=True,
-                              text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
-                              env={**os.environ, "HOME": str(ws.state.parent)})
-
-    checked = run("check", "--json")
+    checked = _run_as(ws, "check", "--json")
     assert checked.returncode == 1, checked.stdout + checked.stderr
     uploads = next(c for c in json.loads(checked.stdout)["checks"] if c["name"] == "uploads")
     assert "d\\xe9p\\xf4t.txt (cannot read: Permission denied)" in uploads["detail"], uploads
-    backup = run("backup", "--json")
+    backup = _run_as(ws, "backup", "--json")
     assert backup.returncode == 3, backup.stdout + backup.stderr
     report = json.loads(backup.stdout)
     assert "d\\xe9p\\xf4t.txt (cannot read" in report["warnings"][0]

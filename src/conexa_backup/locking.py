@@ -21,6 +21,18 @@ from conexa_backup.errors import ConexaError, LockedError
 LOCK_NAME = "conexa-backup.lock"
 
 
+def _open(path: Path, flags: int) -> int:
+    """Open (creating, 0600) the lock file.
+
+    Raises:
+        ConexaError: it cannot be opened (``state_dir`` missing or not writable).
+    """
+    try:
+        return os.open(path, flags | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConexaError(f"cannot open lock file {path}: {exc.strerror}") from None
+
+
 @contextlib.contextmanager
 def run_lock(state_dir: Path, what: str) -> Iterator[None]:
     """Hold the lock for the block.
@@ -29,10 +41,7 @@ def run_lock(state_dir: Path, what: str) -> Iterator[None]:
         LockedError: another process holds it. ConexaError: ``state_dir`` is not writable.
     """
     path = state_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise ConexaError(f"cannot open lock file {path}: {exc.strerror}") from None
+    fd = _open(path, os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,10 +81,7 @@ def holder(state_dir: Path) -> Holder | None:
         ConexaError: the lock file cannot be opened.
     """
     path = state_dir / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise ConexaError(f"cannot open lock file {path}: {exc.strerror}") from None
+    fd = _open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
