@@ -471,15 +471,21 @@ def test_file_missing_from_the_restored_uploads_fails(ws: Workspace, ghost: str,
     assert lines.count(b'"type": "file"') == 60
     entry = {"path": ghost, "size": 3, "sha256": hashlib.sha256(b"pdf").hexdigest()}
     data = zstandard.ZstdCompressor().compress(lines + json.dumps(entry).encode() + b"\n")
-    index.write_bytes(data)
+    _replace_index(ws, backup_id, data)
+    run = _drill(ws)
+    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {shown}"])
+
+
+def _replace_index(ws: Workspace, backup_id: str, data: bytes) -> None:
+    """Store ``data`` as the backup's uploads index, and the manifest to match (so only the
+    index's content, not its checksum, is wrong)."""
+    (ws.backups / backup_id / "uploads.index.jsonl.zst").write_bytes(data)
 
     def point_at_new_index(manifest: dict[str, Any]) -> None:
         artifact = next(a for a in manifest["artifacts"] if a["kind"] == "uploads-index")
         artifact.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     _rewrite_manifest(ws, backup_id, point_at_new_index)
-    run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {shown}"])
 
 
 def _links_leaving_the_tree(uploads: Path) -> dict[str, str]:
@@ -512,13 +518,7 @@ def test_symlink_target_differing_from_the_index_fails(ws: Workspace) -> None:
     edited = lines.replace(b'"target": "../nowhere"', b'"target": "../somewhere"')
     assert edited != lines
     data = zstandard.ZstdCompressor().compress(edited)
-    index.write_bytes(data)
-
-    def point_at_new_index(manifest: dict[str, Any]) -> None:
-        artifact = next(a for a in manifest["artifacts"] if a["kind"] == "uploads-index")
-        artifact.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-    _rewrite_manifest(ws, backup_id, point_at_new_index)
+    _replace_index(ws, backup_id, data)
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "uploads files", _steps(),
                       ["symlink nowhere points to '../nowhere', index says '../somewhere'"])

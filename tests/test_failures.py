@@ -295,19 +295,27 @@ def test_error_message_with_markup_like_path_has_no_traceback(ws: Any, tmp_path:
 
 # -- the target ------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "full disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
+@contextlib.contextmanager
+def tmpfs(mountpoint: Path, size: str, mode: str = "1777") -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted on ``mountpoint`` for the block (root can mount here;
+    the test is skipped where it cannot): a disk that fills up, or one that can be unmounted."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs",
+                           str(mountpoint)], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
-        yield mnt
+        yield mountpoint
     finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
+                          check=False).returncode:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "full disk", "1m") as mnt:
+        yield mnt
 
 
 def test_full_disk(ws: Any, tmp_path: Path, small_tmpfs: Path) -> None:

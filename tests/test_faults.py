@@ -53,6 +53,7 @@ from tests.test_failures import (  # noqa: F401 - small_tmpfs is a fixture
     processes_with_env,
     small_tmpfs,
     temp_files,
+    tmpfs,
     wait_for,
 )
 
@@ -624,20 +625,6 @@ def test_corrupted_local_copy_falls_back_to_s3(ws: Workspace, tmp_path: Path,
     assert tree_snapshot(ws.uploads) == live_tree
 
 
-@contextlib.contextmanager
-def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                           str(mountpoint)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True,
-                          check=False).returncode:
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
-
 
 def test_staging_disk_full_during_restore(ws: Workspace, tmp_path: Path) -> None:
     """state_dir on a 1 MiB tmpfs: the decompressed dump does not fit. The restore fails,
@@ -645,7 +632,7 @@ def test_staging_disk_full_during_restore(ws: Workspace, tmp_path: Path) -> None
     # A few MB of rows: pg_dump's uncompressed custom format holds them as they are.
     ws.cluster.execute("CREATE TABLE public.filler AS SELECT g AS id, repeat(md5(g::text), 40) "
                        "AS t FROM generate_series(1, 3000) AS g", ws.dbname)
-    with tmpfs(tmp_path / "small state", "1m") as state:
+    with tmpfs(tmp_path / "small state", "1m", mode="0700") as state:
         ws.state = state
         configure(ws)
         backup_id = json.loads(assert_ok(ws.run("backup", "--json")))["id"]

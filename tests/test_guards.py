@@ -6,13 +6,11 @@ The CLI runs as a real subprocess, so umask, exit codes and stderr are what cron
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from tests.test_failures import (
     complete_ids,
     configure,
     make_bin_dir,
+    tmpfs,
     wait_for,
 )
 
@@ -283,20 +282,6 @@ def test_shrink_warning_thresholds() -> None:
 
 # -- local targets: an unmounted backup disk --------------------------------------------------
 
-@contextlib.contextmanager
-def tmpfs(mnt: Path) -> Iterator[Path]:
-    """A real tmpfs mounted on ``mnt`` for the block (root can mount here)."""
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs",
-                           str(mnt)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-
-
 def _local_target(ws: Any, path: Path, require_mount: str | None = None) -> None:
     ws.write_config()
     text = ws.config.read_text(encoding="utf-8").replace(f'"{ws.backups}"', f'"{path}"')
@@ -325,7 +310,7 @@ def test_require_mount_at_a_mount_point(ws: Any, tmp_path: Path) -> None:
     _local_target(ws, mnt / "conexa", json.dumps(str(mnt)))
     assert_error(ws.run("backup"), 1, f"{mnt} is not mounted")
     assert list(mnt.iterdir()) == []  # the root disk under the mount point stays empty
-    with tmpfs(mnt):
+    with tmpfs(mnt, "64m", mode="0755"):
         backup_id = backup_ok(ws)
         assert (mnt / "conexa" / backup_id / "manifest.json").is_file()
         assert complete_ids(ws) == [backup_id]
@@ -339,7 +324,7 @@ def test_require_mount_true(ws: Any, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     _local_target(ws, mnt / "conexa", "true")
-    with tmpfs(mnt):
+    with tmpfs(mnt, "64m", mode="0755"):
         backup_ok(ws)
     if _on_root_fs(tmp_path):  # else tmp_path is itself on a mounted disk (a tmpfs /tmp)
         assert_error(ws.run("backup"), 1, "is on the root file system", "mounted")
