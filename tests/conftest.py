@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -116,3 +118,20 @@ def gcs_server() -> Iterator[GCSServer]:
     with GCSServer() as server:
         server.create_bucket(GCS_BUCKET)
         yield server
+
+
+@pytest.fixture
+def api(ws: Workspace) -> Iterator[Any]:
+    """``conexa-backup serve`` over ``ws`` (local target, real PostgreSQL), HS256 auth with
+    roles ``admin`` (admin and restore) and ``viewer`` (read): see tests/apikit.py."""
+    from tests.apikit import start_api, stop_jobs
+
+    server = start_api(ws)
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.stop()
+        if server.proc.poll() is None:
+            server.kill()
+        stop_jobs(ws.state)

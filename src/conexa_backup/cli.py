@@ -35,7 +35,7 @@ from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
 from conexa_backup.config import load_config
 from conexa_backup.config.loading import permission_warning
-from conexa_backup.errors import ConexaError, ExitCode, PartialFailure, UsageError
+from conexa_backup.errors import ConexaError, ConfigError, ExitCode, PartialFailure, UsageError
 from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 from conexa_backup.notify.base import Event, Kind
@@ -648,11 +648,38 @@ def check(as_json: JsonOpt = False) -> None:
     _guard(act)
 
 
-serve_app = typer.Typer(help="The HTTP API for the admin panel (so far: its machine tokens).",
-                        no_args_is_help=True)
+serve_app = typer.Typer(help="The HTTP API for the admin panel (docs/server.md).",
+                        invoke_without_command=True)
 token_app = typer.Typer(help="Machine tokens: bearer tokens for scripts.", no_args_is_help=True)
 serve_app.add_typer(token_app, name="token")
 app.add_typer(serve_app, name="serve")
+
+
+@serve_app.callback()
+def serve(
+    ctx: typer.Context,
+    listen: Annotated[str | None, typer.Option(
+        "--listen", metavar="HOST:PORT",
+        help="Address to serve on (default: [server] listen, 127.0.0.1:8765).")] = None,
+) -> None:
+    """Serve the admin API until SIGINT or SIGTERM (needs the 'server' extra)."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def act() -> None:
+        try:  # the web stack is an optional extra, imported only here
+            from conexa_backup.server import run
+        except ImportError as exc:
+            raise ConfigError(f"serve needs the server extra: pip install "
+                              f"'conexa-backup[server]' ({exc.name} is missing)") from None
+        context = _context()
+        assert context.config_path is not None  # _context loaded it from a file
+        run.log_to_stderr()
+        try:
+            run.serve(context.config, context.config_path, listen)
+        except KeyboardInterrupt:  # uvicorn stopped on the signal: a clean stop
+            logging.getLogger(LOGGER).info("stopped")
+    _guard(act)
 
 
 @token_app.command("create")

@@ -1,0 +1,108 @@
+"""The FastAPI application: routes, error answers, and the once-a-second job reaper.
+
+Routes live in the ``api_*`` modules; each parses, calls an action (or the job store) and
+renders. Every error is JSON ``{"error": code, "message": ...}`` (:mod:`server.errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from conexa_backup import __version__
+from conexa_backup.errors import ConexaError
+from conexa_backup.logs import LOGGER
+from conexa_backup.server import api_delete, api_download, api_jobs, api_list
+from conexa_backup.server.errors import answer
+from conexa_backup.server.services import Services
+
+OPENAPI_URL = "/api/admin/openapi.json"
+TICK = 1.0  # seconds between two reaps of ended jobs
+_log = logging.getLogger(LOGGER)
+
+
+def create_app(services: Services) -> FastAPI:
+    """The API over ``services``; jobs left running by a previous server are recovered when
+    it starts serving."""
+    app = FastAPI(title="conexa-backup", version=__version__, openapi_url=OPENAPI_URL,
+                  docs_url=None, redoc_url=None, lifespan=_lifespan)
+    app.state.services = services
+    cors = services.config.server.cors_origins if services.config.server else []
+    if cors:
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Range"],
+                           expose_headers=["Content-Disposition", "Content-Range",
+                                           "Content-Length"])
+    _install_error_handlers(app)
+    for module in (api_list, api_download, api_jobs, api_delete):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """Whether the server runs: no token, no detail."""
+        return {"status": "ok"}
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    for job in services.jobs.recover():
+        _log.warning("job %s (%s) failed: the server restarted while it ran", job.id, job.kind)
+    stop = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(services, stop), name="reaper", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join(timeout=5)
+
+
+def _tick(services: Services, stop: threading.Event) -> None:
+    while not stop.wait(TICK):
+        try:
+            services.tick()
+        except Exception:  # the reaper must outlive one bad job file
+            _log.exception("job reaper")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    services: Services = app.state.services
+
+    @app.exception_handler(ConexaError)
+    async def conexa_error(request: Request, exc: ConexaError) -> JSONResponse:
+        found = answer(exc, services.redact)
+        if found.status >= 500:
+            _log.error("%s %s: %s", request.method, request.url.path, found.body["message"])
+        return JSONResponse(found.body, status_code=found.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_input(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else "invalid request"
+        return JSONResponse({"error": "bad_input", "message": message}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "message": str(exc.detail)},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        _log.error("%s %s failed unexpectedly", request.method, request.url.path,
+                   exc_info=exc)
+        return JSONResponse(answer(exc).body, status_code=500)
