@@ -232,3 +232,7 @@ def test_readme_install_then_every_crontab_line_runs_as_cron_runs_it(
     assert "backups: 1 runs, 1 ok" in mail.get_content()
     status = cron_run(table, "conexa-backup status")
     assert status.returncode == 0 and status.stdout.startswith("CONEXA-BACKUP OK"), status
+    # The README's install leaves out the `server` extra: serve says what to install.
+    serve = cron_run(table, "conexa-backup serve")
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr, serve
+    assert "pip install 'conexa-backup[server]'" in serve.stderr, serve
