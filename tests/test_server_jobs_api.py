@@ -24,13 +24,15 @@ from conexa_backup.actions.estimate import (
     restore_estimate,
     restore_size,
 )
+from conexa_backup.errors import UsageError
 from conexa_backup.manifest import ID_PATTERN, Manifest
-from conexa_backup.server.jobs import RESTARTED
+from conexa_backup.server.jobs import RESTARTED, command
 from conexa_backup.testing.compare import table_row_counts
 from tests.apikit import ADMIN_SUB, Api, server_section, start_api, stop_jobs
 from tests.conftest import Workspace
 from tests.test_failures import (
     _q,
+    assert_error,
     complete_ids,
     configure,
     listed,
@@ -99,6 +101,20 @@ def test_restore_size_counts_the_parts_restored(ws: Workspace) -> None:
     assert restore_size(manifest, "uploads") == kinds["uploads"] + kinds["uploads-index"]
 
 
+def test_backup_under_an_id_chosen_ahead(ws: Workspace) -> None:
+    """The API picks a backup's id before its job starts (``backup --id``, hidden)."""
+    assert command("backup", {"backup_id": "20260101T000000Z-2"})[-1] == "--id=20260101T000000Z-2"
+    assert "--id" not in " ".join(command("backup", {}))
+    with pytest.raises(UsageError):
+        command("backup", {"backup_id": "--no-prune"})
+    made = ws.run("backup", "--id", "20260101T000000Z-2", "--json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["id"] == "20260101T000000Z-2"
+    assert_error(ws.run("backup", "--id", "20260101T000000Z-2"), 2, "already taken")
+    assert_error(ws.run("backup", "--id", "latest"), 2, "not a backup id")
+    assert complete_ids(ws) == ["20260101T000000Z-2"]
+
+
 # -- servers over special configs ------------------------------------------------------
 
 
@@ -112,7 +128,8 @@ def serve(ws: Workspace) -> Iterator[Callable[..., Api]]:
     def start(again: bool = False, url: str | None = None,
               bin_dir: Path | None = None) -> Api:
         if not again:
-            configure(ws, url=url, **({"bin_dir": bin_dir} if bin_dir else {}))
+            database: dict[str, object] = {"bin_dir": bin_dir} if bin_dir else {}
+            configure(ws, url=url, **database)  # type: ignore[arg-type]
             with ws.config.open("a", encoding="utf-8") as out:
                 out.write(server_section("127.0.0.1:8765"))  # serve --listen overrides it
             ws.config.chmod(0o600)
