@@ -312,13 +312,16 @@ def backup(
     accept_shrink: Annotated[bool, typer.Option(
         "--accept-shrink", help="The uploads folder shrank on purpose: no warning, and "
         "later backups are compared with this one.")] = False,
+    backup_id: Annotated[str | None, typer.Option(
+        "--id", hidden=True, help="Store the backup under this id (the API server picks it "
+        "ahead, to answer it at once); refused if taken.")] = None,
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     def act() -> None:
         with _session("backup", lock=True, alert="backup") as ctx:
             try:
                 result = run_backup(ctx, target_names=target, prune=not no_prune,
-                                    accept_shrink=accept_shrink)
+                                    accept_shrink=accept_shrink, backup_id=backup_id)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)

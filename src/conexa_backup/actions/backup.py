@@ -39,8 +39,15 @@ from conexa_backup.crypto import (
     sign,
 )
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError, DatabaseError, PartialFailure, ProcessError
+from conexa_backup.errors import (
+    ConexaError,
+    DatabaseError,
+    PartialFailure,
+    ProcessError,
+    UsageError,
+)
 from conexa_backup.manifest import (
+    ID_PATTERN,
     MANIFEST_NAME,
     Artifact,
     DatabaseInfo,
@@ -364,8 +371,12 @@ def run_backup(
     target_names: Sequence[str] | None = None,
     prune: bool = True,
     accept_shrink: bool = False,
+    backup_id: str | None = None,
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
+
+    Its id is ``backup_id`` when given (chosen ahead by :func:`next_id`, so that the API
+    can answer it before the run starts), else the start time's (:func:`next_id`'s rule).
 
     An uploads folder that is empty or shrank by more than ``max_shrink`` since the last
     trusted backup is stored with a warning and holds pruning back, unless ``accept_shrink``.
@@ -377,6 +388,7 @@ def run_backup(
     failed is never pruned in that run.
 
     Raises:
+        UsageError: ``backup_id`` is not an id, or a backup already has it.
         ConexaError: nothing usable was stored (every target failed, pg_dump failed...).
         PartialFailure: stored and committed on some targets only (see ``.result``).
     """
@@ -389,7 +401,8 @@ def run_backup(
             log.info("removed stale temporary files from %s", target.name)
     unreachable: dict[str, str] = {}
     existing = ctx.scan(targets, unreachable=unreachable)
-    backup_id = new_backup_id(started, {b.id for b in existing})
+    backup_id = _claim_id(backup_id, {b.id for b in existing}) if backup_id \
+        else new_backup_id(started, {b.id for b in existing})
     reachable = [t for t in targets if t.name not in unreachable]
     skipped = _not_retained(ctx, reachable, existing, Candidate(backup_id, True, kind))
     run = _Run(ctx, backup_id, [t for t in reachable if t.name not in skipped],
@@ -418,6 +431,27 @@ def run_backup(
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
                              f"but failed on: {failed}", result=result)
     return result
+
+
+def next_id(ctx: Context, when: datetime) -> str:
+    """The id a backup started at ``when`` gets: its UTC second, ``-N`` if a backup on a
+    reachable target already has it (:func:`manifest.new_backup_id`).
+
+    Raises:
+        StorageError: no target could be listed.
+    """
+    taken = {b.id for b in ctx.scan(ctx.targets(), with_manifests=False, unreachable={})}
+    return new_backup_id(when, taken)
+
+
+def _claim_id(wanted: str, taken: set[str]) -> str:
+    """``wanted`` as this run's id. Raises UsageError: not an id, or already taken (another
+    run stored it between :func:`next_id` and this run's start: never a second copy)."""
+    if not ID_PATTERN.match(wanted):
+        raise UsageError(f"not a backup id: {wanted[:80]!r}")
+    if wanted in taken:
+        raise UsageError(f"backup id {wanted} is already taken")
+    return wanted
 
 
 def _prune_after(ctx: Context, run: _Run, stored: Sequence[str]) -> list[TargetPrune]:

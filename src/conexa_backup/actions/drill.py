@@ -59,6 +59,7 @@ class DrillResult:
     rto_objective_seconds: float
     steps: list[Step] = field(default_factory=list)
     recovery_seconds: float = 0.0
+    size_bytes: int | None = None  # the drilled backup's stored bytes (restore estimates)
 
     @property
     def ok(self) -> bool:
@@ -103,7 +104,8 @@ class _Drill:
         self.workdir = ctx.state_dir("drills") / scratch_name(
             f"{backup.id}-{copy.target.name}-{token}")
         objective = parse_duration(ctx.config.drill.rto_objective).total_seconds()
-        self.result = DrillResult(backup.id, copy.target.name, datetime.now(UTC), objective)
+        self.result = DrillResult(backup.id, copy.target.name, datetime.now(UTC), objective,
+                                  size_bytes=manifest.size_bytes)
         self.created_db = False
 
     def step(self, name: str, action: Callable[[], str], *, critical: bool = True) -> None:

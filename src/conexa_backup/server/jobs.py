@@ -56,21 +56,22 @@ _ONLY = ("database", "uploads")
 
 def command(kind: str, args: Mapping[str, str]) -> list[str]:
     """The CLI's arguments (after ``--config CFG``) for a job; every restore is confirmed
-    (``--yes``: the API asked the admin) and takes the safety backup.
+    (``--yes``: the API asked the admin) and takes the safety backup. A backup's
+    ``backup_id``, if given, is the id it is stored under (chosen ahead: ``backup --id``).
 
     Raises:
         UsageError: an unknown kind or argument, a malformed backup id, a bad ``only``.
     """
-    allowed = {"backup": set(), "restore": {"backup_id", "to_database", "only"}}.get(kind)
+    allowed = {"backup": {"backup_id"}, "restore": {"backup_id", "to_database", "only"}}.get(kind)
     if allowed is None:
         raise UsageError(f"unknown job kind {kind!r}: 'backup' or 'restore'")
     if unknown := set(args) - allowed:
         raise UsageError(f"unknown argument(s) for a {kind} job: {', '.join(sorted(unknown))}")
-    if kind == "backup":
-        return ["--verbose", "backup", "--json"]
     backup_id = args.get("backup_id", "")
-    if not ID_PATTERN.match(backup_id):
+    if (kind == "restore" or backup_id) and not ID_PATTERN.match(backup_id):
         raise UsageError(f"not a backup id: {backup_id[:80]!r}")
+    if kind == "backup":
+        return ["--verbose", "backup", "--json", *([f"--id={backup_id}"] if backup_id else [])]
     argv = ["--verbose", "restore", "--yes", "--json"]
     if (only := args.get("only")) is not None:
         if only not in _ONLY:
@@ -111,7 +112,8 @@ class JobStore:
         with self._mutex:
             self.reap()
             self._refuse_if_busy()
-            job = Job(secrets.token_urlsafe(12), _kind(kind), dict(args), sub)
+            job = Job(secrets.token_urlsafe(12), _kind(kind), dict(args), sub,
+                      backup_id=args.get("backup_id"))
             self._save(job)
             folder = self._private(self.folder / job.id)
             try:
@@ -193,7 +195,7 @@ class JobStore:
         folder = self.folder / job.id
         job.exit_code, job.finished = code, now()
         job.result = read_result(folder)
-        job.backup_id = _backup_id(job.result)
+        job.backup_id = _backup_id(job.result) or job.backup_id
         job.steps = read_steps(folder)
         if code is None:
             job.state, job.error = "failed", f"{RESTARTED}; its exit code is unknown"
@@ -242,7 +244,7 @@ class JobStore:
                 folder = self.folder / job.id
                 job.state, job.finished, job.error = "failed", now(), RESTARTED
                 job.result = read_result(folder)
-                job.backup_id = _backup_id(job.result)
+                job.backup_id = _backup_id(job.result) or job.backup_id
                 self._save(job)
                 failed.append(job)
         return failed
