@@ -197,7 +197,12 @@ class JobStore:
         job.result = read_result(folder)
         job.backup_id = _backup_id(job.result) or job.backup_id
         job.steps = read_steps(folder)
-        if code is None:
+        if code is None and job.result is not None:
+            # An orphan (its server was restarted) that wrote its --json answer: the CLI
+            # prints it only once the work is done, and says a partial backup there.
+            job.state = "partial" if job.result.get("status") == "partial" else "succeeded"
+            job.error = f"{RESTARTED}; judged from its output (exit code unknown)"
+        elif code is None:
             job.state, job.error = "failed", f"{RESTARTED}; its exit code is unknown"
         else:
             job.state = outcome(code, job.cancel_requested)
