@@ -213,6 +213,46 @@ def test_cors_only_for_the_configured_origins(mws: Workspace) -> None:
         assert "access-control-allow-origin" not in stranger.headers
 
 
+# -- behind a reverse proxy ---------------------------------------------------------------
+
+
+def logged_clients(api: Api, marker: str) -> list[str]:
+    """The client addresses of the request log's lines for ``marker`` (a path)."""
+    lines = [line for line in api.log_text().splitlines()
+             if "uvicorn.access" in line and marker in line]
+    return [line.split("uvicorn.access: ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[0]
+            for line in lines]
+
+
+def wait_logged(api: Api, marker: str) -> list[str]:
+    deadline = time.monotonic() + 30
+    while not (found := logged_clients(api, marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def test_x_forwarded_for_is_ignored_unless_from_a_trusted_proxy(plain_api: Api,
+                                                                mws: Workspace) -> None:
+    """The audit log's client address is the socket's, so a caller cannot name itself;
+    with ``trusted_proxies`` (the proxy's address) it is the one the proxy forwards."""
+    forged = {"X-Forwarded-For": "203.0.113.7"}
+    plain_api.get("/healthz?forged", role=None, headers=forged)
+    assert wait_logged(plain_api, "/healthz?forged") == ["127.0.0.1"]
+    server = 'trusted_proxies = ["127.0.0.0/8"]\n'
+    with running(start_api(sibling(mws, "proxied"), server=server)) as api:
+        api.get("/healthz?proxied", role=None, headers=forged)
+        assert wait_logged(api, "/healthz?proxied") == ["203.0.113.7"]
+
+
+@pytest.mark.parametrize("value", ["*", "proxy.example", "10.0.0.1/8"])
+def test_trusted_proxies_must_be_addresses(mws: Workspace, value: str) -> None:
+    ws = sibling(mws, "bad-proxies")
+    ws.write_config(server_section("127.0.0.1:8765", server=f'trusted_proxies = ["{value}"]\n'))
+    result = ws.run("serve", timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "trusted_proxies" in result.stderr and "not an IP address" in result.stderr
+
+
 # -- load ---------------------------------------------------------------------------------
 
 THREADS, REQUESTS = 20, 50
