@@ -138,11 +138,10 @@ def asymmetric_server(world: World, name: str, auth: str) -> Api:
     ws = dataclasses.replace(world.base, root=world.base.root / name,
                              config=world.base.root / name / "backup.toml")
     ws.root.mkdir(exist_ok=True)
-    section = (f'[server]\nlisten = "127.0.0.1:{{port}}"\n[server.auth]\n'
-               f'algorithms = ["RS256"]\n{auth}admin_roles = ["admin"]\n'
-               f'read_roles = ["viewer"]\n')
     port = free_port()
-    ws.write_config(section.replace("{port}", str(port)))
+    ws.write_config(f'[server]\nlisten = "127.0.0.1:{port}"\n[server.auth]\n'
+                    f'algorithms = ["RS256"]\n{auth}admin_roles = ["admin"]\n'
+                    f'read_roles = ["viewer"]\n')
     ws.config.chmod(0o600)
     api = start_api(ws, write_config=False, port=port)
     world.servers[name] = api
