@@ -140,7 +140,21 @@ class ServerConfig(_Model):
     tls_key_file: Path | None = None
     cors_origins: list[str] = Field(default_factory=list)
     download: Literal["proxy", "presigned"] = "proxy"
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client in the
+    # audit log and the request log; none by default: the header is anyone's to forge.
+    trusted_proxies: list[str] = Field(default_factory=list)
     auth: ServerAuthConfig
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for item in value:  # "*" or a name would trust any caller's claim about itself
+            try:
+                ipaddress.ip_network(item)
+            except ValueError:
+                raise _invalid(f"trusted_proxies: {item!r} is not an IP address or network "
+                               f"(e.g. 127.0.0.1, 10.0.0.0/8)") from None
+        return value
 
     @field_validator("listen")
     @classmethod

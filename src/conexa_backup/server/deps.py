@@ -57,7 +57,8 @@ def backup_id(value: str) -> str:
 
 
 def client(request: Request) -> str | None:
-    """The client's address as the socket saw it (a reverse proxy's, behind one)."""
+    """The client's address: the socket's, or, from a proxy in ``[server]
+    trusted_proxies``, the one its X-Forwarded-For names (uvicorn rewrites it)."""
     return request.client.host if request.client else None
 
 

@@ -36,7 +36,11 @@ def serve(config: Config, config_path: Path, listen: str | None = None) -> None:
     uv = uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=True,
         ssl_certfile=server.tls_cert_file, ssl_keyfile=server.tls_key_file,
-        server_header=False, proxy_headers=False, timeout_graceful_shutdown=10))
+        server_header=False, timeout_graceful_shutdown=10,
+        # X-Forwarded-For/-Proto only from the configured proxies (uvicorn would otherwise
+        # trust 127.0.0.1, or $FORWARDED_ALLOW_IPS, by default).
+        proxy_headers=bool(server.trusted_proxies),
+        forwarded_allow_ips=list(server.trusted_proxies) or None))
     try:
         uv.run()
     except SystemExit:  # uvicorn exits when it cannot bind; say where, once
