@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from conexa_backup.testing.emulators import GCSServer, S3Server
 from tests.apikit import Api, free_port, server_section, start_api
@@ -30,7 +31,7 @@ def _stored(root: Path, bid: str, word: str) -> Path:
     if word == "manifest":
         return root / bid / "manifest.json"
     manifest = json.loads((root / bid / "manifest.json").read_bytes())
-    name = next(a["name"] for a in manifest["artifacts"] if a["kind"] == word)
+    name: str = next(a["name"] for a in manifest["artifacts"] if a["kind"] == word)
     return root / bid / name
 
 
@@ -268,3 +269,31 @@ def test_presigned_download_redirects_to_a_url_that_works(
         assert body == stored
     finally:
         api.stop()
+
+
+def test_gcs_signs_urls_with_a_service_account_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GCS branch that cannot run against the emulator (it only has anonymous
+    credentials): with a service-account key, the URL is signed here, offline (V4)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from conexa_backup.storage.gcs import GCSTarget, GCSTargetConfig
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    key = tmp_path / "sa.json"
+    key.write_text(json.dumps({
+        "type": "service_account", "project_id": "escola", "private_key_id": "k1",
+        "private_key": pem, "client_email": "backup@escola.iam.gserviceaccount.com",
+        "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token"}))
+    target = GCSTarget(GCSTargetConfig(name="gcs", type="gcs", bucket="escola-backups",
+                                       prefix="p", project="escola", credentials_file=key))
+    url = target.presign("20261205T030000Z/database.dump.zst", 300)
+    assert url is not None
+    assert url.startswith("https://storage.googleapis.com/escola-backups/p/20261205T030000Z/"
+                          "database.dump.zst?")
+    assert "X-Goog-Expires=300" in url and "X-Goog-Signature=" in url
+    assert "backup%40escola.iam.gserviceaccount.com" in url
