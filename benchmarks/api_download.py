@@ -4,13 +4,14 @@
 
 Fabricates one backup on a local target (a manifest and an incompressible ``uploads.tar.zst``
 of ``--mb`` MB, its SHA-256 in the manifest), starts a real ``conexa-backup serve`` on a free
-loopback port, and downloads the artifact through it with httpx (streamed, discarded) ``--runs``
-times; then as often with ``Range: bytes=<half>-`` (a resumed download: the server still reads and
-hashes the whole object). The baselines, in the same run, are ``sha256sum`` and ``openssl dgst
--sha256`` (the SHA-256 code Python's hashlib uses) of the same file: the server's own work
-(read + hash) with nothing else, the limit for a checked download. The file
-is read once first so both run from the page cache. Peak RSS is the server's VmHWM
-(/proc/<pid>/status), before any download and after all of them. Everything is removed at the
+loopback port, and downloads the artifact through it ``--runs`` times with httpx (streamed,
+discarded), as often with ``curl -o /dev/null``, then as often with ``Range: bytes=<half>-``
+(a resumed download: the server still reads and hashes the whole object). The baselines, in
+the same run, are ``sha256sum`` and ``openssl dgst -sha256`` (the SHA-256 code Python's
+hashlib uses) of the same file: the server's own work (read + hash) with nothing else, the
+limit for a checked download. The file is read once first so all run from the page cache.
+Peak RSS is the server's VmHWM (/proc/<pid>/status), before any download and after all of
+them. Everything is removed at the
 end. Prints a Markdown section (``--out`` appends it to a file).
 """
 
@@ -144,6 +145,8 @@ def main() -> None:
             seconds, got = download(target, token)
             assert got == size, (got, size)
             api.append(seconds)
+        curl = [timed(["curl", "-sSf", "-o", "/dev/null", "-H", f"Authorization: Bearer {token}",
+                       target]) for _ in range(args.runs)]
         half, resumed = size // 2, []
         for _ in range(args.runs):
             seconds, got = download(target, token, {"Range": f"bytes={half}-"})
@@ -155,7 +158,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
-    report = render(args, size, baseline, ssl, api, resumed, idle, peak)
+    report = render(args, size, baseline, ssl, api, curl, resumed, idle, peak)
     print(report)
     if args.out is not None:
         with open(args.out, "a", encoding="utf-8") as out:
@@ -163,12 +166,13 @@ def main() -> None:
 
 
 def render(args: argparse.Namespace, size: int, baseline: list[float], ssl: list[float],
-           api: list[float], resumed: list[float], idle: int, peak: int) -> str:
+           api: list[float], curl: list[float], resumed: list[float], idle: int,
+           peak: int) -> str:
     def rate(seconds: float, nbytes: int = size) -> str:
         return f"{nbytes / MB / seconds:,.0f} MB/s"
 
-    b, o, a, r = (statistics.median(baseline), statistics.median(ssl),
-                  statistics.median(api), statistics.median(resumed))
+    b, o, a, c, r = (statistics.median(baseline), statistics.median(ssl),
+                     statistics.median(api), statistics.median(curl), statistics.median(resumed))
     return (
         f"\n## API: download\n\n"
         f"`GET /api/admin/backups/:id/download?artifact=uploads` of one {size / MB:,.0f} MB "
@@ -177,7 +181,8 @@ def render(args: argparse.Namespace, size: int, baseline: list[float], ssl: list
         f"page cache. Baselines in the same run: `sha256sum` and `openssl dgst -sha256` of "
         f"the same file (read + hash, what every checked download must do). "
         f"{datetime.now(UTC):%Y-%m-%d}, "
-        f"{os.cpu_count()} cores.\n\n"
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (other "
+        f"work on the machine slows every row alike; compare within the table).\n\n"
         f"```sh\n.venv/bin/python benchmarks/api_download.py --mb {args.mb} --runs {args.runs}"
         f"\n```\n\n"
         f"| | median time | throughput |\n|---|---|---|\n"
@@ -186,6 +191,8 @@ def render(args: argparse.Namespace, size: int, baseline: list[float], ssl: list
         f"{o:.2f} s | {rate(o)} |\n"
         f"| API download (proxied, SHA-256 checked) | {a:.2f} s | {rate(a)} "
         f"({b / a:.0%} of `sha256sum`'s, {o / a:.0%} of openssl's) |\n"
+        f"| the same, fetched by `curl -o /dev/null` (a C client: less competition for the "
+        f"2 cores) | {c:.2f} s | {rate(c)} |\n"
         f"| API download resumed at half (`Range: bytes={size // 2}-`) | {r:.2f} s | "
         f"{rate(r, size - size // 2)} of body (the whole file is still read and "
         f"hashed) |\n\n"
