@@ -153,6 +153,29 @@ def test_target_chooses_the_copy_and_a_damaged_first_copy_is_passed_over(ws: Wor
         api.stop()
 
 
+def test_a_target_that_is_down_is_a_503_and_the_others_still_serve(ws: Workspace) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    api = start_api(ws, config_extra=f'[[targets]]\nname = "s3"\ntype = "s3"\n'
+                                     f'bucket = "{S3_BUCKET}"\nendpoint_url = "{dead}"\n'
+                                     f'retries = 1\n',
+                    env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                         "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        result = ws.run("backup", timeout=180, env={"AWS_ACCESS_KEY_ID": "x",
+                                                    "AWS_SECRET_ACCESS_KEY": "y",
+                                                    "AWS_DEFAULT_REGION": "us-east-1"})
+        assert result.returncode == 3, result.stderr  # partial: the local copy only
+        bid = next(p.name for p in ws.backups.iterdir() if not p.name.startswith("."))
+        answer = api.get(URL.format(bid) + "?artifact=database&target=s3")
+        assert (answer.status_code, answer.json()["error"]) == (503, "target_unreachable")
+        assert _downloads(api)[-1]["outcome"] == "failed: target_unreachable"
+        answer, body, _ = _fetch(api, URL.format(bid) + "?artifact=database")
+        assert (answer.status_code, body) == (200, _stored(ws.backups, bid,
+                                                           "database").read_bytes())
+    finally:
+        api.stop()
+
+
 def test_a_download_cut_half_way_resumes_with_range(api: Api, ws: Workspace) -> None:
     (ws.uploads / "video.bin").write_bytes(os.urandom(5 << 20))  # several 1 MiB chunks
     bid = _backup(ws)

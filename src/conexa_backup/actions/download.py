@@ -69,8 +69,15 @@ def find(ctx: Context, backup_id: str, source: str | None = None) -> Backup:
     Raises:
         BackupNotFoundError: no such backup. UsageError: incomplete, or no complete copy
         on ``source`` (or ``source`` unknown). IntegrityError: every manifest is damaged.
+        StorageError: ``source`` (or every target) cannot be listed.
     """
-    return ctx.resolve(backup_id, source, use=Use.CHECK)
+    try:
+        return ctx.resolve(backup_id, source, use=Use.CHECK)
+    except UsageError:
+        if source is not None:  # a target that is down shows no copy: say it is down
+            for _ in ctx.targets([source])[0].list(f"{backup_id}/"):
+                break
+        raise
 
 
 def artifact_of(manifest: Manifest, word: str) -> Artifact:

@@ -137,7 +137,8 @@ def _send(request: Request, found: action.Stored, where: dict[str, Any]) -> Resp
     headers["Content-Length"] = str(last - first + 1)
 
     def aborted(exc: ConexaError) -> None:
-        _log.error("download of %s aborted: %s", found.backup_id, exc)
+        _log.error("download of %s aborted: %s", found.backup_id,
+                   request.app.state.services.redact(str(exc)))
         audit(request, "download", f"failed: {answer(exc).body['error']}", found.backup_id,
               **where)
 
