@@ -15,6 +15,7 @@ import pytest
 from conexa_backup.testing.emulators import GCSServer, S3Server
 from tests.apikit import Api, free_port, server_section, start_api
 from tests.conftest import GCS_BUCKET, S3_BUCKET, Workspace
+from tests.test_trust import encryption_toml, make_age_key
 
 URL = "/api/admin/backups/{}/download"
 
@@ -83,6 +84,24 @@ def test_each_artifact_downloads_as_stored_with_its_headers(api: Api, ws: Worksp
             for e in lines] == [("ok", w, "local", "maria@escola")
                                 for w in ("database", "uploads", "manifest")]
     assert all(e["backup_id"] == bid for e in lines)
+
+
+def test_an_encrypted_backup_is_sent_as_stored_ciphertext(ws: Workspace) -> None:
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    api = start_api(ws, config_extra=encryption_toml(key, identity=False))  # no key to decrypt
+    try:
+        bid = _backup(ws)
+        stored = _stored(ws.backups, bid, "database")
+        assert stored.name.endswith(".age")
+        answer, body, error = _fetch(api, URL.format(bid) + "?artifact=database")
+        assert (answer.status_code, error, body) == (200, None, stored.read_bytes())
+        assert body.startswith(b"age-encryption.org/v1")
+        assert answer.headers["content-disposition"].endswith(f'{bid}-{stored.name}"')
+        entry = next(f for f in api.get(URL.format(bid)).json()["artifacts"]
+                     if f["artifact"] == "database")
+        assert entry["encryption"] == "age"
+    finally:
+        api.stop()
 
 
 def test_without_artifact_it_lists_the_files_and_their_urls(api: Api, ws: Workspace) -> None:
