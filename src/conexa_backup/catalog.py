@@ -356,9 +356,8 @@ def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None,
     each: which and why), for the user to see.
 
     Raises:
-        BackupNotFoundError: no backup has the id ``ref``.
-        UsageError: it has no complete copy; for ``latest``, no scheduled backup that
-        qualifies (name one by its id).
+        BackupNotFoundError: no backup has this id. UsageError: it has no complete copy;
+        for ``latest``, no scheduled backup that qualifies (name one by its id).
     """
     complete = [b for b in backups if b.complete_copies]
     if ref == "latest":

@@ -56,7 +56,7 @@ class UsageError(ConexaError):
 
 
 class BackupNotFoundError(UsageError):
-    """No backup has this id on any target."""
+    """No backup has this id on any target (the API answers 404 ``backup_not_found``)."""
 
 
 class LockedError(ConexaError):

@@ -41,7 +41,7 @@ def create_app(services: Services) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Range"],
                            expose_headers=["Content-Disposition", "Content-Range",
-                                           "Content-Length"])
+                                           "Content-Length", "ETag", "Accept-Ranges"])
     _install_error_handlers(app)
     for module in (api_list, api_download, api_jobs, api_delete):
         app.include_router(module.router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from conexa_backup.actions.download import ArtifactNotFoundError
 from conexa_backup.errors import (
     BackupNotFoundError,
     BusyError,
@@ -45,6 +46,7 @@ class Answer:
 _MAPPING: list[tuple[type[ConexaError], int, str]] = [
     (JobNotFoundError, 404, "job_not_found"),
     (BackupNotFoundError, 404, "backup_not_found"),
+    (ArtifactNotFoundError, 404, "artifact_not_found"),
     (BusyError, 409, "busy"),
     (LockedError, 409, "locked"),
     (UsageError, 422, "bad_request"),

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, ClassVar, Protocol
+from typing import Any, BinaryIO, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -94,6 +94,16 @@ class Target(Protocol):
 
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+
+
+@runtime_checkable
+class Presigning(Protocol):
+    """A target that can hand out a short-lived URL to GET one object directly (S3, GCS):
+    the API answers a download with a redirect there instead of proxying the bytes."""
+
+    def presign(self, key: str, seconds: int) -> str | None:
+        """A URL that GETs ``key`` for ``seconds``; None when these credentials cannot sign
+        (the caller then proxies). Raises StorageError."""
 
 
 class GuardedReader:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Literal
 
@@ -147,6 +148,26 @@ class GCSTarget:
         except Exception as exc:
             raise self.error(exc, key) from None
         return GuardedReader(reader, lambda exc: self.error(exc, key))  # type: ignore[return-value]
+
+    def presign(self, key: str, seconds: int) -> str | None:
+        """A V4 signed GET URL for ``key``, valid ``seconds``, signed here with the service
+        account's private key; None for credentials that hold no key (the emulator's
+        anonymous ones, a VM's metadata token): the caller proxies instead.
+
+        Raises:
+            StorageError: signing failed.
+        """
+        from google.auth.credentials import Signing
+
+        if not isinstance(self.client._credentials, Signing):
+            return None
+        blob = self.bucket.blob(self.full_key(key))
+        try:
+            url: str = blob.generate_signed_url(version="v4", method="GET",
+                                                expiration=timedelta(seconds=seconds))
+        except Exception as exc:
+            raise self.error(exc, key) from None
+        return url
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         try:

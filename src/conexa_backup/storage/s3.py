@@ -290,6 +290,22 @@ class S3Target:
         return GuardedReader(_Sized(body), lambda exc: StorageError(  # type: ignore[return-value]
             self.name, f"reading {key}: {exc}"))
 
+    def presign(self, key: str, seconds: int) -> str:
+        """A pre-signed GET URL for ``key``, valid ``seconds`` (signed here, no request).
+
+        Raises:
+            StorageError: no credentials to sign with.
+        """
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            url: str = self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.config.bucket, "Key": self.full_key(key)},
+                ExpiresIn=seconds)
+        except BotoCoreError as exc:
+            raise self._error(exc, key) from None
+        return url
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         from botocore.exceptions import BotoCoreError, ClientError
 
