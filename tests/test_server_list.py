@@ -1,0 +1,177 @@
+"""``GET /api/admin/backups`` and ``GET /api/admin/backups/status``: the seed's shape plus
+ours, answered from a cache that still tells the truth. Real server process, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from conexa_backup.server.job import Job, now
+from conexa_backup.state import write_json
+from tests.apikit import Api, start_api
+from tests.conftest import Workspace
+from tests.test_failures import assert_ok, backup_ok
+from tests.test_trust import flip_byte
+
+LIST = "/api/admin/backups"
+STATUS = "/api/admin/backups/status"
+SEED_SIZE = re.compile(r"^\d+(?:B|\.\dKB|\.\dMB|\.\dGB|\.\dTB)$")
+
+
+def listed(api: Api, role: str = "admin", **params: str) -> dict[str, Any]:
+    answer = api.get(LIST, role=role, params=params)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def scans(api: Api) -> int:
+    """How many times the server listed the targets (one log line per scan)."""
+    return len(re.findall(r"listed \d+ backup\(s\) on", api.log_text()))
+
+
+def test_list_shows_a_cli_backup_in_the_seed_shape_beside_list_json(api: Api) -> None:
+    assert listed(api)["backups"] == []  # now cached: the backup below must still show
+    backup_id = backup_ok(api.ws)  # as cron would run it, beside the server
+    body = listed(api, role="viewer")  # a read-only role may list
+    assert body["unreachable"] == {} and body["incomplete"] == []
+    [entry] = body["backups"]
+    assert entry["id"] == backup_id
+    assert entry["date"] == f"{backup_id[:4]}-{backup_id[4:6]}-{backup_id[6:8]}"
+    assert SEED_SIZE.match(entry["size"]), entry["size"]
+    assert entry["status"] == "success"
+    assert entry["location"] == ["local"]
+    assert entry["kind"] == "scheduled" and entry["state"] == "complete"
+    assert entry["targets"] == [{"target": "local", "state": "complete", "verified_at": None,
+                                 "damaged_at": None, "why": None}]
+    [cli] = json.loads(assert_ok(api.ws.run("list", "--json")))
+    assert entry["size_bytes"] == cli["size_bytes"] > 0
+    for key, value in cli.items():  # every field of list --json, the same
+        if key not in ("status", "targets"):
+            assert entry[key] == value, key
+
+
+def test_list_after_a_cli_verify_found_damage_says_damaged_at_once(api: Api) -> None:
+    backup_id = backup_ok(api.ws)
+    assert assert_ok(api.ws.run("verify", backup_id))
+    [entry] = listed(api)["backups"]
+    assert entry["status"] == "success"
+    assert entry["targets"][0]["verified_at"] is not None
+    [dump] = (api.ws.backups / backup_id).glob("database.*")
+    flip_byte(dump)
+    assert api.ws.run("verify", backup_id).returncode != 0
+    [entry] = listed(api)["backups"]  # well within the 30 s the snapshot lives
+    assert entry["status"] == "damaged" and entry["state"] == "damaged"
+    assert entry["location"] == []
+    [copy] = entry["targets"]
+    assert copy["state"] == "damaged" and copy["damaged_at"] is not None
+    assert "verify" in copy["why"]
+    status = api.get(STATUS, role="viewer").json()
+    assert status["status"] == "CRITICAL"  # no good copy left: as `status` says
+    assert status["newest_backup"]["status"] == "damaged"
+    assert status["last_backup"] is None  # status --json: the newest *trusted* backup
+
+
+def test_twenty_requests_on_a_cold_cache_list_the_targets_once(api: Api) -> None:
+    backup_ok(api.ws)
+    answers: list[httpx.Response] = []
+    start = threading.Barrier(20)
+    headers = api.headers("viewer")
+
+    def one() -> None:
+        start.wait()
+        answers.append(httpx.get(f"{api.url}{LIST}", headers=headers, timeout=120))
+
+    threads = [threading.Thread(target=one) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.status_code for a in answers] == [200] * 20
+    assert len({a.content for a in answers}) == 1
+    assert scans(api) == 1
+    listed(api)
+    assert api.get(STATUS).status_code == 200
+    assert scans(api) == 1  # answered from the snapshot, status too
+
+
+def test_a_target_that_cannot_be_listed_is_said_and_the_others_shown(ws: Workspace) -> None:
+    backup_id = backup_ok(ws)
+    broken = ws.root / "not-a-folder"
+    broken.write_text("x")
+    api = start_api(ws, config_extra=f'[[targets]]\nname = "nas"\ntype = "local"\n'
+                                     f'path = "{broken}"\n')
+    try:
+        body = listed(api)
+        assert [b["id"] for b in body["backups"]] == [backup_id]
+        assert body["backups"][0]["location"] == ["local"]
+        assert list(body["unreachable"]) == ["nas"]
+        assert "not a folder" in body["unreachable"]["nas"]
+        only = listed(api, target="local")
+        assert [b["id"] for b in only["backups"]] == [backup_id]
+        assert only["unreachable"] == {}
+        refused = api.get(LIST, params={"target": "nas"})
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "target_unreachable"
+        unknown = api.get(LIST, params={"target": "elsewhere"})
+        assert unknown.status_code == 422
+        status = api.get(STATUS).json()
+        assert [t["status"] for t in status["targets"]] == ["WARNING", "UNKNOWN"]
+    finally:
+        api.stop()
+
+
+def test_no_target_listed_is_503_for_list_and_status(ws: Workspace) -> None:
+    ws.backups.write_text("not a folder")
+    api = start_api(ws)
+    try:
+        for path in (LIST, STATUS):
+            answer = api.get(path)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"] == "target_unreachable"
+            assert "not a folder" in answer.json()["message"]
+    finally:
+        api.stop()
+
+
+def write_running_job(state_dir: Path, pid: int) -> Job:
+    """A backup job recorded running, as the server's JobStore keeps one."""
+    job = Job("StatusTestJob-01", "backup", {}, "maria@escola", state="running",
+              started=now(), pid=pid)
+    folder = state_dir / "jobs"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    write_json(folder / f"{job.id}.json", job.to_json())
+    return job
+
+
+def test_status_is_status_json_plus_the_running_job(api: Api) -> None:
+    backup_id = backup_ok(api.ws)
+    status = api.get(STATUS, role="viewer").json()
+    cli = json.loads(api.ws.run("status", "--json").stdout)
+    for key in ("status", "code", "incomplete_backups", "last_backup_run"):
+        assert status[key] == cli[key], key
+    assert status["last_backup"]["id"] == backup_id
+    assert [t["target"] for t in status["targets"]] == ["local"]
+    assert status["newest_backup"]["id"] == backup_id
+    assert status["newest_backup"]["status"] == "success"
+    assert status["running_job"] is None
+    # A job in its own session: the fixture's clean-up kills its group, never pytest.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             start_new_session=True)
+    try:
+        job = write_running_job(api.ws.state, child.pid)
+        running = api.get(STATUS).json()["running_job"]
+        assert running["id"] == job.id
+        assert running["kind"] == "backup" and running["state"] == "running"
+        assert running["sub"] == "maria@escola"
+    finally:
+        child.kill()
+        child.wait()
