@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,16 @@ def test_list_after_a_cli_verify_found_damage_says_damaged_at_once(api: Api) -> 
     assert status["last_backup"] is None  # status --json: the newest *trusted* backup
 
 
-def test_twenty_requests_on_a_cold_cache_list_the_targets_once(api: Api) -> None:
-    backup_ok(api.ws)
+def wait_for_scans(api: Api, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while scans(api) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} scans:\n{api.log_text()}"
+        time.sleep(0.05)
+
+
+def test_the_server_lists_at_start_then_once_for_twenty_requests(api: Api) -> None:
+    wait_for_scans(api, 1)  # taken as the server starts, before any request
+    backup_ok(api.ws)  # changes runs.json: the snapshot is outdated
     answers: list[httpx.Response] = []
     start = threading.Barrier(20)
     headers = api.headers("viewer")
@@ -97,10 +106,11 @@ def test_twenty_requests_on_a_cold_cache_list_the_targets_once(api: Api) -> None
         t.join()
     assert [a.status_code for a in answers] == [200] * 20
     assert len({a.content for a in answers}) == 1
-    assert scans(api) == 1
+    assert len(json.loads(answers[0].content)["backups"]) == 1
+    assert scans(api) == 2  # one for all twenty
     listed(api)
     assert api.get(STATUS).status_code == 200
-    assert scans(api) == 1  # answered from the snapshot, status too
+    assert scans(api) == 2  # answered from the snapshot, status too
 
 
 def test_a_target_that_cannot_be_listed_is_said_and_the_others_shown(ws: Workspace) -> None:

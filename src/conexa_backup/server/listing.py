@@ -40,6 +40,7 @@ from conexa_backup.state import DAMAGED, DRILLS, RUNS, VERIFIED, checks, last_dr
 
 TTL = 30.0  # seconds a snapshot is answered from, when nothing we know of changed
 TTL_UNREACHABLE = 5.0  # ... when a target could not be listed: show it back up soon
+STATUS_TTL = 1.0  # seconds a status body is reused (its ages are whole seconds)
 # Written by verify, drills, restores (damage, verification) and at the end of every CLI
 # run (runs.json): a change to any of them may change what the list or status says.
 WATCHED = (DAMAGED, VERIFIED, DRILLS, RUNS)
@@ -182,21 +183,26 @@ def scan(ctx: Context, redact: Callable[[str], str], key: Key) -> Snapshot:
 
 
 def status_answer(listing: Listing, running: Job | None) -> dict[str, Any]:
-    """``status --json`` (:func:`monitor.health` over the snapshot, ages as of now) plus
-    ``newest_backup`` (the list's first entry: the seed's "status of the last backup",
-    whatever its state), ``running_job`` (a job of the API's, or None) and ``listed_at``.
+    """``status --json`` (:func:`monitor.health` over the snapshot) plus ``newest_backup``
+    (the list's first entry: the seed's "status of the last backup", whatever its state),
+    ``running_job`` (a job of the API's, or None) and ``listed_at``. The health part is
+    reused for :data:`STATUS_TTL` while the snapshot is the same (ages move by less than
+    that); the running job is read every time.
 
     Raises:
         ApiError: 503 ``target_unreachable`` when no target could be listed.
     """
-    snap = listing.get()
-    snap.check()
-    body = render.status_json(monitor.health(listing.ctx,
-                                             scanned=(snap.backups, snap.unreachable)))
+    body = dict(listing.status())
+    body["running_job"] = job_summary(running) if running is not None else None
+    return body
+
+
+def health_answer(ctx: Context, snap: Snapshot) -> dict[str, Any]:
+    """What :func:`status_answer` says but the running job, from ``snap``, ages as of now."""
+    body = render.status_json(monitor.health(ctx, scanned=(snap.backups, snap.unreachable)))
     shown = [b for b in snap.backups if listed(b)]
     newest = max(shown, key=lambda b: id_sort_key(b.id)) if shown else None
     body["newest_backup"] = entry(newest, snap.drills, snap.passed) if newest else None
-    body["running_job"] = job_summary(running) if running is not None else None
     body["listed_at"] = snap.listed_at
     return body
 
@@ -221,6 +227,8 @@ class Listing:
         self._epoch = 0  # bumped by invalidate()
         self._snap: Snapshot | None = None
         self._scanning = False
+        self._status_lock = threading.Lock()
+        self._status: tuple[Snapshot, float, dict[str, Any]] | None = None
 
     def invalidate(self) -> None:
         """What the targets hold changed (a job ended, a backup was deleted): the next
@@ -273,3 +281,21 @@ class Listing:
     def targets(self) -> Sequence[str]:
         """The configured target names, in config order."""
         return [t.name for t in self.ctx.config.targets]
+
+    def status(self) -> dict[str, Any]:
+        """:func:`health_answer` for the current snapshot, computed at most once per
+        :data:`STATUS_TTL` (about 15 ms of CPU at 1,000 backups on three targets).
+
+        Raises:
+            ApiError: see :meth:`Snapshot.check`.
+        """
+        snap = self.get()
+        snap.check()
+        with self._status_lock:
+            cached = self._status
+            if cached is not None and cached[0] is snap \
+                    and time.monotonic() - cached[1] < STATUS_TTL:
+                return cached[2]
+            body = health_answer(self.ctx, snap)
+            self._status = (snap, time.monotonic(), body)
+            return body
