@@ -4,16 +4,20 @@ ours, answered from a cache that still tells the truth. Real server process, rea
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from conexa_backup import process
+from conexa_backup.manifest import ID_FORMAT, MANIFEST_NAME
 from conexa_backup.server.job import Job, now
 from conexa_backup.state import write_json
 from tests.apikit import Api, start_api
@@ -90,7 +94,9 @@ def wait_for_scans(api: Api, count: int, timeout: float = 60) -> None:
 
 def test_the_server_lists_at_start_then_once_for_twenty_requests(api: Api) -> None:
     wait_for_scans(api, 1)  # taken as the server starts, before any request
-    backup_ok(api.ws)  # changes runs.json: the snapshot is outdated
+    backup_id = backup_ok(api.ws)  # changes runs.json: the snapshot is outdated
+    for hours in range(1, 300):  # so that the scan takes a while (manifests not cached)
+        copy_backup(api.ws, backup_id, hours)
     answers: list[httpx.Response] = []
     start = threading.Barrier(20)
     headers = api.headers("viewer")
@@ -106,7 +112,7 @@ def test_the_server_lists_at_start_then_once_for_twenty_requests(api: Api) -> No
         t.join()
     assert [a.status_code for a in answers] == [200] * 20
     assert len({a.content for a in answers}) == 1
-    assert len(json.loads(answers[0].content)["backups"]) == 1
+    assert len(json.loads(answers[0].content)["backups"]) == 300
     assert scans(api) == 2  # one for all twenty
     listed(api)
     assert api.get(STATUS).status_code == 200
@@ -153,9 +159,10 @@ def test_no_target_listed_is_503_for_list_and_status(ws: Workspace) -> None:
 
 
 def write_running_job(state_dir: Path, pid: int) -> Job:
-    """A backup job recorded running, as the server's JobStore keeps one."""
+    """A backup job recorded running as process ``pid``, as the server's JobStore keeps one
+    (a server started now follows it until that process ends)."""
     job = Job("StatusTestJob-01", "backup", {}, "maria@escola", state="running",
-              started=now(), pid=pid)
+              started=now(), pid=pid, pid_start=process.start_time(pid))
     folder = state_dir / "jobs"
     folder.mkdir(mode=0o700, exist_ok=True)
     write_json(folder / f"{job.id}.json", job.to_json())
@@ -173,15 +180,58 @@ def test_status_is_status_json_plus_the_running_job(api: Api) -> None:
     assert status["newest_backup"]["id"] == backup_id
     assert status["newest_backup"]["status"] == "success"
     assert status["running_job"] is None
-    # A job in its own session: the fixture's clean-up kills its group, never pytest.
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                             start_new_session=True)
+    child = sleeper()
     try:
         job = write_running_job(api.ws.state, child.pid)
         running = api.get(STATUS).json()["running_job"]
         assert running["id"] == job.id
         assert running["kind"] == "backup" and running["state"] == "running"
         assert running["sub"] == "maria@escola"
+    finally:
+        child.kill()
+        child.wait()
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    """A stand-in for a job's child, in its own session (a clean-up that kills a job's
+    process group must never reach pytest)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            start_new_session=True)
+
+
+def copy_backup(ws: Workspace, backup_id: str, hours: int = 1) -> str:
+    """The backup again on the local target under an id ``hours`` later (its files hard
+    links), as a job's backup appears: no state file touched."""
+    manifest = json.loads((ws.backups / backup_id / MANIFEST_NAME).read_bytes())
+    later = datetime.fromisoformat(manifest["started_at"]) + timedelta(hours=hours)
+    new_id = later.strftime(ID_FORMAT)
+    (ws.backups / new_id).mkdir(mode=0o700)
+    for item in (ws.backups / backup_id).iterdir():
+        if item.name != MANIFEST_NAME:
+            os.link(item, ws.backups / new_id / item.name)
+    edited = {**manifest, "id": new_id, "started_at": later.isoformat(),
+              "finished_at": later.isoformat()}
+    (ws.backups / new_id / MANIFEST_NAME).write_text(json.dumps(edited))
+    return new_id
+
+
+def test_a_job_that_ends_makes_the_list_look_again(ws: Workspace) -> None:
+    backup_id = backup_ok(ws)
+    child = sleeper()
+    try:
+        write_running_job(ws.state, child.pid)  # the server follows it from its start
+        api = start_api(ws)
+        try:
+            assert [b["id"] for b in listed(api)["backups"]] == [backup_id]
+            new_id = copy_backup(ws, backup_id)
+            child.kill()
+            child.wait()
+            deadline = time.monotonic() + 20  # the snapshot would live 30 s
+            while [b["id"] for b in listed(api)["backups"]] != [new_id, backup_id]:
+                assert time.monotonic() < deadline, "the list did not look again"
+                time.sleep(0.2)
+        finally:
+            api.stop()
     finally:
         child.kill()
         child.wait()
