@@ -8,8 +8,9 @@ listing of every target. The snapshot is taken again:
 - when it is older than ``ttl`` (30 s; 5 s while a target could not be listed);
 - at once, when something we know of changes what it says: a job ended, a backup was deleted
   (:meth:`Listing.invalidate`), or one of the state files that hold damage, verification,
-  drill and run records changed (a CLI ``verify`` that found damage, a cron backup that
-  recorded its run: their ``stat`` is compared on every request).
+  drill and run records, or the jobs folder, changed (a CLI ``verify`` that found damage, a
+  cron backup that recorded its run, a job record replaced: their ``stat`` is compared on
+  every request).
 
 Refreshing is single-flight: one request scans, and requests that arrive meanwhile wait
 for that scan when the snapshot is known outdated (what they would be shown is no longer
@@ -36,6 +37,7 @@ from conexa_backup.errors import ConexaError
 from conexa_backup.manifest import id_sort_key
 from conexa_backup.server.errors import Answer, ApiError, answer
 from conexa_backup.server.job import Job
+from conexa_backup.server.jobs import JOBS_DIR
 from conexa_backup.state import DAMAGED, DRILLS, RUNS, VERIFIED, checks, last_drills
 
 TTL = 30.0  # seconds a snapshot is answered from, when nothing we know of changed
@@ -222,7 +224,9 @@ class Listing:
         self.ctx = ctx  # long-lived: its targets (S3/GCS clients) are made once
         self._redact = redact
         self._ttl, self._ttl_unreachable = ttl, ttl_unreachable
-        self._watched = [ctx.config.state_dir / name for name in WATCHED]
+        # The jobs folder too: a job's record is replaced when it ends, and the one reap
+        # that sees the end may be a jobs request's, not Services.tick()'s.
+        self._watched = [ctx.config.state_dir / name for name in (*WATCHED, JOBS_DIR)]
         self._cond = threading.Condition()
         self._epoch = 0  # bumped by invalidate()
         self._snap: Snapshot | None = None
