@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -157,11 +157,21 @@ def drill_failure(drill: dict[str, Any]) -> str:
     return f"restore drill of {drill.get('backup_id')} failed at {at}: {why}"
 
 
-def health(ctx: Context, now: datetime | None = None) -> Health:
-    """The health of every target (see module docstring for the levels)."""
+def health(ctx: Context, now: datetime | None = None,
+           scanned: tuple[Sequence[Backup], Mapping[str, str]] | None = None) -> Health:
+    """The health of every target (see module docstring for the levels). ``scanned``: the
+    (backups, unreachable targets) of a scan of every target already made (the server's
+    list cache); by default the targets are listed here.
+
+    Raises:
+        StorageError: no target could be listed (:func:`catalog.scan`).
+    """
     now = now or datetime.now(UTC)
     unreachable: dict[str, str] = {}
-    backups = ctx.scan(ctx.targets(), unreachable=unreachable)
+    if scanned is None:
+        backups: Sequence[Backup] = ctx.scan(ctx.targets(), unreachable=unreachable)
+    else:
+        backups, unreachable = scanned[0], dict(scanned[1])
     targets = []
     for target in ctx.targets():
         if target.name in unreachable:

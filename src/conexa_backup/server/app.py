@@ -59,6 +59,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     services: Services = app.state.services
     for job in services.jobs.recover():
         _log.warning("job %s (%s) failed: the server restarted while it ran", job.id, job.kind)
+    # Take the list snapshot now, not in the first request (a few seconds at 1,000 backups).
+    threading.Thread(target=services.listing.get, name="list-warm", daemon=True).start()
     stop = threading.Event()
     ticker = threading.Thread(target=_tick, args=(services, stop), name="reaper", daemon=True)
     ticker.start()

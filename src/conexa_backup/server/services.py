@@ -11,6 +11,7 @@ from conexa_backup.config.models import Config
 from conexa_backup.server.audit import Audit
 from conexa_backup.server.auth import Verifier
 from conexa_backup.server.jobs import JobStore
+from conexa_backup.server.listing import Listing
 
 
 @dataclass
@@ -23,6 +24,10 @@ class Services:
     jobs: JobStore
     audit: Audit
     secrets: list[str] = field(default_factory=list)
+    listing: Listing = field(init=False)  # the list/status cache (server.listing)
+
+    def __post_init__(self) -> None:
+        self.listing = Listing(self.context(), self.redact)
 
     @classmethod
     def build(cls, config: Config, config_path: Path) -> Services:
@@ -43,5 +48,7 @@ class Services:
         return text
 
     def tick(self) -> None:
-        """Called about once a second by the server: reap jobs that ended."""
-        self.jobs.reap()
+        """Called about once a second by the server: reap jobs that ended (a backup, a
+        restore's safety backup: the list is taken again)."""
+        if self.jobs.reap():
+            self.listing.invalidate()
