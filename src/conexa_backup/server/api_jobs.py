@@ -22,7 +22,7 @@ from conexa_backup.catalog import Use, resolve
 from conexa_backup.errors import ConexaError
 from conexa_backup.server.deps import Admin, Restorer, ServicesDep, audit, backup_id
 from conexa_backup.server.errors import ApiError, answer
-from conexa_backup.server.job import Job
+from conexa_backup.server.job import Job, job_answer
 from conexa_backup.server.services import Services
 from conexa_backup.state import drills
 
@@ -55,7 +55,7 @@ def trigger(request: Request, services: ServicesDep, principal: Admin) -> dict[s
     audit(request, "trigger", "ok", job.backup_id, job_id=job.id)
     return {"success": True, "backupId": job.backup_id,
             "timestamp": when.isoformat().replace("+00:00", "Z"), "jobId": job.id,
-            "job": job_json(job, services)}
+            "job": job_answer(job, services.redact)}
 
 
 @router.post("/backups/{id}/restore", status_code=202)
@@ -79,7 +79,7 @@ def restore(id: str, request: Request, services: ServicesDep, principal: Restore
     return {"success": True, "message": STARTED, "estimatedTime": estimate["text"],
             "estimatedSeconds": estimate["seconds"], "estimateReason": estimate["reason"],
             "estimate": estimate, "jobId": job.id, "backupId": job.backup_id,
-            "job": job_json(job, services)}
+            "job": job_answer(job, services.redact)}
 
 
 @router.get("/jobs")
@@ -88,13 +88,13 @@ def list_jobs(services: ServicesDep, principal: Admin,
     """The newest ``limit`` jobs, newest first, without their steps and CLI answer (see
     ``GET /api/admin/jobs/{id}``)."""
     jobs = services.jobs.list()[:limit]
-    return {"jobs": [job_json(j, services, full=False) for j in jobs]}
+    return {"jobs": [job_answer(j, services.redact, full=False) for j in jobs]}
 
 
 @router.get("/jobs/{job_id}")
 def get_job(job_id: str, services: ServicesDep, principal: Admin) -> dict[str, Any]:
     """One job: state, progress steps, exit code, backup id, timings, error."""
-    return job_json(services.jobs.get(job_id), services)
+    return job_answer(services.jobs.get(job_id), services.redact)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -105,7 +105,7 @@ def cancel_job(job_id: str, request: Request, services: ServicesDep,
     job = _audited(request, "cancel", None, lambda: services.jobs.cancel(job_id),
                    job_id=job_id[:40])
     audit(request, "cancel", "ok", job.backup_id, job_id=job.id, state=job.state)
-    return job_json(job, services)
+    return job_answer(job, services.redact)
 
 
 def _estimate(services: Services, checked: str, only: str | None) -> dict[str, Any]:
@@ -131,27 +131,3 @@ def _audited(request: Request, action: str, backup: str | None, run: Callable[[]
         verdict = "refused" if found.status < 500 else "failed"
         audit(request, action, f"{verdict}: {found.body['error']}", backup, **detail)
         raise
-
-
-def job_json(job: Job, services: Services, *, full: bool = True) -> dict[str, Any]:
-    """A job as answered: no pid, every text redacted (the CLI masks its secrets already;
-    this catches one that reached a message some other way)."""
-    data: dict[str, Any] = {
-        "id": job.id, "kind": job.kind, "state": job.state, "sub": job.sub,
-        "backup_id": job.backup_id, "args": job.args, "created": job.created,
-        "started": job.started, "finished": job.finished, "exit_code": job.exit_code,
-        "error": job.error, "cancel_requested": job.cancel_requested}
-    if full:
-        data |= {"steps": job.steps, "result": job.result}
-    redacted: dict[str, Any] = _redact(data, services.redact)
-    return redacted
-
-
-def _redact(value: Any, redact: Callable[[str], str]) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: _redact(v, redact) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, redact) for v in value]
-    return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,3 +115,28 @@ def read_error(folder: Path) -> str | None:
     errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
     first = errors[-1] if errors else (lines[0] if lines else None)
     return redact(first)[:500] if first else None
+
+
+def job_answer(job: Job, redact: Callable[[str], str], *, full: bool = True) -> dict[str, Any]:
+    """A job as the API answers it (jobs routes, status's ``running_job``): no pid, every
+    text passed through ``redact`` (the CLI masks its secrets already; this catches one that
+    reached a message some other way). ``full``: with its progress steps and CLI answer."""
+    data: dict[str, Any] = {
+        "id": job.id, "kind": job.kind, "state": job.state, "sub": job.sub,
+        "backup_id": job.backup_id, "args": job.args, "created": job.created,
+        "started": job.started, "finished": job.finished, "exit_code": job.exit_code,
+        "error": job.error, "cancel_requested": job.cancel_requested}
+    if full:
+        data |= {"steps": job.steps, "result": job.result}
+    redacted: dict[str, Any] = _redact_all(data, redact)
+    return redacted
+
+
+def _redact_all(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_all(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_all(v, redact) for v in value]
+    return value

@@ -36,7 +36,7 @@ from conexa_backup.catalog import Backup
 from conexa_backup.errors import ConexaError
 from conexa_backup.manifest import id_sort_key
 from conexa_backup.server.errors import Answer, ApiError, answer
-from conexa_backup.server.job import Job
+from conexa_backup.server.job import Job, job_answer
 from conexa_backup.server.jobs import JOBS_DIR
 from conexa_backup.state import DAMAGED, DRILLS, RUNS, VERIFIED, checks, last_drills
 
@@ -195,7 +195,8 @@ def status_answer(listing: Listing, running: Job | None) -> dict[str, Any]:
         ApiError: 503 ``target_unreachable`` when no target could be listed.
     """
     body = dict(listing.status())
-    body["running_job"] = job_summary(running) if running is not None else None
+    body["running_job"] = (job_answer(running, listing.redact, full=False)
+                          if running is not None else None)
     return body
 
 
@@ -209,20 +210,13 @@ def health_answer(ctx: Context, snap: Snapshot) -> dict[str, Any]:
     return body
 
 
-def job_summary(job: Job) -> dict[str, Any]:
-    """What status says of a running job (its progress: ``GET /api/admin/jobs/<id>``)."""
-    return {"id": job.id, "kind": job.kind, "state": job.state, "sub": job.sub,
-            "backup_id": job.args.get("backup_id") or job.backup_id,
-            "created": job.created, "started": job.started}
-
-
 class Listing:
     """The list cache of one server process: thread-safe, one scan at a time."""
 
     def __init__(self, ctx: Context, redact: Callable[[str], str], *, ttl: float = TTL,
                  ttl_unreachable: float = TTL_UNREACHABLE) -> None:
         self.ctx = ctx  # long-lived: its targets (S3/GCS clients) are made once
-        self._redact = redact
+        self.redact = redact
         self._ttl, self._ttl_unreachable = ttl, ttl_unreachable
         # The jobs folder too: a job's record is replaced when it ends, and the one reap
         # that sees the end may be a jobs request's, not Services.tick()'s.
@@ -273,7 +267,7 @@ class Listing:
                 self._cond.wait()
         fresh: Snapshot | None = None
         try:
-            fresh = scan(self.ctx, self._redact, key)
+            fresh = scan(self.ctx, self.redact, key)
             return fresh
         finally:  # a scan that raised (a bug) leaves the old snapshot; a waiter scans again
             with self._cond:
