@@ -18,6 +18,7 @@ from typing import Any
 
 from conexa_backup.crypto import SIGNATURE_NAME, check_signature
 from conexa_backup.errors import (
+    BackupNotFoundError,
     ConexaError,
     IntegrityError,
     ObjectNotFoundError,
@@ -355,7 +356,8 @@ def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None,
     each: which and why), for the user to see.
 
     Raises:
-        UsageError: no such backup, or it has no complete copy; for ``latest``, no
+        BackupNotFoundError: no such backup (a UsageError). UsageError: it has no complete
+        copy; for ``latest``, no
         scheduled backup that qualifies (name one by its id).
     """
     complete = [b for b in backups if b.complete_copies]
@@ -387,4 +389,4 @@ def resolve(backups: Sequence[Backup], ref: str, notes: list[str] | None = None,
             if not backup.complete_copies:
                 raise UsageError(f"backup {ref} is incomplete (no manifest on any target)")
             return backup
-    raise UsageError(f"no backup with id {ref!r} (see `conexa-backup list`)")
+    raise BackupNotFoundError(f"no backup with id {ref!r} (see `conexa-backup list`)")

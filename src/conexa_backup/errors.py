@@ -55,6 +55,10 @@ class UsageError(ConexaError):
     exit_code = ExitCode.USAGE
 
 
+class BackupNotFoundError(UsageError):
+    """No backup has this id (on the targets searched)."""
+
+
 class LockedError(ConexaError):
     """Another conexa-backup run holds the lock in ``state_dir``."""
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conexa_backup.errors import (
+    BackupNotFoundError,
     BusyError,
     ConexaError,
     ConfigError,
@@ -43,6 +44,7 @@ class Answer:
 # Most specific first: BusyError is a LockedError.
 _MAPPING: list[tuple[type[ConexaError], int, str]] = [
     (JobNotFoundError, 404, "job_not_found"),
+    (BackupNotFoundError, 404, "backup_not_found"),
     (BusyError, 409, "busy"),
     (LockedError, 409, "locked"),
     (UsageError, 422, "bad_request"),

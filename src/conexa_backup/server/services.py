@@ -42,6 +42,10 @@ class Services:
             text = text.replace(secret, "********")
         return text
 
+    def invalidate(self) -> None:
+        """Forget what is cached of the targets' contents (after a delete). Nothing is
+        cached yet: the list's cache hooks in here."""
+
     def tick(self) -> None:
         """Called about once a second by the server: reap jobs that ended."""
         self.jobs.reap()
