@@ -18,12 +18,14 @@ from typing import Any
 import pytest
 from pytest_httpserver import HTTPServer
 
+from conexa_backup.errors import BusyError
 from conexa_backup.server.jobs import JobStore
 from conexa_backup.server.tokens import create_machine_token
 from conexa_backup.testing.emulators import S3Server
 from tests.apikit import ADMIN_SUB, SECRET, Api, make_token, start_api
 from tests.conftest import Workspace
 from tests.test_failures import HOLDER, backup_ok, listed_by_id, target_entries
+from tests.test_server_jobs import wait_done
 from tests.test_trust import locked_bucket as locked_bucket  # a fixture, used by name
 from tests.test_trust import s3_target_toml
 
@@ -167,10 +169,18 @@ def test_a_job_start_is_busy_while_a_delete_holds_the_lock(ws: Workspace) -> Non
     """The server's delete takes the same flock as a CLI run: a backup started meanwhile
     (here by the CLI) is refused with exit 4, naming the delete."""
     old, _ = two_backups(ws)
-    with JobStore(ws.state, ws.config).exclusive(f"delete {old} (api)"):
+    store = JobStore(ws.state, ws.config)
+    with store.exclusive(f"delete {old} (api)"):
         result = ws.run("backup")
         assert result.returncode == 4 and f"delete {old} (api)" in result.stderr
-    assert ws.run("backup").returncode == 0
+        with pytest.raises(BusyError) as busy:
+            store.start("backup", {}, ADMIN_SUB)
+        assert busy.value.holder == f"pid {os.getpid()}, delete {old} (api)"
+    job = store.start("backup", {}, ADMIN_SUB)  # and a job of ours keeps a delete out
+    with pytest.raises(BusyError) as busy, store.exclusive("delete (api)"):
+        pass
+    assert busy.value.holder == f"job {job.id} (backup)"
+    assert wait_done(store, job.id).state == "succeeded"
 
 
 # -- the audit log and the admin event ----------------------------------------------------------
@@ -269,7 +279,7 @@ def test_admin_events_reach_only_notifiers_that_list_admin() -> None:
                          "20261205T030000Z")
     assert failed.outcome == "failure"
     assert failed.title == ("delete of 20261205T030000Z by maria@escola FAILED "
-                            "(failed: target_unreachable)")
+                            "(target_unreachable)")
     def hook(events: list[str] | None) -> WebhookConfig:
         return WebhookConfig(type="webhook", url="http://127.0.0.1:9/x", events=events)
     assert not hook(None).wants(event) and not hook(None).wants(failed)
