@@ -4,7 +4,7 @@ The auth dependency :func:`mark`\\ s a request of an audited route (download, tr
 restore, delete, cancel; any route called with a machine token) before it checks the token,
 so a refusal is recorded too. A route may :func:`record` its own outcome with detail (what
 it deleted, the job it started); otherwise :class:`AuditTrail`, an ASGI middleware, records
-the answer's outcome once the response is sent: ``ok`` below 400, ``refused: <code>`` for
+the answer's outcome as its last bytes go out: ``ok`` below 400, ``refused: <code>`` for
 4xx, ``failed: <code>`` for 5xx, ``<code>`` being the JSON answer's ``error``.
 
 Changing actions (trigger, restore, delete, cancel) that were carried out or failed are also
@@ -137,8 +137,9 @@ def outcome(status: int, body: bytes) -> str:
 
 
 class AuditTrail:
-    """ASGI middleware: records a marked request's outcome once its answer has gone out
-    (or its route raised: ``failed: internal``), unless the route recorded it itself."""
+    """ASGI middleware: records a marked request's outcome as its answer's last bytes go out
+    (so a client that has the answer finds the line), or when its route raised (``failed:
+    internal``), unless the route recorded it itself."""
 
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
@@ -154,8 +155,11 @@ class AuditTrail:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif message["type"] == "http.response.body" and status >= 400:
-                body.extend(message.get("body", b"")[:_MAX_ERROR_BODY - len(body)])
+            elif message["type"] == "http.response.body":
+                if status >= 400:
+                    body.extend(message.get("body", b"")[:_MAX_ERROR_BODY - len(body)])
+                if not message.get("more_body", False):  # recorded before the client has it
+                    self._finish(scope, outcome(status, bytes(body)))
             await send(message)
 
         try:
@@ -163,7 +167,7 @@ class AuditTrail:
         except Exception:
             self._finish(scope, "failed: internal")
             raise
-        self._finish(scope, outcome(status, bytes(body)))
+        self._finish(scope, outcome(status, bytes(body)))  # no body sent at all
 
     def _finish(self, scope: Scope, result: str) -> None:
         found = marked(scope)
