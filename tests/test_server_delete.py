@@ -109,6 +109,29 @@ def test_target_deletes_one_copy_and_each_target_is_judged_alone(ws: Workspace) 
         api.stop()
 
 
+def test_a_target_that_cannot_be_listed_is_said_and_never_taken_for_no_backup(
+        ws: Workspace) -> None:
+    (ws.root / "blocker").write_text("a file where a folder should be")
+    api = start_api(ws, config_extra=SECOND.format(ws.root / "blocker"))
+    try:
+        old, _ = (backup_local(ws), backup_local(ws))
+        answer = delete(api, old)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["deleted"] == ["local"]
+        assert list(answer.json()["unreachable"]) == ["second"]
+        # Gone from the targets listed, maybe still on the one that was not: not a 404.
+        unknown = delete(api, old)
+        assert unknown.status_code == 503 and unknown.json()["error"] == "target_unreachable"
+    finally:
+        api.stop()
+
+
+def backup_local(ws: Workspace) -> str:
+    result = ws.run("backup", "--target", "local")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def test_a_viewer_or_no_token_is_refused_and_audited(ws: Workspace, api: Api) -> None:
     old, _ = two_backups(ws)
     before = target_entries(ws.backups)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.inspect import delete_copy
 from conexa_backup.actions.prune import must_keep
-from conexa_backup.errors import BackupNotFoundError, UsageError
+from conexa_backup.errors import BackupNotFoundError, StorageError, UsageError
 from conexa_backup.state import forget_copies
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,19 @@ def delete(ctx: Context, backup_id: str, target_names: Sequence[str] | None = No
 
     Raises:
         UsageError: ``latest`` (deleting needs an explicit id), or an unknown target name.
-        BackupNotFoundError: no copy of it on the selected targets that could be listed.
-        StorageError: no selected target could be listed, or one refused a delete (what was
-            deleted stays deleted).
+        BackupNotFoundError: no copy of it on the selected targets, all listed.
+        StorageError: no copy of it on the targets listed and some could not be, or one
+            refused a delete (what was deleted stays deleted).
     """
     if backup_id == "latest":
         raise UsageError("delete needs an explicit backup id, not 'latest'")
     result = Deletion(backup_id)
     backups = ctx.scan(ctx.targets(target_names), unreachable=result.unreachable)
     found = next((b for b in backups if b.id == backup_id), None)
+    if found is None and result.unreachable:  # it may be there: not "no such backup"
+        name, error = next(iter(result.unreachable.items()))
+        raise StorageError(name, f"cannot be listed, and no other target holds backup "
+                                 f"{backup_id} ({error})")
     if found is None:
         raise BackupNotFoundError(f"no backup with id {backup_id!r} (see `conexa-backup list`)")
     now = at or datetime.now(UTC)
