@@ -461,10 +461,11 @@ class Bench:
         return Case(key, label, build)
 
     def delete_backups(self, config: Path, folders: list[Path]) -> str:
-        """Remove this run's backup from every target (``conexa-backup delete``), untimed."""
+        """Remove this run's backups from every target (``conexa-backup delete --force``: the
+        newest is one of them), untimed."""
         notes = [] if len(folders) == 1 else [f"{len(folders)} backups made"]
         for folder in folders:
-            proc = subprocess.run(self.conexa(config, "delete", folder.name, "--yes"),
+            proc = subprocess.run(self.conexa(config, "delete", folder.name, "--yes", "--force"),
                                   env=self.env(), capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 notes.append(f"delete exited {proc.returncode}: {proc.stderr.strip()[-200:]}")

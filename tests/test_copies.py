@@ -126,7 +126,7 @@ def test_target_flag_limits_list_backup_and_delete(ws3: Workspace) -> None:
     everywhere = str(_backup(ws3)["id"])
     assert [b["id"] for b in json.loads(ws3.run("list", "--json", "--target", "local").stdout)] \
         == [everywhere]
-    deleted = ws3.run("delete", everywhere, "--yes", "--target", "gcs")
+    deleted = ws3.run("delete", everywhere, "--yes", "--force", "--target", "gcs")
     assert deleted.returncode == 0, deleted.stderr
     entry = next(b for b in json.loads(ws3.run("list", "--json").stdout) if b["id"] == everywhere)
     assert entry["targets"] == ["local", "s3"]
@@ -156,7 +156,7 @@ def test_seed_environment_variables_add_the_cloud_copies(
     assert [b["id"] for b in ids] == [json.loads(result.stdout)["id"]]
     # Clean up: these objects sit at the bucket root, shared with other tests' prefixes.
     backup_id = json.loads(result.stdout)["id"]
-    assert ws.run("delete", backup_id, "--yes", env=env).returncode == 0
+    assert ws.run("delete", backup_id, "--yes", "--force", env=env).returncode == 0
 
 
 def test_a_copy_that_cannot_be_read_is_not_marked_damaged_a_corrupt_one_is(

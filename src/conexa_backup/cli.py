@@ -29,6 +29,7 @@ from conexa_backup import __version__, events, render, signals
 from conexa_backup.actions import inspect, journal, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
+from conexa_backup.actions.delete import delete as run_delete
 from conexa_backup.actions.drill import run_drills
 from conexa_backup.actions.prune import problems as prune_problems
 from conexa_backup.actions.prune import prune as run_prune
@@ -526,14 +527,28 @@ def delete(
     backup_id: Annotated[str, typer.Argument(help="Backup id.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm.")] = False,
     target: TargetOpt = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Delete copies prune always keeps too (the newest, the newest "
+                        "verified, object-locked, unreadable).")] = False,
 ) -> None:
-    """Remove one backup (manifest first, so it is never half-listed as complete)."""
+    """Remove one backup (manifest first, so it is never half-listed as complete); a copy
+    prune always keeps stays, with the reason, unless --force."""
     def act() -> None:
         _confirm(f"delete backup {backup_id}", yes)
         with _session("delete", lock=True) as ctx:
-            done = inspect.delete(ctx, backup_id, target)
+            result = run_delete(ctx, backup_id, target, force=force)
+        for name, why in result.kept.items():
+            STATE.err.print(f"kept on {name}: {why} (--force deletes it)", markup=False,
+                            highlight=False)
+        for name, why in result.unreachable.items():
+            STATE.err.print(f"warning: not listed: {name}: {why}", markup=False,
+                            highlight=False)
+        if not result.deleted:
+            raise ConexaError(f"backup {backup_id} was not deleted: prune always keeps it",
+                              hint="--force deletes it anyway")
         if not STATE.quiet:
-            STATE.out.print(f"deleted {backup_id} from {', '.join(done)}", markup=False)
+            STATE.out.print(f"deleted {backup_id} from {', '.join(result.deleted)}",
+                            markup=False)
     _guard(act)
 
 

@@ -66,6 +66,30 @@ def prune_event(results: Sequence[TargetPrune]) -> Event:
                  details={"deleted": {p.target: p.deleted for p in results}})
 
 
+# What a person did through the API, said when it went well and when it failed.
+_ADMIN_DONE = {"trigger": "backup started", "restore": "restore of {id} started",
+               "delete": "backup {id} deleted", "cancel": "job {job} canceled"}
+_ADMIN_TRIED = {"trigger": "backup", "restore": "restore of {id}", "delete": "delete of {id}",
+                "cancel": "cancel of job {job}"}
+
+
+def admin_event(action: str, sub: str, outcome: str, backup_id: str | None = None,
+                client: str | None = None, **detail: object) -> Event:
+    """What a person did through the API (trigger, restore, delete, cancel) and how it went
+    (``outcome`` as the audit log says it; ``failed: <code>`` is a failure): "restore of
+    20261205T030000Z started by maria@escola". Never holds a token: ``sub`` names the caller.
+    """
+    ok = not outcome.startswith("failed")
+    what = (_ADMIN_DONE if ok else _ADMIN_TRIED).get(action, action)
+    what = what.format(id=backup_id, job=detail.get("job"))
+    code = outcome.removeprefix("failed: ")
+    title = f"{what} by {sub}" if ok else f"{what} by {sub} FAILED ({code})"
+    return Event("admin", "success" if ok else "failure", title, backup_id=backup_id,
+                 error=None if ok else outcome,
+                 details={"action": action, "sub": sub, "client": client, "outcome": outcome,
+                          **detail})
+
+
 def failure_event(kind: Kind, exc: BaseException) -> Event:
     """A run that ended with an error (or was interrupted)."""
     if isinstance(exc, PartialFailure) and exc.result is not None:

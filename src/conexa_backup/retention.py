@@ -152,15 +152,43 @@ def retaining_rules(backups: Sequence[Candidate], policy: Policy,
     return kept
 
 
+NEWEST = "newest complete backup"
+NEWEST_GOOD = "newest good backup"
+NEWEST_VERIFIED = "newest verified backup"
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What one target always keeps, whatever its policy: the newest complete backup, the
+    newest good one (when the newest is damaged) and the newest verified one. Prune's plan and
+    a manual delete (``actions.prune.must_keep``) both use these; nothing else decides them."""
+
+    newest: str | None
+    newest_good: str | None
+    verified: frozenset[str]
+
+    def reasons(self, backup_id: str) -> list[str]:
+        """Why ``backup_id`` is always kept (empty: no floor holds it)."""
+        return ([NEWEST] if backup_id == self.newest else []) + \
+            ([NEWEST_GOOD] if backup_id == self.newest_good != self.newest else []) + \
+            ([NEWEST_VERIFIED] if backup_id in self.verified else [])
+
+
+def floors(backups: Iterable[Candidate], protected: Iterable[str] = ()) -> Floors:
+    """The :class:`Floors` of one target's backups; ``protected``: the ids whose copy here
+    passed a verify or drill last (``state.Checks.newest_passed``)."""
+    complete = _newest_first(b for b in backups if b.complete)
+    return Floors(complete[0].id if complete else None,
+                  next((b.id for b in complete if not b.damaged), None), frozenset(protected))
+
+
 def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
          protected: Iterable[str] = ()) -> list[Decision]:
     """Decide, for every backup of one target, whether it stays; newest first."""
-    protected = set(protected)
+    always = floors(backups, protected)
     rules = retaining_rules(backups, policy, now)
     complete = _newest_first(b for b in backups if b.complete)
     floor = {b.id for b in _good_first(complete)[:max(policy.min_keep, 0)]}
-    newest = complete[0].id if complete else None
-    newest_good = next((b.id for b in complete if not b.damaged), None)
     decisions = []
     for b in _newest_first(backups):
         reasons = list(rules.get(b.id, []))
@@ -172,14 +200,11 @@ def plan(backups: Sequence[Candidate], policy: Policy, now: datetime,
             continue
         if b.time > now:
             reasons.append("newer than the evaluation time")
-        if b.id == newest:
-            reasons.append("newest complete backup")
-        if b.id == newest_good and b.id != newest:
-            reasons.append("newest good backup")
+        held = always.reasons(b.id)
+        reasons += [r for r in held if r != NEWEST_VERIFIED]
         if b.id in floor:
             reasons.append(f"min_keep {policy.min_keep}")
-        if b.id in protected:
-            reasons.append("newest verified backup")
+        reasons += [r for r in held if r == NEWEST_VERIFIED]
         if _young_safety(b, policy, now):
             reasons.append(f"safety backup, kept {human_duration(policy.safety_keep_within)}")
         if policy.empty:

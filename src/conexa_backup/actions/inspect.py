@@ -1,4 +1,5 @@
-"""``list``, ``status``, ``verify``, ``download`` and ``delete``: backups as they are stored."""
+"""``list``, ``status``, ``verify`` and ``download``: backups as they are stored (and the
+one way to delete a copy's objects, for ``delete`` and ``prune``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from conexa_backup.catalog import Backup, Copy, Use, proves_damage, resolve
 from conexa_backup.errors import IntegrityError, StorageError, UsageError
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
-from conexa_backup.state import forget_copies, record_damaged, record_verified
+from conexa_backup.state import record_damaged, record_verified
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +135,6 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
         return out
 
     return backup.id, from_first_good(backup, attempt, prefer=source)
-
-
-def delete(ctx: Context, backup_id: str, target_names: Sequence[str] | None = None) -> list[str]:
-    """Remove one backup (complete or not) from the selected targets; return their names.
-
-    The manifest goes first, so an interrupted delete leaves an incomplete backup, never a
-    "complete" one with missing files.
-
-    Raises:
-        UsageError: no such backup on those targets.
-    """
-    if backup_id == "latest":
-        raise UsageError("delete needs an explicit backup id, not 'latest'")
-    backups = [b for b in ctx.scan(ctx.targets(target_names), with_manifests=False)
-               if b.id == backup_id]
-    if not backups:
-        raise UsageError(f"no backup with id {backup_id!r} (see `conexa-backup list`)")
-    done = []
-    for copy in backups[0].copies:
-        delete_copy(copy, backup_id)
-        forget_copies(ctx.config.state_dir, [(backup_id, copy.target.name)])
-        done.append(copy.target.name)
-    log.info("deleted backup %s from %s", backup_id, ", ".join(done))
-    return done
 
 
 def delete_copy(copy: Copy, backup_id: str) -> None:

@@ -16,11 +16,13 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.inspect import delete_copy
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError
-from conexa_backup.retention import Candidate, Decision, plan
+from conexa_backup.retention import Candidate, Decision, floors, plan
 from conexa_backup.state import checks, forget_copies
 from conexa_backup.storage.base import Target
+from conexa_backup.storage.s3 import S3TargetConfig
 
 log = logging.getLogger(__name__)
+UNREADABLE = "manifest unreadable: kept for inspection"
 
 
 @dataclass
@@ -60,20 +62,55 @@ def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate],
     return cands, copies
 
 
+def verified_here(ctx: Context, target: str) -> list[str]:
+    """The newest backup whose copy *on this target* passed a verify or drill (and was not
+    found damaged since), if any: the one a restore from this target can count on."""
+    return [p for p in [checks(ctx.config.state_dir).newest_passed(target)] if p]
+
+
+def must_keep(ctx: Context, backups: Sequence[Backup], backup_id: str, target: str, *,
+              now: datetime) -> str | None:
+    """Why the copy of ``backup_id`` on ``target`` must stay whatever a person asks, or None
+    when it may be deleted: what ``delete`` refuses and prune always keeps.
+
+    Per target, as prune judges: a manifest that cannot be read (kept for inspection), the
+    newest complete copy there, the newest good one, the newest verified one
+    (:func:`retention.floors`). Also an S3 copy still under Object Lock: deleting it would
+    only hide it behind a delete marker, the locked version staying (and billed) until its
+    date. Prune, unlike a person, may do that: it is retention's scheduled delete, and the
+    lock ends about when retention lets the copy go.
+    """
+    copy = next((c for b in backups if b.id == backup_id for c in b.copies
+                 if c.target.name == target), None)
+    if copy is None:
+        return None
+    if copy.problem is not None:
+        return UNREADABLE
+    held = floors(candidates(backups, target)[0], verified_here(ctx, target)).reasons(backup_id)
+    if held:
+        return "; ".join(held)
+    config = next((t for t in ctx.config.targets if t.name == target), None)
+    if isinstance(config, S3TargetConfig):
+        stored = [o.modified for o in copy.objects]
+        newest = max((t for t in stored if t is not None), default=None)
+        until = config.locked_until(None if None in stored else newest)
+        if until is not None and until > now:
+            return (f"object-locked ({config.object_lock_mode}) until "
+                    f"{until.isoformat(timespec='seconds').replace('+00:00', 'Z')}: the "
+                    f"bucket keeps it until then")
+    return None
+
+
 def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now: datetime,
                  dry_run: bool) -> TargetPrune:
     """Plan and (unless ``dry_run``) apply retention on one target."""
     result = TargetPrune(target.name)
     policy = ctx.config.retention_for(target.name).policy()
     cands, copies = candidates(backups, target.name)
-    # Per target: the newest copy *here* that passed a verify or drill (and was not found
-    # damaged since) is the one a restore from this target can count on.
-    protected = [p for p in [checks(ctx.config.state_dir).newest_passed(target.name)] if p]
-    result.decisions = plan(cands, policy, now, protected)
+    result.decisions = plan(cands, policy, now, verified_here(ctx, target.name))
     damaged = [b.id for b in backups for c in b.copies
                if c.target.name == target.name and c.problem is not None]
-    result.decisions += [Decision(i, True, ["manifest unreadable: kept for inspection"])
-                         for i in damaged]
+    result.decisions += [Decision(i, True, [UNREADABLE]) for i in damaged]
     if dry_run:
         return result
     for decision in result.decisions:

@@ -3,7 +3,10 @@
 A notifier has one operation, ``send(event)``. Which events reach it is decided once, here
 (:meth:`NotifierConfig.wants`), from its ``events`` list: outcomes (``failure``, ``partial``,
 ``success``, ``start``) and kinds (``backup``, ``restore``, ``drill``, ``prune``, ``verify``,
-``report``). Test messages (``notify-test``) reach every notifier.
+``report``, ``admin``). Test messages (``notify-test``) reach every notifier. ``admin`` events
+(what a person did through the API: "restore of X started by maria@escola") reach only the
+notifiers that list ``admin``: they are not runs, and a notifier for failures must not hear
+of every click.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from conexa_backup.errors import ConexaError
 
-Kind = Literal["backup", "restore", "drill", "prune", "verify", "report", "test"]
+Kind = Literal["backup", "restore", "drill", "prune", "verify", "report", "test", "admin"]
 Outcome = Literal["start", "success", "partial", "failure"]
 SELECTORS = {"start", "success", "partial", "failure",
-             "backup", "restore", "drill", "prune", "verify", "report"}
+             "backup", "restore", "drill", "prune", "verify", "report", "admin"}
 SCHEMA = "conexa-backup/event/v1"
 
 
@@ -104,6 +107,8 @@ class NotifierConfig(BaseModel):
         if event.kind == "test":
             return True
         selected = set(self.events if self.events is not None else self.default_events)
+        if event.kind == "admin":  # never by outcome: a failed click is not a failed run
+            return "admin" in selected
         if event.outcome == "start":  # start pings only where asked for explicitly
             return "start" in selected
         return event.outcome in selected or event.kind in selected

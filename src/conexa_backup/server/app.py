@@ -23,6 +23,7 @@ from conexa_backup.logs import LOGGER
 from conexa_backup.server import api_delete, api_download, api_jobs, api_list
 from conexa_backup.server.errors import answer
 from conexa_backup.server.services import Services
+from conexa_backup.server.trail import AuditTrail
 
 OPENAPI_URL = "/api/admin/openapi.json"
 TICK = 1.0  # seconds between two reaps of ended jobs
@@ -42,6 +43,7 @@ def create_app(services: Services) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type", "Range"],
                            expose_headers=["Content-Disposition", "Content-Range",
                                            "Content-Length", "ETag", "Accept-Ranges"])
+    app.add_middleware(AuditTrail, services=services)
     _install_error_handlers(app)
     for module in (api_list, api_download, api_jobs, api_delete):
         app.include_router(module.router)

@@ -13,10 +13,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
 from conexa_backup.manifest import ID_PATTERN
-from conexa_backup.server.audit import Entry
+from conexa_backup.server import trail
 from conexa_backup.server.auth import Principal
 from conexa_backup.server.errors import ApiError
 from conexa_backup.server.services import Services
+from conexa_backup.server.tokens import PREFIX
 
 # Declared for the OpenAPI schema only ("Authorization: Bearer"); the header is read and
 # judged by auth.Verifier, which knows every refusal's code.
@@ -31,9 +32,15 @@ def services(request: Request) -> Services:
 
 def _caller(capability: Literal["read", "admin", "restore"]) -> Callable[..., Principal]:
     def dependency(request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
-        """Raises AuthError (401/403/503)."""
-        principal = services(request).verifier.verify_header(request.headers.get("authorization"))
+        """Raises AuthError (401/403/503). Marks the request for the audit log first
+        (:mod:`server.trail`), so a refused one is recorded too."""
+        header = request.headers.get("authorization")
+        token = (header or "").strip().partition(" ")[2].strip()
+        found = trail.mark(request.scope, machine_token=token.startswith(PREFIX))
+        principal = services(request).verifier.verify_header(header)
         request.state.principal = principal
+        if found is not None:
+            found.sub = principal.sub
         principal.require(capability)
         return principal
     return dependency
@@ -64,8 +71,9 @@ def client(request: Request) -> str | None:
 
 def audit(request: Request, action: str, outcome: str, backup_id: str | None = None,
           **detail: object) -> None:
-    """Append one line to the audit log for this request (its caller, if known)."""
-    principal: Principal | None = getattr(request.state, "principal", None)
-    services(request).audit.record(Entry(
-        action=action, sub=principal.sub if principal else "-", client=client(request),
-        outcome=outcome, backup_id=backup_id, detail=dict(detail)))
+    """Record this request's outcome in the audit log now, with ``detail`` (its caller, if
+    known); only the first record of a request counts. Without it, an audited route's outcome
+    is recorded from its answer (:mod:`server.trail`); a changing action that was carried
+    out or failed is also told to the notifiers (an ``admin`` event)."""
+    trail.record(services(request), request.scope, outcome, action=action,
+                 backup_id=backup_id, **detail)

@@ -21,7 +21,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from conexa_backup.errors import (
     BusyError,
     ConexaError,
     JobNotFoundError,
+    LockedError,
     ProcessError,
     UsageError,
 )
@@ -130,6 +131,28 @@ class JobStore:
             self._save(job)
             return job
 
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """Hold the run lock (as ``what``) for the block, for work the server does itself
+        (a delete): no job of ours may be active, and while it is held a job start, cron's
+        backup or a prune is refused as busy.
+
+        Raises:
+            BusyError: a job of ours is active, or another run holds the lock.
+        """
+        held = contextlib.ExitStack()
+        with self._mutex:  # a job start waits for it: never both
+            self.reap()
+            self._refuse_if_busy()
+            try:
+                held.enter_context(locking.run_lock(self._private(self.state_dir), what))
+            except LockedError as exc:  # taken between the probe and the flock: say by whom
+                found = locking.holder(self.state_dir)
+                raise BusyError(str(exc), holder=_who(found) if found else "unknown",
+                                since=found.since if found else None) from None
+        with held:
+            yield
+
     def _refuse_if_busy(self) -> None:
         if self._active:
             job = next(iter(self._active.values()))
@@ -137,7 +160,7 @@ class JobStore:
                             holder=f"job {job.id} ({job.kind})", since=job.started)
         holder = locking.holder(self._private(self.state_dir))
         if holder is not None:
-            who = f"pid {holder.pid}, {holder.what}" if holder.pid else holder.what
+            who = _who(holder)
             since = f" since {holder.since}" if holder.since else ""
             raise BusyError(f"another conexa-backup run holds the lock ({who}){since}",
                             holder=who, since=holder.since)
@@ -294,3 +317,8 @@ def _kind(kind: str) -> Kind:
 def _backup_id(result: dict[str, Any] | None) -> str | None:
     value = result.get("id") if result else None
     return value if isinstance(value, str) else None
+
+
+def _who(holder: locking.Holder) -> str:
+    """The lock's holder as answered in a 409: ``pid 123, backup`` (or what the file says)."""
+    return f"pid {holder.pid}, {holder.what}" if holder.pid else holder.what

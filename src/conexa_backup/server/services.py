@@ -47,8 +47,13 @@ class Services:
             text = text.replace(secret, "********")
         return text
 
+    def invalidate(self) -> None:
+        """Forget what is cached of the targets' contents (after a delete): the next list
+        or status scans again."""
+        self.listing.invalidate()
+
     def tick(self) -> None:
         """Called about once a second by the server: reap jobs that ended (a backup, a
         restore's safety backup: the list is taken again)."""
         if self.jobs.reap():
-            self.listing.invalidate()
+            self.invalidate()

@@ -91,6 +91,15 @@ class S3TargetConfig(TargetConfig):
             days.append(max(1, parse_duration(r.keep_within).days))
         return max(days) if days else None
 
+    def locked_until(self, stored: datetime | None) -> datetime | None:
+        """Until when Object Lock keeps an object stored at ``stored`` (as :meth:`lock_days`
+        says now; None when this target does not lock). An unknown store time is taken as
+        now: locked for the whole period, never judged unlocked by a guess."""
+        days = self.lock_days() if self.object_lock_mode else None
+        if days is None:
+            return None
+        return (stored or datetime.now(UTC)) + timedelta(days=days)
+
 
 def part_size(part_number: int) -> int:
     """Size of part ``part_number`` (1-based): 16 MiB, doubling every 1,000 parts, max 5 GiB."""
