@@ -45,12 +45,16 @@ def delete(api: Api, backup_id: str, **kwargs: Any) -> Any:
 
 def test_delete_an_old_backup_removes_it(ws: Workspace, api: Api) -> None:
     old, new = two_backups(ws)
+    shown = [b["id"] for b in api.get("/api/admin/backups").json()["backups"]]
+    assert shown == [new, old]  # the list's snapshot now holds both
     answer = delete(api, old)
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"success": True, "backupId": old, "deleted": ["local"],
                              "kept": {}, "unreachable": {}}
     assert not (ws.backups / old).exists()
     assert list(listed_by_id(ws)) == [new]
+    # The list says so at once, not when its snapshot ages out.
+    assert [b["id"] for b in api.get("/api/admin/backups").json()["backups"]] == [new]
     again = delete(api, old)  # gone: as unknown as any id
     assert again.status_code == 404 and again.json()["error"] == "backup_not_found"
 
