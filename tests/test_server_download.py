@@ -235,14 +235,15 @@ def test_a_range_of_a_damaged_copy_is_aborted_too(api: Api, ws: Workspace) -> No
     assert error is not None and body == b""
 
 
-def test_viewers_are_refused_and_no_download_is_recorded(api: Api, ws: Workspace) -> None:
+def test_viewers_are_refused_and_audited_as_refused(api: Api, ws: Workspace) -> None:
     bid = _backup(ws)
     for path in (URL.format(bid), URL.format(bid) + "?artifact=database"):
         answer = api.get(path, role="viewer")
         assert answer.status_code == 403
         assert answer.json()["error"] == "forbidden"
         assert api.get(path, role=None).status_code == 401
-    assert _downloads(api) == []
+    assert [(e["outcome"], e["sub"]) for e in _downloads(api)] == [
+        ("refused: forbidden", "maria@escola"), ("refused: missing_token", "-")] * 2
 
 
 def test_bad_ids_artifacts_and_unknown_backups(api: Api, ws: Workspace) -> None:

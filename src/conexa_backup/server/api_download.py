@@ -21,7 +21,7 @@ from conexa_backup.catalog import Backup
 from conexa_backup.errors import ConexaError
 from conexa_backup.logs import LOGGER
 from conexa_backup.manifest import MANIFEST_NAME
-from conexa_backup.server.deps import Admin, ServicesDep, audit, backup_id
+from conexa_backup.server.deps import Admin, ServicesDep, audit, audit_follow_up, backup_id
 from conexa_backup.server.errors import ApiError, answer
 
 router = APIRouter(prefix="/api/admin", tags=["backups"])
@@ -139,8 +139,8 @@ def _send(request: Request, found: action.Stored, where: dict[str, Any]) -> Resp
     def aborted(exc: ConexaError) -> None:
         _log.error("download of %s aborted: %s", found.backup_id,
                    request.app.state.services.redact(str(exc)))
-        audit(request, "download", f"failed: {answer(exc).body['error']}", found.backup_id,
-              **where)
+        audit_follow_up(request, "download", f"failed: {answer(exc).body['error']}",
+                        found.backup_id, **where)
 
     audit(request, "download", "ok", found.backup_id, **where,
           range=None if chosen is None else f"{first}-{last}")

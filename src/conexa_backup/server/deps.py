@@ -72,8 +72,17 @@ def client(request: Request) -> str | None:
 def audit(request: Request, action: str, outcome: str, backup_id: str | None = None,
           **detail: object) -> None:
     """Record this request's outcome in the audit log now, with ``detail`` (its caller, if
-    known); only the first record of a request counts. Without it, an audited route's outcome
-    is recorded from its answer (:mod:`server.trail`); a changing action that was carried
-    out or failed is also told to the notifiers (an ``admin`` event)."""
+    known); only the first record of a request counts (see :func:`audit_follow_up`).
+    Without it, an audited route's outcome is recorded from its answer
+    (:mod:`server.trail`); a changing action that was carried out or failed is also told to
+    the notifiers (an ``admin`` event)."""
     trail.record(services(request), request.scope, outcome, action=action,
                  backup_id=backup_id, **detail)
+
+
+def audit_follow_up(request: Request, action: str, outcome: str, backup_id: str | None,
+                    **detail: object) -> None:
+    """A second audit line for what happened after the request's first was written: a
+    download that started (``ok``), then was aborted (``failed: damaged``)."""
+    trail.record(services(request), request.scope, outcome, action=action,
+                 backup_id=backup_id, follow_up=True, **detail)

@@ -86,17 +86,19 @@ def marked(scope: Scope) -> Mark | None:
 
 
 def record(services: Services, scope: Scope, outcome: str, *, action: str | None = None,
-           backup_id: str | None = None, **detail: object) -> None:
+           backup_id: str | None = None, follow_up: bool = False, **detail: object) -> None:
     """Record this request's outcome now (``ok``, ``refused: <code>``, ``failed: <code>``),
-    once: the middleware then leaves it alone. Tells the notifiers of a changing action that
-    was carried out or failed. A request no route marked is recorded under ``action``."""
+    once: the middleware then leaves it alone. ``follow_up``: a second line for what
+    happened after the first was written (a download that started, then was aborted).
+    Tells the notifiers of a changing action that was carried out or failed. A request no
+    route marked is recorded under ``action``."""
     found = marked(scope)
     if found is None:  # a route no one marked, recording itself
         client = scope["client"][0] if scope.get("client") else None
         principal = scope.get("state", {}).get("principal")
         found = Mark(action or "?", backup_id, client, sub=getattr(principal, "sub", "-"))
         scope.setdefault("state", {})[_STATE_KEY] = found
-    if found.done:
+    if found.done and not follow_up:
         return
     found.done = True
     found.action = action or found.action
