@@ -77,7 +77,7 @@ def audit(request: Request, action: str, outcome: str, backup_id: str | None = N
     (:mod:`server.trail`); a changing action that was carried out or failed is also told to
     the notifiers (an ``admin`` event)."""
     trail.record(services(request), request.scope, outcome, action=action,
-                 backup_id=backup_id, **detail)
+                 backup_id=backup_id, detail=detail)
 
 
 def audit_follow_up(request: Request, action: str, outcome: str, backup_id: str | None,
@@ -85,4 +85,4 @@ def audit_follow_up(request: Request, action: str, outcome: str, backup_id: str 
     """A second audit line for what happened after the request's first was written: a
     download that started (``ok``), then was aborted (``failed: damaged``)."""
     trail.record(services(request), request.scope, outcome, action=action,
-                 backup_id=backup_id, follow_up=True, **detail)
+                 backup_id=backup_id, follow_up=True, detail=detail)

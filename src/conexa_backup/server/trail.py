@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,8 @@ def marked(scope: Scope) -> Mark | None:
 
 
 def record(services: Services, scope: Scope, outcome: str, *, action: str | None = None,
-           backup_id: str | None = None, follow_up: bool = False, **detail: object) -> None:
+           backup_id: str | None = None, follow_up: bool = False,
+           detail: Mapping[str, object] | None = None) -> None:
     """Record this request's outcome now (``ok``, ``refused: <code>``, ``failed: <code>``),
     once: the middleware then leaves it alone. ``follow_up``: a second line for what
     happened after the first was written (a download that started, then was aborted).
@@ -103,7 +105,7 @@ def record(services: Services, scope: Scope, outcome: str, *, action: str | None
     found.done = True
     found.action = action or found.action
     found.backup_id = backup_id or found.backup_id
-    found.detail |= detail
+    found.detail |= dict(detail or {})
     services.audit.record(Entry(action=found.action, sub=found.sub, client=found.client,
                                 outcome=outcome, backup_id=found.backup_id,
                                 detail=found.detail))
