@@ -298,7 +298,9 @@ def test_presigned_download_redirects_to_a_url_that_works(
         assert answer.status_code == 307
         location = answer.headers["location"]
         assert location.startswith(s3_server.endpoint)
-        assert "Expires=" in location and "Signature=" in location
+        # SigV4 (AWS refuses SigV2 for newer buckets and regions), valid five minutes.
+        assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in location, location
+        assert "X-Amz-Expires=300" in location and "X-Amz-Signature=" in location
         fetched = httpx.get(location, timeout=60)  # no token: the signature is the key
         assert (fetched.status_code, fetched.content) == (200, stored)
         assert _downloads(api)[-1]["outcome"] == "ok: redirected"
@@ -310,6 +312,18 @@ def test_presigned_download_redirects_to_a_url_that_works(
         assert "cannot pre-sign" in api.log_text()
         _, body, _ = _fetch(api, path)
         assert body == stored
+
+        # A copy known damaged is never handed out by URL (its bytes would go unchecked):
+        # it is proxied, and the SHA-256 check aborts the answer.
+        name = f"{bid}/{_stored(ws.backups, bid, 'database').name}"
+        listed = s3_server.client().list_objects_v2(Bucket=S3_BUCKET)["Contents"]
+        key = next(o["Key"] for o in listed if o["Key"].endswith(name))
+        bad = bytearray(stored)
+        bad[len(bad) // 2] ^= 0xFF
+        s3_server.client().put_object(Bucket=S3_BUCKET, Key=key, Body=bytes(bad))
+        assert ws.run("verify", bid).returncode != 0  # records the S3 copy damaged
+        answer, body, error = _fetch(api, path + "&target=s3")
+        assert answer.status_code == 200 and error is not None and body != stored
     finally:
         api.stop()
 

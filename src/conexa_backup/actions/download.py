@@ -123,7 +123,9 @@ def open_stored(backup: Backup, word: str, source: str | None = None,
                                  f"bytes, manifest says {artifact.size}")
         found = Stored(backup.id, copy, artifact.name, artifact.size, artifact.sha256,
                        artifact=artifact)
-        if presign and isinstance(copy.target, Presigning):
+        # Only a copy not known damaged is handed out by URL: the client would get its bytes
+        # unchecked; a suspect one is proxied, so the SHA-256 check decides.
+        if presign and copy.state == "complete" and isinstance(copy.target, Presigning):
             found.url = copy.target.presign(key, PRESIGN_SECONDS)
             if found.url is not None:
                 return found

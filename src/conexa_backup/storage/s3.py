@@ -235,8 +235,10 @@ class S3Target:
             region_name=config.region)
         self.client: Any = session.client(
             "s3", endpoint_url=config.endpoint_url,
+            # s3v4: pre-signed URLs would otherwise be SigV2 (us-east-1, custom endpoints),
+            # which AWS refuses for newer buckets and regions.
             config=BotoConfig(retries={"max_attempts": config.retries, "mode": "standard"},
-                              connect_timeout=10, read_timeout=120,
+                              signature_version="s3v4", connect_timeout=10, read_timeout=120,
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"))
 
