@@ -225,6 +225,8 @@ class JobStore:
             # prints it only once the work is done, and says a partial backup there.
             job.state = "partial" if job.result.get("status") == "partial" else "succeeded"
             job.error = f"{RESTARTED}; judged from its output (exit code unknown)"
+        elif code is None and job.cancel_requested:
+            job.state, job.error = "canceled", f"{RESTARTED}; canceled before it ended"
         elif code is None:
             job.state, job.error = "failed", f"{RESTARTED}; its exit code is unknown"
         else:
@@ -270,8 +272,10 @@ class JobStore:
                     self._active[job.id] = job
                     continue
                 folder = self.folder / job.id
+                if read_result(folder) is not None:  # it ended while no server ran: its
+                    self._finish(job, None)  # answer says how (as for an orphan followed)
+                    continue
                 job.state, job.finished, job.error = "failed", now(), RESTARTED
-                job.result = read_result(folder)
                 job.backup_id = _backup_id(job.result) or job.backup_id
                 self._save(job)
                 failed.append(job)
