@@ -7,7 +7,10 @@ import signal
 import socket
 
 import httpx
+import pytest
 
+from conexa_backup.server.deps import backup_id
+from conexa_backup.server.errors import ApiError
 from tests.apikit import Api, free_port, start_api
 from tests.conftest import Workspace
 from tests.test_failures import assert_error
@@ -59,3 +62,11 @@ def test_serve_says_when_its_address_is_taken(ws: Workspace) -> None:
         api.stop()
         result = ws.run("serve", "--listen", f"127.0.0.1:{port}", timeout=60)
     assert_error(result, 1, f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("value", ["20261205T030000Z\n", "20261205T030000Z/..", "latest", ""])
+def test_a_backup_id_is_the_whole_value_or_refused(value: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        backup_id(value)
+    assert (refused.value.status, refused.value.code) == (422, "bad_backup_id")
+    assert backup_id("20261205T030000Z-2") == "20261205T030000Z-2"

@@ -385,6 +385,7 @@ BAD_IDS = [
     "..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd", "%2F", "%2Fetc%2Fpasswd", "..%5C..%5Coutside.txt",
     "%252e%252e%252foutside.txt", "%00", "20261205T030000Z%00", "..%00", "%00..%2Foutside.txt",
     "20261205T030000Z%2F..%2F..%2Foutside.txt", "A" * 65, "2" * 5000, "%20", "~root",
+    "20261205T030000Z%0A",  # "$" of a regex would let the newline through
 ]
 ID_ROUTES = [r for r in ROUTES if "{" in r[1]]
 

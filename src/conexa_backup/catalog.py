@@ -261,7 +261,7 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
         try:
             for obj in target.list():
                 backup_id, sep, name = obj.key.partition("/")
-                if sep and OWNED_NAME.match(name) and ID_PATTERN.match(backup_id):
+                if sep and OWNED_NAME.match(name) and ID_PATTERN.fullmatch(backup_id):
                     grouped[backup_id].append(obj)
         except StorageError as exc:
             log.warning("%s", exc)

@@ -21,6 +21,7 @@ from conexa_backup.errors import IntegrityError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+# Python callers use fullmatch: "$" alone would let a trailing newline through.
 ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z(?:-\d{1,3})?$")
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # Names of the objects conexa-backup writes in a backup's folder: the only ones it deletes.

@@ -447,7 +447,7 @@ def next_id(ctx: Context, when: datetime) -> str:
 def _claim_id(wanted: str, taken: set[str]) -> str:
     """``wanted`` as this run's id. Raises UsageError: not an id, or already taken (another
     run stored it between :func:`next_id` and this run's start: never a second copy)."""
-    if not ID_PATTERN.match(wanted):
+    if not ID_PATTERN.fullmatch(wanted):
         raise UsageError(f"not a backup id: {wanted[:80]!r}")
     if wanted in taken:
         raise UsageError(f"backup id {wanted} is already taken")

@@ -100,7 +100,7 @@ def download(id: str, request: Request, services: ServicesDep, principal: Admin,
                            f"use one of {', '.join(action.WORDS)}")
         backup = action.find(services.context(), id, target)
         if artifact is None:
-            audit(request, "download", "ok", id, artifact=None, target=target)
+            audit(request, "download", "ok", id, artifact=None, target=target and target[:64])
             return JSONResponse(artifact_list(backup, target))
         presign = services.config.server is not None and \
             services.config.server.download == "presigned"
@@ -109,7 +109,7 @@ def download(id: str, request: Request, services: ServicesDep, principal: Admin,
         outcome = answer(exc)
         verdict = "refused" if outcome.status < 500 else "failed"
         audit(request, "download", f"{verdict}: {outcome.body['error']}", id[:64],
-              artifact=artifact and artifact[:40], target=target)
+              artifact=artifact and artifact[:40], target=target and target[:64])
         raise
     where = {"artifact": artifact, "target": found.copy.target.name}
     if found.url is not None:

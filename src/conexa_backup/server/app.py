@@ -40,7 +40,7 @@ def create_app(services: Services) -> FastAPI:
     if cors:
         app.add_middleware(CORSMiddleware, allow_origins=cors, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "Range"],
+                           allow_headers=["Authorization", "Content-Type", "Range", "If-Range"],
                            expose_headers=["Content-Disposition", "Content-Range",
                                            "Content-Length", "ETag", "Accept-Ranges"])
     app.add_middleware(AuditTrail, services=services)

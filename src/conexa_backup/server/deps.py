@@ -58,7 +58,7 @@ def backup_id(value: str) -> str:
     Raises:
         ApiError: 422 ``bad_backup_id`` (``..``, ``%2e%2e``, NUL, overlong: never a path).
     """
-    if len(value) > 64 or not ID_PATTERN.match(value):
+    if len(value) > 64 or not ID_PATTERN.fullmatch(value):
         raise ApiError(422, "bad_backup_id", f"not a backup id: {value[:64]!r}")
     return value
 

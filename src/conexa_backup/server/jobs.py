@@ -69,7 +69,7 @@ def command(kind: str, args: Mapping[str, str]) -> list[str]:
     if unknown := set(args) - allowed:
         raise UsageError(f"unknown argument(s) for a {kind} job: {', '.join(sorted(unknown))}")
     backup_id = args.get("backup_id", "")
-    if (kind == "restore" or backup_id) and not ID_PATTERN.match(backup_id):
+    if (kind == "restore" or backup_id) and not ID_PATTERN.fullmatch(backup_id):
         raise UsageError(f"not a backup id: {backup_id[:80]!r}")
     if kind == "backup":
         return ["--verbose", "backup", "--json", *([f"--id={backup_id}"] if backup_id else [])]
