@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conexa_backup import __version__
 from conexa_backup.errors import ConexaError
@@ -27,7 +28,44 @@ from conexa_backup.server.trail import AuditTrail
 
 OPENAPI_URL = "/api/admin/openapi.json"
 TICK = 1.0  # seconds between two reaps of ended jobs
+MAX_BODY = 64 * 1024  # bytes: the largest body any route takes is a restore's few fields
 _log = logging.getLogger(LOGGER)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over :data:`MAX_BODY` is refused with 413 before it is
+    read whole. FastAPI reads (and parses) a body before the route's token check, so without
+    this anyone could make the server hold any size of body in memory."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            await _too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:  # chunked: no length said up front
+                raise HTTPException(413, f"the request body exceeds {MAX_BODY} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    answer = JSONResponse({"error": "body_too_large",
+                           "message": f"the request body exceeds {MAX_BODY} bytes"},
+                          status_code=413, headers={"Connection": "close"})
+    await answer(scope, receive, send)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -44,6 +82,7 @@ def create_app(services: Services) -> FastAPI:
                            expose_headers=["Content-Disposition", "Content-Range",
                                            "Content-Length", "ETag", "Accept-Ranges"])
     app.add_middleware(AuditTrail, services=services)
+    app.add_middleware(BodyLimit)  # outermost of ours: nothing reads an oversized body
     _install_error_handlers(app)
     for module in (api_list, api_download, api_jobs, api_delete):
         app.include_router(module.router)
@@ -101,7 +140,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "body_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "message": str(exc.detail)},
                             status_code=exc.status_code, headers=exc.headers)
 
