@@ -235,3 +235,65 @@ def test_a_job_that_ends_makes_the_list_look_again(ws: Workspace) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+class SilentServer:
+    """A TCP server that accepts connections and never answers: a target that hangs."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[Any] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_a_target_that_hangs_holds_no_request_for_long(ws: Workspace) -> None:
+    """Found by review: a scan stuck on a target held every worker thread (health and plain
+    401s timed out) and SIGTERM could not stop the server."""
+    silent = SilentServer()
+    hung = (f'[[targets]]\nname = "hung"\ntype = "s3"\nbucket = "hung-bucket"\nretries = 1\n'
+            f'endpoint_url = "http://127.0.0.1:{silent.port}"\n'
+            'access_key_id = "k"\nsecret_access_key = "s"\n')
+    api = start_api(ws, config_extra=hung)
+    try:
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            answers.append(api.get(LIST, timeout=120))
+        askers = [threading.Thread(target=ask) for _ in range(45)]  # above anyio's 40 workers
+        for t in askers:
+            t.start()
+        started = time.monotonic()
+        assert httpx.get(f"{api.url}/healthz", timeout=10).status_code == 200
+        junk = api.get(STATUS, token="not-a-token", timeout=120)
+        assert (junk.status_code, junk.json()["error"]) == (401, "malformed_token")
+        for t in askers:
+            t.join(timeout=120)
+        assert time.monotonic() - started < 100  # the S3 read alone would take 120 s
+        assert {(a.status_code, a.json()["error"]) for a in answers} \
+            == {(503, "listing_in_progress")}
+        stopped = time.monotonic()
+        assert api.stop(timeout=60) == 0
+        assert time.monotonic() - stopped < 45
+    finally:
+        if api.proc.poll() is None:
+            api.kill()
+        silent.close()

@@ -693,10 +693,7 @@ def serve(
         context = _context()
         assert context.config_path is not None  # _context loaded it from a file
         run.log_to_stderr()
-        try:
-            run.serve(context.config, context.config_path, listen)
-        except KeyboardInterrupt:  # uvicorn stopped on the signal: a clean stop
-            logging.getLogger(LOGGER).info("stopped")
+        run.serve(context.config, context.config_path, listen)
     _guard(act)
 
 

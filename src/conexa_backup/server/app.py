@@ -88,8 +88,9 @@ def create_app(services: Services) -> FastAPI:
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, str]:
-        """Whether the server runs: no token, no detail."""
+    async def healthz() -> dict[str, str]:
+        """Whether the server runs: no token, no detail. Answered on the event loop, not a
+        worker thread: it answers even while every worker waits on a target."""
         return {"status": "ok"}
 
     return app

@@ -15,7 +15,9 @@ listing of every target. The snapshot is taken again:
 Refreshing is single-flight: one request scans, and requests that arrive meanwhile wait
 for that scan when the snapshot is known outdated (what they would be shown is no longer
 true), or get the previous snapshot when it merely reached its age (it was true ``ttl`` ago;
-nothing we know of changed it).
+nothing we know of changed it). No request waits more than :data:`WAIT_LIMIT`: a target that
+stopped answering must not hold every worker thread (then the previous snapshot is answered,
+its ``listed_at`` saying how old, or 503 ``listing_in_progress`` before the first).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from conexa_backup.state import DAMAGED, DRILLS, RUNS, VERIFIED, checks, last_dr
 TTL = 30.0  # seconds a snapshot is answered from, when nothing we know of changed
 TTL_UNREACHABLE = 5.0  # ... when a target could not be listed: show it back up soon
 STATUS_TTL = 1.0  # seconds a status body is reused (its ages are whole seconds)
+WAIT_LIMIT = 15.0  # seconds a request waits for the scan under way (a target may hang)
 # Written by verify, drills, restores (damage, verification) and at the end of every CLI
 # run (runs.json): a change to any of them may change what the list or status says.
 WATCHED = (DAMAGED, VERIFIED, DRILLS, RUNS)
@@ -252,6 +255,7 @@ class Listing:
         """The current snapshot, scanning first if there is none or it is outdated (see the
         module docstring for who waits). Never raises for unreachable targets: the snapshot
         carries them (:attr:`Snapshot.error`)."""
+        deadline = time.monotonic() + WAIT_LIMIT
         with self._cond:
             while True:
                 key = self._key()
@@ -264,7 +268,9 @@ class Listing:
                     break
                 if snap is not None and current:
                     return snap  # only aged: the scan under way will replace it
-                self._cond.wait()
+                if not self._cond.wait(timeout=deadline - time.monotonic()) \
+                        and time.monotonic() >= deadline:
+                    return self._late(snap)
         fresh: Snapshot | None = None
         try:
             fresh = scan(self.ctx, self.redact, key)
@@ -275,6 +281,22 @@ class Listing:
                 if fresh is not None:
                     self._snap = fresh
                 self._cond.notify_all()
+
+    @staticmethod
+    def _late(snap: Snapshot | None) -> Snapshot:
+        """What a request answers when the scan under way outlasts :data:`WAIT_LIMIT` (a
+        target that stopped answering): the previous snapshot (its ``listed_at`` says how
+        old), never a worker thread held for minutes.
+
+        Raises:
+            ApiError: 503 ``listing_in_progress`` when there is no snapshot yet.
+        """
+        if snap is None:
+            raise ApiError(503, "listing_in_progress", f"the targets are still being listed "
+                           f"(over {WAIT_LIMIT:.0f} s so far); try again shortly")
+        log.warning("listing the targets takes over %.0f s: answering the list of %s",
+                    WAIT_LIMIT, snap.listed_at)
+        return snap
 
     def targets(self) -> Sequence[str]:
         """The configured target names, in config order."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -46,6 +48,25 @@ def serve(config: Config, config_path: Path, listen: str | None = None) -> None:
     except SystemExit:  # uvicorn exits when it cannot bind; say where, once
         raise ConexaError(f"cannot serve on {host}:{port} (address in use, or not "
                           f"this host's?)") from None
+    except KeyboardInterrupt:  # uvicorn stopped on SIGINT/SIGTERM, then raised it again
+        pass
+    _log.info("stopped")
+    _leave_stuck_threads()
+
+
+def _leave_stuck_threads() -> None:
+    """Exit now if request threads still wait on a target that stopped answering (a read
+    can take minutes to time out): Python would wait for them at exit, and a service
+    manager would then SIGKILL us. They hold nothing to clean up: answers are gone with
+    the connections, jobs are processes of their own, the audit log is written as it goes.
+    """
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if stuck:
+        _log.warning("%d request thread(s) still wait on a target: exiting without them",
+                     len(stuck))
+        logging.shutdown()
+        os._exit(0)
 
 
 def log_to_stderr() -> None:
