@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pytest_httpserver import HTTPServer
+from werkzeug import Response
 
 from conexa_backup.config import Config, parse_config
 from conexa_backup.errors import ConfigError, UsageError
-from conexa_backup.server.auth import AuthError, Principal, Verifier, verify_startup
+from conexa_backup.server.auth import (
+    JWKS_TIMEOUT,
+    AuthError,
+    Principal,
+    Verifier,
+    verify_startup,
+)
 from conexa_backup.server.tokens import (
     TOKENS,
     create_machine_token,
@@ -306,6 +314,47 @@ def test_jwks_unreachable_is_503(tmp_path: Path, httpserver: HTTPServer,
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
     error = refused(Verifier(config), f"Bearer {token}")
     assert (error.status, error.code) == (503, "jwks_unreachable")
+
+
+def test_a_jwks_that_hangs_holds_requests_briefly_and_cached_keys_still_work(
+        tmp_path: Path, httpserver: HTTPServer, rsa_key: rsa.RSAPrivateKey) -> None:
+    """Found by review: with the app's JWKS silent, junk kids queued every request behind
+    10 s fetches one after another (health and everything else waited)."""
+    serve_jwks(httpserver, jwk(rsa_key, "k1"))
+    verifier = jwks_verifier(tmp_path, httpserver, cooldown=0)
+    good = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    assert verifier.verify_token(good).can_admin  # fetched once, cached
+    release = threading.Event()
+
+    def silent(request: Any) -> Any:
+        release.wait(60)
+        return Response("{}", content_type="application/json")
+    httpserver.clear()
+    httpserver.expect_request("/jwks.json").respond_with_handler(silent)
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    codes: list[tuple[int, str]] = []
+
+    def junk(n: int) -> None:
+        token = jwt.encode(claims(), stranger, algorithm="RS256", headers={"kid": f"x{n}"})
+        error = refused(verifier, f"Bearer {token}")
+        codes.append((error.status, error.code))
+    try:
+        started = time.monotonic()
+        threads = [threading.Thread(target=junk, args=(n,)) for n in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # One fetch times out; the others wait for it at most as long, then are refused.
+        assert time.monotonic() - started < 4 * JWKS_TIMEOUT + 5
+        assert set(codes) == {(503, "jwks_unreachable")}
+        quick = time.monotonic()
+        assert verifier.verify_token(good).can_admin  # its key is cached: no fetch, no wait
+        token = jwt.encode(claims(), stranger, algorithm="RS256", headers={"kid": "y"})
+        assert refused(verifier, f"Bearer {token}").code == "jwks_unreachable"  # at once
+        assert time.monotonic() - quick < 2
+    finally:
+        release.set()
 
 
 # -- machine tokens -----------------------------------------------------------------------------

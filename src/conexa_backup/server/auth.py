@@ -12,6 +12,8 @@ role the config knows grants nothing (403).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from conexa_backup.server.tokens import PREFIX, find_machine_token
 
 LEEWAY = 30  # seconds of clock skew tolerated between the app and this host
 JWKS_LIFESPAN = 300  # seconds a fetched JWKS is trusted before it is fetched again
+JWKS_TIMEOUT = 5  # seconds for one JWKS fetch, and the longest a request waits for one
+JWKS_DOWN_FOR = 5.0  # seconds requests are refused at once after a failed fetch
 _FAMILIES: dict[str, tuple[type[Any], ...]] = {
     "RS": (rsa.RSAPublicKey,), "PS": (rsa.RSAPublicKey,),
     "ES": (ec.EllipticCurvePublicKey,),
@@ -174,7 +178,10 @@ class Verifier:
         else:
             assert self.auth.jwks_url is not None  # the config insists on a key source
             self._jwks = jwt.PyJWKClient(self.auth.jwks_url, lifespan=JWKS_LIFESPAN,
-                                         timeout=10, cooldown_duration=jwks_cooldown)
+                                         timeout=JWKS_TIMEOUT,
+                                         cooldown_duration=jwks_cooldown)
+        self._jwks_gate = threading.Lock()  # one fetch at a time, waited for briefly
+        self._jwks_down_until = 0.0  # monotonic: a failed fetch is not retried before
 
     def verify_header(self, header: str | None) -> Principal:
         """The caller named by an ``Authorization`` header value (``Bearer <token>``).
@@ -243,6 +250,40 @@ class Verifier:
             raise  # unreachable: PyJWTError is the last entry
         return claims
 
+    def _jwks_key(self, token: str) -> Any:
+        """The JWKS key for ``token``'s kid, fetched if need be; raises PyJWKClientError.
+
+        An app whose JWKS stops answering must not hold every worker thread: a request waits
+        at most :data:`JWKS_TIMEOUT` for a fetch under way, and for :data:`JWKS_DOWN_FOR`
+        after a failed one, requests are refused (503) at once instead of fetching again.
+        """
+        assert self._jwks is not None
+        cached = self._cached_key(token)
+        if cached is not None:  # no fetch needed: never waits, never refused for a down JWKS
+            return cached
+        if time.monotonic() < self._jwks_down_until:
+            raise jwt.PyJWKClientConnectionError("the JWKS was unreachable moments ago")
+        if not self._jwks_gate.acquire(timeout=JWKS_TIMEOUT):
+            raise jwt.PyJWKClientConnectionError("a JWKS fetch is taking too long")
+        try:
+            return self._jwks.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError:
+            self._jwks_down_until = time.monotonic() + JWKS_DOWN_FOR
+            raise
+        finally:
+            self._jwks_gate.release()
+
+    def _cached_key(self, token: str) -> Any:
+        """The key for ``token``'s kid from the JWKS fetched within its lifespan, or None."""
+        assert self._jwks is not None
+        kid = jwt.get_unverified_header(token).get("kid")
+        cache = self._jwks.jwk_set_cache
+        found = cache.get() if cache is not None and kid else None
+        for key in found.keys if found is not None else []:
+            if key.key_id == kid and key.public_key_use in ("sig", None):
+                return key.key
+        return None
+
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         """The key and the algorithms it may check ``token`` with (never the token's say)."""
         if self._secret is not None:
@@ -252,7 +293,7 @@ class Verifier:
             if header.get("alg") not in self.auth.algorithms:
                 # Refused before any fetch: junk must not make us call the app's JWKS.
                 raise jwt.InvalidAlgorithmError("algorithm not allowed")
-            key = self._jwks.get_signing_key_from_jwt(token).key
+            key = self._jwks_key(token)
         else:
             key = self._key
         allowed = algorithms_for(key, self.auth.algorithms)
