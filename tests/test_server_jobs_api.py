@@ -203,7 +203,10 @@ def test_trigger_and_jobs_need_the_admin_role(api: Api) -> None:
         assert api.request(method, path, role="viewer").status_code == 403
         assert api.request(method, path, role=None).status_code == 401
     assert api.get(JOBS).json() == {"jobs": []}
-    assert api.audit() == []  # refused before the route: nothing started, nothing to audit
+    # Refused before the route: nothing started; the changing routes' refusals are audited.
+    assert [(e["action"], e["outcome"]) for e in api.audit()] == [
+        ("trigger", "refused: forbidden"), ("trigger", "refused: missing_token"),
+        ("cancel", "refused: forbidden"), ("cancel", "refused: missing_token")]
 
 
 def test_two_triggers_at_once_one_is_busy(api: Api, ws: Workspace) -> None:
@@ -338,7 +341,8 @@ def test_restore_refusals_start_no_job(api: Api) -> None:
     assert api.get(JOBS).json() == {"jobs": []}
     outcomes = [e["outcome"] for e in audited(api, "restore")]
     assert outcomes == ["refused: confirm_mismatch"] * 4 + ["refused: bad_backup_id"] * 2 \
-        + ["refused: backup_not_found"]  # bad_input is refused before the route runs
+        + ["refused: backup_not_found", "refused: bad_input", "refused: bad_input",
+           "refused: forbidden"]  # the last three refused before the route ran
 
 
 def test_restore_in_place_then_estimated_from_a_drill(api: Api, ws: Workspace) -> None:

@@ -1355,3 +1355,25 @@ def test_artifact_name_with_a_path_is_a_damaged_manifest(ws: Workspace) -> None:
     assert oks == {other: True, backup_id: False}
     shutil.rmtree(ws.state / "cache", ignore_errors=True)
     assert listed_by_id(ws)[backup_id]["status"] == "damaged"
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_a_file_the_listing_shows_gone_or_cut_is_damaged_before_any_verify(
+        ws: Workspace, how: str) -> None:
+    """Found by review: list, status and the API called a backup good while its target's
+    own listing showed its dump cut short (or gone); download already refused it."""
+    made = ws.run("backup", "--json")
+    assert made.returncode == 0, made.stderr
+    backup_id = json.loads(made.stdout)["id"]
+    [dump] = (ws.backups / backup_id).glob("database.*")
+    if how == "truncated":
+        dump.write_bytes(dump.read_bytes()[:100])
+    else:
+        dump.unlink()
+    [entry] = json.loads(ws.run("list", "--json").stdout)
+    assert entry["status"] == "damaged", entry
+    assert entry["damaged_targets"] and "seen in its listing" in json.dumps(entry)
+    status = ws.run("status", "--json")
+    assert status.returncode == 2, status.stdout  # CRITICAL: no good backup left
+    restore = ws.run("restore", "latest", "--yes", "--to-database", f"{ws.dbname}_r")
+    assert restore.returncode != 0  # latest passes over it: nothing good to restore

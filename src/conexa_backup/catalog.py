@@ -12,6 +12,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -283,12 +284,32 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
                 except ConexaError as exc:
                     copy.problem = str(exc)
                     log.warning("%s", exc)
+            if copy.manifest is not None and copy.damage is None:
+                copy.damage = listed_damage(copy.manifest, named, target.name)
             backups.setdefault(backup_id, Backup(backup_id)).copies.append(copy)
     if targets and len(failed) == len(targets):
         raise next(iter(failed.values()))
     if unreachable is not None:
         unreachable.update({name: str(exc) for name, exc in failed.items()})
     return [backups[k] for k in sorted(backups, key=id_sort_key)]
+
+
+def listed_damage(manifest: Manifest, named: dict[str, ObjectInfo],
+                  target: str) -> Damage | None:
+    """Damage the listing alone proves: a file the manifest names that is not stored, or is
+    stored with another size. Seen at every scan (nothing to record), so list, status,
+    prune, restore and download agree with what a verify would find, before one runs."""
+    for artifact in manifest.artifacts:
+        found = named.get(artifact.name)
+        if found is None:
+            why = f"{artifact.name} is missing"
+        elif found.size != artifact.size:
+            why = f"{artifact.name} has {found.size} bytes, the manifest says {artifact.size}"
+        else:
+            continue
+        return Damage(datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                      f"target {target!r}: {manifest.id}: {why} (seen in its listing)")
+    return None
 
 
 def _forget_gone(state_dir: Path, seen: Checks, target: str, listed: Iterable[str]) -> None:
