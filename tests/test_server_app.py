@@ -70,3 +70,19 @@ def test_a_backup_id_is_the_whole_value_or_refused(value: str) -> None:
         backup_id(value)
     assert (refused.value.status, refused.value.code) == (422, "bad_backup_id")
     assert backup_id("20261205T030000Z-2") == "20261205T030000Z-2"
+
+
+def test_insecure_no_auth_serves_loopback_names_only(ws: Workspace) -> None:
+    """No token is checked in this mode: a page whose DNS name was rebound to 127.0.0.1
+    must not reach the API (its requests name it in Host)."""
+    api = start_api(ws, auth="insecure_no_auth = true\n")
+    try:
+        assert api.get("/api/admin/backups", role=None).status_code == 200
+        assert api.get("/api/admin/backups", role=None,
+                       headers={"Host": "localhost"}).status_code == 200
+        rebound = api.get("/api/admin/backups", role=None,
+                          headers={"Host": "evil.example:8765"})
+        assert (rebound.status_code, rebound.json()["error"]) == (421, "bad_host")
+        assert "EVERY REQUEST IS TREATED AS AN ADMIN" in api.log_text()
+    finally:
+        api.stop()

@@ -269,7 +269,7 @@ def test_bad_ids_artifacts_and_unknown_backups(api: Api, ws: Workspace) -> None:
 def test_an_artifact_the_backup_does_not_have_is_a_404(ws: Workspace) -> None:
     port = free_port()
     ws.write_config(server_section(f"127.0.0.1:{port}"), uploads=False)
-    api = start_api(ws, write_config=False, port=port)
+    api = start_api(ws, write_config=False)  # serve --listen on a free port, retried
     try:
         bid = _backup(ws)
         answer = api.get(URL.format(bid) + "?artifact=uploads")

@@ -111,25 +111,30 @@ def trusting(cert: Path) -> ssl.SSLContext:
 
 def start_tls(ws: Workspace, cert: Path, key: Path, listen_host: str) -> tuple[Api, str]:
     """``serve --listen HOST:PORT`` with TLS configured; returns it and its https URL on
-    127.0.0.1 once ``/healthz`` answers there. (apikit's servers speak plain http.)"""
-    port = free_port()
-    tls = f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
-    ws.write_config(server_section(f"127.0.0.1:{port}", server=tls))
-    ws.config.chmod(0o600)
-    log = ws.root / f"serve-tls-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "conexa_backup", "--config", str(ws.config), "serve",
-             "--listen", f"{listen_host}:{port}"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    api = Api(ws, f"https://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{api.url}/healthz", verify=trusting(cert), timeout=2).is_success:
-                return api, api.url
-        time.sleep(0.05)
-    api.kill()
+    127.0.0.1 once ``/healthz`` answers there. (apikit's servers speak plain http.) Tries
+    another port if another process took the free one first."""
+    for _ in range(3):
+        port = free_port()
+        tls = f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+        ws.write_config(server_section(f"127.0.0.1:{port}", server=tls))
+        ws.config.chmod(0o600)
+        log = ws.root / f"serve-tls-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "conexa_backup", "--config", str(ws.config), "serve",
+                 "--listen", f"{listen_host}:{port}"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        api = Api(ws, f"https://127.0.0.1:{port}", proc, log)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{api.url}/healthz", verify=trusting(cert),
+                             timeout=2).is_success:
+                    return api, api.url
+            time.sleep(0.05)
+        api.kill()
+        if "address already in use" not in api.log_text():
+            break
     pytest.fail(f"serve with TLS did not start:\n{api.log_text()}")
 
 

@@ -143,7 +143,7 @@ def asymmetric_server(world: World, name: str, auth: str) -> Api:
                     f'algorithms = ["RS256"]\n{auth}admin_roles = ["admin"]\n'
                     f'read_roles = ["viewer"]\n')
     ws.config.chmod(0o600)
-    api = start_api(ws, write_config=False, port=port)
+    api = start_api(ws, write_config=False)  # serve --listen on a free port, retried
     world.servers[name] = api
     return api
 

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conexa_backup import __version__
+from conexa_backup.config.server import is_loopback
 from conexa_backup.errors import ConexaError
 from conexa_backup.logs import LOGGER
 from conexa_backup.server import api_delete, api_download, api_jobs, api_list
@@ -61,6 +62,34 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class LoopbackHostOnly:
+    """ASGI middleware for ``insecure_no_auth``: only requests naming a loopback host
+    (``Host: 127.0.0.1:PORT``, ``localhost``, ``[::1]``) are served. Without a token to
+    check, a web page could otherwise reach the API through a DNS name rebound to
+    127.0.0.1 (its requests carry that name in ``Host``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not is_loopback(_host(scope)):
+            answer = JSONResponse({"error": "bad_host", "message": "insecure_no_auth serves "
+                                   "loopback names only (Host: 127.0.0.1, localhost, [::1])"},
+                                  status_code=421)
+            await answer(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _host(scope: Scope) -> str:
+    """The host named by the request's ``Host`` header, without its port or brackets."""
+    raw: bytes = dict(scope.get("headers", [])).get(b"host", b"")
+    value = raw.decode("latin-1").strip()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
     answer = JSONResponse({"error": "body_too_large",
                            "message": f"the request body exceeds {MAX_BODY} bytes"},
@@ -82,6 +111,8 @@ def create_app(services: Services) -> FastAPI:
                            expose_headers=["Content-Disposition", "Content-Range",
                                            "Content-Length", "ETag", "Accept-Ranges"])
     app.add_middleware(AuditTrail, services=services)
+    if services.config.server is not None and services.config.server.auth.insecure_no_auth:
+        app.add_middleware(LoopbackHostOnly)
     app.add_middleware(BodyLimit)  # outermost of ours: nothing reads an oversized body
     _install_error_handlers(app)
     for module in (api_list, api_download, api_jobs, api_delete):
