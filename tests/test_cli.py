@@ -302,3 +302,13 @@ def test_serve_token_list_and_revoke(tmp_path: Path) -> None:
     assert find_machine_token(tmp_path / "state", token) is None
     assert cli("revoke", "backup-script").exit_code == 2
     assert json.loads(cli("list", "--json").stdout) == []
+
+
+def test_the_suite_installs_what_the_server_extra_installs() -> None:
+    """`pip install '.[server]'` is how the API is installed; the suite runs with the test
+    extra, so that one must hold every package (and floor) the server extra asks for."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text(
+        encoding="utf-8"))["project"]["optional-dependencies"]
+    assert set(extras["server"]) <= set(extras["test"])
