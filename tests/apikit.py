@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,16 @@ def stop_jobs(state_dir: Path) -> None:
             if job.get("state") in ("queued", "running") and job.get("pid"):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(int(job["pid"]), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running(api: Api) -> Iterator[Api]:
+    """``api`` for the block; then stopped (SIGTERM, else SIGKILL) and its jobs killed."""
+    try:
+        yield api
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            api.stop()
+        if api.proc.poll() is None:
+            api.kill()
+        stop_jobs(api.ws.state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import subprocess
@@ -79,6 +78,17 @@ class Workspace:
         )
 
 
+def module_workspace(root: Path, cluster: Cluster) -> Workspace:
+    """A workspace in ``root`` shared by a module's tests (a database of its own, 20 upload
+    files, a local target); the caller drops ``dbname`` at the end."""
+    dbname = fresh_db(cluster)
+    make_uploads_tree(root / "srv" / "uploads", files=20, seed=7)
+    ws = Workspace(root, cluster, dbname, root / "srv" / "uploads", root / "backups",
+                   root / "state", root / "backup.toml")
+    ws.write_config()
+    return ws
+
+
 @pytest.fixture
 def ws(tmp_path: Path, cluster: Cluster) -> Iterator[Workspace]:
     dbname = fresh_db(cluster)
@@ -124,14 +134,7 @@ def gcs_server() -> Iterator[GCSServer]:
 def api(ws: Workspace) -> Iterator[Any]:
     """``conexa-backup serve`` over ``ws`` (local target, real PostgreSQL), HS256 auth with
     roles ``admin`` (admin and restore) and ``viewer`` (read): see tests/apikit.py."""
-    from tests.apikit import start_api, stop_jobs
+    from tests.apikit import running, start_api
 
-    server = start_api(ws)
-    try:
+    with running(start_api(ws)) as server:
         yield server
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.stop()
-        if server.proc.poll() is None:
-            server.kill()
-        stop_jobs(ws.state)

@@ -341,6 +341,23 @@ with run_lock(Path(sys.argv[1]), "test holder"):
 """
 
 
+@contextlib.contextmanager
+def lock_held(state_dir: Path, script: str = HOLDER) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the run lock in ``state_dir``, as a CLI run would
+    (``script`` takes it, prints ``locked``, then waits)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(state_dir)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_lock_held_then_holder_killed(ws: Any) -> None:
     ws.state.mkdir(parents=True, exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ws.state)],

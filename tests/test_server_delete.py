@@ -4,15 +4,11 @@ the real PostgreSQL cluster, moto for Object Lock."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,7 +20,7 @@ from conexa_backup.server.tokens import create_machine_token
 from conexa_backup.testing.emulators import S3Server
 from tests.apikit import ADMIN_SUB, SECRET, Api, make_token, start_api
 from tests.conftest import Workspace
-from tests.test_failures import HOLDER, backup_ok, listed_by_id, target_entries
+from tests.test_failures import backup_ok, listed_by_id, lock_held, target_entries
 from tests.test_server_jobs import wait_done
 from tests.test_trust import locked_bucket as locked_bucket  # a fixture, used by name
 from tests.test_trust import s3_target_toml
@@ -164,24 +160,10 @@ def test_an_unknown_id_is_404(api: Api) -> None:
     assert api.audit()[-1]["outcome"] == "refused: backup_not_found"
 
 
-@contextlib.contextmanager
-def lock_held(ws: Workspace) -> Iterator[subprocess.Popen[str]]:
-    """A process holding the run lock, as a CLI run would (tests/test_failures.py HOLDER)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ws.state)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "locked"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def test_delete_while_a_cli_run_holds_the_lock_is_busy(ws: Workspace, api: Api) -> None:
     old, _ = two_backups(ws)
     before = target_entries(ws.backups)
-    with lock_held(ws) as holder:
+    with lock_held(ws.state) as holder:
         answer = delete(api, old)
         assert answer.status_code == 409, answer.text
         body = answer.json()

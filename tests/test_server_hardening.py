@@ -29,17 +29,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conexa_backup.testing.cluster import Cluster
-from conexa_backup.testing.sample import make_uploads_tree
 from tests.apikit import (
     START_TIMEOUT,
     Api,
     free_port,
     make_token,
+    running,
     server_section,
     start_api,
     stop_jobs,
 )
-from tests.conftest import Workspace, fresh_db
+from tests.conftest import Workspace, module_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "examples" / "conexa-backup-api.service"
@@ -49,15 +49,10 @@ APP = "https://conexa.example"
 @pytest.fixture(scope="module")
 def mws(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[Workspace]:
     """A workspace for the module's servers (one database, uploads, a local target)."""
-    root = tmp_path_factory.mktemp("hardening")
-    dbname = fresh_db(cluster)
-    make_uploads_tree(root / "srv" / "uploads", files=20, seed=7)
-    ws = Workspace(root, cluster, dbname, root / "srv" / "uploads", root / "backups",
-                   root / "state", root / "backup.toml")
-    ws.write_config()
+    ws = module_workspace(tmp_path_factory.mktemp("hardening"), cluster)
     yield ws
     stop_jobs(ws.state)
-    cluster.drop_database(dbname)
+    cluster.drop_database(ws.dbname)
 
 
 def sibling(ws: Workspace, name: str) -> Workspace:
@@ -65,17 +60,6 @@ def sibling(ws: Workspace, name: str) -> Workspace:
     other = dataclasses.replace(ws, root=ws.root / name, config=ws.root / name / "backup.toml")
     other.root.mkdir(exist_ok=True)
     return other
-
-
-@contextlib.contextmanager
-def running(api: Api) -> Iterator[Api]:
-    try:
-        yield api
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            api.stop()
-        if api.proc.poll() is None:
-            api.kill()
 
 
 # -- TLS ----------------------------------------------------------------------------------

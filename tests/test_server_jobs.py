@@ -21,11 +21,11 @@ from conexa_backup.server.jobs import JobStore, command
 from conexa_backup.testing.compare import table_row_counts
 from tests.conftest import Workspace
 from tests.test_failures import (
-    HOLDER,
     _q,
     complete_ids,
     configure,
     listed,
+    lock_held,
     make_bin_dir,
     temp_files,
     wait_for,
@@ -50,16 +50,8 @@ def group_gone(pgid: int) -> bool:
 @pytest.fixture
 def holder(ws: Workspace) -> Iterator[subprocess.Popen[str]]:
     """A process holding the run lock, as a CLI run would."""
-    ws.state.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(ws.state)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "locked"
+    with lock_held(ws.state) as proc:
         yield proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_backup_job_succeeds_and_is_listed(ws: Workspace) -> None:

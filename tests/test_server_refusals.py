@@ -29,9 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pytest_httpserver import HTTPServer
 
 from conexa_backup.testing.cluster import Cluster
-from conexa_backup.testing.sample import make_uploads_tree
 from tests.apikit import SECRET, Api, free_port, start_api, stop_jobs
-from tests.conftest import Workspace, fresh_db
+from tests.conftest import Workspace, module_workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 ISSUER, AUDIENCE = "conexa", "conexa-backup"
@@ -98,11 +97,8 @@ def cli(ws: Workspace, *args: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, cluster: Cluster) -> Iterator[World]:
     root = tmp_path_factory.mktemp("refusals")
-    dbname = fresh_db(cluster)
-    make_uploads_tree(root / "srv" / "uploads", files=20, seed=7)
-    base = Workspace(root, cluster, dbname, root / "srv" / "uploads", root / "backups",
-                     root / "state", root / "backup.toml")
-    base.write_config()
+    base = module_workspace(root, cluster)
+    dbname = base.dbname
     (root / "outside.txt").write_text(SENTINEL, encoding="utf-8")
     backup_id = cli(base, "backup").splitlines()[-1]
     # Machine tokens need [server]: the HS server's config (written by start_api) has it.

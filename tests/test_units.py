@@ -445,16 +445,10 @@ HOLDER = textwrap.dedent("""
 
 @pytest.fixture
 def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "locked"
+    from tests.test_failures import lock_held
+
+    with lock_held(tmp_path, HOLDER) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_lock_held_by_another_process(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
