@@ -849,13 +849,16 @@ def test_restore_falls_back_to_the_good_copy(ws: Any, tmp_path: Path, damage: st
     assert_ok(restored)
     assert db_dump(ws, target) == db_dump(ws, ws.dbname)
     assert tree_snapshot(dest) == tree_snapshot(ws.uploads)
-    # Passing over the damaged copy is said on stderr and in the restore event, not only logged.
-    why = f"used the copy on 'second' because target 'local': {backup_id}/{artifact.name}"
-    warnings = [line for line in restored.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and why in warnings[0], restored.stderr
     event = runs(ws.state)[-1]
     assert event["kind"] == "restore" and event["outcome"] == "success"
-    assert "fallback" in event["title"] and why in event["details"]["fallbacks"]
+    warnings = [line for line in restored.stderr.splitlines() if line.startswith("warning: ")]
+    if kind == "truncated":  # the listing shows the size wrong: known damaged, never read
+        assert warnings == [] and "fallback" not in event["title"], restored.stderr
+    else:
+        # Passing over the damaged copy is said on stderr and in the restore event.
+        why = f"used the copy on 'second' because target 'local': {backup_id}/{artifact.name}"
+        assert len(warnings) == 1 and why in warnings[0], restored.stderr
+        assert "fallback" in event["title"] and why in event["details"]["fallbacks"]
     bad = ws.run("verify", backup_id)
     assert bad.returncode == 1
     assert "local" in bad.stdout and artifact.name in bad.stdout
