@@ -315,9 +315,13 @@ def store(target: LocalTarget, key: str, data: bytes) -> None:
 
 def store_backup(target: LocalTarget, backup_id: str, kind: str = "scheduled",
                  manifest: bool = True) -> None:
-    store(target, f"{backup_id}/database.dump.zst", b"dump bytes")
+    """A backup's files as the manifest lists them (sizes right: the listing is checked),
+    then the manifest unless ``manifest`` is False (an incomplete copy)."""
+    made = make_manifest(backup_id, kind)
+    for artifact in made.artifacts:
+        store(target, f"{backup_id}/{artifact.name}", b"\0" * artifact.size)
     if manifest:
-        store(target, f"{backup_id}/{MANIFEST_NAME}", make_manifest(backup_id, kind).to_json())
+        store(target, f"{backup_id}/{MANIFEST_NAME}", made.to_json())
 
 
 @pytest.fixture
