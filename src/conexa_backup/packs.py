@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NamedTuple
 
+from conexa_backup import signals
 from conexa_backup.config import CompressionConfig
 from conexa_backup.crypto import Encryptor, decrypt_to
 from conexa_backup.errors import IntegrityError, UnusableCopyError
@@ -221,7 +222,10 @@ class PackWriter:
                  known: Callable[[str], bool] | None = None) -> None:
         """``scratch``: a private folder (``state_dir/staging``); ``recipients``: parsed age
         recipients (:func:`crypto.parse_recipients`); ``known(id)``: whether a blob is
-        already stored (the caller's index), then :meth:`add` skips it."""
+        already stored (the caller's index), then :meth:`add` skips it. The writer itself
+        remembers only the open pack's ids (memory flat in the number of files): for a blob
+        to be stored once per run, ``on_pack`` must add each closed pack's blobs to what
+        ``known`` consults."""
         self._scratch, self._on_pack, self._key = scratch, on_pack, key
         self._recipients = list(recipients)
         given = compression or CompressionConfig()
@@ -254,6 +258,10 @@ class PackWriter:
         return True
 
     def _start(self) -> _Open:
+        with signals.held():  # made whole, or not at all, before a signal is raised
+            return self._started()
+
+    def _started(self) -> _Open:
         path = self._scratch / scratch_name(f"pack-{secrets.token_hex(4)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         file = os.fdopen(fd, "wb")
@@ -336,14 +344,14 @@ class _Prefixed:
         return True
 
 
-def _decompress(src: IO[bytes], content: IO[bytes], name: str) -> None:
+def _decompress(src: IO[bytes], content: IO[bytes]) -> None:
     """zstd-decompress ``src`` into ``content``, refusing more than :data:`MAX_CONTENT`."""
     plain = decompressing_reader(src, "zstd")  # type: ignore[arg-type]
     total = 0
     while data := plain.read(CHUNK):
         total += len(data)
         if total > MAX_CONTENT:
-            raise IntegrityError(f"pack {name}: decompresses to more than {MAX_CONTENT} bytes")
+            raise IntegrityError(f"decompresses to more than {MAX_CONTENT} bytes")
         content.write(data)
 
 
@@ -362,7 +370,7 @@ def _unpack(name: str, stored: IO[bytes], content: IO[bytes], scratch: Path,
 
     if head != AGE_MAGIC:
         try:
-            _decompress(_Prefixed(head, reader), content, name)  # type: ignore[arg-type]
+            _decompress(_Prefixed(head, reader), content)  # type: ignore[arg-type]
         except IntegrityError as exc:
             named()
             raise IntegrityError(f"pack {name}: {exc}") from None
@@ -379,7 +387,10 @@ def _unpack(name: str, stored: IO[bytes], content: IO[bytes], scratch: Path,
             raise UnusableCopyError(f"pack {name}: {exc}") from None
         named()
         plain.seek(0)
-        _decompress(plain, content, name)
+        try:
+            _decompress(plain, content)
+        except IntegrityError as exc:  # authenticated by age: written so (a bomb, a bug)
+            raise IntegrityError(f"pack {name}: {exc}") from None
 
 
 def _parse_index(name: str, content: IO[bytes]) -> PackIndex:
