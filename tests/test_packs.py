@@ -90,7 +90,9 @@ def test_file_blobs_splits_large_files_into_fixed_pieces(tmp_path: Path) -> None
     assert seen == list(zip(got.blobs, pieces, strict=True))
     # A small file is one blob named by its SHA-256 (unkeyed); an empty file has none.
     assert file_blobs(io.BytesIO(b"abc")).blobs == [hashlib.sha256(b"abc").hexdigest()]
-    assert file_blobs(io.BytesIO(b"")).blobs == []
+    assert file_blobs(io.BytesIO(b"")) == packs.FileBlobs(0, hashlib.sha256().hexdigest(), [])
+    plain = file_blobs(io.BytesIO(content), piece_size=1000)
+    assert plain.sha256 == got.sha256 and plain.blobs == [blob_id(p) for p in pieces]
     assert packs.PIECE_SIZE <= packs.PACK_SIZE
 
 

@@ -112,12 +112,13 @@ class FileBlobs:
 def _read_piece(src: IO[bytes], size: int) -> bytes:
     """Up to ``size`` bytes; fewer only at the end (a short read is not the end)."""
     data = src.read(size)
-    while data and len(data) < size:
-        more = src.read(size - len(data))
-        if not more:
-            break
-        data += more
-    return data
+    if not data or len(data) == size:
+        return data
+    parts, got = [data], len(data)  # joined once: a pipe's 64 KiB reads stay linear
+    while got < size and (more := src.read(size - got)):
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def file_blobs(src: str | os.PathLike[str] | IO[bytes], key: bytes | None = None, *,
@@ -134,9 +135,15 @@ def file_blobs(src: str | os.PathLike[str] | IO[bytes], key: bytes | None = None
     whole = hashlib.sha256()
     size, ids = 0, []
     while piece := _read_piece(src, piece_size):
-        whole.update(piece)
+        if size == 0 and key is None:
+            # The first piece's id is the whole file's hash so far: one pass, not two (most
+            # files are one piece).
+            whole = hashlib.sha256(piece)
+            ids.append(whole.hexdigest())
+        else:
+            whole.update(piece)
+            ids.append(blob_id(piece, key))
         size += len(piece)
-        ids.append(blob_id(piece, key))
         if on_piece is not None:
             on_piece(ids[-1], piece)
     return FileBlobs(size, whole.hexdigest(), ids)
