@@ -263,6 +263,10 @@ class HashingReader:
     def readable(self) -> bool:
         return True
 
+    def hexdigest(self) -> str:
+        """SHA-256 hex of what was read so far."""
+        return self._hash.hexdigest()
+
     def drain(self) -> None:
         """Read to the end (so the hash covers the whole object)."""
         while self.read(CHUNK):
