@@ -812,3 +812,21 @@ def test_no_retention_table_keeps_everything() -> None:
     decisions = plan([Candidate(i, True) for i in YEAR_IDS], policy, NOW)
     assert all(d.keep for d in decisions)
     assert decisions[0].reason.endswith("no retention policy")
+
+
+def test_the_readmes_hourly_example_parses_to_what_it_says() -> None:
+    """README "Daily or hourly": the example's tables, completed with what its ``# ...`` leaves
+    out, are a valid config with the hours, days and max_backup_age the text promises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Daily or hourly", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    example = "\n".join(line[2:] for line in block.splitlines())  # indented in a list item
+    assert '# ...\n' in example
+    text = ("[database]\nurl = \"postgresql://x@h/db\"\n"
+            "[[targets]]\nname = \"local\"\ntype = \"local\"\npath = \"/b\"\n"
+            + example.replace("# ...\n", "type = \"s3\"\nbucket = \"conexa-backups\"\n"))
+    config = parse_config(text, Path("b.toml"), env={})
+    assert config.retention_for("local").policy() == Policy(keep_hourly=48, keep_daily=7)
+    assert config.retention_for("s3").policy() == \
+        Policy(keep_hourly=24, keep_daily=7, keep_weekly=4)
+    assert config.monitoring.max_backup_age == "2h"
