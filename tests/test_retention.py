@@ -673,6 +673,29 @@ def test_an_hourly_tier_is_sent_every_backup() -> None:
     assert Policy(keep_monthly=12).period_tier
 
 
+def test_an_hourly_schedule_still_sends_the_archive_tier_one_backup_a_month() -> None:
+    """README "Daily or hourly": 40 days of hourly backups. The monthly tier receives the first
+    backup of each UTC month and never deletes one; the hourly tier ends with 24 hours and 7
+    days."""
+    archive = RetentionConfig(keep_monthly=12, keep_yearly="all").policy()
+    hourly = RetentionConfig(keep_hourly=24, keep_daily=7).policy()
+    tiers: dict[Policy, list[Candidate]] = {archive: [], hourly: []}
+    start = utc(2026, 11, 20, 0)
+    for n in range(40 * 24):
+        new = Candidate(bid(start + n * HOUR), True)
+        for policy, tier in tiers.items():
+            if not policy.period_tier or would_retain(tier, new, policy):
+                tier.append(new)
+            decisions = plan(tier, policy, new.time + timedelta(minutes=5))
+            tier[:] = [b for b in tier if b.id in kept_ids(decisions)]
+            if policy is archive:
+                assert all(d.keep for d in decisions), [d.reason for d in decisions]
+    assert [b.id for b in tiers[archive]] == ["20261120T000000Z", "20261201T000000Z"]
+    hours = tiers[hourly]
+    assert len(hours) == 24 + 6  # the newest day's first backup is one of the 24 hours
+    assert {b.id for b in hours} >= {"20261223T000000Z", "20261228T000000Z"}
+
+
 def test_keep_hourly_in_a_targets_retention_table() -> None:
     text = BASE.replace("retention = { keep_daily = 7, keep_weekly = 4 }",
                         "retention = { keep_hourly = 48, keep_daily = 7, keep_weekly = 4 }")
