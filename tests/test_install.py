@@ -140,6 +140,35 @@ def cron_run(table: CronTable, command: str) -> subprocess.CompletedProcess[str]
                           timeout=240, check=False)
 
 
+def cron_hours(line: str) -> set[int]:
+    """The hours a job line runs at (its second field: ``*``, ``N``, ``A-B`` or a list)."""
+    field = line.split()[1]
+    if field == "*":
+        return set(range(24))
+    hours: set[int] = set()
+    for part in field.split(","):
+        first, _, last = part.partition("-")
+        hours |= set(range(int(first), int(last or first) + 1))
+    return hours
+
+
+def test_the_optional_hourly_backup_line_is_commented_out_and_fills_the_other_hours() -> None:
+    """Uncommented, the hourly line runs the same backup every hour but the daily one's, so
+    the two never start together (the second would find the lock held and exit 4)."""
+    text = (REPO / "crontab.example").read_text()
+    backup = re.compile(r"(\S+ ){5}\s*conexa-backup --quiet backup")
+    (hourly,) = [line for line in text.splitlines()
+                 if line.startswith("# ") and backup.fullmatch(line[2:])]
+    (daily,) = [line for line in text.splitlines() if backup.fullmatch(line)]
+    assert parse_crontab(text).jobs.count("conexa-backup --quiet backup") == 1
+    uncommented = parse_crontab(text.replace(hourly, hourly[2:]))
+    assert uncommented.jobs.count("conexa-backup --quiet backup") == 2
+    assert hourly[2:].split()[0] == daily.split()[0] == "0"  # on the hour: one backup an hour
+    assert cron_hours(hourly[2:]).isdisjoint(cron_hours(daily))
+    assert cron_hours(hourly[2:]) | cron_hours(daily) == set(range(24))
+    assert 'max_backup_age = "2h"' in text and "keep_hourly" in text
+
+
 # -- an SMTP server for the starter file's email notifier ----------------------------------------
 
 class Inbox:

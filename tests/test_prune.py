@@ -412,6 +412,49 @@ def test_a_monthly_archive_tier_gets_the_first_backup_of_the_month_only(
     assert {k.partition("/")[0] for k in keys(gcs)} == {both["id"]}
 
 
+def test_an_hourly_tier_is_sent_every_backup(ws: Workspace, gcs_server: GCSServer) -> None:
+    """keep_hourly keeps recent backups: a second backup of the hour goes there too (it is
+    that tier's newest), unlike on an archive tier of monthly backups."""
+    source = make_backup(ws)
+    hourly = _gcs_tier(_prefix()).replace("keep_monthly = 12",
+                                           "keep_hourly = 24, keep_monthly = 12")
+    assert "keep_hourly" in hourly
+    ws.write_config(hourly + "\n[retention]\nkeep_daily = 7\n")
+    seed(target_named(ws, "gcs"), ws.backups / source, source)  # this hour's first, on both
+    ctx = Context(config_of(ws))
+    targets = ctx.targets()
+    new = Candidate(datetime.now(UTC).strftime(FMT) + "-1", True)
+    assert _not_retained(ctx, targets, ctx.scan(targets), new) == {}
+
+
+def test_dry_run_says_which_hour_each_backup_represents(ws: Workspace) -> None:
+    with_retention(ws, "keep_hourly = 2\nkeep_daily = 2")
+    newest = make_backup(ws)
+    local = target_named(ws, "local")
+    half_past_ten = (midnight() - DAY + timedelta(hours=10, minutes=30)).strftime(FMT)
+    ids = {"h10": old_id(1, 10), "h10b": half_past_ten, "h11": old_id(1, 11),
+           "h12": old_id(1, 12), "d2": old_id(2), "d3": old_id(3)}
+    for backup_id in ids.values():
+        seed(local, ws.backups / newest, backup_id)
+
+    # Hours with a backup, newest first: now's, D-1T12, D-1T11, D-1T10: the newest two are
+    # kept. Days: today's and D-1's, whose first backup is the one at 10:00.
+    keep = {newest, ids["h12"], ids["h10"]}
+    plan = planned(prune_of(run_json(ws, "prune", "--dry-run"), "local"))
+    assert {i for i, d in plan.items() if d["keep"]} == keep
+    hour = lambda i: f"{i[:4]}-{i[4:6]}-{i[6:8]}T{i[9:11]}"  # noqa: E731
+    assert plan[ids["h12"]]["reason"] == f"kept: hourly {hour(ids['h12'])}"
+    assert plan[ids["h10"]]["reason"] == f"kept: daily {hour(ids['h10'])[:10]}"
+    assert plan[ids["h10b"]]["reason"] == "deleted: beyond keep_hourly, keep_daily"
+    assert plan[ids["h11"]]["reason"] == "deleted: beyond keep_hourly, keep_daily"
+    assert plan[newest]["reason"].startswith(
+        f"kept: hourly {hour(newest)}; daily {hour(newest)[:10]}; newest complete backup")
+
+    done = prune_of(run_json(ws, "prune"), "local")
+    assert set(done["deleted"]) == set(ids.values()) - keep and done["errors"] == []
+    assert {p.name for p in ws.backups.iterdir()} == keep
+
+
 def test_a_second_backup_the_same_day_is_not_sent_to_the_archive_tier(
         ws: Workspace, gcs_server: GCSServer) -> None:
     source = make_backup(ws)

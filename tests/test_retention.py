@@ -51,6 +51,8 @@ def utc(*args: int) -> datetime:
 
 def _period_key(rule: str, t: datetime) -> object:
     d = t.date()
+    if rule == "hourly":
+        return (d, t.hour)
     if rule == "daily":
         return d
     if rule == "weekly":
@@ -88,7 +90,7 @@ def brute_force(backups: Sequence[Candidate], policy: Policy, now: datetime,
     if policy.keep_within is not None:
         by_rules |= {b.id for b in complete if now - id_time(b.id) <= policy.keep_within}
     scheduled = [b for b in complete if b.kind != "safety"]
-    for rule in ("daily", "weekly", "monthly", "yearly"):
+    for rule in ("hourly", "daily", "weekly", "monthly", "yearly"):
         count = getattr(policy, f"keep_{rule}")
         if not count:
             continue
@@ -123,10 +125,14 @@ END = utc(2026, 12, 31, 23, 59, 59).replace(tzinfo=None)
 # Half the backups fall in two busy months, so that days, weeks and months hold several.
 BUSY_START = utc(2026, 10, 20).replace(tzinfo=None)
 BUSY_END = utc(2026, 12, 10).replace(tzinfo=None)
+# And some in two busy days, so that hours hold several too (an hourly schedule).
+BUSY_HOURS_START = utc(2026, 12, 4, 22).replace(tzinfo=None)
+BUSY_HOURS_END = utc(2026, 12, 6, 2).replace(tzinfo=None)
 
 times = st.one_of(
     st.datetimes(min_value=START, max_value=END),
     st.datetimes(min_value=BUSY_START, max_value=BUSY_END),
+    st.datetimes(min_value=BUSY_HOURS_START, max_value=BUSY_HOURS_END),
 ).map(lambda t: t.replace(microsecond=0, tzinfo=UTC))
 
 backup = st.tuples(
@@ -151,7 +157,8 @@ durations = st.one_of(
 policies = st.builds(
     Policy,
     keep_last=st.one_of(st.none(), st.integers(1, 10)),
-    keep_daily=counts, keep_weekly=counts, keep_monthly=counts, keep_yearly=counts,
+    keep_hourly=counts, keep_daily=counts, keep_weekly=counts, keep_monthly=counts,
+    keep_yearly=counts,
     keep_within=durations,
     min_keep=st.integers(0, 5),
     safety_keep_within=st.sampled_from([timedelta(days=7), timedelta(hours=1),
@@ -576,15 +583,140 @@ def test_daily_tier_receives_every_day_but_not_a_second_backup_the_same_day() ->
     assert would_retain(tier, Candidate("20261130T120000Z", True), Policy())
 
 
+# -- the hourly tier ----------------------------------------------------------------------------
+
+HOUR = timedelta(hours=1)
+# Two days and a bit of hourly backups on the hour (00:00 included: the daily cron line).
+HOURS = [utc(2026, 12, 4, 0) + n * HOUR for n in range(2 * 24 + 15)]  # to Dec 6 14:00
+HOUR_IDS = [bid(t) for t in HOURS]
+HOUR_NOW = utc(2026, 12, 6, 14, 30)
+
+
+def test_hour_keys_are_utc_date_and_hour() -> None:
+    hour = PERIODS["hourly"]
+    assert hour(utc(2026, 12, 5, 14)) == "2026-12-05T14"
+    assert hour(utc(2026, 12, 5, 14, 59, 59)) == "2026-12-05T14"
+    assert hour(utc(2026, 12, 5, 15)) == "2026-12-05T15"
+    assert hour(utc(2026, 12, 31, 23, 30)) == "2026-12-31T23"
+    assert hour(utc(2027, 1, 1, 0, 0, 1)) == "2027-01-01T00"
+    # Keys sort as their hours do: the planner takes the newest N by sorting them.
+    keys = [hour(t) for t in HOURS]
+    assert keys == sorted(keys) and len(set(keys)) == len(HOURS)
+
+
+def test_hourly_tier_keeps_the_newest_hours_and_the_days() -> None:
+    decisions = {d.id: d for d in plan([Candidate(i, True) for i in HOUR_IDS],
+                                       RetentionConfig(keep_hourly=24, keep_daily=7).policy(),
+                                       HOUR_NOW)}
+    newest_24 = set(HOUR_IDS[-24:])  # Dec 5 15:00 to Dec 6 14:00
+    midnights = {"20261204T000000Z", "20261205T000000Z", "20261206T000000Z"}
+    assert {i for i, d in decisions.items() if d.keep} == newest_24 | midnights
+    assert decisions["20261205T150000Z"].reason == "kept: hourly 2026-12-05T15"
+    assert decisions["20261205T140000Z"].reason == "deleted: beyond keep_hourly, keep_daily"
+    # The backup at 00:00 is the first of its hour and of its day: it represents both.
+    assert decisions["20261206T000000Z"].reason == "kept: hourly 2026-12-06T00; daily 2026-12-06"
+    assert decisions["20261205T000000Z"].reason == "kept: daily 2026-12-05"
+    assert decisions["20261206T140000Z"].reason == \
+        "kept: hourly 2026-12-06T14; newest complete backup; min_keep 1"
+
+
+def test_the_oldest_backup_of_the_hour_represents_it_for_good() -> None:
+    """A manual backup at 14:40 does not displace the scheduled one at 14:00, and neither does
+    the next one: the hour's backup never changes once taken."""
+    first = Candidate("20261205T140000Z", True)
+    manual = Candidate("20261205T144000Z", True)
+    policy = Policy(keep_hourly=24, min_keep=0)
+    decisions = {d.id: d for d in plan([first, manual], policy, utc(2026, 12, 5, 14, 50))}
+    assert decisions[first.id].reason == "kept: hourly 2026-12-05T14"
+    assert decisions[manual.id].reason == "kept: newest complete backup"
+    later = Candidate("20261205T150000Z", True)
+    decisions = {d.id: d for d in plan([first, manual, later], policy, utc(2026, 12, 5, 15, 5))}
+    assert decisions[first.id].keep and not decisions[manual.id].keep
+    assert decisions[manual.id].reason == "deleted: beyond keep_hourly"
+    assert not would_retain([first], manual, policy)
+    assert would_retain([first, manual], later, policy)
+
+
+def test_keep_hourly_counts_the_hours_that_have_a_backup() -> None:
+    """Backups stopped for a day (a host down): keep_hourly = 3 still keeps three hours, the
+    last three that had one, not the three hours before now."""
+    ids = ["20261205T080000Z", "20261205T090000Z", "20261205T100000Z", "20261205T110000Z"]
+    for now in (utc(2026, 12, 5, 11, 30), utc(2026, 12, 6, 11, 30), utc(2027, 12, 6)):
+        decisions = plan([Candidate(i, True) for i in ids], Policy(keep_hourly=3, min_keep=0),
+                         now)
+        assert kept_ids(decisions) == set(ids[1:]), now
+    every = plan([Candidate(i, True) for i in ids], RetentionConfig(keep_hourly="all").policy(),
+                 utc(2027, 12, 6))
+    assert kept_ids(every) == set(ids)
+
+
+def test_a_damaged_hour_is_represented_by_its_good_backup() -> None:
+    damaged = Candidate("20261205T140000Z", True, damaged=True)
+    good = Candidate("20261205T142000Z", True)
+    alone = Candidate("20261205T150000Z", True, damaged=True)
+    newest = Candidate("20261205T160000Z", True)
+    decisions = {d.id: d for d in plan([damaged, good, alone, newest],
+                                       Policy(keep_hourly=24, min_keep=0),
+                                       utc(2026, 12, 5, 16, 10))}
+    assert decisions[good.id].reason == "kept: hourly 2026-12-05T14"
+    assert not decisions[damaged.id].keep
+    assert decisions[alone.id].reason == \
+        "kept: hourly 2026-12-05T15 (damaged, no good backup that period)"
+
+
+def test_an_hourly_tier_is_sent_every_backup() -> None:
+    """Like a daily tier, an hourly one keeps recent backups: it is not an archive tier that
+    gets only the first backup of each period."""
+    assert not Policy(keep_hourly=24).period_tier
+    assert not Policy(keep_hourly=24, keep_monthly=12).period_tier
+    assert Policy(keep_hourly=0, keep_monthly=12).period_tier
+    assert Policy(keep_monthly=12).period_tier
+
+
+def test_an_hourly_schedule_still_sends_the_archive_tier_one_backup_a_month() -> None:
+    """README "Daily or hourly": 40 days of hourly backups. The monthly tier receives the first
+    backup of each UTC month and never deletes one; the hourly tier ends with 24 hours and 7
+    days."""
+    archive = RetentionConfig(keep_monthly=12, keep_yearly="all").policy()
+    hourly = RetentionConfig(keep_hourly=24, keep_daily=7).policy()
+    tiers: dict[Policy, list[Candidate]] = {archive: [], hourly: []}
+    start = utc(2026, 11, 20, 0)
+    for n in range(40 * 24):
+        new = Candidate(bid(start + n * HOUR), True)
+        for policy, tier in tiers.items():
+            if not policy.period_tier or would_retain(tier, new, policy):
+                tier.append(new)
+            decisions = plan(tier, policy, new.time + timedelta(minutes=5))
+            tier[:] = [b for b in tier if b.id in kept_ids(decisions)]
+            if policy is archive:
+                assert all(d.keep for d in decisions), [d.reason for d in decisions]
+    assert [b.id for b in tiers[archive]] == ["20261120T000000Z", "20261201T000000Z"]
+    hours = tiers[hourly]
+    assert len(hours) == 24 + 6  # the newest day's first backup is one of the 24 hours
+    assert {b.id for b in hours} >= {"20261223T000000Z", "20261228T000000Z"}
+
+
+def test_keep_hourly_in_a_targets_retention_table() -> None:
+    text = BASE.replace("retention = { keep_daily = 7, keep_weekly = 4 }",
+                        "retention = { keep_hourly = 48, keep_daily = 7, keep_weekly = 4 }")
+    config = parse_config(text, Path("b.toml"), env={})
+    assert config.retention_for("s3").policy() == \
+        Policy(keep_hourly=48, keep_daily=7, keep_weekly=4)
+    assert config.retention_for("local").policy().keep_hourly is None
+    hourly_all = parse_config(BASE.replace("keep_daily = 7\n", "keep_hourly = \"all\"\n", 1),
+                              Path("b.toml"), env={})
+    assert hourly_all.retention_for("local").policy() == Policy(keep_hourly=-1)
+
+
 # -- RetentionConfig ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["all", -1, -2, -100])
 def test_all_and_negative_counts_mean_every_period(value: object) -> None:
-    config = RetentionConfig(keep_daily=value, keep_weekly=value, keep_monthly=value,
-                             keep_yearly=value)
+    config = RetentionConfig(keep_hourly=value, keep_daily=value, keep_weekly=value,
+                             keep_monthly=value, keep_yearly=value)
     policy = config.policy()
-    assert (policy.keep_daily, policy.keep_weekly, policy.keep_monthly, policy.keep_yearly) \
-        == (-1, -1, -1, -1)
+    assert (policy.keep_hourly, policy.keep_daily, policy.keep_weekly, policy.keep_monthly,
+            policy.keep_yearly) == (-1, -1, -1, -1, -1)
 
 
 @pytest.mark.parametrize("value", ["-3", -3.0])
@@ -637,12 +769,13 @@ def test_keep_within_in_minutes_is_explained_in_minutes() -> None:
 
 def test_other_invalid_retention_values() -> None:
     for bad in ({"keep_last": 0}, {"min_keep": -1}, {"keep_daily": "some"},
-                {"keep_weekly": 3, "keep_hourly": 2}):
+                {"keep_hourly": "some"}, {"keep_weekly": 3, "keep_minutely": 2}):
         with pytest.raises(ValidationError):
             RetentionConfig(**bad)  # type: ignore[arg-type]
     assert RetentionConfig().policy().empty
     assert RetentionConfig(min_keep=3).policy().empty
     assert not RetentionConfig(keep_daily=0).policy().empty
+    assert not RetentionConfig(keep_hourly=24).policy().empty
 
 
 BASE = """\
@@ -702,3 +835,21 @@ def test_no_retention_table_keeps_everything() -> None:
     decisions = plan([Candidate(i, True) for i in YEAR_IDS], policy, NOW)
     assert all(d.keep for d in decisions)
     assert decisions[0].reason.endswith("no retention policy")
+
+
+def test_the_readmes_hourly_example_parses_to_what_it_says() -> None:
+    """README "Daily or hourly": the example's tables, completed with what its ``# ...`` leaves
+    out, are a valid config with the hours, days and max_backup_age the text promises."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Daily or hourly", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    example = "\n".join(line[2:] for line in block.splitlines())  # indented in a list item
+    assert '# ...\n' in example
+    text = ("[database]\nurl = \"postgresql://x@h/db\"\n"
+            "[[targets]]\nname = \"local\"\ntype = \"local\"\npath = \"/b\"\n"
+            + example.replace("# ...\n", "type = \"s3\"\nbucket = \"conexa-backups\"\n"))
+    config = parse_config(text, Path("b.toml"), env={})
+    assert config.retention_for("local").policy() == Policy(keep_hourly=48, keep_daily=7)
+    assert config.retention_for("s3").policy() == \
+        Policy(keep_hourly=24, keep_daily=7, keep_weekly=4)
+    assert config.monitoring.max_backup_age == "2h"

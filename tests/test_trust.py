@@ -638,7 +638,8 @@ def test_locked_version_cannot_be_deleted_but_prune_hides_it(
     "retention = { keep_yearly = \"all\" }\n",
     "retention = { keep_daily = -1 }\n",
     "retention = {}\n",
-], ids=["no days", "yearly all", "daily all", "empty retention"])
+    "retention = { keep_hourly = \"all\", keep_daily = 7 }\n",
+], ids=["no days", "yearly all", "daily all", "empty retention", "hourly all"])
 def test_object_lock_without_a_period_is_a_config_error(
         ws: Workspace, s3_server: S3Server, locked_bucket: str, extra: str) -> None:
     # A top-level [retention] is not the target's own: it does not set the lock period.
@@ -660,6 +661,9 @@ def test_object_lock_without_a_period_is_a_config_error(
     ("{ keep_daily = 7, keep_within = \"45d\" }", 45),
     ("{ keep_within = \"36h\" }", 1),
     ("{ keep_last = 3, keep_weekly = 2 }", 14),
+    ("{ keep_hourly = 48 }", 2),
+    ("{ keep_hourly = 30 }", 2),  # 30 hours reach into a second day: locked two
+    ("{ keep_hourly = 24, keep_daily = 7 }", 7),
 ])
 def test_lock_days_derived_from_the_target_retention(retention: str, days: int) -> None:
     text = ('state_dir = "/nonexistent/state"\n[database]\nurl = "postgresql://u@h/db"\n'
@@ -957,8 +961,8 @@ SECTION_KEYS = {
     "database": ["url", "password_file", "jobs", "globals", "maintenance_database", "bin_dir"],
     "uploads": ["path"],
     "compression": ["algorithm", "level", "threads"],
-    "retention": ["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
-                  "keep_within", "min_keep", "prune_after_backup"],
+    "retention": ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly",
+                  "keep_yearly", "keep_within", "min_keep", "prune_after_backup"],
     "drill": ["database_url", "password_file", "checks", "rto_objective", "uploads_sample"],
     "monitoring": ["max_backup_age", "max_drill_age", "metrics_file", "currency"],
     "encryption": ["recipients", "identity_file", "identity"],

@@ -4,7 +4,8 @@ No I/O here: the caller lists the target, calls :func:`plan`, and deletes what i
 
 Definitions (UTC throughout, from the backup id's timestamp):
 
-- A backup's *day* is its UTC date; its *week* the ISO 8601 week (``2026-W48``: Monday to
+- A backup's *hour* is its UTC date and hour (``2026-12-05T14``: 14:00:00 to 14:59:59); its
+  *day* its UTC date; its *week* the ISO 8601 week (``2026-W48``: Monday to
   Sunday, and the ISO week-numbering year, so 2027-01-01 may belong to ``2026-W53``); its
   *month* ``2026-11``; its *year* ``2026``.
 - A period is *represented* by its **oldest** complete scheduled backup. The first backup of a
@@ -17,8 +18,9 @@ Definitions (UTC throughout, from the backup id's timestamp):
   has no good one; likewise ``keep_last`` and ``min_keep`` count
   good backups first and fall back to damaged ones only when there are too few good ones.
 - ``keep_daily = N`` keeps the representatives of the newest N days *that have a backup*
-  (likewise weeks, months, years), so when backups stop, retention never runs out of days and
-  deletes the last good ones. ``-1`` keeps every period.
+  (likewise hours, weeks, months, years), so when backups stop, retention never runs out of
+  days and deletes the last good ones. ``-1`` keeps every period. An hourly backup at 00:00
+  is the first of its hour and of its day: it represents both.
 - ``keep_last = N``: the N newest complete backups. ``keep_within``: every complete backup
   younger than the duration. ``min_keep``: the newest ``min_keep`` complete backups, always.
 - Always kept, whatever the policy: the newest complete backup, the newest good one, any
@@ -47,6 +49,7 @@ ALL = -1
 @dataclass(frozen=True)
 class Policy:
     keep_last: int | None = None
+    keep_hourly: int | None = None
     keep_daily: int | None = None
     keep_weekly: int | None = None
     keep_monthly: int | None = None
@@ -57,14 +60,17 @@ class Policy:
 
     @property
     def period_tier(self) -> bool:
-        """Only weekly/monthly/yearly rules: an archive tier that wants one backup a period."""
+        """Only weekly/monthly/yearly rules: an archive tier that wants one backup a period.
+
+        A tier with hourly or daily rules keeps recent backups: it is sent every one."""
         return (not self.empty and self.keep_last is None and self.keep_within is None
-                and self.keep_daily in (None, 0))
+                and self.keep_hourly in (None, 0) and self.keep_daily in (None, 0))
 
     @property
     def empty(self) -> bool:
-        return all(v is None for v in (self.keep_last, self.keep_daily, self.keep_weekly,
-                                       self.keep_monthly, self.keep_yearly, self.keep_within))
+        return all(v is None for v in (self.keep_last, self.keep_hourly, self.keep_daily,
+                                       self.keep_weekly, self.keep_monthly, self.keep_yearly,
+                                       self.keep_within))
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,9 @@ def id_time(backup_id: str) -> datetime:
     return datetime.strptime(backup_id.split("-")[0], ID_FORMAT).replace(tzinfo=UTC)
 
 
+# Each key sorts as its period does (string order is time order), newest last.
 PERIODS: dict[str, Callable[[datetime], str]] = {
+    "hourly": lambda t: t.strftime("%Y-%m-%dT%H"),
     "daily": lambda t: t.strftime("%Y-%m-%d"),
     "weekly": lambda t: f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}",
     "monthly": lambda t: t.strftime("%Y-%m"),
@@ -107,7 +115,8 @@ PERIODS: dict[str, Callable[[datetime], str]] = {
 
 
 def _period_keeps(backups: Sequence[Candidate], rule: str, count: int | None) -> dict[str, str]:
-    """id -> "daily 2026-11-29" for the representatives kept by one period rule."""
+    """id -> "daily 2026-11-29" (or "hourly 2026-11-29T14") for the representatives kept by
+    one period rule."""
     if count is None or count == 0:
         return {}
     key_of = PERIODS[rule]
@@ -251,6 +260,7 @@ class RetentionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     keep_last: int | None = Field(default=None, ge=1)
+    keep_hourly: Count = None
     keep_daily: Count = None
     keep_weekly: Count = None
     keep_monthly: Count = None
@@ -262,7 +272,8 @@ class RetentionConfig(BaseModel):
     # only copy of the state a restore replaced, so they stay this long whatever the rules say.
     safety_keep_within: str = "7d"
 
-    @field_validator("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", mode="before")
+    @field_validator("keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                     mode="before")
     @classmethod
     def _all(cls, value: object) -> object:
         if value == "all" or (isinstance(value, int) and not isinstance(value, bool)
@@ -270,7 +281,8 @@ class RetentionConfig(BaseModel):
             return ALL
         return value
 
-    @field_validator("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", mode="after")
+    @field_validator("keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+                     mode="after")
     @classmethod
     def _negative_is_all(cls, value: int | None) -> int | None:
         # "-3" from a ${VAR}, or -3.0: every negative means "keep every period".
@@ -285,7 +297,7 @@ class RetentionConfig(BaseModel):
 
     def policy(self) -> Policy:
         return Policy(
-            keep_last=self.keep_last, keep_daily=self.keep_daily,
+            keep_last=self.keep_last, keep_hourly=self.keep_hourly, keep_daily=self.keep_daily,
             keep_weekly=self.keep_weekly, keep_monthly=self.keep_monthly,
             keep_yearly=self.keep_yearly,
             keep_within=parse_duration(self.keep_within) if self.keep_within else None,

@@ -522,10 +522,10 @@ def _not_retained(ctx: Context, targets: Sequence[Target], existing: Sequence[Ba
                   new: Candidate) -> dict[str, str]:
     """Archive tiers whose retention would not keep ``new``: it is not uploaded there.
 
-    Only pure period tiers (weekly/monthly/yearly rules, no keep_last, keep_within or
-    keep_daily) are skipped: a tier that keeps recent backups keeps this one too, at least as
-    its newest. If every target would be skipped, the first one still gets it: a run never
-    stores nothing.
+    Only pure period tiers (weekly/monthly/yearly rules, no keep_last, keep_within,
+    keep_hourly or keep_daily) are skipped: a tier that keeps recent backups keeps this one
+    too, at least as its newest. If every target would be skipped, the first one still gets
+    it: a run never stores nothing.
     """
     skipped = {}
     for target in targets:

@@ -75,18 +75,18 @@ class S3TargetConfig(TargetConfig):
 
     def lock_days(self) -> int | None:
         """Days to lock each object: ``object_lock_days``, else as long as this target's own
-        retention could keep a backup (daily N: N days, weekly N: 7N, monthly N: 31N, yearly
-        N: 366N, keep_within)."""
+        retention could keep a backup (hourly N: N hours, rounded up to whole days; daily N:
+        N days, weekly N: 7N, monthly N: 31N, yearly N: 366N, keep_within)."""
         if self.object_lock_days is not None:
             return self.object_lock_days
         r = self.retention
         if r is None:
             return None
-        counts = [(r.keep_daily, 1), (r.keep_weekly, 7), (r.keep_monthly, 31),
-                  (r.keep_yearly, 366)]
-        if any(c is not None and c < 0 for c, _ in counts):
+        hours = [(r.keep_hourly, 1), (r.keep_daily, 24), (r.keep_weekly, 7 * 24),
+                 (r.keep_monthly, 31 * 24), (r.keep_yearly, 366 * 24)]
+        if any(c is not None and c < 0 for c, _ in hours):
             return None  # "keep all": no finite lock to derive
-        days = [c * d for c, d in counts if c]
+        days = [-(-c * h // 24) for c, h in hours if c]  # ceil: never shorter than kept
         if r.keep_within:
             days.append(max(1, parse_duration(r.keep_within).days))
         return max(days) if days else None
