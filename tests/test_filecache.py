@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conexa_backup import filecache
 from conexa_backup.filecache import (
     FOLDER,
     Entry,
@@ -198,8 +200,9 @@ def test_corrupt_cache_is_moved_aside_and_rebuilt(
         assert cache.lookup("dir/file00001", st) is not None
 
 
+@pytest.mark.parametrize("found_by", ["lookup", "finish"])
 def test_corruption_found_mid_run_rebuilds_and_the_run_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, found_by: str
 ) -> None:
     st = fake_stat(1, 1, 1, 1)
     with open_cache(tmp_path) as cache:
@@ -210,13 +213,34 @@ def test_corruption_found_mid_run_rebuilds_and_the_run_goes_on(
             fh.seek(8192)
             fh.write(random.Random(1).randbytes(65536))
         cache._conn.execute("PRAGMA shrink_memory")  # so the next read goes to the file
-        assert cache.lookup("dir/file01500", st) is None
-        assert "moved aside" in caplog.text
-        cache.record("dir/file01500", st, BLOBS, SHA)
-        assert cache.lookup("dir/file01500", st) is not None
+        if found_by == "lookup":
+            assert cache.lookup("dir/file01500", st) is None
+            assert "moved aside" in caplog.text
+            cache.record("dir/file01500", st, BLOBS, SHA)
+            assert cache.lookup("dir/file01500", st) is not None
         assert cache.finish() == 0
+        assert "moved aside" in caplog.text
     with open_cache(tmp_path) as cache:
-        assert len(cache) == 1
+        assert len(cache) == (1 if found_by == "lookup" else 0)
+
+
+def test_a_cache_locked_by_another_run_is_not_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = fake_stat(1, 1, 1, 1)
+    with open_cache(tmp_path) as cache:
+        cache.record("a", st, BLOBS, SHA)
+    monkeypatch.setattr(filecache, "BUSY_TIMEOUT_MS", 50)
+    other = sqlite3.connect(cache_path(tmp_path, ROOT, FP), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another run writing
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            open_cache(tmp_path)
+    finally:
+        other.close()
+    assert not list((tmp_path / FOLDER).glob("*.corrupt-*"))
+    with open_cache(tmp_path) as cache:
+        assert cache.lookup("a", st) is not None
 
 
 CHILD = textwrap.dedent(

@@ -55,6 +55,7 @@ log = logging.getLogger(LOGGER)
 FOLDER: Final = "filecache"
 DEFAULT_BATCH: Final = 2000
 DEFAULT_REHASH_SHARE: Final = 0.01
+BUSY_TIMEOUT_MS = 5000  # how long an open waits for another run's write lock
 _SLOTS: Final = 1 << 32  # the rehash wheel's size: shares are rounded to 1/2**32
 _HEX = re.compile(r"[0-9a-f]+")
 _SCHEMA = """
@@ -123,6 +124,12 @@ def rehash_chosen(salt: bytes, run: int, rel_path: str, share: float) -> bool:
     return (place - run * step) % _SLOTS < step
 
 
+def _busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite waiting for a lock (not a sign of a broken file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
 def _encode(rel_path: str) -> bytes:
     # os.fsdecode gives undecodable names as surrogates: keep their bytes as they are
     return rel_path.encode("utf-8", "surrogateescape")
@@ -150,6 +157,8 @@ class FileCache:
 
         Raises:
             ValueError: ``rehash_share`` outside [0, 1] or ``batch`` < 1.
+            sqlite3.OperationalError: another process holds the cache's write lock for
+                longer than ``BUSY_TIMEOUT_MS`` (the file is left alone).
             OSError, sqlite3.Error: the cache cannot be created even empty.
         """
         if not 0.0 <= rehash_share <= 1.0:
@@ -166,6 +175,9 @@ class FileCache:
         try:
             self._start()
         except (sqlite3.Error, OSError, ValueError) as exc:
+            if _busy(exc):  # another run holds it: theirs to use, not ours to move aside
+                self.close()
+                raise
             self._discard(exc)
             self._start()
         self.salt = seed if seed is not None else self._salt
@@ -214,7 +226,7 @@ class FileCache:
         self.path.chmod(0o600)  # SQLite gives its -wal and -shm files the database's mode
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db = db
-        db.execute("PRAGMA busy_timeout = 5000")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash loses commits, never the file
         db.execute("PRAGMA cache_size = -8000")  # 8 MB of pages, whatever the table's size
@@ -342,13 +354,20 @@ class FileCache:
 
     def finish(self) -> int:
         """End a complete run: drop every entry this run did not see (deleted or moved files),
-        commit, and return how many were dropped.
+        commit, and return how many were dropped. A corrupt file found now is moved aside
+        (0 dropped); ``sqlite3.OperationalError`` (disk full…) is raised.
 
         Call it only after the whole tree was walked: a run that stopped early must just
         :meth:`close`, or the files it did not reach would lose their entries.
         """
+        try:
+            dropped = self._conn.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)  # the new cache is empty: nothing to drop
+            return 0
         db = self._conn
-        dropped = db.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
         db.execute("COMMIT")
         self._pending = 0
         db.execute("BEGIN")
