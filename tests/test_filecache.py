@@ -148,14 +148,14 @@ def test_other_key_or_root_sees_nothing(tmp_path: Path) -> None:
     with FileCache.open(tmp_path, ROOT, FP) as cache:
         cache.record("a", st, BLOBS, SHA)
     other_key = key_fingerprint(b"j" * 32)
-    assert other_key != FP
-    for root, fp in ((ROOT, other_key), (Path("/srv/other"), FP)):
+    assert len({other_key, FP, key_fingerprint(None)}) == 3
+    for root, fp in ((ROOT, other_key), (ROOT, key_fingerprint(None)), (Path("/srv/other"), FP)):
         with FileCache.open(tmp_path, root, fp) as cache:
             assert cache.lookup("a", st) is None
             assert len(cache) == 0
     with FileCache.open(tmp_path, ROOT, FP) as cache:
         assert cache.lookup("a", st) is not None
-    assert len(list((tmp_path / FOLDER).glob("*.sqlite"))) == 3
+    assert len(list((tmp_path / FOLDER).glob("*.sqlite"))) == 4
 
 
 def test_cache_file_is_0600_in_a_0700_folder(tmp_path: Path) -> None:

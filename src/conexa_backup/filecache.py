@@ -85,11 +85,14 @@ class Entry:
     sha256: str
 
 
-def key_fingerprint(key: bytes) -> str:
-    """A name for a dedup key that reveals nothing about it (HMAC of a constant under the key).
+def key_fingerprint(key: bytes | None) -> str:
+    """A name for a dedup key that reveals nothing about it (HMAC of a constant under the key);
+    ``"unkeyed"`` for None (blob ids are plain SHA-256, without encryption).
 
     Two caches made under different keys get different fingerprints, hence different files.
     """
+    if key is None:
+        return "unkeyed"
     return hmac.new(key, b"conexa-backup filecache v1", hashlib.sha256).hexdigest()
 
 
