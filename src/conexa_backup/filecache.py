@@ -1,0 +1,407 @@
+"""The file cache: skip reading uploads that have not changed since the last backup (issue 15).
+
+One SQLite file in ``state_dir/filecache/`` per uploads root and per dedup-key fingerprint (a
+changed key or root never reuses ids computed under another), 0600 in a 0700 folder. It maps a
+file's path, relative to the uploads root, to what the file was when last read (size,
+``mtime_ns``, ``ctime_ns``, inode) and to what the backup computed then: its blob ids (opaque
+lowercase hex strings, defined by the packs code) and the whole file's SHA-256.
+
+A run::
+
+    with FileCache.open(state_dir, root, fingerprint) as cache:
+        for rel, st in walk(root):
+            entry = cache.reuse(rel, st)          # lookup + rehash share
+            if entry is None:
+                blobs, sha = read_and_hash(rel)
+                cache.record(rel, st, blobs, sha)
+        cache.finish()                            # only after a complete walk
+
+The cache says only what a file's bytes hashed to, never that a blob is stored anywhere: which
+blobs a target holds is the pack index's question. Every run marks the paths it looks up or
+records with its run number, in the database, so :meth:`FileCache.finish` drops the entries of
+deleted files in one ``DELETE`` without a set of paths in Python (memory stays flat in the
+number of files). Writes are committed every ``batch`` statements: a killed run loses at most
+one batch and never leaves a torn file (SQLite's WAL). A cache that cannot be opened or is
+found corrupt is moved aside (``*.corrupt-<time>``) and rebuilt empty, with a warning: it is
+only a cache.
+
+A small share of cached files is read again each run (:meth:`FileCache.should_rehash`, see
+:func:`rehash_chosen`) so a file changed with its mtime put back cannot hide behind the cache
+forever; ``rehash_all`` (``--rehash``) reads them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from conexa_backup.logs import LOGGER
+from conexa_backup.state import private_dir
+
+log = logging.getLogger(LOGGER)
+
+FOLDER: Final = "filecache"
+DEFAULT_BATCH: Final = 2000
+DEFAULT_REHASH_SHARE: Final = 0.01
+BUSY_TIMEOUT_MS = 5000  # how long an open waits for another run's write lock
+_SLOTS: Final = 1 << 32  # the rehash wheel's size: shares are rounded to 1/2**32
+_HEX = re.compile(r"[0-9a-f]+")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    path BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    blobs TEXT NOT NULL,
+    seen INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a file hashed to when it was last read, with the stat it had then."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    blobs: tuple[str, ...]
+    sha256: str
+
+
+def key_fingerprint(key: bytes | None) -> str:
+    """A name for a dedup key that reveals nothing about it (HMAC of a constant under the key);
+    ``"unkeyed"`` for None (blob ids are plain SHA-256, without encryption).
+
+    Two caches made under different keys get different fingerprints, hence different files.
+    """
+    if key is None:
+        return "unkeyed"
+    return hmac.new(key, b"conexa-backup filecache v1", hashlib.sha256).hexdigest()
+
+
+def cache_path(state_dir: Path, root: Path, fingerprint: str) -> Path:
+    """The cache file for the uploads ``root`` (made absolute) under ``fingerprint``."""
+    name = hashlib.sha256(f"{Path(root).absolute()}\0{fingerprint}".encode()).hexdigest()
+    return Path(state_dir) / FOLDER / f"{name[:32]}.sqlite"
+
+
+def rehash_chosen(salt: bytes, run: int, rel_path: str, share: float) -> bool:
+    """Whether run number ``run`` re-reads the cached file ``rel_path`` (``share`` in [0, 1]).
+
+    Each path gets a fixed place on a wheel of 2**32 slots (BLAKE2b keyed with the cache's
+    random ``salt``: fast enough for a million paths); run ``r`` re-reads the paths whose place
+    falls in the window
+    ``[r * step, (r + 1) * step)`` (mod 2**32), with ``step = ceil(share * 2**32)``. So each run
+    re-reads about ``share`` of the files (the places are uniform), the choice is a pure function
+    of (salt, run, path), and the window walks round the wheel without gaps: **every cached file
+    is re-read at least once in any ceil(1 / share) consecutive runs** (100 at 1%), not only in
+    expectation. ``share`` 0 never re-reads; 1 always does.
+
+    Raises:
+        ValueError: ``share`` is outside [0, 1], or ``salt`` is longer than 64 bytes.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"rehash share must be between 0 and 1, not {share}")
+    step = min(_SLOTS, math.ceil(share * _SLOTS))  # rounded up: the guarantee holds
+    if step == 0:
+        return False
+    digest = hashlib.blake2b(_encode(rel_path), key=salt, digest_size=4).digest()
+    place = int.from_bytes(digest, "big")
+    return (place - run * step) % _SLOTS < step
+
+
+def _busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite waiting for a lock (not a sign of a broken file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _encode(rel_path: str) -> bytes:
+    # os.fsdecode gives undecodable names as surrogates: keep their bytes as they are
+    return rel_path.encode("utf-8", "surrogateescape")
+
+
+class FileCache:
+    """An open file cache for one run; use :meth:`open` (a context manager).
+
+    Not thread-safe: one walker calls it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        rehash_share: float = DEFAULT_REHASH_SHARE,
+        rehash_all: bool = False,
+        batch: int = DEFAULT_BATCH,
+        seed: bytes | None = None,
+    ) -> None:
+        """Open (or create, or rebuild) the cache file ``path`` and start a run in it.
+
+        Prefer :meth:`open`. ``seed`` replaces the cache's stored random salt for the rehash
+        choice (tests); ``batch`` is how many writes go in one transaction.
+
+        Raises:
+            ValueError: ``rehash_share`` outside [0, 1] or ``batch`` < 1.
+            sqlite3.OperationalError: another process holds the cache's write lock for
+                longer than ``BUSY_TIMEOUT_MS`` (the file is left alone).
+            OSError, sqlite3.Error: the cache cannot be created even empty.
+        """
+        if not 0.0 <= rehash_share <= 1.0:
+            raise ValueError(f"rehash share must be between 0 and 1, not {rehash_share}")
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        self.path = path
+        self.rehash_share = rehash_share
+        self.rehash_all = rehash_all
+        self.batch = batch
+        self._pending = 0
+        self._db: sqlite3.Connection | None = None
+        private_dir(path.parent)  # failing here is no reason to blame the cache file
+        try:
+            self._start()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            if _busy(exc):  # another run holds it: theirs to use, not ours to move aside
+                self.close()
+                raise
+            self._discard(exc)
+            self._start()
+        self.salt = seed if seed is not None else self._salt
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        root: Path,
+        fingerprint: str,
+        *,
+        rehash_share: float = DEFAULT_REHASH_SHARE,
+        rehash_all: bool = False,
+        batch: int = DEFAULT_BATCH,
+        seed: bytes | None = None,
+    ) -> FileCache:
+        """The cache of uploads ``root`` under the dedup key ``fingerprint``, a new run begun.
+
+        Raises: as :class:`FileCache`.
+        """
+        return cls(
+            cache_path(state_dir, root, fingerprint),
+            rehash_share=rehash_share,
+            rehash_all=rehash_all,
+            batch=batch,
+            seed=seed,
+        )
+
+    def __enter__(self) -> FileCache:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Connect, check the file is a cache, begin a run (its number committed at once)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # 0600 before SQLite sees it
+        os.close(fd)
+        self.path.chmod(0o600)  # SQLite gives its -wal and -shm files the database's mode
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db = db
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash loses commits, never the file
+        db.execute("PRAGMA cache_size = -8000")  # 8 MB of pages, whatever the table's size
+        if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
+            raise sqlite3.DatabaseError("quick_check failed")
+        db.executescript(_SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        self.run = int(meta.get("run", "0")) + 1
+        salt = meta.get("salt") or secrets.token_hex(16)
+        self._salt = bytes.fromhex(salt)
+        db.executemany(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
+            [("run", str(self.run)), ("salt", salt), ("version", "1")],
+        )
+        db.execute("COMMIT")
+        db.execute("BEGIN")
+
+    def _discard(self, exc: BaseException) -> None:
+        """Move an unusable cache file aside (with its WAL) and warn; the next start is empty."""
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):  # closing what is broken: moved aside next
+                self._db.close()
+            self._db = None
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
+        log.warning(
+            "file cache %s unusable (%s): moved aside to %s, starting empty "
+            "(every file is read again this run)",
+            self.path,
+            exc,
+            aside.name,
+        )
+        if self.path.exists():
+            self.path.replace(aside)
+        for suffix in ("-wal", "-shm", "-journal"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the file cache is closed")
+        return self._db
+
+    # -- a run ---------------------------------------------------------------------------------
+
+    def lookup(self, rel_path: str, st: os.stat_result) -> Entry | None:
+        """The cached entry of ``rel_path`` if its size, mtime_ns, ctime_ns and inode all match
+        ``st``; else None (the file must be read).
+
+        Either way a cached path is marked seen by this run (one ``UPDATE … RETURNING``), so
+        :meth:`finish` keeps it. Raises ``sqlite3.OperationalError`` (disk full, locked…);
+        a corrupt file is moved aside and the lookup answers None.
+        """
+        try:
+            row = self._conn.execute(
+                "UPDATE files SET seen = ? WHERE path = ? "
+                "RETURNING size, mtime_ns, ctime_ns, inode, blobs, sha256",
+                (self.run, _encode(rel_path)),
+            ).fetchone()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return None
+        self._wrote()
+        if row is None:
+            return None
+        size, mtime_ns, ctime_ns, inode, blobs, sha256 = row
+        if (size, mtime_ns, ctime_ns, inode) != (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+        ):
+            return None
+        return Entry(
+            size, mtime_ns, ctime_ns, inode, tuple(blobs.split(",")) if blobs else (), sha256
+        )
+
+    def should_rehash(self, rel_path: str) -> bool:
+        """Whether this run reads ``rel_path`` again although the cache matches (see
+        :func:`rehash_chosen`; always with ``rehash_all``)."""
+        return self.rehash_all or rehash_chosen(self.salt, self.run, rel_path, self.rehash_share)
+
+    def reuse(self, rel_path: str, st: os.stat_result) -> Entry | None:
+        """:meth:`lookup`, but None also when this run re-reads the file anyway."""
+        entry = self.lookup(rel_path, st)
+        if entry is None or self.should_rehash(rel_path):
+            return None
+        return entry
+
+    def record(self, rel_path: str, st: os.stat_result, blobs: list[str], sha256: str) -> None:
+        """Remember that ``rel_path``, as ``st`` describes it, hashed to ``blobs`` and
+        ``sha256`` (and mark it seen by this run).
+
+        Stat ``st`` *before* reading the file: a change while it is read then shows next run.
+
+        Raises:
+            ValueError: a blob id or ``sha256`` is not lowercase hex.
+            sqlite3.OperationalError: the write failed (disk full…); a corrupt file is moved
+                aside and the record goes into the new, empty cache.
+        """
+        for value in (*blobs, sha256):
+            if not _HEX.fullmatch(value):
+                raise ValueError(f"not a lowercase hex id: {value!r}")
+        values = (
+            _encode(rel_path),
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
+            sha256,
+            ",".join(blobs),
+            self.run,
+        )
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        try:
+            self._conn.execute(sql, values)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            self._conn.execute(sql, values)
+        self._wrote()
+
+    def finish(self) -> int:
+        """End a complete run: drop every entry this run did not see (deleted or moved files),
+        commit, and return how many were dropped. A corrupt file found now is moved aside
+        (0 dropped); ``sqlite3.OperationalError`` (disk full…) is raised.
+
+        Call it only after the whole tree was walked: a run that stopped early must just
+        :meth:`close`, or the files it did not reach would lose their entries.
+        """
+        try:
+            dropped = self._conn.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)  # the new cache is empty: nothing to drop
+            return 0
+        db = self._conn
+        db.execute("COMMIT")
+        self._pending = 0
+        db.execute("BEGIN")
+        return dropped
+
+    def close(self) -> None:
+        """Commit what this run wrote (every record is true whether or not the run ended) and
+        close. Idempotent."""
+        if self._db is None:
+            return
+        try:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+        finally:
+            self._db.close()
+            self._db = None
+
+    def __len__(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM files").fetchone()[0])
+
+    def _wrote(self) -> None:
+        """Count one write; commit the batch when it is full."""
+        self._pending += 1
+        if self._pending >= self.batch:
+            db = self._conn
+            db.execute("COMMIT")
+            db.execute("BEGIN")
+            self._pending = 0
+
+    def _rebuild(self, exc: BaseException) -> None:
+        """Corruption found mid-run: start this run again in an empty cache."""
+        self._discard(exc)
+        self._pending = 0
+        self._start()
