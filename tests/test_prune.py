@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import prune as prune_action
 from conexa_backup.config import Config, load_config
 from conexa_backup.retention import Candidate
+from conexa_backup.state import runs
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
 from conexa_backup.testing.emulators import GCSServer, S3Server
@@ -629,3 +631,21 @@ def test_a_safety_backup_survives_the_next_backups_prune(ws: Workspace) -> None:
     soon = (datetime.now(UTC) + timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     assert not planned(prune_of(run_json(ws, "prune", "--at", soon), "local"))[safety]["keep"]
     assert planned(prune_of(run_json(ws, "prune", "--dry-run"), "local"))[safety]["keep"]
+
+
+def test_a_prune_that_fails_after_the_backup_makes_it_partial_everywhere(ws: Workspace) -> None:
+    """Exit 3, the --json status and the event agree (one rule, BackupResult.partial): the API
+    judges a job whose server restarted from that status (found by review: a failed prune
+    was 'complete' in the JSON while the exit said partial)."""
+    with_retention(ws, "keep_last = 1")
+    old = make_backup(ws)
+    [stuck] = (ws.backups / old).glob("database.*")
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)  # even root cannot delete it
+    try:
+        made = ws.run("backup", "--json")
+        assert made.returncode == 3, made.stderr
+        assert "pruning failed" in made.stderr
+        assert json.loads(made.stdout)["status"] == "partial"
+        assert runs(ws.state)[-1]["outcome"] == "partial"
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)

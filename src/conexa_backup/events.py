@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def backup_event(result: BackupResult) -> Event:
-    partial = bool(result.failures or result.prune_errors or result.warnings)
+    partial = result.partial
     m = result.manifest
     return Event(
         "backup", "partial" if partial else "success",

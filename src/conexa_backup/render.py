@@ -63,7 +63,7 @@ def backup_json(result: BackupResult) -> dict[str, Any]:
     m = result.manifest
     return {
         "id": m.id,
-        "status": "partial" if result.failures or result.warnings else "complete",
+        "status": "partial" if result.partial else "complete",
         "kind": m.kind,
         "created_at": iso(m.started_at),
         "finished_at": iso(m.finished_at),

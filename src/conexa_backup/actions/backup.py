@@ -92,6 +92,13 @@ class BackupResult:
         return prune_problems(self.pruned)
 
     @property
+    def partial(self) -> bool:
+        """Stored, but not all was well: a target failed, the backup carries warnings, or the
+        prune after it failed. The one rule for the CLI's exit 3, its ``--json`` status and
+        the event sent to the notifiers (the API judges a job from that status)."""
+        return bool(self.failures or self.warnings or self.prune_errors)
+
+    @property
     def warnings(self) -> list[str]:
         """What the stored backup lacks or looks wrong about (the manifest records it)."""
         return list(self.manifest.warnings)
