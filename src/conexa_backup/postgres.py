@@ -7,6 +7,7 @@ variables (``PGHOST``, ``PGPASSWORD``...), never in argv; argv only ever names t
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import shutil
 import threading
@@ -36,6 +37,8 @@ _ENV_OF = {
     "channel_binding": "PGCHANNELBINDING", "krbsrvname": "PGKRBSRVNAME",
 }
 _SECRET_KEYS = {"password", "sslpassword"}
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -377,8 +380,12 @@ def lock_wait_error(info: ConnInfo, table: str, waited: str, who_waited: str) ->
             "a session that has ended since"
     except (DatabaseError, psycopg.Error) as exc:
         who = f"a session that could not be looked up ({first_line(exc)})"
-    return DatabaseError(f"{who_waited} waited {waited} (database.lock_wait_timeout) for a "
-                         f"lock on table {table} and gave up; the lock is held by {who}")
+    error = DatabaseError(f"{who_waited} waited {waited} (database.lock_wait_timeout) for a "
+                          f"lock on table {table} and gave up; the lock is held by {who}")
+    # Logged now, as found: the run may end much later (pg_dump finishing its work), and by
+    # then the blocking session may be gone.
+    _log.warning("%s", error)
+    return error
 
 
 def _describe_holder(pid: int, user: str | None, started: datetime | None, query: str | None,
