@@ -106,6 +106,16 @@ def test_empty_uploads_folder_warns_and_holds_the_prune_back(ws: Any) -> None:
     assert complete_ids(ws) == [third]  # back to normal: the policy applies again
 
 
+def _emptied_backup(ws: Any) -> str:
+    """A backup of the uploads folder emptied (a volume not mounted): stored, exit 3,
+    suspect; its id."""
+    shutil.rmtree(ws.uploads)
+    ws.uploads.mkdir()
+    code, result, stderr = _backup_json(ws)
+    assert code == 3, stderr
+    return str(result["id"])
+
+
 def test_latest_passes_over_a_suspect_backup_and_prune_keeps_the_last_good_one(
         ws: Any, tmp_path: Path) -> None:
     """After a night with the uploads volume unmounted, ``restore latest`` restores the last
@@ -114,11 +124,7 @@ def test_latest_passes_over_a_suspect_backup_and_prune_keeps_the_last_good_one(
     the last backup holding the files."""
     ws.write_config("[retention]\nkeep_last = 1\n")
     first = backup_ok(ws)
-    shutil.rmtree(ws.uploads)
-    ws.uploads.mkdir()
-    code, result, stderr = _backup_json(ws)
-    assert code == 3, stderr
-    suspect = result["id"]
+    suspect = _emptied_backup(ws)
 
     out = tmp_path / "restored"
     restore = ws.run("restore", "latest", "--only", "uploads", "--uploads-to", str(out),
@@ -181,11 +187,7 @@ def test_latest_depends_on_what_it_is_for(ws: Any, tmp_path: Path) -> None:
     again. Before: every use skipped it for the older backup, and a damaged newest backup
     could never be re-checked by the nightly ``verify latest``."""
     first = backup_ok(ws)
-    shutil.rmtree(ws.uploads)
-    ws.uploads.mkdir()
-    code, result, stderr = _backup_json(ws)
-    assert code == 3, stderr
-    suspect = result["id"]
+    suspect = _emptied_backup(ws)
     said = f"latest: backup {suspect} taken as it is, though its uploads are suspect"
 
     restored = _restore_db_latest(ws, "a")

@@ -33,6 +33,11 @@ def _open(path: Path, flags: int) -> int:
         raise ConexaError(f"cannot open lock file {path}: {exc.strerror}") from None
 
 
+def _line(fd: int) -> str:
+    """The holder's line in the lock file: ``pid 123, backup`` and when it took the lock."""
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+
 @contextlib.contextmanager
 def run_lock(state_dir: Path, what: str) -> Iterator[None]:
     """Hold the lock for the block.
@@ -46,7 +51,7 @@ def run_lock(state_dir: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            holder = _line(fd) or "unknown"
             raise LockedError(
                 f"another conexa-backup run holds the lock {path} ({holder}); try again later"
             ) from None
@@ -86,7 +91,7 @@ def holder(state_dir: Path) -> Holder | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            line = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            line = _line(fd)
             found = _LINE.match(line)
             if found is None:
                 return Holder(None, line or "unknown", None)

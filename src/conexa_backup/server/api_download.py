@@ -22,7 +22,7 @@ from conexa_backup.errors import ConexaError
 from conexa_backup.logs import LOGGER
 from conexa_backup.manifest import MANIFEST_NAME
 from conexa_backup.server.deps import Admin, ServicesDep, audit, audit_follow_up, backup_id
-from conexa_backup.server.errors import ApiError, answer
+from conexa_backup.server.errors import ApiError, answer, outcome_of
 
 router = APIRouter(prefix="/api/admin", tags=["backups"])
 _log = logging.getLogger(LOGGER)
@@ -106,9 +106,7 @@ def download(id: str, request: Request, services: ServicesDep, principal: Admin,
             services.config.server.download == "presigned"
         found = action.open_stored(backup, artifact, target, presign=presign)
     except ConexaError as exc:
-        outcome = answer(exc)
-        verdict = "refused" if outcome.status < 500 else "failed"
-        audit(request, "download", f"{verdict}: {outcome.body['error']}", id[:64],
+        audit(request, "download", outcome_of(exc), id[:64],
               artifact=artifact and artifact[:40], target=target and target[:64])
         raise
     where = {"artifact": artifact, "target": found.copy.target.name}
@@ -139,6 +137,7 @@ def _send(request: Request, found: action.Stored, where: dict[str, Any]) -> Resp
     def aborted(exc: ConexaError) -> None:
         _log.error("download of %s aborted: %s", found.backup_id,
                    request.app.state.services.redact(str(exc)))
+        # Failed whatever the code: the answer had started, so it was never a refusal.
         audit_follow_up(request, "download", f"failed: {answer(exc).body['error']}",
                         found.backup_id, **where)
 

@@ -21,7 +21,7 @@ from conexa_backup.actions.estimate import restore_estimate, restore_size
 from conexa_backup.catalog import Use, resolve
 from conexa_backup.errors import ConexaError
 from conexa_backup.server.deps import Admin, Restorer, ServicesDep, audit, backup_id
-from conexa_backup.server.errors import ApiError, answer
+from conexa_backup.server.errors import ApiError, outcome_of
 from conexa_backup.server.job import Job, job_answer
 from conexa_backup.server.services import Services
 from conexa_backup.state import drills
@@ -127,7 +127,5 @@ def _audited(request: Request, action: str, backup: str | None, run: Callable[[]
     try:
         return run()
     except ConexaError as exc:
-        found = answer(exc)
-        verdict = "refused" if found.status < 500 else "failed"
-        audit(request, action, f"{verdict}: {found.body['error']}", backup, **detail)
+        audit(request, action, outcome_of(exc), backup, **detail)
         raise

@@ -63,12 +63,6 @@ def backup_id(value: str) -> str:
     return value
 
 
-def client(request: Request) -> str | None:
-    """The client's address: the socket's, or, from a proxy in ``[server]
-    trusted_proxies``, the one its X-Forwarded-For names (uvicorn rewrites it)."""
-    return request.client.host if request.client else None
-
-
 def audit(request: Request, action: str, outcome: str, backup_id: str | None = None,
           **detail: object) -> None:
     """Record this request's outcome in the audit log now, with ``detail`` (its caller, if

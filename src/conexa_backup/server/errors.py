@@ -56,6 +56,20 @@ _MAPPING: list[tuple[type[ConexaError], int, str]] = [
 ]
 
 
+def audit_outcome(status: int, code: str) -> str:
+    """The audit log's outcome for an answer: ``ok`` below 400, ``refused: <code>`` for 4xx,
+    ``failed: <code>`` for 5xx."""
+    if status < 400:
+        return "ok"
+    return f"{'refused' if status < 500 else 'failed'}: {code}"
+
+
+def outcome_of(exc: BaseException) -> str:
+    """:func:`audit_outcome` of the answer ``exc`` makes."""
+    found = answer(exc)
+    return audit_outcome(found.status, str(found.body["error"]))
+
+
 def answer(exc: BaseException, redact: Any = None) -> Answer:
     """The status and body for ``exc``: ``{"error": code, "message": one line, ...}``.
 

@@ -29,6 +29,7 @@ from conexa_backup.logs import LOGGER
 from conexa_backup.notify.base import Event
 from conexa_backup.notify.dispatch import dispatch
 from conexa_backup.server.audit import Entry
+from conexa_backup.server.errors import audit_outcome
 from conexa_backup.server.services import Services
 
 _log = logging.getLogger(LOGGER)
@@ -137,7 +138,7 @@ def outcome(status: int, body: bytes) -> str:
         code = str(json.loads(body).get("error") or status)
     except (ValueError, AttributeError):
         code = str(status)
-    return f"{'refused' if status < 500 else 'failed'}: {code}"
+    return audit_outcome(status, code)
 
 
 class AuditTrail:
