@@ -144,8 +144,11 @@ def _database_steps(d: _Drill) -> None:
 
     def restore() -> str:
         try:
+            # Ours before it exists: the name is this drill's own, and a signal landing just
+            # after CREATE DATABASE (before any line below it) would otherwise leave it
+            # behind. Dropping one never created is a no-op (DROP ... IF EXISTS).
+            d.created_db = True
             restore_db.create_database(d.info, db, d.dbname)
-            d.created_db = True  # only now is it ours to drop
             restore_db.restore(d.info, dump["path"], d.dbname)
         finally:
             restore_db.discard(dump["path"])
