@@ -28,10 +28,10 @@ from conexa_backup.archive import (
     TreeStats,
     _add_entry,
     _add_file,
-    _Entry,
+    Entry,
     _ForgetfulTarFile,
-    _open_file,
-    _Replaced,
+    open_file,
+    Replaced,
     extract_stream,
     move_file,
     probe_tree,
@@ -359,7 +359,7 @@ def _add_swapped(tmp_path: Path, swap: str) -> tuple[TreeStats, bytes]:
     outside.write_bytes(b"secret")
     (src / "f.txt").write_bytes(b"plain text")
     fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    entry = _Entry("f.txt", stat.S_IFMT(os.stat("f.txt", dir_fd=fd).st_mode), fd, "f.txt")
+    entry = Entry("f.txt", stat.S_IFMT(os.stat("f.txt", dir_fd=fd).st_mode), fd, "f.txt")
     (src / "f.txt").unlink()
     if swap == "fifo":
         os.mkfifo(src / "f.txt")
@@ -398,8 +398,8 @@ def test_probe_does_not_block_on_a_fifo_or_follow_a_link(tmp_path: Path) -> None
     os.mkfifo(src / "pipe")
     (src / "link").symlink_to(tmp_path)
     for name in ("pipe", "link"):
-        with pytest.raises(_Replaced):
-            os.close(_open_file(src / name))
+        with pytest.raises(Replaced):
+            os.close(open_file(src / name))
 
 
 def test_file_shrinking_during_read_keeps_archive_valid(tmp_path: Path,
@@ -572,7 +572,7 @@ def test_headers_come_from_the_walked_folder_not_its_path(tmp_path: Path) -> Non
     try:
         with tar_writer(out, src) as tar:
             for name, kind in (("d", stat.S_IFDIR), ("l", stat.S_IFLNK), ("f.txt", stat.S_IFREG)):
-                _add_entry(tar, _Entry(f"sub/{name}", kind, fd, name), stats, index.append)
+                _add_entry(tar, Entry(f"sub/{name}", kind, fd, name), stats, index.append)
     finally:
         os.close(fd)
     assert (stats.dirs, stats.symlinks, stats.files, stats.skipped.count) == (1, 1, 1, 0)

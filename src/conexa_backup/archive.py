@@ -125,8 +125,8 @@ def write_tree(root: Path, out: Sink, on_entry: EntryHook | None = None) -> Tree
     if not root.is_dir():
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     stats = TreeStats()
-    with tar_writer(out, root) as tar, contextlib.closing(_walk(root, stats.skipped)) as walk:
-        for entry in walk:
+    with tar_writer(out, root) as tar, contextlib.closing(walk(root, stats.skipped)) as entries:
+        for entry in entries:
             _add_entry(tar, entry, stats, on_entry)
     return stats
 
@@ -156,8 +156,8 @@ def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
         raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
     probe = Probe()
     chosen: list[str] = []
-    with contextlib.closing(_walk(root, probe.skipped)) as walk:
-        for entry in walk:
+    with contextlib.closing(walk(root, probe.skipped)) as entries:
+        for entry in entries:
             if entry.kind != stat.S_IFREG:
                 continue
             probe.files += 1
@@ -168,10 +168,10 @@ def probe_tree(root: Path, sample: int = PROBE_SAMPLE) -> Probe:
     for rel in chosen:
         probe.tried += 1
         try:
-            os.close(_open_file(root / rel)[0])
+            os.close(open_file(root / rel)[0])
         except FileNotFoundError:
             continue
-        except _Replaced as exc:
+        except Replaced as exc:
             probe.skipped.add(rel, f"replaced while being examined: now {exc}")
         except OSError as exc:
             probe.skipped.add(rel, f"cannot read: {exc.strerror}")
@@ -335,7 +335,7 @@ def _member_type(member: tarfile.TarInfo) -> int:
     return next((kind for test, kind in kinds if test()), 0)
 
 
-class _Entry(NamedTuple):
+class Entry(NamedTuple):
     """An entry the walk found: its path below the root, its ``stat.S_IFMT`` kind, and the
     open folder holding it (valid until the walk moves on) with its name there."""
 
@@ -352,29 +352,29 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY
 
 
-class _Replaced(Exception):
+class Replaced(Exception):
     """A file the walk saw is now something else (a symlink, a FIFO...)."""
 
 
-def _open_file(path: str | Path, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+def open_file(path: str | Path, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
     """An fd of the regular file ``path`` (relative to ``dir_fd``), opened as
     :data:`_FILE_FLAGS` says, and its fstat.
 
     Raises:
-        _Replaced: it is a symlink or no longer a regular file.
+        Replaced: it is a symlink or no longer a regular file.
         OSError: it cannot be opened.
     """
     try:
         fd = os.open(path, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
-            raise _Replaced("a symlink") from None
+            raise Replaced("a symlink") from None
         raise
     st = os.fstat(fd)
     kind = stat.S_IFMT(st.st_mode)
     if kind != stat.S_IFREG:
         os.close(fd)
-        raise _Replaced(_KIND_NAMES.get(kind, "a special file"))
+        raise Replaced(_KIND_NAMES.get(kind, "a special file"))
     return fd, st
 
 
@@ -403,7 +403,7 @@ class _Level:
     next: int = 0
 
 
-def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
+def walk(root: Path, skipped: Skipped) -> Generator[Entry, None, None]:
     """Every entry below ``root`` a backup stores, folders before what they hold. Entries that
     vanish meanwhile are left out (the uploads folder is live); those that cannot be listed or
     examined, and kinds :func:`unrestorable` refuses, are recorded in ``skipped``.
@@ -451,7 +451,7 @@ def _walk(root: Path, skipped: Skipped) -> Generator[_Entry, None, None]:
             os.close(level.fd)
 
 
-def _examine(level: _Level, name: str, skipped: Skipped) -> _Entry | None:
+def _examine(level: _Level, name: str, skipped: Skipped) -> Entry | None:
     """The entry ``name`` of the open folder ``level``, or None when it vanished or is not
     stored (then recorded in ``skipped``)."""
     rel = name if level.rel == "." else f"{level.rel}/{name}"
@@ -466,7 +466,7 @@ def _examine(level: _Level, name: str, skipped: Skipped) -> _Entry | None:
     if why is not None:
         skipped.add(rel, f"{why}: cannot be restored")
         return None
-    return _Entry(rel, kind, level.fd, name)
+    return Entry(rel, kind, level.fd, name)
 
 
 def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level | None:
@@ -487,9 +487,9 @@ def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level |
         return None
 
 
-def _add_entry(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
+def _add_entry(tar: _ForgetfulTarFile, entry: Entry, stats: TreeStats,
                on_entry: EntryHook | None) -> None:
-    """Store one entry (a folder's contents come next, from :func:`_walk`). Folders and links
+    """Store one entry (a folder's contents come next, from :func:`walk`). Folders and links
     are not opened: their header, examined relative to the open folder holding them (never
     by path: a parent swapped for a link would lead outside the tree), says all."""
     if entry.kind == stat.S_IFREG:
@@ -516,7 +516,7 @@ def _add_entry(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
         stats.skipped.add(entry.rel, "replaced while being read")
 
 
-def _add_file(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
+def _add_file(tar: _ForgetfulTarFile, entry: Entry, stats: TreeStats,
               on_entry: EntryHook | None) -> None:
     """Store a regular file, its header from the open file (what we store is what it held
     when opened). One that cannot be opened, or is no longer a regular file, is skipped and
@@ -527,10 +527,10 @@ def _add_file(tar: _ForgetfulTarFile, entry: _Entry, stats: TreeStats,
         ConexaError: reading an opened file failed.
     """
     try:
-        fd, st = _open_file(entry.name, entry.dir_fd)
+        fd, st = open_file(entry.name, entry.dir_fd)
     except FileNotFoundError:
         return
-    except _Replaced as exc:
+    except Replaced as exc:
         stats.skipped.add(entry.rel, f"replaced while being read: now {exc}")
         return
     except OSError as exc:

@@ -316,13 +316,17 @@ def backup(
     backup_id: Annotated[str | None, typer.Option(
         "--id", hidden=True, help="Store the backup under this id (the API server picks it "
         "ahead, to answer it at once); refused if taken.")] = None,
+    rehash: Annotated[bool, typer.Option(
+        "--rehash", help="Packs format: read every uploads file, whatever the file cache "
+        "says (a stale cache then cannot hide a change).")] = False,
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     def act() -> None:
         with _session("backup", lock=True, alert="backup") as ctx:
             try:
                 result = run_backup(ctx, target_names=target, prune=not no_prune,
-                                    accept_shrink=accept_shrink, backup_id=backup_id)
+                                    accept_shrink=accept_shrink, backup_id=backup_id,
+                                    rehash=rehash)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)

@@ -206,3 +206,21 @@ def check_signature(public_key: Any, manifest: bytes, signature: bytes | None,
     except (exceptions.InvalidSignature, ValueError):
         raise IntegrityError(f"{where}: manifest signature is invalid: the backup was "
                              "changed after it was made") from None
+
+
+def load_dedup_key(key_file: Path) -> bytes:
+    """The packs format's dedup key: 32 bytes, written in ``key_file`` as 64 hex digits
+    (``openssl rand -hex 32``), surrounding whitespace ignored.
+
+    Raises:
+        ConfigError: unreadable, or not 64 hex digits (the key itself is never quoted).
+    """
+    try:
+        text = key_file.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"encryption.dedup_key_file: cannot read {key_file}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ConfigError(f"encryption.dedup_key_file: {key_file} does not hold 64 hex digits "
+                          "(make one with `openssl rand -hex 32`)")
+    return bytes.fromhex(text)

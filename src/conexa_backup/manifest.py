@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -85,20 +85,43 @@ class UploadsInfo(_Model):
     suspect: str | None = None
     # An "uploads-index" artifact lists every file (path, size, SHA-256) and symlink (path,
     # target) as JSON lines: see IndexEntry.
+    # "tar": the files are in the "uploads" artifact. "packs": they are blobs in the target's
+    # packs (docs/packs.md); the index also holds folders, modes, owners, mtimes and each
+    # file's blob ids, named as ``ids`` says (``key_id``: the dedup key's, when keyed).
+    format: Literal["tar", "packs"] = "tar"
+    ids: Literal["sha256", "hmac-sha256"] | None = None
+    key_id: str | None = None
+
+
+class Attrs(TypedDict, total=False):
+    """An entry's attributes in a packs backup's index (:class:`IndexEntry`)."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """One line of the uploads index: a regular file or a symlink, as stored."""
+    """One line of the uploads index: a regular file or a symlink, as stored; in a packs
+    backup also every folder (``"."``: the uploads folder itself) and each entry's mode
+    (``st_mode & 0o7777``), owner, mtime, and each file's blob ids in order."""
 
     path: str
-    type: Literal["file", "symlink"]
+    type: Literal["file", "symlink", "dir"]
     size: int | None = None  # files
     sha256: str | None = None  # files
     target: str | None = None  # symlinks: the link's text, exactly as stored
+    mode: int | None = None  # packs backups only, from here on
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+    blobs: tuple[str, ...] | None = None  # files
 
     def to_line(self) -> bytes:
-        data = {k: v for k, v in asdict(self).items() if v is not None}
+        data = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in asdict(self).items() if v is not None}
         # ASCII escapes: a name that is not UTF-8 (held as surrogate escapes, see os.fsdecode)
         # is written as "\\udce9" and read back as the same str, which os functions accept.
         return json.dumps(data).encode() + b"\n"
@@ -114,11 +137,22 @@ class IndexEntry:
         try:
             raw = json.loads(line)
             kind = raw.get("type", "file")
+            attrs = Attrs()
+            for name in ("mode", "uid", "gid", "mtime_ns"):
+                if name in raw:
+                    attrs[name] = int(raw[name])
             if kind == "symlink":
-                return cls(str(raw["path"]), "symlink", target=str(raw["target"]))
+                return cls(str(raw["path"]), "symlink", target=str(raw["target"]), **attrs)
+            if kind == "dir":
+                return cls(str(raw["path"]), "dir", **attrs)
             if kind != "file":
                 raise ValueError(f"unknown type {kind!r}")
-            return cls(str(raw["path"]), "file", int(raw["size"]), str(raw["sha256"]))
+            blobs = raw.get("blobs")
+            if blobs is not None and not (isinstance(blobs, list)
+                                          and all(isinstance(b, str) for b in blobs)):
+                raise ValueError("blobs is not a list of ids")
+            return cls(str(raw["path"]), "file", int(raw["size"]), str(raw["sha256"]),
+                       blobs=None if blobs is None else tuple(blobs), **attrs)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"uploads index: unreadable line ({exc})") from None
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conexa_backup import __version__, archive, postgres, process, signals
+from conexa_backup.actions import backup_packs
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import TargetPrune, candidates
 from conexa_backup.actions.prune import problems as prune_problems
@@ -135,6 +136,7 @@ class _Run:
     uploads_before: tuple[str, UploadsInfo] | None = None
     hold_prune: str | None = None  # why this run must not prune older backups
     accept_shrink: bool = False  # the operator says a smaller uploads tree is intended
+    rehash: bool = False  # packs: read every file, whatever the file cache says
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -379,11 +381,15 @@ def run_backup(
     prune: bool = True,
     accept_shrink: bool = False,
     backup_id: str | None = None,
+    rehash: bool = False,
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
 
     Its id is ``backup_id`` when given (chosen ahead by :func:`next_id`, so that the API
     can answer it before the run starts), else the start time's (:func:`next_id`'s rule).
+
+    With ``[uploads] format = "packs"``, only what a target lacks is stored there
+    (:mod:`backup_packs`); ``rehash`` reads every file whatever the file cache says.
 
     An uploads folder that is empty or shrank by more than ``max_shrink`` since the last
     trusted backup is stored with a warning and holds pruning back, unless ``accept_shrink``.
@@ -418,6 +424,7 @@ def run_backup(
                signing_key=load_signing_key(ctx.config.signing.key_file)
                if ctx.config.signing.key_file else None)
     run.uploads_before, run.accept_shrink = _uploads_before(existing), accept_shrink
+    run.rehash = rehash
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:
@@ -574,12 +581,32 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
 
 
 def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
-    """The uploads tar, then its index: every file's path, size and SHA-256 and every
-    symlink's target (JSON lines), so that a restore drill can prove each came back. The
-    index is spooled (memory up to 1 MiB, then ``state_dir/staging``) while the tar streams.
+    """The uploads, as ``[uploads] format`` says (a tar, or packs), and their index.
 
     Entries skipped (unreadable, or kinds no restore recreates) are recorded in the manifest
     and make the run partial: one bad file never costs the database backup.
+    """
+    assert ctx.config.uploads is not None
+    if ctx.config.uploads.format == "packs":
+        stats, how = backup_packs.store_uploads(ctx, run, root, rehash=run.rehash)
+    else:
+        stats, how = _store_tar(ctx, run, root), {}
+    skipped = stats.skipped
+    if skipped.count:
+        named = ", ".join(f"{path} ({why})" for path, why in skipped.listed[:3])
+        more = f" and {skipped.count - 3} more" if skipped.count > 3 else ""
+        run.warnings.append(f"uploads: {skipped.count} entr{'y' if skipped.count == 1 else 'ies'}"
+                            f" not backed up: {named}{more} (listed in the manifest)")
+    return UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
+                       dirs=stats.dirs, symlinks=stats.symlinks, skipped=skipped.count,
+                       skipped_paths=[SkippedPath(path=p, reason=r) for p, r in skipped.listed],
+                       **how)
+
+
+def _store_tar(ctx: Context, run: _Run, root: Path) -> archive.TreeStats:
+    """The uploads tar, then its index: every file's path, size and SHA-256 and every
+    symlink's target (JSON lines), so that a restore drill can prove each came back. The
+    index is spooled (memory up to 1 MiB, then ``state_dir/staging``) while the tar streams.
     """
     with tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                        dir=str(ctx.state_dir("staging"))) as index:
@@ -591,15 +618,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path) -> UploadsInfo:
         index.seek(0)
         run.store("uploads-index", "uploads.index.jsonl", "jsonl",
                   lambda out: copy_stream(index, out))
-    skipped = stats.skipped
-    if skipped.count:
-        named = ", ".join(f"{path} ({why})" for path, why in skipped.listed[:3])
-        more = f" and {skipped.count - 3} more" if skipped.count > 3 else ""
-        run.warnings.append(f"uploads: {skipped.count} entr{'y' if skipped.count == 1 else 'ies'}"
-                            f" not backed up: {named}{more} (listed in the manifest)")
-    return UploadsInfo(path=str(root), files=stats.files, bytes=stats.bytes,
-                       dirs=stats.dirs, symlinks=stats.symlinks, skipped=skipped.count,
-                       skipped_paths=[SkippedPath(path=p, reason=r) for p, r in skipped.listed])
+    return stats
 
 
 def _commit(run: _Run, manifest: Manifest) -> list[str]:

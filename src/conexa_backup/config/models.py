@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from conexa_backup.config.server import ServerConfig
 from conexa_backup.durations import parse_duration
@@ -58,6 +58,12 @@ class UploadsConfig(_Model):
     # A backup whose file count or bytes fell by more than this share since the previous
     # complete backup (an unmounted volume, a wrong path) is stored with a warning (exit 3).
     max_shrink: float = Field(default=0.5, ge=0, le=1)
+    # "packs": each backup stores only the files no earlier backup on a target holds, as
+    # deduplicated blobs in packs (docs/packs.md); "tar": the whole folder, one tar a backup.
+    format: Literal["packs", "tar"] = "tar"
+    # Cached files read again anyway on each run (packs): a stale cache is found within
+    # ceil(1 / rehash_share) runs (docs/packs.md, "File cache"); `backup --rehash` reads all.
+    rehash_share: float = Field(default=0.01, ge=0, le=1)
 
 
 class CompressionConfig(_Model):
@@ -101,6 +107,10 @@ class EncryptionConfig(_Model):
     # Where restores and drills happen (never needed on the backup host):
     identity_file: Path | None = None
     identity: SecretStr | None = None  # e.g. "${AGE_IDENTITY}"
+    # Packs format with recipients: blob ids are HMAC-SHA-256 under this key (64 hex digits,
+    # so ids reveal nothing); needed where backups are made,
+    # restored and drilled (docs/security.md). Make one: `openssl rand -hex 32 > FILE`.
+    dedup_key_file: Path | None = None
 
 
 class SigningConfig(_Model):
@@ -158,6 +168,25 @@ class Config(_Model):
             if t.name == target and t.retention is not None:
                 return t.retention
         return self.retention
+
+    @model_validator(mode="after")
+    def _packs_fit(self) -> Config:
+        """What the packs format needs: a dedup key with encryption, and no Object Lock (a
+        pack's lock would have to outlast every later backup that reuses its blobs)."""
+        if self.uploads is None or self.uploads.format != "packs":
+            return self
+        if self.encryption.recipients and self.encryption.dedup_key_file is None:
+            raise ValueError("uploads.format = \"packs\" with [encryption] recipients needs "
+                             "encryption.dedup_key_file (make one with `openssl rand -hex 32 "
+                             "> FILE; chmod 600 FILE`): unkeyed blob ids would tell storage "
+                             "which known files the school holds")
+        locked = [t.name for t in self.targets if getattr(t, "object_lock_mode", None)]
+        if locked:
+            raise ValueError(f"uploads.format = \"packs\" cannot be used with Object Lock "
+                             f"(target {locked[0]!r}): a pack is reused by every later backup, "
+                             "so no lock date set when it is written covers them; use "
+                             "format = \"tar\" on a locked bucket")
+        return self
 
     @field_validator("targets")
     @classmethod

@@ -1,0 +1,301 @@
+"""The uploads stage of a packs-format backup (issue 15; docs/packs.md).
+
+The tree is walked as for a tar (``archive.walk``: same rules, same skips). A file the file
+cache knows unchanged is not read, unless a target lacks one of its blobs or the rehash share
+picks it. Each blob read goes to the pack writer of exactly the set of targets that lack it
+(usually one writer: every target lacks the same new blobs), so no pack is produced twice
+and a target that skipped backups (an archive tier) or was added later gets everything it
+lacks. Each pack is uploaded to the targets of its set as soon as it closes; a target that
+fails drops out of the run, as for any artifact.
+
+Then the uploads index (every entry: path, type, mode, owner, mtime; files' size, SHA-256 and
+blob ids) is stored as the ``uploads-index`` artifact, checksummed in the manifest. The
+manifest stays the one commit point: it is written only to targets that received every pack
+they lacked, so a target holding the manifest holds every blob the index names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from conexa_backup import archive, packs
+from conexa_backup.blobindex import BlobIndex
+from conexa_backup.crypto import load_dedup_key
+from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
+from conexa_backup.filecache import FileCache, key_fingerprint
+from conexa_backup.manifest import Attrs, IndexEntry, shown_path
+from conexa_backup.pipeline import CHUNK, copy_stream
+from conexa_backup.storage.base import Target
+from conexa_backup.storage.fanout import MultiUpload
+
+if TYPE_CHECKING:
+    from conexa_backup.actions.backup import _Run
+    from conexa_backup.actions.context import Context
+
+log = logging.getLogger(__name__)
+
+
+def dedup_key(ctx: Context) -> bytes | None:
+    """The configured dedup key (HMAC blob ids), or None (plain SHA-256 ids).
+
+    Raises:
+        ConfigError: the key file is unreadable or malformed.
+    """
+    path = ctx.config.encryption.dedup_key_file
+    return load_dedup_key(path) if path is not None else None
+
+
+def index_reader(ctx: Context, target: Target) -> Any:
+    """A ``read_index(name)`` for :meth:`BlobIndex.sync`: downloads pack ``name`` from
+    ``target`` and reads its own index; None (with a warning) when it cannot be read here
+    (damaged, unreadable, or encrypted and this host holds no identity)."""
+    scratch = ctx.state_dir("staging")
+
+    def identities() -> list[Any] | None:
+        try:
+            return ctx.keys().identities()
+        except ConexaError:
+            return None  # a backup host holds recipients only: encrypted packs stay unread
+
+    def read(name: str) -> list[tuple[str, int]] | None:
+        try:
+            with target.open(packs.pack_key(name)) as stored:
+                index = packs.read_index(name, stored, scratch, identities())
+        except (IntegrityError, UnusableCopyError, StorageError) as exc:
+            log.warning("target %s: pack %s cannot be read here (%s); its blobs count as "
+                        "absent", target.name, name, exc)
+            return None
+        return [(b.id, b.length) for b in index.blobs]
+
+    return read
+
+
+@dataclass
+class _Counts:
+    files_read: int = 0
+    bytes_read: int = 0
+    stale: int = 0  # cached files whose re-read found other bytes
+    blobs_new: int = 0
+    bytes_new: int = 0
+    packs: int = 0
+    bytes_stored: int = 0
+
+
+class _Packer:
+    """Routes each blob to the pack writer of the targets that lack it, and uploads packs."""
+
+    def __init__(self, ctx: Context, run: _Run, index: BlobIndex, key: bytes | None,
+                 counts: _Counts) -> None:
+        self._ctx, self._run, self._index, self._key = ctx, run, index, key
+        self._counts = counts
+        self._scratch = ctx.state_dir("staging")
+        self.writers: dict[frozenset[str], packs.PackWriter] = {}
+
+    def lacking(self, blob: str) -> frozenset[str]:
+        """The live targets that hold no pack with ``blob``."""
+        live = {t.name for t in self._run.alive}
+        return frozenset(live - self._index.holders(blob))
+
+    def add(self, blob: str, data: bytes) -> None:
+        lack = self.lacking(blob)
+        if not lack:
+            return
+        writer = self.writers.get(lack)
+        if writer is None:
+            writer = self.writers[lack] = packs.PackWriter(
+                self._scratch, lambda pack: self._store(lack, pack), key=self._key,
+                recipients=self._run.recipients, compression=self._ctx.config.compression)
+        if writer.add(blob, data):
+            self._counts.blobs_new += 1
+            self._counts.bytes_new += len(data)
+
+    def _store(self, lack: frozenset[str], pack: packs.StoredPack) -> None:
+        """Upload a closed pack to the live targets of ``lack``; record who holds it."""
+        targets = [t for t in self._run.alive if t.name in lack]
+        if not targets:
+            return  # every target that lacked these blobs has failed meanwhile
+        multi = MultiUpload(targets, pack.key)
+        try:
+            with pack.path.open("rb") as fh:
+                while data := fh.read(CHUNK):
+                    multi.write(data)
+                    self._ctx.reporter.advance(len(data))
+            stored = multi.commit()
+        except BaseException:
+            multi.abort()
+            raise
+        finally:
+            self._run.failures.update(multi.failures)
+        self._run.alive = [t for t in self._run.alive if t.name in stored or t.name not in lack]
+        self._index.add_pack(pack.name, [(b.id, b.length) for b in pack.blobs],
+                             [(name, pack.size) for name in stored])
+        self._counts.packs += 1
+        self._counts.bytes_stored += pack.size
+
+    def finish(self) -> None:
+        """Close and upload every open pack."""
+        for writer in self.writers.values():
+            writer.flush()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _attrs(st: os.stat_result) -> Attrs:
+    return Attrs(mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                 mtime_ns=st.st_mtime_ns)
+
+
+class _Stage:
+    """One walk of the tree: entries to the index, blobs to the packer."""
+
+    def __init__(self, packer: _Packer, cache: FileCache, key: bytes | None, out: IO[bytes],
+                 counts: _Counts) -> None:
+        self.packer, self.cache, self.key, self.out = packer, cache, key, out
+        self.counts = counts
+        self.stats = archive.TreeStats()
+
+    def write(self, entry: IndexEntry) -> None:
+        self.out.write(entry.to_line())
+
+    def run(self, root: Path) -> None:
+        if not root.is_dir():
+            raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
+        self.write(IndexEntry(".", "dir", **_attrs(root.stat())))
+        with contextlib.closing(archive.walk(root, self.stats.skipped)) as entries:
+            for entry in entries:
+                if entry.kind == stat.S_IFREG:
+                    self.file(entry)
+                else:
+                    self.other(entry)
+
+    def other(self, entry: archive.Entry) -> None:
+        """A folder or a symlink: its lstat (and link text), taken relative to its folder."""
+        try:
+            st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
+            kind = stat.S_IFMT(st.st_mode)
+            text = os.readlink(entry.name, dir_fd=entry.dir_fd) if kind == stat.S_IFLNK else None
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
+            return
+        if kind == stat.S_IFDIR:
+            self.write(IndexEntry(entry.rel, "dir", **_attrs(st)))
+            self.stats.dirs += 1
+        elif kind == stat.S_IFLNK:
+            attrs = _attrs(st)
+            del attrs["mode"]  # a link's mode means nothing on Linux
+            self.write(IndexEntry(entry.rel, "symlink", target=text, **attrs))
+            self.stats.symlinks += 1
+        else:
+            self.stats.skipped.add(entry.rel, "replaced while being read")
+
+    def file(self, entry: archive.Entry) -> None:
+        try:
+            fd, st = archive.open_file(entry.name, entry.dir_fd)
+        except FileNotFoundError:
+            return
+        except archive.Replaced as exc:
+            self.stats.skipped.add(entry.rel, f"replaced while being read: now {exc}")
+            return
+        except OSError as exc:
+            self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
+            return
+        try:
+            found = self._content(entry.rel, fd, st)
+        except OSError as exc:  # e.g. EIO halfway: this file only; its pieces are harmless
+            self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
+            return
+        finally:
+            os.close(fd)
+        size, sha256, blobs = found
+        self.write(IndexEntry(entry.rel, "file", size=size, sha256=sha256, blobs=blobs,
+                              **_attrs(st)))
+        self.stats.files += 1
+        self.stats.bytes += size
+
+    def _content(self, rel: str, fd: int, st: os.stat_result) -> tuple[int, str, tuple[str, ...]]:
+        """(size, SHA-256, blob ids) of the open file: from the cache when it is unchanged
+        and every live target holds its blobs, else read (its new blobs to the packer)."""
+        cached = self.cache.lookup(rel, st)
+        if cached is not None and not self.cache.should_rehash(rel) \
+                and not any(self.packer.lacking(b) for b in cached.blobs):
+            return cached.size, cached.sha256, cached.blobs
+        with io.FileIO(fd, "rb", closefd=False) as raw:
+            found = packs.file_blobs(raw, self.key, on_piece=self.packer.add)
+        self.counts.files_read += 1
+        self.counts.bytes_read += found.size
+        if cached is not None and cached.size == found.size and cached.sha256 != found.sha256:
+            self.counts.stale += 1
+            log.warning("uploads: %s changed without its size, mtime or ctime changing "
+                        "(found by a re-read)", shown_path(rel))
+        self.cache.record(rel, st, found.blobs, found.sha256)
+        return found.size, found.sha256, tuple(found.blobs)
+
+
+def _blobs_of(index: IO[bytes]) -> Iterator[str]:
+    index.seek(0)
+    for line in index:
+        entry = IndexEntry.from_line(line)
+        if entry.blobs:
+            yield from entry.blobs
+
+
+def store_uploads(ctx: Context, run: _Run, root: Path, *,
+                  rehash: bool = False) -> tuple[archive.TreeStats, dict[str, Any]]:
+    """Store the uploads under ``root`` as packs plus the uploads index; return what the
+    tree held and the :class:`UploadsInfo` fields that say how it is stored. Entries that
+    cannot be read are skipped and recorded (the caller turns them into warnings), as for
+    a tar. With ``rehash`` every file is read (``backup --rehash``).
+
+    Raises:
+        ConexaError: ``root`` is missing or unreadable, the dedup key is bad, or every target
+        failed. StorageError: a target cannot be listed.
+    """
+    key = dedup_key(ctx)
+    counts = _Counts()
+    assert ctx.config.uploads is not None
+    share = ctx.config.uploads.rehash_share
+    with BlobIndex.open(ctx.config.state_dir) as index, \
+            tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
+                                          dir=str(ctx.state_dir("staging"))) as spool:
+        for target in list(run.alive):
+            try:
+                index.sync(target, index_reader(ctx, target))
+            except StorageError as exc:
+                run.failures[target.name] = str(exc)
+                run.alive = [t for t in run.alive if t.name != target.name]
+                log.error("%s", exc)
+        if not run.alive:
+            raise ConexaError("every target failed: " + "; ".join(run.failures.values()))
+        packer = _Packer(ctx, run, index, key, counts)
+        with FileCache.open(ctx.config.state_dir, root, key_fingerprint(key),
+                            rehash_share=share, rehash_all=rehash) as cache:
+            stage = _Stage(packer, cache, key, spool, counts)
+            try:
+                stage.run(root)
+                packer.finish()
+            except BaseException:
+                packer.abort()
+                raise
+            cache.finish()
+        index.write_refs(run.backup_id, _blobs_of(spool))
+        spool.seek(0)
+        run.store("uploads-index", "uploads.index.jsonl", "jsonl",
+                  lambda out: copy_stream(spool, out))
+    log.info("uploads: %d files (%d read, %d bytes), %d new blobs (%d bytes) in %d packs "
+             "(%d bytes stored)", stage.stats.files, counts.files_read, counts.bytes_read,
+             counts.blobs_new, counts.bytes_new, counts.packs, counts.bytes_stored)
+    return stage.stats, {"format": "packs", "ids": "sha256" if key is None else "hmac-sha256",
+                         "key_id": None if key is None else packs.key_id(key)}

@@ -1,0 +1,285 @@
+"""Which blobs each target holds, and which blobs each backup names (packs format, issue 15).
+
+A cache in ``state_dir/packs/``: the truth is on the targets (every pack carries its own index,
+docs/packs.md), and :meth:`BlobIndex.sync` brings this cache back to it from a target's
+listing. One SQLite file, ``index.sqlite`` (0600, in a 0700 folder):
+
+- ``blobs(blob, pack, length)``: what each pack holds. A pack's name is the hash of its bytes,
+  so a pack holds the same blobs on every target: membership is stored once.
+- ``held(target, pack, size)``: which packs each target holds (as its last listing showed,
+  plus what this host wrote since).
+
+And per backup, ``refs/<id>.ids``: the backup's blob ids, sorted, unique, 32 bytes each, written
+by the run that made it. Prune's garbage collection reads them (a sorted merge: memory flat in
+the number of files) without downloading, or decrypting, any uploads index.
+
+Memory stays flat: nothing here holds a set of every blob in Python; SQLite's page cache is
+capped. Not thread-safe: the run that holds the lock uses it from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from conexa_backup.errors import ConexaError
+from conexa_backup.packs import pack_name
+from conexa_backup.state import private_dir
+from conexa_backup.storage.base import Target
+
+log = logging.getLogger(__name__)
+
+FOLDER = "packs"
+ID_BYTES = 32
+_CACHE_KIB = 8192  # SQLite's page cache, at most
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (blob BLOB NOT NULL, pack BLOB NOT NULL, length INTEGER NOT
+    NULL, PRIMARY KEY (blob, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
+CREATE TABLE IF NOT EXISTS held (target TEXT NOT NULL, pack BLOB NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY (target, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS held_by_pack ON held (pack);
+"""
+
+# What a pack holds: (blob id, length) pairs; None when it could not be read here.
+ReadIndex = Callable[[str], "list[tuple[str, int]] | None"]
+
+
+@dataclass(frozen=True)
+class HeldPack:
+    """A pack a target holds: its name, stored size, and (when known) its blobs' total length."""
+
+    name: str
+    size: int
+
+
+def _raw(blob: str) -> bytes:
+    return bytes.fromhex(blob)
+
+
+class BlobIndex:
+    """The open cache; see the module docstring. Use :meth:`open` as a context manager."""
+
+    def __init__(self, folder: Path) -> None:
+        """Open (or create) the cache in ``folder``. A file SQLite calls damaged is moved
+        aside and rebuilt empty (it is a cache: the next sync refills it from the targets).
+
+        Raises:
+            ConexaError: it cannot be created at all.
+        """
+        self.folder = folder
+        private_dir(folder)
+        private_dir(folder / "refs")
+        self.path = folder / "index.sqlite"
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            moved = self.path.with_name(f"{self.path.name}.corrupt-{os.getpid()}")
+            log.warning("pack index %s is damaged (%s); moved to %s, rebuilding from the "
+                        "targets", self.path, exc, moved)
+            with contextlib.suppress(OSError):
+                self.path.replace(moved)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            try:
+                self._db = self._connect()
+            except sqlite3.Error as err:
+                raise ConexaError(f"cannot create the pack index {self.path}: {err}") from None
+
+    @classmethod
+    def open(cls, state_dir: Path) -> BlobIndex:
+        return cls(state_dir / FOLDER)
+
+    def _connect(self) -> sqlite3.Connection:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+            db.execute("PRAGMA temp_store = FILE")
+            db.executescript(_SCHEMA)
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> BlobIndex:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- what targets hold ---------------------------------------------------------------------
+
+    def holders(self, blob: str) -> set[str]:
+        """The targets holding ``blob`` in some pack."""
+        rows = self._db.execute(
+            "SELECT DISTINCT h.target FROM blobs b JOIN held h ON h.pack = b.pack "
+            "WHERE b.blob = ?", (_raw(blob),))
+        return {r[0] for r in rows}
+
+    def has(self, target: str, blob: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM blobs b JOIN held h ON h.pack = b.pack "
+            "WHERE b.blob = ? AND h.target = ? LIMIT 1", (_raw(blob), target)).fetchone()
+        return row is not None
+
+    def packs_holding(self, target: str, blob: str) -> list[str]:
+        """The packs on ``target`` that hold ``blob`` (usually one)."""
+        rows = self._db.execute(
+            "SELECT b.pack FROM blobs b JOIN held h ON h.pack = b.pack "
+            "WHERE b.blob = ? AND h.target = ?", (_raw(blob), target))
+        return [r[0].hex() for r in rows]
+
+    def known_pack(self, name: str) -> bool:
+        """Whether this cache knows what pack ``name`` holds."""
+        return self._db.execute("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1",
+                                (_raw(name),)).fetchone() is not None
+
+    def add_pack(self, name: str, blobs: Iterable[tuple[str, int]],
+                 targets: Iterable[tuple[str, int]] = ()) -> None:
+        """Record what pack ``name`` holds, and that each (target, stored size) holds it."""
+        raw = _raw(name)
+        with self._tx():
+            self._db.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)",
+                                 ((_raw(b), raw, n) for b, n in blobs))
+            self._db.executemany("INSERT OR REPLACE INTO held VALUES (?, ?, ?)",
+                                 ((t, raw, size) for t, size in targets))
+
+    def drop_held(self, target: str, name: str) -> None:
+        """``target`` no longer holds pack ``name`` (deleted, or gone from its listing)."""
+        with self._tx():
+            self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
+                             (target, _raw(name)))
+            self._forget_unheld()
+
+    def held(self, target: str) -> Iterator[HeldPack]:
+        """Every pack ``target`` holds, as far as this cache knows."""
+        rows = self._db.execute("SELECT pack, size FROM held WHERE target = ? ORDER BY pack",
+                                (target,)).fetchall()
+        return (HeldPack(r[0].hex(), r[1]) for r in rows)
+
+    def pack_blobs(self, name: str) -> list[tuple[str, int]]:
+        """(blob id, length) of every blob pack ``name`` holds (empty when unknown)."""
+        rows = self._db.execute("SELECT blob, length FROM blobs WHERE pack = ? ORDER BY blob",
+                                (_raw(name),))
+        return [(r[0].hex(), r[1]) for r in rows]
+
+    def sync(self, target: Target, read_index: ReadIndex) -> list[str]:
+        """Bring what ``target`` holds up to its listing of ``packs/``: packs gone from it are
+        dropped; listed packs this cache does not know are read with ``read_index`` (a
+        download: once per pack, ever, while the cache lives). Returns the listed packs that
+        could not be read: their blobs count as absent (stored again where needed), and
+        garbage collection never touches them.
+
+        Raises:
+            StorageError: the target cannot be listed.
+        """
+        listed = {}
+        for obj in target.list("packs/"):
+            name = pack_name(obj.key)
+            if name is not None:
+                listed[name] = obj.size
+        unreadable = []
+        with self._tx():
+            have = {p.name: p.size for p in self.held(target.name)}
+            for name in have.keys() - listed.keys():
+                log.warning("target %s no longer holds pack %s; its blobs will be stored again",
+                            target.name, name)
+                self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
+                                 (target.name, _raw(name)))
+        for name in sorted(listed.keys() - have.keys()):
+            if self.known_pack(name):
+                self.add_pack(name, (), [(target.name, listed[name])])
+                continue
+            blobs = read_index(name)
+            if blobs is None:
+                unreadable.append(name)
+                continue
+            self.add_pack(name, blobs, [(target.name, listed[name])])
+        with self._tx():
+            self._forget_unheld()
+        return unreadable
+
+    def _forget_unheld(self) -> None:
+        self._db.execute("DELETE FROM blobs WHERE pack NOT IN (SELECT pack FROM held)")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- what backups name ---------------------------------------------------------------------
+
+    def refs_path(self, backup_id: str) -> Path:
+        return self.folder / "refs" / f"{backup_id}.ids"
+
+    def write_refs(self, backup_id: str, blobs: Iterable[str]) -> None:
+        """Record the blob ids backup ``backup_id`` names, sorted and unique (a temporary
+        SQLite table sorts them on disk), atomically."""
+        final = self.refs_path(backup_id)
+        tmp = final.with_name(f".{final.name}.tmp")
+        with contextlib.closing(sqlite3.connect(":memory:")) as sorter:
+            sorter.execute("PRAGMA temp_store = FILE")
+            sorter.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+            sorter.execute("ATTACH DATABASE '' AS scratch")  # a temporary file on disk
+            sorter.execute("CREATE TABLE scratch.ids (id BLOB PRIMARY KEY) WITHOUT ROWID")
+            sorter.executemany("INSERT OR IGNORE INTO scratch.ids VALUES (?)",
+                               ((_raw(b),) for b in blobs))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    for (raw,) in sorter.execute("SELECT id FROM scratch.ids ORDER BY id"):
+                        out.write(raw)
+                    out.flush()
+                    os.fsync(out.fileno())
+                tmp.replace(final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def has_refs(self, backup_id: str) -> bool:
+        return self.refs_path(backup_id).is_file()
+
+    def read_refs(self, backup_id: str) -> Iterator[bytes]:
+        """The raw (32-byte) blob ids of ``backup_id``, sorted. Raises OSError when absent."""
+        with self.refs_path(backup_id).open("rb") as fh:
+            while chunk := fh.read(ID_BYTES * 4096):
+                for i in range(0, len(chunk), ID_BYTES):
+                    yield chunk[i:i + ID_BYTES]
+
+    def forget_refs(self, keep: Sequence[str]) -> None:
+        """Remove the refs of backups not in ``keep`` (gone from every target)."""
+        wanted = {f"{i}.ids" for i in keep}
+        for path in (self.folder / "refs").iterdir():
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+
+
+def merged(streams: Iterable[Iterator[bytes]]) -> Iterator[bytes]:
+    """The union of sorted streams of ids, sorted, each id once."""
+    last = None
+    for raw in heapq.merge(*streams):
+        if raw != last:
+            yield raw
+            last = raw
