@@ -25,15 +25,15 @@ import pytest
 from conexa_backup import archive
 from conexa_backup.archive import (
     SKIPPED_LISTED,
+    Entry,
+    Replaced,
     TreeStats,
     _add_entry,
     _add_file,
-    Entry,
     _ForgetfulTarFile,
-    open_file,
-    Replaced,
     extract_stream,
     move_file,
+    open_file,
     probe_tree,
     scan_tree,
     tar_writer,

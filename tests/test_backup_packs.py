@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from conexa_backup.blobindex import BlobIndex
 from conexa_backup.manifest import IndexEntry, Manifest
 from conexa_backup.packs import pack_name
 from tests.conftest import Workspace
+
 
 def packs_config(ws: Workspace, extra: str = "") -> None:
     ws.write_config(uploads=False, extra=f'[uploads]\npath = "{ws.uploads}"\nformat = "packs"\n'
@@ -82,3 +84,164 @@ def test_a_new_file_is_the_only_thing_stored_next_time(ws: Workspace) -> None:
     new = next(e for e in index_of(ws, second) if e.path == "new.bin")
     with BlobIndex.open(ws.state) as index:
         assert index.pack_blobs(added.pop()) == [(new.blobs[0], 11000)]  # type: ignore[index]
+
+
+def two_targets(ws: Workspace, other: Path, extra: str = "", other_extra: str = "") -> None:
+    packs_config(ws, extra + f'[[targets]]\nname = "other"\ntype = "local"\npath = "{other}"\n'
+                 + other_extra)
+
+
+def blobs_named(ws: Workspace, backup_id: str, root: Path | None = None) -> set[str]:
+    entries = index_of(ws, backup_id) if root is None else _index_at(root, backup_id)
+    return {b for e in entries for b in (e.blobs or ())}
+
+
+def _index_at(root: Path, backup_id: str) -> list[IndexEntry]:
+    import zstandard
+
+    raw = (root / backup_id / "uploads.index.jsonl.zst").read_bytes()
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    return [IndexEntry.from_line(line) for line in plain.splitlines()]
+
+
+def blobs_in_packs(root: Path) -> dict[str, str]:
+    """blob id -> pack name, read from the packs stored under ``root`` (not from any cache)."""
+    from conexa_backup.packs import read_index
+
+    found = {}
+    for name in stored_packs(root):
+        with (root / "packs" / name[:2] / name).open("rb") as fh:
+            for ref in read_index(name, fh, root.parent).blobs:
+                found[ref.id] = name
+    return found
+
+
+def test_a_target_added_later_gets_every_blob_and_the_others_nothing_new(
+        ws: Workspace) -> None:
+    packs_config(ws)
+    first = backup(ws)
+    before = stored_packs(ws.backups)
+    other = ws.root / "other"
+    two_targets(ws, other)
+    (ws.uploads / "new.bin").write_bytes(b"n" * 4000)
+    second = backup(ws)
+    added = stored_packs(ws.backups).keys() - before.keys()
+    assert len(added) == 1  # the first target lacked only the new file's blob
+    with BlobIndex.open(ws.state) as index:
+        assert len(index.pack_blobs(added.pop())) == 1
+    assert blobs_named(ws, second) <= blobs_in_packs(other).keys()
+    assert blobs_named(ws, second) > blobs_named(ws, first)
+    assert (other / second / "manifest.json").is_file()
+    assert not (other / first).exists()
+
+
+def test_a_new_blob_goes_into_one_pack_stored_on_both_targets(ws: Workspace) -> None:
+    other = ws.root / "other"
+    two_targets(ws, other)
+    backup(ws)
+    before = stored_packs(ws.backups)
+    assert stored_packs(other) == before  # same packs, produced once: same names
+    (ws.uploads / "new.bin").write_bytes(b"x" * 5000)
+    backup(ws)
+    added = stored_packs(ws.backups).keys() - before.keys()
+    assert len(added) == 1 and added == stored_packs(other).keys() - before.keys()
+
+
+def test_a_lost_pack_is_stored_again_by_the_next_backup(ws: Workspace) -> None:
+    packs_config(ws)
+    first = backup(ws)
+    for name in stored_packs(ws.backups):
+        (ws.backups / "packs" / name[:2] / name).unlink()
+    second = backup(ws)
+    assert blobs_named(ws, second) == blobs_named(ws, first)
+    assert blobs_named(ws, second) <= blobs_in_packs(ws.backups).keys()
+
+
+def test_a_lost_cache_is_rebuilt_from_the_packs_without_storing_them_again(
+        ws: Workspace) -> None:
+    import shutil
+
+    packs_config(ws)
+    backup(ws)
+    before = stored_packs(ws.backups)
+    shutil.rmtree(ws.state / "packs")
+    shutil.rmtree(ws.state / "filecache")
+    backup(ws)
+    assert stored_packs(ws.backups) == before
+    with BlobIndex.open(ws.state) as index:
+        assert {p.name for p in index.held("local")} == before.keys()
+
+
+def test_a_monthly_tier_gets_the_blobs_of_the_backups_it_skipped(ws: Workspace) -> None:
+    other = ws.root / "monthly"
+    two_targets(ws, other, other_extra="retention = { keep_monthly = 12 }\n")
+    first = backup(ws)
+    assert (other / first / "manifest.json").is_file()
+    (ws.uploads / "mid-month.bin").write_bytes(b"m" * 3000)
+    second = backup(ws)
+    assert not (other / second).exists()  # not for this tier: same month
+    assert not blobs_named(ws, second) <= blobs_in_packs(other).keys()
+    assert blobs_named(ws, second) <= blobs_in_packs(ws.backups).keys()
+
+
+def test_a_failing_target_does_not_commit_and_the_other_holds_every_blob(
+        ws: Workspace) -> None:
+    other = ws.root / "other"
+    two_targets(ws, other)
+    other.mkdir()
+    (other / "packs").write_text("not a folder")  # every pack upload there fails
+    result = ws.run("backup", "--json", "--no-prune")
+    assert result.returncode == 3, result.stderr
+    backup_id = json.loads(result.stdout)["id"]
+    assert not (other / backup_id / "manifest.json").exists()
+    assert blobs_named(ws, backup_id) <= blobs_in_packs(ws.backups).keys()
+
+
+def test_encrypted_packs_use_keyed_ids_and_hide_every_name(ws: Workspace) -> None:
+    from tests.test_trust import KNOWN_PLAINTEXT, encryption_toml, make_age_key
+
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    dedup = ws.root / "keys" / "dedup.key"
+    dedup.write_text("ab" * 32 + "\n")
+    dedup.chmod(0o600)
+    packs_config(ws, encryption_toml(key) + f'dedup_key_file = "{dedup}"\n')
+    first = backup(ws)
+    manifest = Manifest.from_json((ws.backups / first / "manifest.json").read_bytes(), "t")
+    assert manifest.uploads is not None and manifest.uploads.ids == "hmac-sha256"
+    for name in stored_packs(ws.backups):
+        data = (ws.backups / "packs" / name[:2] / name).read_bytes()
+        assert data.startswith(b"age-encryption.org/v1\n")
+        assert not any(p in data for p in KNOWN_PLAINTEXT)
+    plain_sha = {hashlib.sha256(p.read_bytes()).hexdigest()
+                 for p in ws.uploads.rglob("*") if p.is_file() and not p.is_symlink()}
+    with BlobIndex.open(ws.state) as index:
+        stored = {b for p in index.held("local") for b, _ in index.pack_blobs(p.name)}
+    assert stored and not stored & plain_sha  # ids reveal no file's SHA-256
+
+
+def test_packs_with_encryption_need_a_dedup_key_and_refuse_object_lock(
+        ws: Workspace) -> None:
+    from tests.test_trust import encryption_toml, make_age_key
+
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    packs_config(ws, encryption_toml(key))
+    result = ws.run("backup")
+    assert result.returncode == 2 and "dedup_key_file" in result.stderr
+    assert "Traceback" not in result.stderr
+    packs_config(ws, '[[targets]]\nname = "s3"\ntype = "s3"\nbucket = "locked-bucket"\n'
+                 'object_lock_mode = "GOVERNANCE"\nobject_lock_days = 30\n')
+    result = ws.run("backup")
+    assert result.returncode == 2 and "Object Lock" in result.stderr, result.stderr
+
+
+def test_a_malformed_dedup_key_is_one_clear_line(ws: Workspace) -> None:
+    from tests.test_trust import encryption_toml, make_age_key
+
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    dedup = ws.root / "keys" / "dedup.key"
+    dedup.write_text("not hex at all, a secret perhaps\n")
+    packs_config(ws, encryption_toml(key) + f'dedup_key_file = "{dedup}"\n')
+    result = ws.run("backup")
+    assert result.returncode == 2, result.stderr
+    assert "64 hex digits" in result.stderr and "secret perhaps" not in result.stderr
+    assert "Traceback" not in result.stderr
