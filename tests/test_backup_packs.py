@@ -245,3 +245,17 @@ def test_a_malformed_dedup_key_is_one_clear_line(ws: Workspace) -> None:
     assert result.returncode == 2, result.stderr
     assert "64 hex digits" in result.stderr and "secret perhaps" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_line_formatted_directly_is_the_json_of_its_fields() -> None:
+    import dataclasses
+
+    entry = IndexEntry('a"b/\u00e9\udce9', "file", 5, "ab" * 32, mode=0o644, uid=33, gid=34,
+                       mtime_ns=10**18 + 7, blobs=("cd" * 32, "ef" * 32))
+    line = entry.to_line()
+    fields = {k: list(v) if isinstance(v, tuple) else v
+              for k, v in dataclasses.asdict(entry).items() if v is not None}
+    assert json.loads(line) == fields and line.endswith(b"}\n") and line.count(b"\n") == 1
+    assert IndexEntry.from_line(line) == entry
+    odd = dataclasses.replace(entry, blobs=('x", "y',))  # not an id: the generic path
+    assert json.loads(odd.to_line())["blobs"] == ['x", "y']

@@ -337,12 +337,15 @@ def _member_type(member: tarfile.TarInfo) -> int:
 
 class Entry(NamedTuple):
     """An entry the walk found: its path below the root, its ``stat.S_IFMT`` kind, and the
-    open folder holding it (valid until the walk moves on) with its name there."""
+    open folder holding it (valid until the walk moves on) with its name there; and the
+    lstat the walk took (the packs format's file cache is consulted with it, so that an
+    unchanged file is never opened)."""
 
     rel: str
     kind: int
     dir_fd: int
     name: str
+    st: os.stat_result | None = None
 
 
 # Files are opened where the walk found them (relative to their folder's fd), never through
@@ -456,17 +459,18 @@ def _examine(level: _Level, name: str, skipped: Skipped) -> Entry | None:
     stored (then recorded in ``skipped``)."""
     rel = name if level.rel == "." else f"{level.rel}/{name}"
     try:
-        kind = stat.S_IFMT(os.stat(name, dir_fd=level.fd, follow_symlinks=False).st_mode)
+        st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     except OSError as exc:
         skipped.add(rel, f"cannot read: {exc.strerror}")
         return None
+    kind = stat.S_IFMT(st.st_mode)
     why = unrestorable(kind)
     if why is not None:
         skipped.add(rel, f"{why}: cannot be restored")
         return None
-    return Entry(rel, kind, level.fd, name)
+    return Entry(rel, kind, level.fd, name, st)
 
 
 def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import logging
 import os
 import sqlite3
@@ -126,6 +127,31 @@ class BlobIndex:
 
     # -- what targets hold ---------------------------------------------------------------------
 
+    def note_everywhere(self, targets: Sequence[str]) -> None:
+        """Remember, for this connection, the blobs every one of ``targets`` holds now, so
+        that :meth:`everywhere` answers the common case (an unchanged file) with one point
+        query. Blobs stored later are not in it: callers ask :meth:`holders` then."""
+        self._db.execute("DROP TABLE IF EXISTS temp.everywhere")
+        # Hex text, not raw bytes: :meth:`present` matches a JSON list of ids against it.
+        self._db.execute("CREATE TEMP TABLE everywhere (blob TEXT PRIMARY KEY) WITHOUT ROWID")
+        self._db.execute(
+            "INSERT INTO temp.everywhere SELECT lower(hex(b.blob)) FROM blobs b JOIN held h "
+            "ON h.pack = b.pack WHERE h.target IN (SELECT value FROM json_each(?)) "
+            "GROUP BY b.blob HAVING COUNT(DISTINCT h.target) = ?",
+            (json.dumps(list(targets)), len(set(targets))))
+
+    def everywhere(self, blob: str) -> bool:
+        """Whether ``blob`` was held by every target :meth:`note_everywhere` named."""
+        return self._db.execute("SELECT 1 FROM temp.everywhere WHERE blob = ?",
+                                (blob,)).fetchone() is not None
+
+    def present(self, blobs: Iterable[str]) -> set[str]:
+        """Those of ``blobs`` that :meth:`everywhere` holds, in one query (a folder's)."""
+        rows = self._db.execute(
+            "SELECT blob FROM temp.everywhere WHERE blob IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(blobs)),))
+        return {r[0] for r in rows}
+
     def holders(self, blob: str) -> set[str]:
         """The targets holding ``blob`` in some pack."""
         rows = self._db.execute(
@@ -166,7 +192,7 @@ class BlobIndex:
         with self._tx():
             self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
                              (target, _raw(name)))
-            self._forget_unheld()
+            self._forget_unheld(name)
 
     def held(self, target: str) -> Iterator[HeldPack]:
         """Every pack ``target`` holds, as far as this cache knows."""
@@ -203,6 +229,7 @@ class BlobIndex:
                             target.name, name)
                 self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
                                  (target.name, _raw(name)))
+                self._forget_unheld(name)
         for name in sorted(listed.keys() - have.keys()):
             if self.known_pack(name):
                 self.add_pack(name, (), [(target.name, listed[name])])
@@ -212,12 +239,13 @@ class BlobIndex:
                 unreadable.append(name)
                 continue
             self.add_pack(name, blobs, [(target.name, listed[name])])
-        with self._tx():
-            self._forget_unheld()
         return unreadable
 
-    def _forget_unheld(self) -> None:
-        self._db.execute("DELETE FROM blobs WHERE pack NOT IN (SELECT pack FROM held)")
+    def _forget_unheld(self, name: str) -> None:
+        """Forget what pack ``name`` holds once no target holds it."""
+        raw = _raw(name)
+        self._db.execute("DELETE FROM blobs WHERE pack = ? AND NOT EXISTS "
+                         "(SELECT 1 FROM held WHERE pack = ?)", (raw, raw))
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
@@ -235,28 +263,20 @@ class BlobIndex:
         return self.folder / "refs" / f"{backup_id}.ids"
 
     def write_refs(self, backup_id: str, blobs: Iterable[str]) -> None:
-        """Record the blob ids backup ``backup_id`` names, sorted and unique (a temporary
-        SQLite table sorts them on disk), atomically."""
-        final = self.refs_path(backup_id)
-        tmp = final.with_name(f".{final.name}.tmp")
-        with contextlib.closing(sqlite3.connect(":memory:")) as sorter:
-            sorter.execute("PRAGMA temp_store = FILE")
-            sorter.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
-            sorter.execute("ATTACH DATABASE '' AS scratch")  # a temporary file on disk
-            sorter.execute("CREATE TABLE scratch.ids (id BLOB PRIMARY KEY) WITHOUT ROWID")
-            sorter.executemany("INSERT OR IGNORE INTO scratch.ids VALUES (?)",
-                               ((_raw(b),) for b in blobs))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    for (raw,) in sorter.execute("SELECT id FROM scratch.ids ORDER BY id"):
-                        out.write(raw)
-                    out.flush()
-                    os.fsync(out.fileno())
-                tmp.replace(final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+        """Record the blob ids backup ``backup_id`` names, sorted and unique, atomically."""
+        with self.refs_writer(backup_id) as refs:
+            refs.add(blobs)
+
+    @contextlib.contextmanager
+    def refs_writer(self, backup_id: str) -> Iterator[RefsWriter]:
+        """A :class:`RefsWriter` for ``backup_id``: fed while a backup walks its tree, written
+        (sorted, unique, atomically) when the block ends normally; discarded otherwise."""
+        writer = RefsWriter(self.refs_path(backup_id))
+        try:
+            yield writer
+            writer.commit()
+        finally:
+            writer.close()
 
     def has_refs(self, backup_id: str) -> bool:
         return self.refs_path(backup_id).is_file()
@@ -283,3 +303,46 @@ def merged(streams: Iterable[Iterator[bytes]]) -> Iterator[bytes]:
         if raw != last:
             yield raw
             last = raw
+
+
+class RefsWriter:
+    """Blob ids gathered in a temporary SQLite table (on disk: memory stays flat), written
+    sorted and unique to ``path`` by :meth:`commit`."""
+
+    BATCH = 4096  # ids inserted in one executemany
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[tuple[bytes]] = []
+        self._db = sqlite3.connect(":memory:")
+        self._db.execute("PRAGMA temp_store = FILE")
+        self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+        self._db.execute("ATTACH DATABASE '' AS scratch")  # a temporary file on disk
+        self._db.execute("CREATE TABLE scratch.ids (id BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def add(self, blobs: Iterable[str]) -> None:
+        self._pending += ((_raw(b),) for b in blobs)
+        if len(self._pending) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT OR IGNORE INTO scratch.ids VALUES (?)", self._pending)
+        self._pending.clear()
+
+    def commit(self) -> None:
+        self._flush()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for (raw,) in self._db.execute("SELECT id FROM scratch.ids ORDER BY id"):
+                    out.write(raw)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def close(self) -> None:
+        self._db.close()

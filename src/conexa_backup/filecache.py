@@ -62,6 +62,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS files (
     path BLOB PRIMARY KEY,
+    dir BLOB NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
@@ -70,7 +71,9 @@ CREATE TABLE IF NOT EXISTS files (
     blobs TEXT NOT NULL,
     seen INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
+SCHEMA_VERSION = "2"  # 2: the dir column (a folder's entries in one query)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,11 @@ class Entry:
     inode: int
     blobs: tuple[str, ...]
     sha256: str
+
+    def matches(self, st: os.stat_result) -> bool:
+        """Whether ``st`` (an lstat or fstat) describes the file as it was when read."""
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode) == (
+            st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def key_fingerprint(key: bytes | None) -> str:
@@ -131,6 +139,12 @@ def _busy(exc: BaseException) -> bool:
     """Whether ``exc`` is SQLite waiting for a lock (not a sign of a broken file)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _parent(rel_path: str) -> str:
+    """The folder holding ``rel_path`` (relative to the root; ``"."`` for the root)."""
+    parent = rel_path.rpartition("/")[0]
+    return parent or "."
 
 
 def _encode(rel_path: str) -> bytes:
@@ -235,6 +249,10 @@ class FileCache:
         db.execute("PRAGMA cache_size = -8000")  # 8 MB of pages, whatever the table's size
         if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
             raise sqlite3.DatabaseError("quick_check failed")
+        columns = {r[1] for r in db.execute("PRAGMA table_info(files)")}
+        if columns and "dir" not in columns:  # an older schema: a cache, so start it again
+            log.info("file cache %s: older format, starting it again", self.path)
+            db.executescript("DROP TABLE files; DELETE FROM meta WHERE k = 'run';")
         db.executescript(_SCHEMA)
         db.execute("BEGIN IMMEDIATE")
         meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
@@ -243,7 +261,7 @@ class FileCache:
         self._salt = bytes.fromhex(salt)
         db.executemany(
             "INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)",
-            [("run", str(self.run)), ("salt", salt), ("version", "1")],
+            [("run", str(self.run)), ("salt", salt), ("version", SCHEMA_VERSION)],
         )
         db.execute("COMMIT")
         db.execute("BEGIN")
@@ -298,16 +316,10 @@ class FileCache:
         if row is None:
             return None
         size, mtime_ns, ctime_ns, inode, blobs, sha256 = row
-        if (size, mtime_ns, ctime_ns, inode) != (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-            st.st_ino,
-        ):
-            return None
-        return Entry(
+        entry = Entry(
             size, mtime_ns, ctime_ns, inode, tuple(blobs.split(",")) if blobs else (), sha256
         )
+        return entry if entry.matches(st) else None
 
     def should_rehash(self, rel_path: str) -> bool:
         """Whether this run reads ``rel_path`` again although the cache matches (see
@@ -337,6 +349,7 @@ class FileCache:
                 raise ValueError(f"not a lowercase hex id: {value!r}")
         values = (
             _encode(rel_path),
+            _encode(_parent(rel_path)),
             st.st_size,
             st.st_mtime_ns,
             st.st_ctime_ns,
@@ -345,7 +358,7 @@ class FileCache:
             ",".join(blobs),
             self.run,
         )
-        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         try:
             self._conn.execute(sql, values)
         except sqlite3.OperationalError:
@@ -353,6 +366,51 @@ class FileCache:
         except sqlite3.DatabaseError as exc:
             self._rebuild(exc)
             self._conn.execute(sql, values)
+        self._wrote()
+
+    def children(self, dir_rel: str) -> dict[str, Entry]:
+        """The cached entries of the files directly in folder ``dir_rel`` (``"."``: the
+        root), by name: one query for a whole folder, so a walk compares each file's stat
+        in memory (memory: one folder's entries). Marks nothing: see :meth:`keep`.
+
+        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside (then: none).
+        """
+        try:
+            rows = self._conn.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, blobs, sha256 FROM files "
+                "WHERE dir = ?", (_encode(dir_rel),)).fetchall()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return {}
+        found = {}
+        for path, size, mtime_ns, ctime_ns, inode, blobs, sha256 in rows:
+            name = path.rpartition(b"/")[2].decode("utf-8", "surrogateescape")
+            found[name] = Entry(size, mtime_ns, ctime_ns, inode,
+                                tuple(blobs.split(",")) if blobs else (), sha256)
+        return found
+
+    def keep(self, dir_rel: str, gone: list[str]) -> None:
+        """After a walk went through folder ``dir_rel``: mark its entries seen by this run,
+        but drop those of ``gone`` (names :meth:`children` gave that the walk did not find,
+        or could not read). Same effect as :meth:`lookup` on every file there, in two
+        statements.
+
+        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
+        """
+        prefix = "" if dir_rel == "." else f"{dir_rel}/"
+        try:
+            self._conn.execute("UPDATE files SET seen = ? WHERE dir = ?",
+                               (self.run, _encode(dir_rel)))
+            if gone:
+                self._conn.executemany("DELETE FROM files WHERE path = ?",
+                                       ((_encode(prefix + name),) for name in gone))
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return
         self._wrote()
 
     def finish(self) -> int:

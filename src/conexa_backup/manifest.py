@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Literal, TypedDict
 
@@ -120,8 +120,20 @@ class IndexEntry:
     blobs: tuple[str, ...] | None = None  # files
 
     def to_line(self) -> bytes:
+        # Not dataclasses.asdict: it deep-copies every value, a third of an unchanged
+        # packs backup's time per file (measured).
+        if self.type == "file" and self.blobs is not None and None not in (
+                self.size, self.mode, self.uid, self.gid, self.mtime_ns) \
+                and _IDS.fullmatch(",".join((self.sha256 or "", *self.blobs))):
+            # A packs file entry, the common line, formatted directly: json.dumps of the
+            # dict took half of an unchanged backup's time per file (measured). Same JSON.
+            blobs = ", ".join(f'"{b}"' for b in self.blobs)
+            return (f'{{"path": {json.dumps(self.path)}, "type": "file", "size": {self.size}, '
+                    f'"sha256": "{self.sha256}", "mode": {self.mode}, "uid": {self.uid}, '
+                    f'"gid": {self.gid}, "mtime_ns": {self.mtime_ns}, "blobs": [{blobs}]}}\n'
+                    ).encode()
         data = {k: list(v) if isinstance(v, tuple) else v
-                for k, v in asdict(self).items() if v is not None}
+                for k in _INDEX_FIELDS if (v := getattr(self, k)) is not None}
         # ASCII escapes: a name that is not UTF-8 (held as surrogate escapes, see os.fsdecode)
         # is written as "\\udce9" and read back as the same str, which os functions accept.
         return json.dumps(data).encode() + b"\n"
@@ -155,6 +167,10 @@ class IndexEntry:
                        blobs=None if blobs is None else tuple(blobs), **attrs)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"uploads index: unreadable line ({exc})") from None
+
+
+_INDEX_FIELDS = tuple(f.name for f in fields(IndexEntry))
+_IDS = re.compile(r"[0-9a-f]{64}(?:,[0-9a-f]{64})*")  # ids only: nothing to escape
 
 
 class Manifest(_Model):

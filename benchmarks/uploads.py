@@ -1,0 +1,350 @@
+"""Benchmark the uploads stage: the packs format against the tar format (issue 15).
+
+    .venv/bin/python benchmarks/uploads.py --out docs/benchmarks.md
+
+Both formats, in the same run, on the same trees, to a local target (so the figures are the
+tool's, not a network's): uploads-only backups (``run_backup(parts=("uploads",))``, each in a
+child process whose wall time and peak RSS, from ``wait4``, are recorded).
+
+1. **Unchanged tree**: a first backup of the benchmark's uploads (``--files``, about 500 MB
+   in 5,600 files by default: ``make_uploads_tree``), then a second of the same tree. Goal:
+   the second's uploads stage takes at most 5% of the first's time and stores at most 1% of
+   its bytes.
+2. **Growth**: ``--days`` daily backups of a smaller tree that grows 1% a day (new files;
+   a few renamed and deleted each day). Goals: stored bytes at most 1.5x the final tree
+   (tar: about ``days`` times), and the last day's uploads stage at most 10% of a full
+   backup's time.
+3. **Restore**: the packs backup of (1) restored by ``restore --only uploads`` against the
+   limit, GNU ``tar -x`` of an uncompressed tar of the same tree from a local file. Goal:
+   at most 1.2x.
+4. **Many files** (``--many-files``, default 1,000,000 one-line files in folders of 1,000):
+   peak RSS of a packs backup, a prune with garbage collection, and a restore. Goal: each
+   under 150 MB.
+
+Everything is made in a temporary folder removed at the end. Appends the results under
+"## Uploads: packs against tar (issue 15)" to ``--out`` (or prints them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import tomli_w
+
+from conexa_backup.testing.sample import make_uploads_tree
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_mb: float
+
+
+def log(text: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
+def measured(argv: Sequence[str | Path], env: dict[str, str] | None = None) -> Run:
+    """Run ``argv``; its wall time and peak RSS (the child's own, from ``wait4``).
+
+    Raises:
+        RuntimeError: it failed (its stderr's tail in the message).
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=out, stderr=err,
+                                env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        if proc.returncode not in (0, 3):
+            err.seek(0)
+            raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): "
+                               f"{err.read()[-2000:].decode(errors='replace')}")
+        out.seek(0)
+        said = out.read().decode().strip()
+    # A child of ours says how long the operation itself took (not Python's start-up).
+    return Run(float(said) if said else seconds, usage.ru_maxrss / 1024)
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def drop_caches_note() -> str:
+    return "page cache warm (no root-only cache drop between runs: both formats alike)"
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def config(self, name: str, uploads: Path, fmt: str, target: Path) -> Path:
+        doc = {"state_dir": str(self.work / "state" / name),
+               "database": {"url": "postgresql://127.0.0.1:9/unused"},
+               "uploads": {"path": str(uploads), "format": fmt},
+               "retention": {"keep_last": 1000},
+               "targets": [{"name": "local", "type": "local", "path": str(target)}]}
+        path = self.work / f"{name}.toml"
+        path.write_text(tomli_w.dumps(doc))
+        path.chmod(0o600)
+        return path
+
+    def child(self, *args: str | Path) -> Run:
+        return measured([sys.executable, __file__, "--child", *args])
+
+
+def child_main(op: str, config: str, *rest: str) -> int:
+    """One measured operation, in a child process."""
+    from conexa_backup.actions.backup import run_backup
+    from conexa_backup.actions.context import Context
+    from conexa_backup.actions.prune import prune
+    from conexa_backup.actions.restore import RestoreOptions, run_restore
+    from conexa_backup.config.loading import load_config
+
+    ctx = Context(load_config(Path(config))[0])
+    start = time.perf_counter()
+    if op == "backup":
+        run_backup(ctx, parts=("uploads",), prune=False)
+    elif op == "restore":
+        run_restore(ctx, RestoreOptions(ref=rest[0], only="uploads", uploads_to=Path(rest[1]),
+                                        safety_backup=False))
+    elif op == "prune":
+        prune(ctx)
+    else:
+        raise SystemExit(f"unknown child op {op}")
+    print(f"{time.perf_counter() - start:.4f}")
+    return 0
+
+
+def stored(target: Path) -> int:
+    return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+
+
+# -- 1. unchanged tree ---------------------------------------------------------------------------
+
+def unchanged(bench: Bench, uploads: Path) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for fmt in ("tar", "packs"):
+        target = bench.work / f"unchanged-{fmt}"
+        config = bench.config(f"unchanged-{fmt}", uploads, fmt, target)
+        first = bench.child("backup", config)
+        first_bytes = stored(target)
+        second = bench.child("backup", config)
+        second_bytes = stored(target) - first_bytes
+        out[fmt] = {"first_s": first.seconds, "first_mb": first.peak_mb,
+                    "first_bytes": first_bytes, "second_s": second.seconds,
+                    "second_mb": second.peak_mb, "second_bytes": second_bytes}
+        log(f"unchanged {fmt}: {out[fmt]}")
+    return out
+
+
+# -- 2. growth -----------------------------------------------------------------------------------
+
+def grow(root: Path, day: int, share: float = 0.01) -> None:
+    """Add ``share`` of the tree's bytes as new files; rename two files and delete one."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    target = int(sum(p.stat().st_size for p in files) * share)
+    folder = root / "novos" / f"dia-{day:02d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    added, n = 0, 0
+    while added < target:
+        size = min(200_000, target - added) or 1
+        (folder / f"envio-{n:04d}.bin").write_bytes(os.urandom(size))
+        added, n = added + size, n + 1
+    victims = [p for p in files if "novos" not in p.parts][day * 3:day * 3 + 3]
+    for p in victims[:2]:
+        p.rename(p.with_name(f"renomeado-{day}-{p.name}"))
+    for p in victims[2:]:
+        p.unlink()
+
+
+def growth(bench: Bench, days: int, files: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for fmt in ("tar", "packs"):
+        tree = bench.work / f"growth-tree-{fmt}"
+        make_uploads_tree(tree, files=files, seed=5, incompressible_kib=96)
+        target = bench.work / f"growth-{fmt}"
+        config = bench.config(f"growth-{fmt}", tree, fmt, target)
+        first = bench.child("backup", config)
+        last = first
+        for day in range(1, days):
+            grow(tree, day)
+            last = bench.child("backup", config)
+        out[fmt] = {"tree_bytes": tree_bytes(tree), "stored_bytes": stored(target),
+                    "full_s": first.seconds, "last_s": last.seconds}
+        log(f"growth {fmt}: {out[fmt]}")
+        shutil.rmtree(target)
+        shutil.rmtree(tree)
+    return out
+
+
+# -- 3. restore ----------------------------------------------------------------------------------
+
+def latest_id(target: Path) -> str:
+    ids = sorted(p.name for p in target.iterdir() if (p / "manifest.json").is_file())
+    return ids[-1]
+
+
+def restore(bench: Bench, uploads: Path, runs: int) -> dict[str, float]:
+    tarball = bench.work / "plain.tar"
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(uploads), "."], check=True)
+    config = bench.work / "unchanged-packs.toml"
+    backup_id = latest_id(bench.work / "unchanged-packs")
+    tar_times, packs_times = [], []
+    for i in range(runs):
+        dest = bench.work / f"tar-x-{i}"
+        dest.mkdir()
+        tar_times.append(measured(["tar", "-xf", tarball, "-C", dest]).seconds)
+        shutil.rmtree(dest)
+        dest = bench.work / f"packs-x-{i}"
+        packs_times.append(bench.child("restore", config, backup_id, dest).seconds)
+        shutil.rmtree(dest)
+    tarball.unlink()
+    result = {"tar_x_s": sorted(tar_times)[runs // 2], "packs_s": sorted(packs_times)[runs // 2]}
+    log(f"restore: {result}")
+    return result
+
+
+# -- 4. many files -------------------------------------------------------------------------------
+
+def many_files(root: Path, n: int) -> None:
+    for i in range(0, n, 1000):
+        folder = root / f"{i // 1000:04d}"
+        folder.mkdir(parents=True)
+        for j in range(min(1000, n - i)):
+            (folder / f"f{j:03d}.txt").write_bytes(f"file {i + j}\n".encode())
+
+
+def many(bench: Bench, n: int) -> dict[str, float]:
+    tree = bench.work / "many"
+    log(f"making {n} files")
+    many_files(tree, n)
+    target = bench.work / "many-packs"
+    config = bench.config("many", tree, "packs", target)
+    first = bench.child("backup", config)
+    second = bench.child("backup", config)
+    pruned = bench.child("prune", config)
+    dest = bench.work / "many-restored"
+    restored = bench.child("restore", config, latest_id(target), dest)
+    result = {"files": n, "backup_s": first.seconds, "backup_mb": first.peak_mb,
+              "second_s": second.seconds, "second_mb": second.peak_mb,
+              "prune_s": pruned.seconds, "prune_mb": pruned.peak_mb,
+              "restore_s": restored.seconds, "restore_mb": restored.peak_mb}
+    log(f"many files: {result}")
+    for path in (tree, target, dest):
+        shutil.rmtree(path, ignore_errors=True)
+    return result
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def report(args: argparse.Namespace, uploads: tuple[int, int], res: dict[str, object]) -> str:
+    u: dict[str, dict[str, float]] = res["unchanged"]  # type: ignore[assignment]
+    g: dict[str, dict[str, float]] = res.get("growth", {})  # type: ignore[assignment]
+    lines = [
+        "## Uploads: packs against tar (issue 15)", "",
+        f"`.venv/bin/python benchmarks/uploads.py {' '.join(args.argv)}` on "
+        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; uploads-only backups to a local target, each in "
+        f"a child process (wall time; peak RSS from `wait4`); {drop_caches_note()}.", "",
+        f"Tree: {uploads[0]:,} files, {uploads[1] / 1e6:,.0f} MB.", "",
+        "| | tar | packs | goal |", "|---|---:|---:|---|",
+    ]
+    t, p = u["tar"], u["packs"]
+    share_t = p["second_s"] / p["first_s"]
+    share_b = p["second_bytes"] / max(p["first_bytes"], 1)
+    lines += [
+        f"| first backup | {t['first_s']:.2f} s, {t['first_bytes'] / 1e6:,.1f} MB stored, "
+        f"{t['first_mb']:.0f} MB RSS | {p['first_s']:.2f} s, {p['first_bytes'] / 1e6:,.1f} MB, "
+        f"{p['first_mb']:.0f} MB RSS | |",
+        f"| second, unchanged | {t['second_s']:.2f} s, {t['second_bytes'] / 1e6:,.1f} MB | "
+        f"{p['second_s']:.2f} s ({share_t:.1%} of the first), "
+        f"{p['second_bytes'] / 1e6:,.3f} MB ({share_b:.2%}) | ≤ 5% time, ≤ 1% bytes: "
+        f"{verdict(share_t <= 0.05 and share_b <= 0.01)} |",
+    ]
+    if g:
+        gt, gp = g["tar"], g["packs"]
+        ratio_t = gt["stored_bytes"] / gt["tree_bytes"]
+        ratio_p = gp["stored_bytes"] / gp["tree_bytes"]
+        last = gp["last_s"] / gp["full_s"]
+        lines += [
+            f"| {args.days} days, +1%/day: stored / final tree | {ratio_t:.1f}x | {ratio_p:.2f}x "
+            f"| ≤ 1.5x: {verdict(ratio_p <= 1.5)} |",
+            f"| last day's stage / a full one | {gt['last_s'] / gt['full_s']:.0%} | {last:.0%} "
+            f"| ≤ 10%: {verdict(last <= 0.10)} |",
+        ]
+    if "restore" in res:
+        r: dict[str, float] = res["restore"]  # type: ignore[assignment]
+        ratio = r["packs_s"] / r["tar_x_s"]
+        lines.append(f"| restore (median of {args.runs}) | `tar -xf` (plain tar, the limit): "
+                     f"{r['tar_x_s']:.2f} s | {r['packs_s']:.2f} s ({ratio:.2f}x) | ≤ 1.2x: "
+                     f"{verdict(ratio <= 1.2)} |")
+    if "many" in res:
+        m: dict[str, float] = res["many"]  # type: ignore[assignment]
+        worst = max(m["backup_mb"], m["prune_mb"], m["restore_mb"], m["second_mb"])
+        lines.append(
+            f"| {int(m['files']):,} files, peak RSS | | backup {m['backup_mb']:.0f} MB "
+            f"({m['backup_s']:.0f} s), again {m['second_mb']:.0f} MB ({m['second_s']:.0f} s), "
+            f"prune {m['prune_mb']:.0f} MB ({m['prune_s']:.0f} s), restore "
+            f"{m['restore_mb']:.0f} MB ({m['restore_s']:.0f} s) | < 150 MB: "
+            f"{verdict(worst < 150)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        return child_main(*argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--files", type=int, default=5600)
+    p.add_argument("--incompressible-kib", type=int, default=180)
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--growth-files", type=int, default=1000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--many-files", type=int, default=1_000_000)
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["growth", "restore", "many"])
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    args.argv = argv
+    with tempfile.TemporaryDirectory(prefix="bench-uploads-") as tmp:
+        bench = Bench(Path(tmp))
+        uploads = bench.work / "uploads"
+        log(f"making the uploads tree ({args.files} files)")
+        make_uploads_tree(uploads, files=args.files, seed=0,
+                          incompressible_kib=args.incompressible_kib)
+        size = (sum(1 for p in uploads.rglob("*") if p.is_file()), tree_bytes(uploads))
+        res: dict[str, object] = {"unchanged": unchanged(bench, uploads)}
+        if "restore" not in args.skip:
+            res["restore"] = restore(bench, uploads, args.runs)
+        if "growth" not in args.skip:
+            res["growth"] = growth(bench, args.days, args.growth_files)
+        if "many" not in args.skip:
+            res["many"] = many(bench, args.many_files)
+    text = report(args, size, res)
+    print(json.dumps(res, indent=1), file=sys.stderr)
+    if args.out:
+        with args.out.open("a") as fh:
+            fh.write("\n" + text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
