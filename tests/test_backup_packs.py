@@ -259,3 +259,21 @@ def test_a_file_line_formatted_directly_is_the_json_of_its_fields() -> None:
     assert IndexEntry.from_line(line) == entry
     odd = dataclasses.replace(entry, blobs=('x", "y',))  # not an id: the generic path
     assert json.loads(odd.to_line())["blobs"] == ['x", "y']
+
+
+def test_a_later_target_failing_alone_does_not_stop_the_others(ws: Workspace) -> None:
+    packs_config(ws)
+    backup(ws)
+    other = ws.root / "other"
+    two_targets(ws, other)
+    other.mkdir()
+    (other / "packs").write_text("not a folder")  # only this target lacks blobs: it fails
+    (ws.uploads / "new.bin").write_bytes(b"z" * 2000)
+    result = ws.run("backup", "--json", "--no-prune")
+    assert result.returncode == 3, result.stderr
+    backup_id = json.loads(result.stdout)["id"]
+    assert (ws.backups / backup_id / "manifest.json").is_file()
+    assert not (other / backup_id / "manifest.json").exists()
+    assert blobs_named(ws, backup_id) <= blobs_in_packs(ws.backups).keys()
+    with BlobIndex.open(ws.state) as index:
+        assert not list(index.held("other"))  # nothing recorded as stored there

@@ -22,20 +22,22 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from conexa_backup import archive, packs
+from conexa_backup import archive, packs, signals
 from conexa_backup.blobindex import BlobIndex, RefsWriter
 from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
 from conexa_backup.filecache import Entry, FileCache, key_fingerprint
 from conexa_backup.manifest import Attrs, IndexEntry, shown_path
 from conexa_backup.pipeline import CHUNK, copy_stream
+from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import Target
-from conexa_backup.storage.fanout import MultiUpload
+from conexa_backup.storage.fanout import AllTargetsFailed, MultiUpload
 
 if TYPE_CHECKING:
     from conexa_backup.actions.backup import _Run
@@ -99,6 +101,7 @@ class _Packer:
         self._counts = counts
         self._scratch = ctx.state_dir("staging")
         self.writers: dict[frozenset[str], packs.PackWriter] = {}
+        self._pending: _PackUpload | None = None
 
     def present(self, blobs: set[str]) -> set[str]:
         """Those of ``blobs`` every target live at the start held then."""
@@ -125,36 +128,96 @@ class _Packer:
             self._counts.bytes_new += len(data)
 
     def _store(self, lack: frozenset[str], pack: packs.StoredPack) -> None:
-        """Upload a closed pack to the live targets of ``lack``; record who holds it."""
+        """Hand a closed pack to the uploader (a thread: the walk goes on meanwhile) for the
+        live targets of ``lack``, after the previous upload ended; record who holds it at
+        once, so later blobs of this run never go into a second pack."""
+        self._settle()
         targets = [t for t in self._run.alive if t.name in lack]
         if not targets:
             return  # every target that lacked these blobs has failed meanwhile
-        multi = MultiUpload(targets, pack.key)
-        try:
-            with pack.path.open("rb") as fh:
-                while data := fh.read(CHUNK):
-                    multi.write(data)
-                    self._ctx.reporter.advance(len(data))
-            stored = multi.commit()
-        except BaseException:
-            multi.abort()
-            raise
-        finally:
-            self._run.failures.update(multi.failures)
-        self._run.alive = [t for t in self._run.alive if t.name in stored or t.name not in lack]
+        # Take the scratch file over: the writer removes its own name when this returns.
+        owned = pack.path.with_name(scratch_name(f"upload-{pack.name[:12]}"))
+        pack.path.rename(owned)
         self._index.add_pack(pack.name, [(b.id, b.length) for b in pack.blobs],
-                             [(name, pack.size) for name in stored])
+                             [(t.name, pack.size) for t in targets])
+        self._pending = _PackUpload(self._ctx, pack, targets, owned)
+        signals.start(self._pending)
+
+    def _settle(self) -> None:
+        """Wait for the upload in flight; a target it failed on drops out of the run (its
+        error recorded, and the cache no longer says it holds the pack).
+
+        Raises:
+            ConexaError: every target has failed. What the upload raised otherwise.
+        """
+        upload, self._pending = self._pending, None
+        if upload is None:
+            return
+        upload.join()
+        if upload.error is not None:
+            raise upload.error
+        self._run.failures.update(upload.failures)
+        failed = {t.name for t in upload.targets} - upload.stored
+        for name in failed:
+            self._index.drop_held(name, upload.pack.name)
+        self._run.alive = [t for t in self._run.alive if t.name not in failed]
+        if not self._run.alive:
+            raise ConexaError("every target failed: " + "; ".join(self._run.failures.values()))
         self._counts.packs += 1
-        self._counts.bytes_stored += pack.size
+        self._counts.bytes_stored += upload.pack.size
 
     def finish(self) -> None:
-        """Close and upload every open pack."""
+        """Close and upload every open pack; wait for the last upload."""
         for writer in self.writers.values():
             writer.flush()
+        self._settle()
 
     def abort(self) -> None:
+        """Discard open packs; stop the upload in flight and wait for it (never raises)."""
         for writer in self.writers.values():
             writer.abort()
+        upload, self._pending = self._pending, None
+        if upload is not None:
+            upload.stop.set()
+            upload.join()
+
+
+class _PackUpload(threading.Thread):
+    """One closed pack, uploaded to ``targets`` at once (:class:`MultiUpload`) from its
+    scratch file, which it removes. A target that fails is recorded in ``failures``;
+    ``stored`` names those that committed; ``error`` holds anything else it raised."""
+
+    def __init__(self, ctx: Context, pack: packs.StoredPack, targets: list[Target],
+                 path: Path) -> None:
+        super().__init__(name=f"upload-pack-{pack.name[:8]}", daemon=True)
+        self.ctx, self.pack, self.targets, self.path = ctx, pack, targets, path
+        self.stop = threading.Event()
+        self.stored: set[str] = set()
+        self.failures: dict[str, str] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        multi: MultiUpload | None = None
+        try:
+            multi = MultiUpload(self.targets, self.pack.key)
+            with self.path.open("rb") as fh:
+                while (data := fh.read(CHUNK)) and not self.stop.is_set():
+                    multi.write(data)
+                    self.ctx.reporter.advance(len(data))
+            if self.stop.is_set():
+                multi.abort()
+                return
+            self.stored = set(multi.commit())
+        except AllTargetsFailed as exc:  # the run goes on with the other targets, if any
+            self.failures.update(exc.failures)
+        except BaseException as exc:  # raised in the walking thread by _settle
+            if multi is not None:
+                multi.abort()
+            self.error = exc
+        finally:
+            if multi is not None:
+                self.failures.update(multi.failures)
+            self.path.unlink(missing_ok=True)
 
 
 def _attrs(st: os.stat_result) -> Attrs:
