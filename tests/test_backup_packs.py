@@ -277,3 +277,18 @@ def test_a_later_target_failing_alone_does_not_stop_the_others(ws: Workspace) ->
     assert blobs_named(ws, backup_id) <= blobs_in_packs(ws.backups).keys()
     with BlobIndex.open(ws.state) as index:
         assert not list(index.held("other"))  # nothing recorded as stored there
+
+
+def test_check_loads_the_dedup_key_and_names_the_format(ws: Workspace) -> None:
+    from tests.test_trust import encryption_toml, make_age_key
+
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    dedup = ws.root / "keys" / "dedup.key"
+    dedup.write_text("0f" * 32)
+    packs_config(ws, encryption_toml(key) + f'dedup_key_file = "{dedup}"\n')
+    result = ws.run("check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "format packs, keyed blob ids" in result.stdout
+    dedup.write_text("0f" * 31)
+    result = ws.run("check")
+    assert result.returncode != 0 and "64 hex digits" in result.stdout + result.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 from conexa_backup import archive, postgres
 from conexa_backup.actions.context import Context
 from conexa_backup.config.loading import seed_env_notes
+from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, UsageError
 from conexa_backup.storage.base import Target
 
@@ -93,7 +94,21 @@ def _check_uploads(ctx: Context) -> str:
                           f"entr{'y' if skipped.count == 1 else 'ies'}: {named}{more}")
     # Followed by backups (the archive's root is the folder it points to): said, not refused.
     link = f"; a link to {path.resolve()}, followed" if path.is_symlink() else ""
-    return f"{path} readable ({scope}){link}"
+    return f"{path} readable ({scope}){link}{_packs_note(ctx)}"
+
+
+def _packs_note(ctx: Context) -> str:
+    """What the packs format needs, checked: the dedup key loads (never shown).
+
+    Raises:
+        ConfigError: the dedup key file is unreadable or malformed.
+    """
+    uploads = ctx.config.uploads
+    if uploads is None or uploads.format != "packs":
+        return ""
+    keyed = ctx.config.encryption.dedup_key_file is not None and \
+        load_dedup_key(ctx.config.encryption.dedup_key_file) is not None
+    return f"; format packs, {'keyed' if keyed else 'plain SHA-256'} blob ids"
 
 
 def _check_state_dir(ctx: Context) -> str:
