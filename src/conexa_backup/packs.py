@@ -53,7 +53,7 @@ MiB = 1 << 20
 PIECE_SIZE = 16 * MiB
 PACK_SIZE = 32 * MiB  # content of a pack: a pack is closed before a blob would cross it
 # Many tiny blobs would make one pack's index (parsed in RAM on read) large: close sooner.
-MAX_BLOBS = 50_000
+MAX_BLOBS = 10_000
 # What a reader accepts: anything larger was not written by us (a decompression bomb).
 MAX_CONTENT = 4 * PACK_SIZE
 MAGIC = b"CXBPACK1"
