@@ -155,6 +155,10 @@ def test_a_lost_pack_is_stored_again_by_the_next_backup(ws: Workspace) -> None:
     second = backup(ws)
     assert blobs_named(ws, second) == blobs_named(ws, first)
     assert blobs_named(ws, second) <= blobs_in_packs(ws.backups).keys()
+    listed = ws.run("list", "--json")
+    states = {b["id"]: b["status"] for b in json.loads(listed.stdout)}
+    # The run that saw the packs gone says so of the backup that needed them.
+    assert states == {first: "damaged", second: "complete"}, listed.stdout
 
 
 def test_a_lost_cache_is_rebuilt_from_the_packs_without_storing_them_again(

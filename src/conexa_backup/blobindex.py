@@ -206,12 +206,14 @@ class BlobIndex:
                                 (_raw(name),))
         return [(r[0].hex(), r[1]) for r in rows]
 
-    def sync(self, target: Target, read_index: ReadIndex) -> list[str]:
+    def sync(self, target: Target, read_index: ReadIndex,
+             on_lost: Callable[[str, list[bytes]], object] | None = None) -> list[str]:
         """Bring what ``target`` holds up to its listing of ``packs/``: packs gone from it are
         dropped; listed packs this cache does not know are read with ``read_index`` (a
         download: once per pack, ever, while the cache lives). Returns the listed packs that
         could not be read: their blobs count as absent (stored again where needed), and
-        garbage collection never touches them.
+        garbage collection never touches them. ``on_lost(name, ids)`` hears of each pack
+        the target no longer holds, with its blob ids (raw, sorted), before they are forgotten.
 
         Raises:
             StorageError: the target cannot be listed.
@@ -227,6 +229,8 @@ class BlobIndex:
             for name in have.keys() - listed.keys():
                 log.warning("target %s no longer holds pack %s; its blobs will be stored again",
                             target.name, name)
+                if on_lost is not None:
+                    on_lost(name, sorted(_raw(b) for b, _ in self.pack_blobs(name)))
                 self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
                                  (target.name, _raw(name)))
                 self._forget_unheld(name)
@@ -277,6 +281,23 @@ class BlobIndex:
             writer.commit()
         finally:
             writer.close()
+
+    def refs_touch(self, backup_id: str, ids: Sequence[bytes]) -> bool:
+        """Whether backup ``backup_id`` names any of ``ids`` (raw, sorted): a merge of its
+        refs with them. False when its refs are unknown here.
+        """
+        if not ids or not self.has_refs(backup_id):
+            return False
+        wanted = iter(ids)
+        want: bytes | None = next(wanted)
+        for raw in self.read_refs(backup_id):
+            while want is not None and want < raw:
+                want = next(wanted, None)
+            if want is None:
+                return False
+            if want == raw:
+                return True
+        return False
 
     def has_refs(self, backup_id: str) -> bool:
         return self.refs_path(backup_id).is_file()

@@ -137,6 +137,7 @@ class _Run:
     hold_prune: str | None = None  # why this run must not prune older backups
     accept_shrink: bool = False  # the operator says a smaller uploads tree is intended
     rehash: bool = False  # packs: read every file, whatever the file cache says
+    existing: list[Backup] = field(default_factory=list)  # what the targets held at the start
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -424,7 +425,7 @@ def run_backup(
                signing_key=load_signing_key(ctx.config.signing.key_file)
                if ctx.config.signing.key_file else None)
     run.uploads_before, run.accept_shrink = _uploads_before(existing), accept_shrink
-    run.rehash = rehash
+    run.rehash, run.existing = rehash, existing
     log.info("backup %s started (%s) on %s", run.backup_id, kind,
              ", ".join(t.name for t in run.alive))
     try:

@@ -36,6 +36,7 @@ from conexa_backup.filecache import Entry, FileCache, key_fingerprint
 from conexa_backup.manifest import Attrs, IndexEntry, shown_path
 from conexa_backup.pipeline import CHUNK, copy_stream
 from conexa_backup.scratch import scratch_name
+from conexa_backup.state import record_damaged
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.fanout import AllTargetsFailed, MultiUpload
 
@@ -364,6 +365,20 @@ class _Stage:
         return found.size, found.sha256, tuple(found.blobs)
 
 
+def _record_lost(ctx: Context, run: _Run, index: BlobIndex, target: str,
+                 lost: list[bytes]) -> None:
+    """Packs gone from ``target``: every complete backup there that names one of their blobs
+    is recorded damaged on it (status, list and prune say so until a verify proves it good
+    again; this run stores those blobs again, which makes such a verify pass)."""
+    for backup in run.existing:
+        if any(c.target.name == target and c.complete for c in backup.copies) \
+                and index.refs_touch(backup.id, lost):
+            why = (f"target {target!r}: {backup.id}: a pack holding some of its uploads is "
+                   "missing (seen when the next backup listed the packs)")
+            log.warning("%s", why)
+            record_damaged(ctx.config.state_dir, backup.id, target, why)
+
+
 def store_uploads(ctx: Context, run: _Run, root: Path, *,
                   rehash: bool = False) -> tuple[archive.TreeStats, dict[str, Any]]:
     """Store the uploads under ``root`` as packs plus the uploads index; return what the
@@ -383,8 +398,12 @@ def store_uploads(ctx: Context, run: _Run, root: Path, *,
             tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                           dir=str(ctx.state_dir("staging"))) as spool:
         for target in list(run.alive):
+            lost: list[bytes] = []
             try:
-                index.sync(target, index_reader(ctx, target))
+                index.sync(target, index_reader(ctx, target),
+                           lambda _name, ids, lost=lost: lost.extend(ids))  # type: ignore[misc]
+                if lost:
+                    _record_lost(ctx, run, index, target.name, sorted(lost))
             except StorageError as exc:
                 run.failures[target.name] = str(exc)
                 run.alive = [t for t in run.alive if t.name != target.name]
