@@ -296,3 +296,29 @@ def test_check_loads_the_dedup_key_and_names_the_format(ws: Workspace) -> None:
     dedup.write_text("0f" * 31)
     result = ws.run("check")
     assert result.returncode != 0 and "64 hex digits" in result.stdout + result.stderr
+
+
+def test_a_pack_rewritten_elsewhere_is_not_a_lost_pack(ws: Workspace) -> None:
+    """Another host's GC repacked the blobs: the old pack is gone, a new one holds them."""
+    from conexa_backup.packs import PackWriter, StoredPack, open_pack
+
+    packs_config(ws)
+    first = backup(ws)
+    scratch = ws.root / "scratch"
+    scratch.mkdir()
+    for name in stored_packs(ws.backups):
+        old = ws.backups / "packs" / name[:2] / name
+
+        def place(pack: StoredPack) -> None:
+            dest = ws.backups / pack.key
+            dest.parent.mkdir(exist_ok=True)
+            dest.write_bytes(pack.path.read_bytes())
+
+        with old.open("rb") as fh, open_pack(name, fh, scratch) as reader, \
+                PackWriter(scratch, place, compression=None) as writer:
+            for blob, data in reversed(list(reader.blobs())):  # other order: another pack
+                writer.add(blob, data)
+        old.unlink()
+    second = backup(ws)
+    states = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
+    assert states == {first: "complete", second: "complete"}

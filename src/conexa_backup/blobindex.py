@@ -342,9 +342,10 @@ class RefsWriter:
         self._db.execute("CREATE TABLE scratch.ids (id BLOB PRIMARY KEY) WITHOUT ROWID")
 
     def add(self, blobs: Iterable[str]) -> None:
-        self._pending += ((_raw(b),) for b in blobs)
-        if len(self._pending) >= self.BATCH:
-            self._flush()
+        for blob in blobs:  # one at a time: ``blobs`` may be a whole backup's ids
+            self._pending.append((_raw(blob),))
+            if len(self._pending) >= self.BATCH:
+                self._flush()
 
     def _flush(self) -> None:
         self._db.executemany("INSERT OR IGNORE INTO scratch.ids VALUES (?)", self._pending)

@@ -402,8 +402,10 @@ def store_uploads(ctx: Context, run: _Run, root: Path, *,
             try:
                 index.sync(target, index_reader(ctx, target),
                            lambda _name, ids, lost=lost: lost.extend(ids))  # type: ignore[misc]
-                if lost:
-                    _record_lost(ctx, run, index, target.name, sorted(lost))
+                # Blobs also in a pack still there (another host repacked them) are not lost.
+                gone = sorted(b for b in lost if not index.has(target.name, b.hex()))
+                if gone:
+                    _record_lost(ctx, run, index, target.name, gone)
             except StorageError as exc:
                 run.failures[target.name] = str(exc)
                 run.alive = [t for t in run.alive if t.name != target.name]
