@@ -24,6 +24,11 @@ DAY = 86400
 KEEP_LAST_1 = '[retention]\nkeep_last = 1\n'
 
 
+def gc_config(ws: Workspace, uploads: str = "", extra: str = KEEP_LAST_1) -> None:
+    """A packs config keeping the newest backup only; trees may shrink (tests replace them)."""
+    packs_config(ws, "max_shrink = 1\n" + uploads + extra)
+
+
 # -- helpers --------------------------------------------------------------------------------------
 
 def tree(ws: Workspace, files: dict[str, bytes]) -> None:
@@ -101,7 +106,7 @@ def prune(ws: Workspace, *args: str, code: int = 0) -> dict[str, Any]:
 # -- tests ----------------------------------------------------------------------------------------
 
 def test_a_pruned_backups_pack_goes_only_after_the_grace_period(ws: Workspace) -> None:
-    packs_config(ws, KEEP_LAST_1)
+    gc_config(ws)
     tree(ws, blobs("old", 5))
     first = backup(ws)
     old = set(stored_packs(ws.backups))
@@ -118,3 +123,207 @@ def test_a_pruned_backups_pack_goes_only_after_the_grace_period(ws: Workspace) -
     assert sorted(entry["gc"]["deleted_packs"]) == sorted(old)
     assert not old & set(stored_packs(ws.backups))
     assert_whole(ws.backups)
+
+
+def test_a_shared_blob_survives_while_any_backup_references_it(ws: Workspace) -> None:
+    gc_config(ws, "repack_threshold = 1.0\n")  # never repack: deletion only
+    shared = blobs("shared", 1)
+    tree(ws, {**blobs("a", 4), **shared})
+    backup(ws)
+    first_packs = set(stored_packs(ws.backups))
+    tree(ws, {**blobs("b", 4), **shared})
+    backup(ws)
+    age_packs(ws.backups)
+    entry = prune(ws)
+    assert entry["gc"]["deleted_packs"] == []  # the shared blob keeps the first pack
+    assert first_packs <= set(stored_packs(ws.backups))
+    assert_whole(ws.backups)
+    tree(ws, blobs("c", 2))
+    backup(ws)
+    age_packs(ws.backups)
+    entry = prune(ws)
+    assert first_packs <= set(entry["gc"]["deleted_packs"])  # now nobody references it
+    assert not first_packs & set(stored_packs(ws.backups))
+    assert_whole(ws.backups)
+
+
+def test_repack_keeps_every_remaining_backup_whole(ws: Workspace) -> None:
+    gc_config(ws)
+    kept, dropped = blobs("keep", 4), blobs("drop", 6)
+    tree(ws, {**kept, **dropped})
+    first = backup(ws)
+    (big,) = stored_packs(ws.backups)
+    tree(ws, kept)  # 60% of the pack's content now unreferenced
+    second = backup(ws)
+    assert set(stored_packs(ws.backups)) == {big}  # nothing new to store
+    age_packs(ws.backups)
+    entry = prune(ws)
+    assert entry["deleted"] == [first]
+    gc = entry["gc"]
+    assert gc["repacked_packs"] == [big] and len(gc["written_packs"]) == 1
+    after = stored_packs(ws.backups)
+    assert set(after) == set(gc["written_packs"])
+    assert gc["freed_bytes"] == gc["repacked_bytes"] - gc["written_bytes"] > 0
+    assert named_blobs(ws.backups, second) == present(ws.backups)
+    assert_whole(ws.backups)
+    # The next run knows the new pack (the cache), and it is young and fully referenced.
+    assert prune(ws)["gc"]["repacked_packs"] == []
+
+
+def test_below_the_threshold_nothing_is_repacked(ws: Workspace) -> None:
+    gc_config(ws)
+    kept = blobs("keep", 8)
+    tree(ws, {**kept, **blobs("drop", 2)})  # 20% unreferenced once the first backup goes
+    backup(ws)
+    before = stored_packs(ws.backups)
+    tree(ws, kept)
+    backup(ws)
+    age_packs(ws.backups)
+    gc = prune(ws)["gc"]
+    assert gc["repacked_packs"] == [] and gc["deleted_packs"] == []
+    assert stored_packs(ws.backups) == before
+
+
+def test_dry_run_shows_the_packs_and_bytes_gc_would_free(ws: Workspace) -> None:
+    gc_config(ws)
+    kept = blobs("keep", 4)
+    tree(ws, {**kept, **blobs("drop", 6)})
+    first = backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", 3)})
+    second = backup(ws)
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    backup(ws)
+    sizes = stored_packs(ws.backups)
+    when = (datetime.now(UTC) + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entry = prune(ws, "--at", when)  # a preview as of two days on: every pack is old then
+    assert sorted(d["id"] for d in entry["plan"] if not d["keep"]) == [first, second]
+    gc = entry["gc"]
+    assert gc["deleted_packs"] == [dead] and gc["deleted_bytes"] == sizes[dead]
+    assert gc["repacked_packs"] == [mixed] and gc["repacked_bytes"] == sizes[mixed]
+    # 60% of the mixed pack's content is unreferenced: about that share of it is freed.
+    assert sizes[dead] + 0.5 * sizes[mixed] < gc["freed_bytes"] < sizes[dead] + 0.7 * sizes[mixed]
+    assert stored_packs(ws.backups) == sizes and len(complete(ws.backups)) == 3  # nothing done
+    human = ws.run("prune", "--dry-run")
+    assert human.returncode == 0, human.stderr
+    assert "packs would delete 0" in human.stdout  # young: nothing without --at
+    shown = ws.run("prune", "--at", when)
+    assert "packs would delete 1" in shown.stdout and "would repack 1" in shown.stdout, \
+        shown.stdout
+
+
+def prune_all(ws: Workspace, *args: str, code: int = 0) -> dict[str, dict[str, Any]]:
+    """``prune --json`` on every target: entries by target."""
+    result = ws.run("prune", "--json", *args)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    return {e["target"]: e for e in json.loads(result.stdout)}
+
+
+def test_a_target_added_later_is_collected_on_its_own(ws: Workspace) -> None:
+    other = ws.root / "other"
+    gc_config(ws)
+    tree(ws, blobs("one", 4))
+    first = backup(ws)
+    local_old = set(stored_packs(ws.backups))
+    gc_config(ws, extra=KEEP_LAST_1 + f'[[targets]]\nname = "other"\ntype = "local"\n'
+              f'path = "{other}"\n')
+    tree(ws, blobs("two", 4))
+    second = backup(ws)
+    assert complete(other) == [second]
+    age_packs(ws.backups)
+    age_packs(other)
+    entries = prune_all(ws)
+    assert entries["local"]["deleted"] == [first]
+    assert sorted(entries["local"]["gc"]["deleted_packs"]) == sorted(local_old)
+    assert entries["other"]["gc"]["deleted_packs"] == []
+    assert_whole(ws.backups)
+    assert_whole(other)
+    refs = ws.state / "packs" / "refs"
+    assert sorted(p.name for p in refs.iterdir()) == [f"{second}.ids"]  # first: on no target
+
+
+def test_refs_lost_from_the_cache_are_rebuilt_from_the_uploads_index(ws: Workspace) -> None:
+    gc_config(ws)
+    kept = blobs("keep", 2)
+    tree(ws, {**kept, **blobs("drop", 4)})
+    backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, kept)
+    second = backup(ws)
+    shutil.rmtree(ws.state / "packs")  # another host, or the cache lost
+    age_packs(ws.backups)
+    gc = prune(ws)["gc"]
+    assert gc["skipped"] is None and gc["repacked_packs"] == [mixed]
+    assert (ws.state / "packs" / "refs" / f"{second}.ids").is_file()
+    assert_whole(ws.backups)
+
+
+def test_an_unreadable_manifest_stops_gc_on_that_target(ws: Workspace) -> None:
+    gc_config(ws)
+    tree(ws, blobs("one", 3))
+    first = backup(ws)
+    tree(ws, blobs("two", 3))
+    backup(ws)
+    third = backup(ws)
+    before = stored_packs(ws.backups)
+    (ws.backups / first / "manifest.json").write_bytes(b"{not json")
+    age_packs(ws.backups)
+    entry = prune(ws)
+    assert "unreadable manifest" in entry["gc"]["skipped"] and first in entry["gc"]["skipped"]
+    assert stored_packs(ws.backups) == before  # a warning, and every pack kept
+    assert third in complete(ws.backups)
+    human = ws.run("prune")
+    assert human.returncode == 0 and "no pack collected" in human.stdout, human.stdout
+
+
+def encrypted(ws: Workspace, *, identity: bool, uploads: str = "") -> tuple[AgeKey, bytes]:
+    key = make_age_key(ws.root / "keys" / "age.txt")
+    dedup = bytes.fromhex("ab" * 32)
+    (ws.root / "keys" / "dedup").write_text(dedup.hex())
+    (ws.root / "keys" / "dedup").chmod(0o600)
+    gc_config(ws, uploads, KEEP_LAST_1 + encryption_toml(key, identity=identity)
+              + f'dedup_key_file = "{ws.root / "keys" / "dedup"}"\n')
+    return key, dedup
+
+
+def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -> None:
+    key, dedup = encrypted(ws, identity=False)
+    kept = blobs("keep", 2)
+    tree(ws, {**kept, **blobs("drop", 4)})
+    backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", 2)})
+    backup(ws)
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    backup(ws)
+    age_packs(ws.backups)
+    gc = prune(ws)["gc"]
+    assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []
+    assert any("no age identity" in n for n in gc["notes"]), gc["notes"]
+    assert set(stored_packs(ws.backups)) == {mixed}
+    assert_whole(ws.backups, key, dedup)
+    # With the identity (a restore host), the mixed pack is repacked, encrypted and keyed.
+    encrypted_again = encryption_toml(key) + f'dedup_key_file = "{ws.root / "keys" / "dedup"}"\n'
+    gc_config(ws, extra=KEEP_LAST_1 + encrypted_again)
+    gc = prune(ws)["gc"]
+    assert gc["repacked_packs"] == [mixed] and gc["notes"] == []
+    (new,) = stored_packs(ws.backups)
+    assert (ws.backups / packs.pack_key(new)).read_bytes().startswith(packs.AGE_MAGIC)
+    assert_whole(ws.backups, key, dedup)
+
+
+def test_refs_lost_and_no_identity_keep_every_pack(ws: Workspace) -> None:
+    key, dedup = encrypted(ws, identity=False)
+    tree(ws, blobs("one", 2))
+    backup(ws)
+    tree(ws, blobs("two", 2))
+    second = backup(ws)
+    before = stored_packs(ws.backups)
+    (ws.state / "packs" / "refs" / f"{second}.ids").unlink()
+    age_packs(ws.backups)
+    entry = prune(ws)
+    assert second in entry["gc"]["skipped"] and "cannot be read" in entry["gc"]["skipped"]
+    assert stored_packs(ws.backups) == before
+    assert_whole(ws.backups, key, dedup)
