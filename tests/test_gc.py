@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import zstandard
-from pyrage import decrypt
+from pyrage import decrypt, x25519
 
 from conexa_backup import packs
 from conexa_backup.manifest import IndexEntry, Manifest
@@ -55,7 +58,6 @@ def age_packs(root: Path, seconds: int = 2 * DAY) -> None:
 def plain(data: bytes, key: AgeKey | None) -> bytes:
     if data.startswith(packs.AGE_MAGIC):
         assert key is not None
-        from pyrage import x25519
         data = decrypt(data, [x25519.Identity.from_str(key.identity)])
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
@@ -64,9 +66,7 @@ def present(root: Path, key: AgeKey | None = None, dedup: bytes | None = None) -
     """Every blob the packs on a local target really hold: each pack read and checked
     against its name, each blob against its id."""
     found: set[str] = set()
-    ids = [key.identity] if key else None
-    from pyrage import x25519
-    idents = [x25519.Identity.from_str(i) for i in ids] if ids else None
+    idents = [x25519.Identity.from_str(key.identity)] if key else None
     for name in stored_packs(root):
         with (root / packs.pack_key(name)).open("rb") as stored, \
                 packs.open_pack(name, stored, root.parent, key=dedup, identities=idents) as rd:
@@ -327,3 +327,65 @@ def test_refs_lost_and_no_identity_keep_every_pack(ws: Workspace) -> None:
     assert second in entry["gc"]["skipped"] and "cannot be read" in entry["gc"]["skipped"]
     assert stored_packs(ws.backups) == before
     assert_whole(ws.backups, key, dedup)
+
+
+KILLER = Path(__file__).with_name("gc_killer.py")
+
+
+def killed_prune(ws: Workspace, step: int) -> subprocess.CompletedProcess[str]:
+    """``prune`` SIGKILLed at GC step ``step`` (tests/gc_killer.py); runs to the end when
+    there are fewer steps."""
+    return subprocess.run([sys.executable, str(KILLER), "--config", str(ws.config), "prune"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "GC_KILL_AT": str(step)}, stdin=subprocess.DEVNULL)
+
+
+def referenced_by_all(root: Path) -> set[str]:
+    return set().union(*(named_blobs(root, i) for i in complete(root)))
+
+
+def test_sigkill_at_every_gc_step_leaves_every_backup_whole(ws: Workspace,
+                                                            tmp_path: Path) -> None:
+    gc_config(ws)
+    kept = blobs("keep", 3)
+    tree(ws, {**kept, **blobs("drop", 5)})
+    backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", 2)})
+    backup(ws)
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    last = backup(ws)
+    shutil.rmtree(ws.state / "packs" / "refs")  # rebuilt from the index: steps too
+    age_packs(ws.backups)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ws.backups, pristine / "backups")
+    shutil.copytree(ws.state, pristine / "state")
+    killed_at = []
+    for step in range(1, 100):
+        for name in ("backups", "state"):
+            shutil.rmtree(getattr(ws, name))
+            shutil.copytree(pristine / name, getattr(ws, name))
+        run = killed_prune(ws, step)
+        if run.returncode == 0:
+            break
+        assert run.returncode == -signal.SIGKILL, (step, run.stderr)
+        killed_at.append(run.stderr.strip().splitlines()[-1])
+        assert_whole(ws.backups)  # at no point does a complete backup lack a blob
+        assert last in complete(ws.backups)
+        rerun = ws.run("prune", "--json")  # finishes the job
+        assert rerun.returncode == 0, (step, rerun.stderr)
+        stored = set(stored_packs(ws.backups))
+        assert not {mixed, dead} & stored, (killed_at[-1], stored)
+        assert_whole(ws.backups)
+        for name in stored:  # nothing unreferenced left behind
+            with (ws.backups / packs.pack_key(name)).open("rb") as fh:
+                index = packs.read_index(name, fh, tmp_path)
+            assert {b.id for b in index.blobs} & referenced_by_all(ws.backups), killed_at[-1]
+    else:
+        raise AssertionError("prune never finished")
+    steps = "\n".join(killed_at)
+    for expected in ("before upload_pack", "after add_pack", "before delete_pack",
+                     "before drop_held", "after delete_pack", "write_refs", "forget_refs"):
+        assert expected in steps, steps
+    assert len(killed_at) >= 14, steps
