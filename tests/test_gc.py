@@ -389,3 +389,23 @@ def test_sigkill_at_every_gc_step_leaves_every_backup_whole(ws: Workspace,
                      "before drop_held", "after delete_pack", "write_refs", "forget_refs"):
         assert expected in steps, steps
     assert len(killed_at) >= 14, steps
+
+
+def test_gc_grace_and_repack_threshold_are_configurable(ws: Workspace) -> None:
+    gc_config(ws, 'gc_grace = "1h"\nrepack_threshold = 0.9\n')
+    kept = blobs("keep", 4)
+    tree(ws, {**kept, **blobs("drop", 6)})
+    backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", 2)})
+    backup(ws)
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    backup(ws)
+    age_packs(ws.backups, 2 * 3600)  # two hours: past a grace of one
+    gc = prune(ws)["gc"]
+    assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []  # 60% < 90%
+    for bad, why in (('gc_grace = "soon"', "invalid duration"), ("repack_threshold = 0", "0")):
+        gc_config(ws, bad + "\n")
+        result = ws.run("prune", "--dry-run")
+        assert result.returncode == 2 and why in result.stderr, result.stderr
