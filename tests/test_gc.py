@@ -378,6 +378,7 @@ def test_sigkill_at_every_gc_step_leaves_every_backup_whole(ws: Workspace,
         stored = set(stored_packs(ws.backups))
         assert not {mixed, dead} & stored, (killed_at[-1], stored)
         assert_whole(ws.backups)
+        assert not list((ws.state / "staging").glob("gc-refs*")), "scratch left behind"
         for name in stored:  # nothing unreferenced left behind
             with (ws.backups / packs.pack_key(name)).open("rb") as fh:
                 index = packs.read_index(name, fh, tmp_path)
@@ -409,3 +410,24 @@ def test_gc_grace_and_repack_threshold_are_configurable(ws: Workspace) -> None:
         gc_config(ws, bad + "\n")
         result = ws.run("prune", "--dry-run")
         assert result.returncode == 2 and why in result.stderr, result.stderr
+
+
+def test_refs_stay_while_a_target_could_not_be_listed(ws: Workspace) -> None:
+    other = ws.root / "other"
+    gc_config(ws, extra=KEEP_LAST_1 + f'[[targets]]\nname = "other"\ntype = "local"\n'
+              f'path = "{other}"\n')
+    tree(ws, blobs("one", 2))
+    first = backup(ws)
+    tree(ws, blobs("two", 2))
+    second = backup(ws)
+    refs = ws.state / "packs" / "refs"
+    other.rename(ws.root / "other.away")
+    other.write_text("not a folder: this target cannot be listed")
+    entries = prune_all(ws, code=3)
+    assert entries["local"]["deleted"] == [first] and entries["other"]["skipped"]
+    assert (refs / f"{first}.ids").is_file()  # it may still be on the target not listed
+    other.unlink()
+    (ws.root / "other.away").rename(other)
+    entries = prune_all(ws)
+    assert entries["other"]["deleted"] == [first]
+    assert sorted(p.name for p in refs.iterdir()) == [f"{second}.ids"]
