@@ -202,3 +202,16 @@ def collected(world: World, crash_at: int | None) -> None:
     if report is not None:
         assert not report.errors, report.errors
         world.check_collected()
+
+
+def test_the_referenced_set_is_the_union_of_many_refs_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gc, "_MERGE_FILES", 2)  # five files: merged in three groups
+    chosen = [sorted({hashlib.sha256(b"%d" % (i * k % 17)).digest() for i in range(9)})
+              for k in range(1, 6)]
+    with gc.Referenced(tmp_path, [lambda ids=ids: iter(ids) for ids in chosen]) as refs:
+        union = set().union(*chosen)
+        assert len(refs) == len(union)
+        assert all(raw.hex() in refs for raw in union)
+        assert hashlib.sha256(b"none").hexdigest() not in refs
+    assert list(tmp_path.iterdir()) == []  # its scratch file is gone

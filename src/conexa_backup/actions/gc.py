@@ -20,11 +20,12 @@ killed anywhere leaves every listed-complete backup whole; the next prune finish
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
 import tempfile
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GRACE = "24h"
 DEFAULT_THRESHOLD = 0.3
 _CACHE_KIB = 8192  # SQLite's page cache for the referenced set, at most
+_MERGE_FILES = 200  # refs files open at once (a year of hourly backups must not hit ulimit)
 
 
 @dataclass
@@ -95,7 +97,12 @@ class Referenced:
     """The union of some backups' blob ids, in a temporary SQLite file in ``staging``
     (removed on close; its name marks it as this process's scratch, swept if killed)."""
 
-    def __init__(self, staging: Path, streams: Iterable[Iterator[bytes]]) -> None:
+    def __init__(self, staging: Path, streams: Sequence[Callable[[], Iterator[bytes]]]) -> None:
+        """``streams``: each opens one sorted stream of raw ids (a backup's refs).
+
+        Raises:
+            OSError, sqlite3.Error: the scratch file cannot be written; a refs file is gone.
+        """
         self.path = staging / scratch_name("gc-refs")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
@@ -105,10 +112,14 @@ class Referenced:
             self._db.execute("PRAGMA synchronous = OFF")
             self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             self._db.execute("CREATE TABLE ids (id BLOB PRIMARY KEY) WITHOUT ROWID")
-            self._db.execute("BEGIN")
-            # Sorted and unique already (a merge of sorted files): appends to the B-tree.
-            self._db.executemany("INSERT INTO ids VALUES (?)", ((raw,) for raw in merged(streams)))
-            self._db.execute("COMMIT")
+            for start in range(0, len(streams), _MERGE_FILES):
+                group = [opened() for opened in streams[start:start + _MERGE_FILES]]
+                self._db.execute("BEGIN")
+                # A sorted merge: the first group only appends to the B-tree, and later ones
+                # insert in id order too (good locality).
+                self._db.executemany("INSERT OR IGNORE INTO ids VALUES (?)",
+                                     ((raw,) for raw in merged(group)))
+                self._db.execute("COMMIT")
         except BaseException:
             self.close()
             raise
@@ -394,7 +405,7 @@ def collect(ctx: Context, index: BlobIndex, target: Target, backup_ids: Sequence
     threshold = config.repack_threshold if config else DEFAULT_THRESHOLD
     report = GcReport()
     listed = _listed(target)
-    streams = [index.read_refs(i) for i in backup_ids]
+    streams = [functools.partial(index.read_refs, i) for i in backup_ids]
     with Referenced(ctx.state_dir("staging"), streams) as refs:
         work = plan(index, target.name, listed, refs, now=now, grace=grace, threshold=threshold)
         report.waiting = work.waiting
@@ -439,17 +450,14 @@ def gc_target(ctx: Context, target: Target, backups: Sequence[Backup], gone: Col
     """Garbage-collect packs on ``target`` once the backups in ``gone`` were deleted there:
     sync the cache with the target's listing, make sure every remaining backup's refs are
     cached, then :func:`collect`. Failures are in the report, never raised."""
-    with BlobIndex.open(ctx.config.state_dir) as index:
-        try:
+    try:
+        with BlobIndex.open(ctx.config.state_dir) as index:
             index.sync(target, backup_packs.index_reader(ctx, target))
-        except StorageError as exc:
-            return GcReport(errors=[f"garbage collection: {exc}"])
-        found = referencing(ctx, index, target.name, backups, gone)
-        if isinstance(found, str):
-            log.warning("gc %s: no pack collected: %s", target.name, found)
-            return GcReport(skipped=found)
-        try:
+            found = referencing(ctx, index, target.name, backups, gone)
+            if isinstance(found, str):
+                log.warning("gc %s: no pack collected: %s", target.name, found)
+                return GcReport(skipped=found)
             return collect(ctx, index, target, found, now=now, dry_run=dry_run)
-        except ConexaError as exc:
-            log.error("gc %s: %s", target.name, exc)
-            return GcReport(errors=[f"garbage collection: {exc}"])
+    except (ConexaError, OSError, sqlite3.Error) as exc:  # a target down, staging's disk full
+        log.error("gc %s: %s", target.name, exc)
+        return GcReport(errors=[f"garbage collection: {exc}"])
