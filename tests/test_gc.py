@@ -14,12 +14,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 from pyrage import decrypt, x25519
 
 from conexa_backup import packs
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.prune import prune as prune_action
+from conexa_backup.config import load_config
 from conexa_backup.manifest import IndexEntry, Manifest
-from tests.conftest import Workspace
+from conexa_backup.testing.emulators import GCSServer, S3Server
+from tests.conftest import GCS_BUCKET, S3_BUCKET, Workspace
 from tests.test_backup_packs import backup, packs_config, stored_packs
 from tests.test_trust import AgeKey, encryption_toml, make_age_key
 
@@ -431,3 +436,37 @@ def test_refs_stay_while_a_target_could_not_be_listed(ws: Workspace) -> None:
     entries = prune_all(ws)
     assert entries["other"]["deleted"] == [first]
     assert sorted(p.name for p in refs.iterdir()) == [f"{second}.ids"]
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_gc_on_a_cloud_target(ws: Workspace, s3_server: S3Server, gcs_server: GCSServer,
+                              kind: str, tmp_path: Path) -> None:
+    where = (f'bucket = "{S3_BUCKET}"\nendpoint_url = "{s3_server.endpoint}"\n' if kind == "s3"
+             else f'bucket = "{GCS_BUCKET}"\n')
+    gc_config(ws, extra=KEEP_LAST_1 + f'[[targets]]\nname = "{kind}"\ntype = "{kind}"\n'
+              f'{where}prefix = "gc-{tmp_path.name}"\n')
+    kept = blobs("keep", 3)
+    tree(ws, {**kept, **blobs("drop", 5)})
+    backup(ws)
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", 2)})
+    backup(ws)
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    last = backup(ws)
+    ctx = Context(load_config(ws.config)[0])
+    cloud = ctx.targets([kind])[0]
+    # The listing's times are the cloud's own: judge them two days on (the action's clock).
+    results = prune_action(ctx, at=datetime.now(UTC) + timedelta(days=2))
+    report = next(r for r in results if r.target == kind).gc
+    assert report is not None and not report.errors, report
+    assert report.deleted == [dead] and report.repacked == [mixed]
+    on_cloud = {}
+    for obj in cloud.list("packs/"):
+        name = packs.pack_name(obj.key)
+        assert name is not None
+        with cloud.open(obj.key) as stored, packs.open_pack(name, stored, tmp_path) as reader:
+            on_cloud[name] = {blob for blob, _ in reader.blobs()}
+    assert set(on_cloud) == set(report.written)
+    assert named_blobs(ws.backups, last) <= set().union(*on_cloud.values())
+    assert_whole(ws.backups)
