@@ -470,3 +470,21 @@ def test_gc_on_a_cloud_target(ws: Workspace, s3_server: S3Server, gcs_server: GC
     assert set(on_cloud) == set(report.written)
     assert named_blobs(ws.backups, last) <= set().union(*on_cloud.values())
     assert_whole(ws.backups)
+
+
+def test_a_damaged_copy_still_references_its_blobs(ws: Workspace) -> None:
+    gc_config(ws, extra="")  # no retention rules: every backup stays
+    tree(ws, blobs("one", 3))
+    first = backup(ws)
+    only_first = set(stored_packs(ws.backups))
+    tree(ws, blobs("two", 3))
+    backup(ws)
+    dump = next(p for p in (ws.backups / first).iterdir() if p.name.startswith("database"))
+    dump.write_bytes(dump.read_bytes()[:10])  # the listing alone shows it damaged
+    listed = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
+    assert listed[first] == "damaged"
+    age_packs(ws.backups)
+    gc = prune(ws)["gc"]
+    assert gc["deleted_packs"] == [] and gc["skipped"] is None
+    assert only_first <= set(stored_packs(ws.backups))
+    assert_whole(ws.backups)
