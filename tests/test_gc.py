@@ -488,3 +488,17 @@ def test_a_damaged_copy_still_references_its_blobs(ws: Workspace) -> None:
     assert gc["deleted_packs"] == [] and gc["skipped"] is None
     assert only_first <= set(stored_packs(ws.backups))
     assert_whole(ws.backups)
+
+
+def test_the_prune_after_a_backup_collects_too(ws: Workspace) -> None:
+    gc_config(ws)
+    tree(ws, blobs("one", 3))
+    backup(ws)
+    age_packs(ws.backups)
+    old = set(stored_packs(ws.backups))
+    tree(ws, blobs("two", 3))
+    result = ws.run("backup", "--json")
+    assert result.returncode == 0, result.stderr
+    (entry,) = json.loads(result.stdout)["pruned"]
+    assert sorted(entry["gc"]["deleted_packs"]) == sorted(old)
+    assert_whole(ws.backups)
