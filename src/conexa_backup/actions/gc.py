@@ -255,13 +255,18 @@ def upload_pack(target: Target, index: BlobIndex, pack: packs.StoredPack) -> Non
 
 
 def delete_pack(target: Target, index: BlobIndex, name: str) -> None:
-    """Delete pack ``name`` from ``target``, then from the cache (crash test step).
+    """Forget that ``target`` holds pack ``name``, then delete it there (crash test step).
+
+    In this order, a kill (or a refused delete) between the two leaves the cache claiming
+    less than the target holds (the next sync reads the pack's index again), never a pack
+    the target no longer lists: a backup's sync takes such a pack as lost and would record
+    every backup naming one of its blobs as damaged, though after a repack they are whole.
 
     Raises:
-        StorageError: the target refused.
+        StorageError: the target refused (the pack stays; the next sync finds it again).
     """
-    target.delete(packs.pack_key(name))
     index.drop_held(target.name, name)
+    target.delete(packs.pack_key(name))
 
 
 class _WriteFailed(ConexaError):
