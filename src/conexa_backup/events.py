@@ -56,8 +56,8 @@ def drill_event(results: Sequence[DrillResult]) -> Event:
 
 
 def prune_event(results: Sequence[TargetPrune]) -> Event:
-    errors = {p.target: "; ".join(p.errors) or str(p.skipped) for p in results
-              if p.errors or p.skipped}
+    errors = {p.target: "; ".join(p.errors + (p.gc.errors if p.gc else [])) or str(p.skipped)
+              for p in results if p.errors or p.skipped or (p.gc and p.gc.errors)}
     deleted = sum(len(p.deleted) for p in results)
     return Event("prune", "partial" if errors else "success",
                  f"prune deleted {deleted} backup cop{'y' if deleted == 1 else 'ies'}",

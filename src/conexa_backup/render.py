@@ -92,7 +92,10 @@ def backup_human(console: Console, result: BackupResult) -> None:
     for p in result.pruned:
         if p.deleted:
             console.print(f"pruned {len(p.deleted)} backup(s) from {p.target}", markup=False)
-        for error in p.errors:
+        if p.gc is not None and (p.gc.deleted or p.gc.repacked or p.gc.skipped):
+            for line in gc_lines(p, dry_run=False):
+                console.print(line, markup=False)
+        for error in [*p.errors, *(p.gc.errors if p.gc else [])]:
             console.print(f"[red]prune failed on {p.target}[/]: ", end="")
             console.print(error, markup=False)
 
@@ -314,7 +317,39 @@ def prune_entry(p: TargetPrune) -> dict[str, Any]:
         "deleted": p.deleted,
         "errors": p.errors,
         "plan": [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in p.decisions],
+        "gc": gc_entry(p),
     }
+
+
+def gc_entry(p: TargetPrune) -> dict[str, Any] | None:
+    """Garbage collection of packs on one target (None: the target holds no packs)."""
+    gc = p.gc
+    if gc is None:
+        return None
+    return {"deleted_packs": gc.deleted, "deleted_bytes": gc.deleted_bytes,
+            "repacked_packs": gc.repacked, "repacked_bytes": gc.repacked_bytes,
+            "written_packs": gc.written, "written_bytes": gc.written_bytes,
+            "freed_bytes": gc.freed, "waiting_packs": gc.waiting, "skipped": gc.skipped,
+            "notes": gc.notes, "errors": gc.errors}
+
+
+def gc_lines(p: TargetPrune, dry_run: bool) -> list[str]:
+    """What garbage collection did (would do) on one target, in a few plain lines."""
+    gc = p.gc
+    if gc is None:
+        return []
+    if gc.skipped:
+        return [f"{p.target}: no pack collected: {gc.skipped}"]
+    verb = ("would delete", "would repack", "would free") if dry_run else \
+        ("deleted", "repacked", "freed")
+    line = (f"{p.target}: packs {verb[0]} {len(gc.deleted)} ({human_bytes(gc.deleted_bytes)}), "
+            f"{verb[1]} {len(gc.repacked)} ({human_bytes(gc.repacked_bytes)})")
+    if not dry_run and gc.written:
+        line += f" into {len(gc.written)} new ({human_bytes(gc.written_bytes)})"
+    line += f": {verb[2]} {human_bytes(gc.freed)}"
+    if gc.waiting:
+        line += f"; {gc.waiting} unreferenced pack(s) kept until the grace period ends"
+    return [line, *(f"{p.target}: {note}" for note in gc.notes)]
 
 
 def prune_human(console: Console, results: Sequence[TargetPrune], dry_run: bool) -> None:
@@ -331,7 +366,9 @@ def prune_human(console: Console, results: Sequence[TargetPrune], dry_run: bool)
                 verdict = "[red]delete failed[/]"
             table.add_row(d.id, f"{verdict} ({'; '.join(d.reasons)})")
         console.print(table)
-        for error in p.errors:
+        for line in gc_lines(p, dry_run):
+            console.print(line, markup=False)
+        for error in [*p.errors, *(p.gc.errors if p.gc else [])]:
             console.print("[red]error[/]: ", end="")
             console.print(error, markup=False)
 

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from conexa_backup.actions.context import Context
+from conexa_backup.actions.gc import GcReport, gc_target
 from conexa_backup.actions.inspect import delete_copy
+from conexa_backup.blobindex import BlobIndex
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError
 from conexa_backup.retention import Candidate, Decision, floors, plan
@@ -34,11 +36,13 @@ class TargetPrune:
     deleted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the target was not pruned at all
+    gc: GcReport | None = None  # garbage collection of packs, when the target has any
 
 
 def problems(results: Sequence[TargetPrune]) -> list[str]:
-    """Every deletion that failed, as ``target: why``."""
-    return [f"{p.target}: {e}" for p in results for e in p.errors]
+    """Every deletion that failed (backups, and packs), as ``target: why``."""
+    return [f"{p.target}: {e}" for p in results
+            for e in [*p.errors, *(p.gc.errors if p.gc else [])]]
 
 
 def candidates(backups: Sequence[Backup], target: str) -> tuple[list[Candidate], dict[str, Copy]]:
@@ -111,8 +115,27 @@ def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now
     damaged = [b.id for b in backups for c in b.copies
                if c.target.name == target.name and c.problem is not None]
     result.decisions += [Decision(i, True, [UNREADABLE]) for i in damaged]
-    if dry_run:
-        return result
+    if not dry_run:
+        _delete(ctx, target, copies, result)
+    if uses_packs(ctx, backups, target.name):
+        ctx.reporter.step(f"collecting packs on {target.name}")
+        gone = result.deleted if not dry_run else [d.id for d in result.decisions if not d.keep]
+        result.gc = gc_target(ctx, target, backups, set(gone), now=now, dry_run=dry_run)
+    return result
+
+
+def uses_packs(ctx: Context, backups: Sequence[Backup], target: str) -> bool:
+    """Whether packs garbage collection concerns ``target``: uploads are stored as packs,
+    or some backup there was."""
+    if ctx.config.uploads is not None and ctx.config.uploads.format == "packs":
+        return True
+    return any(c.manifest is not None and c.manifest.uploads is not None
+               and c.manifest.uploads.format == "packs"
+               for b in backups for c in b.copies if c.target.name == target)
+
+
+def _delete(ctx: Context, target: Target, copies: dict[str, Copy], result: TargetPrune) -> None:
+    """Delete the copies the plan lets go (manifest first), recording what happened."""
     for decision in result.decisions:
         if decision.keep:
             continue
@@ -124,7 +147,6 @@ def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now
         except ConexaError as exc:
             result.errors.append(f"{decision.id}: {exc}")
             log.error("prune %s on %s: %s", decision.id, target.name, exc)
-    return result
 
 
 def prune(ctx: Context, target_names: Sequence[str] | None = None, *, dry_run: bool = False,
@@ -146,4 +168,19 @@ def prune(ctx: Context, target_names: Sequence[str] | None = None, *, dry_run: b
             continue
         ctx.reporter.step(f"pruning {target.name}")
         results.append(prune_target(ctx, target, backups, now=now, dry_run=dry_run))
+    if not dry_run and not unreachable and len(targets) == len(ctx.all_targets) \
+            and any(r.gc is not None for r in results):
+        _forget_refs(ctx, backups, results)
     return results
+
+
+def _forget_refs(ctx: Context, backups: Sequence[Backup], results: Sequence[TargetPrune]) -> None:
+    """Drop the cached blob ids of backups left on no target. Only after every target was
+    listed: a backup seen nowhere because a target was down may still be there."""
+    deleted = {(i, r.target) for r in results for i in r.deleted}
+    keep = [b.id for b in backups if any((b.id, c.target.name) not in deleted for c in b.copies)]
+    try:
+        with BlobIndex.open(ctx.config.state_dir) as index:
+            index.forget_refs(keep)
+    except (OSError, ConexaError) as exc:  # a cache: stale files cost disk, not safety
+        log.warning("could not remove the blob ids of deleted backups: %s", exc)

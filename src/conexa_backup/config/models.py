@@ -64,6 +64,18 @@ class UploadsConfig(_Model):
     # Cached files read again anyway on each run (packs): a stale cache is found within
     # ceil(1 / rehash_share) runs (docs/packs.md, "File cache"); `backup --rehash` reads all.
     rehash_share: float = Field(default=0.01, ge=0, le=1)
+    # Prune's garbage collection of packs (docs/packs.md, "Garbage collection"): a pack no
+    # remaining backup references is deleted once older than gc_grace (a running backup's
+    # packs are referenced only when it ends); one whose unreferenced share of content
+    # exceeds repack_threshold (and older than gc_grace) is rewritten without that share.
+    gc_grace: str = "24h"
+    repack_threshold: float = Field(default=0.3, gt=0, le=1)
+
+    @field_validator("gc_grace")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        parse_duration(value)
+        return value
 
 
 class CompressionConfig(_Model):
