@@ -333,7 +333,9 @@ class Bench:
         if dump_jobs > 1:
             doc["database"]["dump_jobs"] = dump_jobs
         if uploads is not None:
-            doc["uploads"] = {"path": str(uploads)}
+            # The tar format: these rows compare with the seed's tar pipeline and with the
+            # figures of earlier reports; packs against tar is benchmarks/uploads.py's.
+            doc["uploads"] = {"path": str(uploads), "format": "tar"}
         doc["targets"] = targets
         path = self.work / "configs" / f"{name}.toml"
         path.write_text(tomli_w.dumps(doc), encoding="utf-8")

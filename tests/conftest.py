@@ -55,7 +55,9 @@ class Workspace:
         text = (
             f'state_dir = "{self.state}"\n'
             f'[database]\nurl = "{url}"\n'
-            + (f'[uploads]\npath = "{self.uploads}"\n' if uploads else "")
+            # Pinned to tar: most tests look at a tar backup's files; packs backups (the
+            # default) have their own tests (tests/test_*packs*.py, test_gc*.py).
+            + (f'[uploads]\npath = "{self.uploads}"\nformat = "tar"\n' if uploads else "")
             + f'[compression]\nalgorithm = "{compression}"\n'
             + f'[[targets]]\nname = "local"\ntype = "local"\npath = "{self.backups}"\n'
             + extra

@@ -104,8 +104,14 @@ def _packs_note(ctx: Context) -> str:
         ConfigError: the dedup key file is unreadable or malformed.
     """
     uploads = ctx.config.uploads
-    if uploads is None or uploads.format != "packs":
+    if uploads is None:
         return ""
+    if uploads.format != "packs":
+        enc = ctx.config.encryption
+        if enc.recipients and enc.dedup_key_file is None:
+            return ("; format tar (packs, the default, needs encryption.dedup_key_file with "
+                    "encryption: see docs/packs.md)")
+        return "; format tar"
     keyed = ctx.config.encryption.dedup_key_file is not None and \
         load_dedup_key(ctx.config.encryption.dedup_key_file) is not None
     return f"; format packs, {'keyed' if keyed else 'plain SHA-256'} blob ids"

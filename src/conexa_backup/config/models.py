@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -60,7 +60,8 @@ class UploadsConfig(_Model):
     max_shrink: float = Field(default=0.5, ge=0, le=1)
     # "packs": each backup stores only the files no earlier backup on a target holds, as
     # deduplicated blobs in packs (docs/packs.md); "tar": the whole folder, one tar a backup.
-    format: Literal["packs", "tar"] = "tar"
+    # Left out of the file: packs, except where packs cannot go (Config._default_format).
+    format: Literal["packs", "tar"] = "packs"
     # Cached files read again anyway on each run (packs): a stale cache is found within
     # ceil(1 / rehash_share) runs (docs/packs.md, "File cache"); `backup --rehash` reads all.
     rehash_share: float = Field(default=0.01, ge=0, le=1)
@@ -180,6 +181,25 @@ class Config(_Model):
             if t.name == target and t.retention is not None:
                 return t.retention
         return self.retention
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_format(cls, data: Any) -> Any:
+        """``[uploads] format`` left out of the file: packs, the default, except where the
+        config cannot hold packs (encryption without ``dedup_key_file``, a target with
+        Object Lock): tar there, as before, so that an upgrade never turns a config that
+        worked into one refused at load. ``check`` says which format is in use, and why."""
+        if not isinstance(data, dict) or not isinstance(data.get("uploads"), dict) \
+                or "format" in data["uploads"]:
+            return data
+        enc = data.get("encryption")
+        enc = enc if isinstance(enc, dict) else {}
+        keyless = bool(enc.get("recipients")) and not enc.get("dedup_key_file")
+        targets = data.get("targets")
+        locked = isinstance(targets, list) and any(
+            isinstance(t, dict) and t.get("object_lock_mode") for t in targets)
+        chosen = "tar" if keyless or locked else "packs"
+        return {**data, "uploads": {**data["uploads"], "format": chosen}}
 
     @model_validator(mode="after")
     def _packs_fit(self) -> Config:
