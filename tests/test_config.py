@@ -544,3 +544,28 @@ def test_server_secret_written_literally_is_found() -> None:
     literal = SERVER.format(server="", auth='secret = "literal-jwt-secret"')
     assert loading.secrets_written_in(literal) == ["server.auth.secret"]
     assert loading.secrets_written_in(SERVER.format(server="", auth=HS)) == []
+
+
+# -- [uploads] format: packs by default, where packs can go -----------------------------------
+
+_AGE = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("", "packs"),
+    (f'[encryption]\nrecipients = ["{_AGE}"]\n', "tar"),
+    (f'[encryption]\nrecipients = ["{_AGE}"]\ndedup_key_file = "/k"\n', "packs"),
+    ('[[targets]]\nname = "s3"\ntype = "s3"\nbucket = "locked-bucket"\n'
+     'object_lock_mode = "COMPLIANCE"\nobject_lock_days = 30\n', "tar"),
+])
+def test_uploads_format_left_out_is_packs_where_packs_can_go(extra: str, expected: str) -> None:
+    config = parse(VALID + '[uploads]\npath = "/srv/up"\n' + extra)
+    assert config.uploads is not None and config.uploads.format == expected
+
+
+def test_uploads_format_said_is_kept_or_refused_with_the_reason() -> None:
+    tar = parse(VALID + '[uploads]\npath = "/srv/up"\nformat = "tar"\n')
+    assert tar.uploads is not None and tar.uploads.format == "tar"
+    with pytest.raises(ConfigError, match="dedup_key_file"):
+        parse(VALID + '[uploads]\npath = "/srv/up"\nformat = "packs"\n'
+              f'[encryption]\nrecipients = ["{_AGE}"]\n')
