@@ -503,3 +503,42 @@ def read_index(name: str, stored: IO[bytes], scratch: Path,
     with tempfile.TemporaryFile(dir=scratch, prefix="pack-") as content:
         _unpack(name, stored, content, scratch, identities)
         return _parse_index(name, content)
+
+
+class OpenedPack(PackReader):
+    """A :class:`PackReader` that owns its decompressed temporary file: made by
+    :func:`unpack` in one thread (a download pool), read and closed in another."""
+
+    def __init__(self, index: PackIndex, content: IO[bytes], key: bytes | None) -> None:
+        super().__init__(index, content, key)
+        self._file = content
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> OpenedPack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unpack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None = None,
+           identities: Sequence[Any] | None = None) -> OpenedPack:
+    """:func:`open_pack` without the ``with``: the caller closes the result (which removes
+    its temporary file). Checked as :func:`open_pack` checks.
+
+    Raises:
+        IntegrityError, UnusableCopyError, StorageError: as :func:`open_pack`.
+    """
+    content = tempfile.TemporaryFile(dir=scratch, prefix="pack-")  # noqa: SIM115  # closed by the reader
+    try:
+        _unpack(name, stored, content, scratch, identities)
+        index = _parse_index(name, content)
+        if index.ids == "sha256":
+            key = None  # plain ids are checked as such, whatever this host's key
+        _check_key(index, key)
+    except BaseException:
+        content.close()
+        raise
+    return OpenedPack(index, content, key)
