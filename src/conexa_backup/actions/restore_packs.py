@@ -26,6 +26,7 @@ packs (a few thousand even for a large tree) are held in Python.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -257,6 +258,7 @@ class PackRun:
 
     listings: dict[str, dict[str, int]] = field(default_factory=dict)
     checked: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    bytes_read: int = 0  # stored bytes of the packs read
 
     def listing(self, target: Target) -> dict[str, int]:
         """Pack name -> stored size, for every pack ``target`` lists.
@@ -382,6 +384,7 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
             log.warning("target %s: %s", reading.target.name, exc)
             return
     reading.run.checked[key] = None
+    reading.run.bytes_read += size
 
 
 def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityError | None:
@@ -586,3 +589,83 @@ def verify_copy(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
 def as_damage(exc: ConexaError) -> bool:
     """Whether a packs check failed for a cause that proves the copy bad."""
     return isinstance(exc, IntegrityError | ObjectNotFoundError)
+
+
+# -- download ------------------------------------------------------------------------------------
+
+def _save_pack(target: Target, name: str, dest: Path) -> int:
+    """Copy pack ``name`` as stored to ``dest`` (0600), checked against its name; nothing
+    left on failure. Returns its size.
+
+    Raises:
+        IntegrityError: the stored bytes do not match the name. StorageError: unreadable.
+    """
+    digest, size = hashlib.sha256(), 0
+    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out, target.open(packs.pack_key(name)) as stored:
+            while data := stored.read(CHUNK):
+                digest.update(data)
+                size += len(data)
+                out.write(data)
+        if digest.hexdigest() != name:
+            raise IntegrityError(f"pack {name}: stored bytes do not match its name "
+                                 f"(SHA-256 {digest.hexdigest()}): the pack is damaged")
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def download_packs(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
+                   folder: Path) -> int:
+    """Save, as stored, the packs of the copy's target that hold the backup's blobs under
+    ``folder/<2 hex>/<name>`` (the layout of a target's ``packs/``, which the by-hand script
+    reads once decompressed), each checked against its name; return how many. Without an
+    age identity for an encrypted backup the index cannot be read: every listed pack is
+    saved.
+
+    Raises:
+        IntegrityError: a needed pack is damaged or missing (naming the files), or the index
+            is. UnusableCopyError: the index cannot be used here. StorageError: unreadable.
+    """
+    keys = ctx.keys()
+    target = copy.target
+    run = PackRun()
+    listed = run.listing(target)
+    try:
+        identities = identities_for(keys, manifest)
+    except ConexaError as exc:
+        log.warning("backup %s is encrypted and this host holds no identity (%s): saving "
+                    "every pack of target %s", backup_id, exc, target.name)
+        for name in sorted(listed):
+            _save_pack(target, name, folder / name[:2] / name)
+        return len(listed)
+    with read_needs(copy, backup_id, manifest, keys) as needs, \
+            BlobIndex.open(ctx.config.state_dir) as index:
+        reading = PackReading(target, index, keys.staging, None, identities, run)
+        saved = 0
+        for name in _plan(reading, needs):
+            path = folder / name[:2] / name
+            try:
+                _save_pack(target, name, path)
+                if not index.known_pack(name):
+                    with path.open("rb") as stored:
+                        found = packs.read_index(name, stored, keys.staging, identities)
+                    index.add_pack(name, [(b.id, b.length) for b in found.blobs],
+                                   [(target.name, listed[name])])
+            except (IntegrityError, ObjectNotFoundError) as exc:
+                reading.problems[name] = str(exc)
+                path.unlink(missing_ok=True)
+                continue
+            held = [b for b, _ in index.pack_blobs(name) if needs.wanted(b)]
+            if not held:
+                path.unlink()
+                continue
+            needs.found(held)
+            saved += 1
+        damage = lacking(reading, needs, backup_id)
+        if damage is not None:
+            raise damage
+    return saved
