@@ -79,11 +79,11 @@ def expected(ws: Workspace) -> dict[str, object]:
 
 def check_restored(ws: Workspace, restored: Path) -> None:
     assert tree_snapshot(restored) == expected(ws)
-    assert os.stat(restored / "grande.bin").st_mtime_ns == 1_700_000_000_123_456_789
-    assert os.stat(restored / "vazia").st_mtime_ns == 1_600_000_000_000_000_001
-    owned = os.stat(restored / "owned.txt")
+    assert (restored / "grande.bin").stat().st_mtime_ns == 1_700_000_000_123_456_789
+    assert (restored / "vazia").stat().st_mtime_ns == 1_600_000_000_000_000_001
+    owned = (restored / "owned.txt").stat()
     assert (owned.st_uid, owned.st_gid) == (1234, 4321)
-    assert os.fsencode(os.readlink(restored / "fora")) == b"/etc/hostname"
+    assert str((restored / "fora").readlink()) == "/etc/hostname"
 
 
 def test_a_packs_backup_restores_equal_and_drills(ws: Workspace, tmp_path: Path) -> None:
@@ -376,3 +376,30 @@ def test_download_holds_what_the_by_hand_script_needs(ws: Workspace, tmp_path: P
     snap = tree_snapshot(ws.uploads)  # the script keeps set-id bits: it restores modes as stored
     del snap["later.bin"]
     assert tree_snapshot(restored) == snap
+
+
+def test_a_drill_hashes_a_sample_and_finds_a_missing_folder(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conexa_backup.actions import restore_uploads
+
+    awkward_tree(ws.uploads)
+    packs_config(ws, "[drill]\nuploads_sample = 5\n")
+    backup_id = backup(ws)
+    files = sum(1 for e in index_of(ws, backup_id) if e.type == "file")
+    extract = restore_uploads.extract
+
+    def losing_a_folder(*args: object, **kwargs: object) -> Path:
+        folder = extract(*args, **kwargs)  # type: ignore[arg-type]
+        (folder / "vazia").rmdir()  # an empty folder: counts and bytes do not see it
+        return folder
+
+    monkeypatch.setattr(restore_uploads, "extract", losing_a_folder)
+    result = ws.cli("verify", "--drill", backup_id, "--json")
+    report = json.loads(result.stdout)  # type: ignore[attr-defined]
+    step = next(s for s in report["drills"][0]["steps"] if s["name"] == "uploads files")
+    assert not step["ok"] and "missing folder vazia" in step["detail"], step
+    monkeypatch.setattr(restore_uploads, "extract", extract)
+    result = ws.cli("verify", "--drill", backup_id, "--json")
+    report = json.loads(result.stdout)  # type: ignore[attr-defined]
+    step = next(s for s in report["drills"][0]["steps"] if s["name"] == "uploads files")
+    assert step["ok"] and f"a sample of 5 of {files}" in step["detail"], step
