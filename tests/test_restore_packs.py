@@ -141,13 +141,14 @@ def test_packs_on_s3_and_gcs_restore_equal(ws: Workspace, s3_server: S3Server,
     assert drill.returncode == 0, drill.stdout + drill.stderr
 
 
-def encryption(tmp_path: Path) -> str:
+def encryption(tmp_path: Path, *, identity: bool = True) -> str:
     age = make_age_key(tmp_path / "keys" / "age.txt")
     dedup = tmp_path / "keys" / "dedup.key"
     dedup.write_text(os.urandom(32).hex() + "\n")
     dedup.chmod(0o600)
     return (f"[encryption]\nrecipients = [{toml_str(age.recipient)}]\n"
-            f"identity_file = {toml_str(age.file)}\ndedup_key_file = {toml_str(dedup)}\n")
+            + (f"identity_file = {toml_str(age.file)}\n" if identity else "")
+            + f"dedup_key_file = {toml_str(dedup)}\n")
 
 
 def test_an_encrypted_packs_backup_restores_equal(ws: Workspace, tmp_path: Path) -> None:
@@ -162,6 +163,24 @@ def test_an_encrypted_packs_backup_restores_equal(ws: Workspace, tmp_path: Path)
     check_restored(ws, tmp_path / "r")
     verify = ws.run("verify", backup_id, "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_backup_host_without_identity_checks_the_packs_stored_bytes(
+        ws: Workspace, tmp_path: Path) -> None:
+    packs_config(ws, encryption(tmp_path, identity=False))  # recipients only
+    backup_id = backup(ws)
+    verify = ws.run("verify", backup_id, "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    (check,) = json.loads(verify.stdout)["checks"]
+    assert "packs checked against their names only" in " ".join(check["problems"]), check
+    name = sorted(stored_packs(ws.backups))[0]
+    flip(ws.backups / packs.pack_key(name))
+    verify = ws.run("verify", backup_id, "--json")
+    assert verify.returncode != 0
+    (check,) = json.loads(verify.stdout)["checks"]
+    problem = " ".join(check["problems"])
+    assert f"backup {backup_id}" in problem and f"pack {name}: stored bytes do not match" \
+        in problem, problem
 
 
 # -- a target that lost or damaged a pack -----------------------------------------------------

@@ -205,6 +205,13 @@ class Needs:
             "SELECT e.path, n.offset, n.length FROM need n JOIN entries e ON e.seq = n.entry "
             "WHERE n.blob = ?", (bytes.fromhex(blob),)).fetchall()
 
+    def want(self, raw_ids: Iterable[bytes]) -> None:
+        """Want these blobs (raw 32-byte ids) without knowing their files (a backup's refs)."""
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR IGNORE INTO wanted (blob) VALUES (?)",
+                             ((raw,) for raw in raw_ids))
+        self._db.execute("COMMIT")
+
     def found(self, blobs: Iterable[str]) -> None:
         self._db.executemany("UPDATE wanted SET found = 1 WHERE blob = ?",
                              ((bytes.fromhex(b),) for b in blobs))
@@ -287,6 +294,9 @@ class PackReading:
     identities: list[Any] | None
     run: PackRun = field(default_factory=PackRun)
     whole: bool = False  # check every blob of each pack read (verify), not only needed ones
+    # Only check stored bytes against the name (no identity to decrypt them: a backup host);
+    # what a pack holds then comes from the cache alone.
+    stored_only: bool = False
     problems: dict[str, str] = field(default_factory=dict)  # pack -> why it is bad
 
 
@@ -302,7 +312,8 @@ def _plan(reading: PackReading, needs: Needs) -> list[str]:
             reading.problems[name] = problem
             continue
         if not reading.index.known_pack(name):
-            todo.append(name)  # read to learn what it holds, and used in the same pass
+            if not reading.stored_only:  # (it could not be read: nothing to learn)
+                todo.append(name)  # read to learn what it holds, and used in the same pass
             continue
         held = [b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)]
         if not held:
@@ -329,12 +340,15 @@ def fetch_packs(reading: PackReading, needs: Needs,
     listed = reading.run.listing(target)
     todo = _plan(reading, needs)
 
-    def job(name: str) -> packs.OpenedPack:
+    def job(name: str) -> packs.OpenedPack | None:
+        if reading.stored_only:
+            _save_pack(target, name, None)
+            return None
         with target.open(packs.pack_key(name)) as stored:
             return packs.unpack(name, stored, reading.scratch, key=reading.key,
                                 identities=reading.identities)
 
-    pending: dict[futures.Future[packs.OpenedPack], str] = {}
+    pending: dict[futures.Future[packs.OpenedPack | None], str] = {}
     with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool:
         try:
             while todo or pending:
@@ -350,12 +364,14 @@ def fetch_packs(reading: PackReading, needs: Needs,
                 future.cancel()
             for future in pending:  # the ones already running: wait, then drop their files
                 with contextlib.suppress(Exception):
-                    future.result().close()
+                    opened = future.result()
+                    if opened is not None:
+                        opened.close()
             raise
 
 
 def _take(reading: PackReading, needs: Needs, name: str, size: int,
-          future: futures.Future[packs.OpenedPack],
+          future: futures.Future[packs.OpenedPack | None],
           use: Callable[[str, bytes], None] | None) -> None:
     """Use one fetched pack (main thread): record it, write its needed blobs, or record why
     it is bad."""
@@ -365,6 +381,11 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
     except (IntegrityError, ObjectNotFoundError) as exc:
         reading.problems[name] = reading.run.checked[key] = str(exc)
         log.warning("target %s: %s", reading.target.name, exc)
+        return
+    if opened is None:  # stored bytes checked only: the cache says what it holds
+        needs.found([b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)])
+        reading.run.checked[key] = None
+        reading.run.bytes_read += size
         return
     with opened:
         if not reading.index.known_pack(name):
@@ -407,8 +428,10 @@ def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityErro
         culprits = list(reading.problems.values())
     more = f" and {files - len(first)} more" if files > len(first) else ""
     why = "; ".join(culprits[:NAMED]) or "no pack on the target holds them"
+    what = f"{files} file(s) ({', '.join(first)}{more})" if files else \
+        "its files (their names need the age identity)"
     return IntegrityError(f"backup {backup_id}: target {target!r} lacks {count} blob(s) of "
-                          f"{files} file(s) ({', '.join(first)}{more}): {why}")
+                          f"{what}: {why}")
 
 
 # -- restore -------------------------------------------------------------------------------------
@@ -586,34 +609,64 @@ def verify_copy(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
             raise damage
 
 
-def as_damage(exc: ConexaError) -> bool:
-    """Whether a packs check failed for a cause that proves the copy bad."""
-    return isinstance(exc, IntegrityError | ObjectNotFoundError)
+def verify_stored(ctx: Context, backup_id: str, copy: Copy, run: PackRun) -> str:
+    """Where no age identity is configured (a backup host) an encrypted backup's index
+    cannot be read: check what can be. The backup's blob ids come from this host's refs
+    (written by the run that made it), the packs holding them from the pack cache; each is
+    downloaded and its stored bytes checked against its name (once per target per ``run``),
+    and every blob must be in such a listed pack. Returns what was checked.
+
+    Raises:
+        IntegrityError: a blob lacks (naming the packs). StorageError: the target cannot be
+        read.
+    """
+    with BlobIndex.open(ctx.config.state_dir) as index:
+        if not index.has_refs(backup_id):
+            return ("packs not checked here: the backup is encrypted, this host holds no "
+                    "age identity, and no record of its blobs")
+        with Needs(ctx.keys().staging) as needs:
+            needs.want(index.read_refs(backup_id))
+            reading = PackReading(copy.target, index, ctx.keys().staging, None, None, run,
+                                  stored_only=True)
+            fetch_packs(reading, needs)
+            damage = lacking(reading, needs, backup_id)
+    if damage is not None:
+        raise damage
+    return ("packs checked against their names only: blob ids need the age identity "
+            "(encrypted backup)")
 
 
 # -- download ------------------------------------------------------------------------------------
 
-def _save_pack(target: Target, name: str, dest: Path) -> int:
-    """Copy pack ``name`` as stored to ``dest`` (0600), checked against its name; nothing
-    left on failure. Returns its size.
+def _save_pack(target: Target, name: str, dest: Path | None) -> int:
+    """Copy pack ``name`` as stored to ``dest`` (0600; None: read and hash only), checked
+    against its name; nothing left on failure. Returns its size.
 
     Raises:
         IntegrityError: the stored bytes do not match the name. StorageError: unreadable.
     """
     digest, size = hashlib.sha256(), 0
-    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    out = None
+    if dest is not None:
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out = os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                                0o600), "wb")
     try:
-        with os.fdopen(fd, "wb") as out, target.open(packs.pack_key(name)) as stored:
+        with target.open(packs.pack_key(name)) as stored:
             while data := stored.read(CHUNK):
                 digest.update(data)
                 size += len(data)
-                out.write(data)
+                if out is not None:
+                    out.write(data)
+        if out is not None:
+            out.close()
         if digest.hexdigest() != name:
             raise IntegrityError(f"pack {name}: stored bytes do not match its name "
                                  f"(SHA-256 {digest.hexdigest()}): the pack is damaged")
     except BaseException:
-        dest.unlink(missing_ok=True)
+        if out is not None and dest is not None:
+            out.close()
+            dest.unlink(missing_ok=True)
         raise
     return size
 
