@@ -352,7 +352,7 @@ def fetch_packs(reading: PackReading, needs: Needs,
     with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool:
         try:
             while todo or pending:
-                while todo and len(pending) < WORKERS + 1:
+                while todo and len(pending) < WORKERS:
                     name = todo.pop(0)
                     pending[pool.submit(job, name)] = name
                 done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
@@ -389,13 +389,13 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
         return
     with opened:
         if not reading.index.known_pack(name):
-            reading.index.add_pack(name, [(b.id, b.length) for b in opened.index.blobs],
+            reading.index.add_pack(name, ((b.id, b.length) for b in opened.refs()),
                                    [(reading.target.name, size)])
         try:
-            for ref in opened.index.blobs:
+            for ref in opened.refs():
                 need = needs.wanted(ref.id)
                 if need or reading.whole:
-                    data = opened.read(ref.id)
+                    data = opened.read_ref(ref)
                     if need:
                         if use is not None:
                             use(ref.id, data)
