@@ -558,17 +558,34 @@ class OpenedPack(PackReader):
         self.close()
 
 
-def unpack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None = None,
-           identities: Sequence[Any] | None = None) -> OpenedPack:
-    """:func:`open_pack` without the ``with``: the caller closes the result (which removes
-    its temporary file). Checked as :func:`open_pack` checks.
+def unpack_content(name: str, stored: IO[bytes], scratch: Path,
+                   identities: Sequence[Any] | None = None) -> IO[bytes]:
+    """The decompressed pack, in an unnamed temporary file in ``scratch`` (the caller closes
+    it), once the stored bytes are checked against ``name``: the costly half of
+    :func:`unpack` (download, decrypt, decompress), for a worker thread.
 
     Raises:
         IntegrityError, UnusableCopyError, StorageError: as :func:`open_pack`.
     """
-    content = tempfile.TemporaryFile(dir=scratch, prefix="pack-")  # noqa: SIM115  # closed by the reader
+    content = tempfile.TemporaryFile(dir=scratch, prefix="pack-")  # noqa: SIM115  # returned
     try:
         _unpack(name, stored, content, scratch, identities)
+    except BaseException:
+        content.close()
+        raise
+    return content
+
+
+def opened(name: str, content: IO[bytes], key: bytes | None = None) -> OpenedPack:
+    """The :class:`OpenedPack` of a decompressed pack (:func:`unpack_content`), which then
+    owns ``content`` (closed here on failure). Parsing its index in the thread that uses it
+    keeps the JSON's transient memory out of the workers' malloc arenas.
+
+    Raises:
+        IntegrityError: not a pack, or a damaged one. UnusableCopyError: keyed with another
+        dedup key (or none given).
+    """
+    try:
         index = _parse_index(name, content)
         if index.ids == "sha256":
             key = None  # plain ids are checked as such, whatever this host's key
@@ -577,3 +594,14 @@ def unpack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None = N
         content.close()
         raise
     return OpenedPack(index, content, key)
+
+
+def unpack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None = None,
+           identities: Sequence[Any] | None = None) -> OpenedPack:
+    """:func:`open_pack` without the ``with``: the caller closes the result (which removes
+    its temporary file). Checked as :func:`open_pack` checks.
+
+    Raises:
+        IntegrityError, UnusableCopyError, StorageError: as :func:`open_pack`.
+    """
+    return opened(name, unpack_content(name, stored, scratch, identities), key)

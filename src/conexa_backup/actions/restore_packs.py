@@ -25,6 +25,7 @@ packs (a few thousand even for a large tree) are held in Python.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -62,7 +63,7 @@ log = logging.getLogger(__name__)
 
 WORKERS = 4  # packs fetched at once: enough to hide a cloud round trip, few scratch files
 NAMED = 5  # files (and packs) named in a message, at most
-_CACHE_KIB = 8192
+_CACHE_KIB = 2048  # SQLite page cache of the temporary index: lookups are by index
 _SCHEMA = """
 CREATE TABLE entries (seq INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE, type TEXT NOT NULL,
     mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, size INTEGER, target BLOB);
@@ -338,22 +339,22 @@ def fetch_packs(reading: PackReading, needs: Needs,
     """
     target = reading.target
     listed = reading.run.listing(target)
-    todo = _plan(reading, needs)
+    todo = collections.deque(_plan(reading, needs))
 
-    def job(name: str) -> packs.OpenedPack | None:
+    def job(name: str) -> IO[bytes] | None:
+        """Download, decrypt, decompress (the index is parsed by the main thread)."""
         if reading.stored_only:
             _save_pack(target, name, None)
             return None
         with target.open(packs.pack_key(name)) as stored:
-            return packs.unpack(name, stored, reading.scratch, key=reading.key,
-                                identities=reading.identities)
+            return packs.unpack_content(name, stored, reading.scratch, reading.identities)
 
-    pending: dict[futures.Future[packs.OpenedPack | None], str] = {}
+    pending: dict[futures.Future[IO[bytes] | None], str] = {}
     with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool:
         try:
             while todo or pending:
                 while todo and len(pending) < WORKERS:
-                    name = todo.pop(0)
+                    name = todo.popleft()
                     pending[pool.submit(job, name)] = name
                 done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
                 for future in done:
@@ -364,20 +365,21 @@ def fetch_packs(reading: PackReading, needs: Needs,
                 future.cancel()
             for future in pending:  # the ones already running: wait, then drop their files
                 with contextlib.suppress(Exception):
-                    opened = future.result()
-                    if opened is not None:
-                        opened.close()
+                    content = future.result()
+                    if content is not None:
+                        content.close()
             raise
 
 
 def _take(reading: PackReading, needs: Needs, name: str, size: int,
-          future: futures.Future[packs.OpenedPack | None],
+          future: futures.Future[IO[bytes] | None],
           use: Callable[[str, bytes], None] | None) -> None:
     """Use one fetched pack (main thread): record it, write its needed blobs, or record why
     it is bad."""
     key = (reading.target.name, name)
     try:
-        opened = future.result()
+        content = future.result()
+        opened = None if content is None else packs.opened(name, content, reading.key)
     except (IntegrityError, ObjectNotFoundError) as exc:
         reading.problems[name] = reading.run.checked[key] = str(exc)
         log.warning("target %s: %s", reading.target.name, exc)
