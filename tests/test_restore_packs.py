@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import zstandard
@@ -29,8 +30,10 @@ from conexa_backup.actions.restore_packs import (
     lacking,
 )
 from conexa_backup.blobindex import BlobIndex
-from conexa_backup.errors import UnsafeArchiveError
+from conexa_backup.config import CompressionConfig
+from conexa_backup.errors import ObjectNotFoundError, UnsafeArchiveError
 from conexa_backup.manifest import IndexEntry
+from conexa_backup.storage.base import ObjectInfo
 from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
 from conexa_backup.testing.compare import tree_snapshot
 from conexa_backup.testing.emulators import GCSServer, S3Server
@@ -241,6 +244,7 @@ def test_a_target_missing_or_damaging_a_pack(ws: Workspace, tmp_path: Path, harm
     steps = {s["name"]: s for s in json.loads(drill.stdout)["drills"][0]["steps"]}
     step = steps["fetch and extract uploads"]
     assert not step["ok"] and step["damage"] and files[0] in step["detail"], step
+    assert f"backup {backup_id}" in step["detail"] and pack.name in step["detail"], step
 
 
 
@@ -351,6 +355,58 @@ def test_pieces_land_at_their_offsets_in_every_file_that_holds_them(tmp_path: Pa
         assert (root / name).read_bytes() == data, name
         assert (root / name).stat().st_mode & 0o7777 == 0o640
     assert list(scratch.iterdir()) == []
+
+
+class _Repacking(LocalTarget):
+    """A target a prune repacks while a restore reads it: the first listing shows only the
+    old pack, which is gone when opened; the new one holding the same blobs shows next."""
+
+    def __init__(self, root: Path, old: str, new: str) -> None:
+        super().__init__(LocalTargetConfig(name="t", type="local", path=root))
+        self.old, self.new, self.listings = old, new, 0
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.listings += 1
+        hidden = self.new if self.listings == 1 else self.old
+        return (o for o in super().list(prefix) if not o.key.endswith(hidden))
+
+    def open(self, key: str) -> BinaryIO:
+        if key.endswith(self.old):
+            raise ObjectNotFoundError(self.name, f"{key}: no such object")
+        return super().open(key)
+
+
+def test_a_pack_repacked_while_it_is_read_is_found_again(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    data = os.urandom(5000)
+    names = []
+    for level in (1, 9):  # the same blob in two packs of different bytes (names)
+        written: list[packs.StoredPack] = []
+
+        def upload(pack: packs.StoredPack, into: list[packs.StoredPack] = written) -> None:
+            target = tmp_path / "target" / packs.pack_key(pack.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pack.path, target)
+            into.append(pack)
+
+        with packs.PackWriter(scratch, upload,
+                              compression=CompressionConfig(level=level)) as writer:
+            found = packs.file_blobs(io.BytesIO(data), on_piece=writer.add)
+        names.append(written[0].name)
+    assert names[0] != names[1]
+    target = _Repacking(tmp_path / "target", *names)
+    line = IndexEntry("f", "file", found.size, found.sha256, blobs=tuple(found.blobs))
+    root = tmp_path / "root"
+    with Needs(scratch) as needs, BlobIndex(tmp_path / "cache") as index:
+        needs.load(io.BytesIO(line.to_line()))
+        root.mkdir()
+        tree = _Tree(root, needs)
+        tree.create()
+        reading = PackReading(target, index, scratch, None, None)
+        fetch_packs(reading, needs, tree.write)
+        assert lacking(reading, needs, "b") is None and target.listings == 2
+    assert (root / "f").read_bytes() == data
 
 
 def test_an_index_whose_blobs_do_not_fit_the_size_is_refused(tmp_path: Path) -> None:

@@ -299,6 +299,7 @@ class PackReading:
     # what a pack holds then comes from the cache alone.
     stored_only: bool = False
     problems: dict[str, str] = field(default_factory=dict)  # pack -> why it is bad
+    vanished: bool = False  # a listed pack was gone when read (in this pass)
 
 
 def _plan(reading: PackReading, needs: Needs) -> list[str]:
@@ -337,6 +338,22 @@ def fetch_packs(reading: PackReading, needs: Needs,
             another dedup key. StorageError: the target cannot be listed or read.
         What ``use`` raises.
     """
+    for _ in range(2):
+        reading.vanished = False
+        _fetch_listed(reading, needs, use)
+        if not reading.vanished or not needs.missing()[0]:
+            return
+        # A pack listed a moment ago is gone and blobs still lack: a prune may have repacked
+        # them meanwhile (new pack first, old one deleted after). List again, once, and read
+        # what is new before calling the copy damaged.
+        log.info("target %s: a pack vanished while being read; listing packs again",
+                 reading.target.name)
+        reading.run.listings.pop(reading.target.name, None)
+
+
+def _fetch_listed(reading: PackReading, needs: Needs,
+                  use: Callable[[str, bytes], None] | None) -> None:
+    """One pass of :func:`fetch_packs` over the target's current listing."""
     target = reading.target
     listed = reading.run.listing(target)
     todo = collections.deque(_plan(reading, needs))
@@ -380,7 +397,12 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
     try:
         content = future.result()
         opened = None if content is None else packs.opened(name, content, reading.key)
-    except (IntegrityError, ObjectNotFoundError) as exc:
+    except ObjectNotFoundError as exc:
+        reading.problems[name] = f"pack {name} vanished from target {reading.target.name!r}"
+        reading.vanished = True
+        log.warning("target %s: %s", reading.target.name, exc)
+        return
+    except IntegrityError as exc:
         reading.problems[name] = reading.run.checked[key] = str(exc)
         log.warning("target %s: %s", reading.target.name, exc)
         return
