@@ -168,6 +168,20 @@ def test_an_encrypted_packs_backup_restores_equal(ws: Workspace, tmp_path: Path)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_another_dedup_key_is_refused_as_unusable_not_damage(ws: Workspace,
+                                                             tmp_path: Path) -> None:
+    packs_config(ws, encryption(tmp_path))
+    backup_id = backup(ws)
+    (tmp_path / "keys" / "dedup.key").write_text(os.urandom(32).hex() + "\n")
+    result = restore_to(ws, backup_id, tmp_path / "r")
+    assert result.returncode != 0
+    # Said from the manifest's key_id, before any pack is downloaded.
+    assert f"target 'local': backup {backup_id}: blob ids are keyed with dedup key" \
+        in result.stderr and "Traceback" not in result.stderr, result.stderr
+    damaged = ws.state / "damaged.json"
+    assert not damaged.exists() or backup_id not in damaged.read_text()
+
+
 def test_a_backup_host_without_identity_checks_the_packs_stored_bytes(
         ws: Workspace, tmp_path: Path) -> None:
     packs_config(ws, encryption(tmp_path, identity=False))  # recipients only
