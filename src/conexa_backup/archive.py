@@ -556,19 +556,20 @@ def _add_file(tar: _ForgetfulTarFile, entry: Entry, stats: TreeStats,
                             sha256=padded.sha256.hexdigest()))
 
 
-def _clean_name(name: str, what: str) -> str:
-    """``name`` (a member's path or a hard link's target) as a plain relative path.
+def _clean_name(name: str, what: str, kind: str = "archive member") -> str:
+    """``name`` (a member's path or a hard link's target; or, ``kind`` "index entry", a
+    packs backup's index path) as a plain relative path.
 
     Raises:
         UnsafeArchiveError: it is empty, absolute or has a ``..`` part.
     """
     if "\0" in name:  # no file name holds one: the OS would cut the name there
-        raise UnsafeArchiveError(f"refusing archive member {what!r}: NUL byte in its name")
+        raise UnsafeArchiveError(f"refusing {kind} {what!r}: NUL byte in its name")
     if name.startswith("/"):
-        raise UnsafeArchiveError(f"refusing archive member {what!r}: absolute path")
+        raise UnsafeArchiveError(f"refusing {kind} {what!r}: absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnsafeArchiveError(f"refusing archive member {what!r}: path contains '..'")
+        raise UnsafeArchiveError(f"refusing {kind} {what!r}: path contains '..'")
     return "/".join(parts) or "."
 
 

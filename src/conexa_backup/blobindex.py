@@ -316,6 +316,13 @@ class BlobIndex:
             if path.name not in wanted:
                 path.unlink(missing_ok=True)
 
+    def packs_with(self, blob: str) -> list[str]:
+        """Every pack this cache knows to hold ``blob``, whichever target holds it (naming
+        the pack at fault when a target lacks the blob)."""
+        rows = self._db.execute("SELECT pack FROM blobs WHERE blob = ? ORDER BY pack",
+                                (_raw(blob),))
+        return [r[0].hex() for r in rows]
+
 
 def merged(streams: Iterable[Iterator[bytes]]) -> Iterator[bytes]:
     """The union of sorted streams of ids, sorted, each id once."""

@@ -19,7 +19,9 @@ back through one, never held in RAM; only one blob (at most a piece) is.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -432,7 +434,13 @@ class PackReader:
     def __init__(self, index: PackIndex, content: IO[bytes], key: bytes | None) -> None:
         self.index = index
         self._content, self._key = content, key
-        self._where = {b.id: b for b in index.blobs}
+        self._refs: dict[str, BlobRef] | None = None  # made on first lookup by id
+
+    @property
+    def _where(self) -> dict[str, BlobRef]:
+        if self._refs is None:
+            self._refs = {b.id: b for b in self.index.blobs}
+        return self._refs
 
     def __contains__(self, blob: str) -> bool:
         return blob in self._where
@@ -443,14 +451,23 @@ class PackReader:
         Raises:
             IntegrityError: the pack does not hold it, or its bytes do not match the id.
         """
-        name = self.index.name
         ref = self._where.get(blob)
         if ref is None:
-            raise IntegrityError(f"pack {name}: holds no blob {blob}")
+            raise IntegrityError(f"pack {self.index.name}: holds no blob {blob}")
+        return self.read_ref(ref)
+
+    def read_ref(self, ref: BlobRef) -> bytes:
+        """The bytes of ``ref`` (one of ``index.blobs``: no lookup by id), checked against
+        its id.
+
+        Raises:
+            IntegrityError: they do not match the id.
+        """
         self._content.seek(ref.offset)
         data = self._content.read(ref.length)
-        if len(data) != ref.length or blob_id(data, self._key) != blob:
-            raise IntegrityError(f"pack {name}: blob {blob}: content does not match its id")
+        if len(data) != ref.length or blob_id(data, self._key) != ref.id:
+            raise IntegrityError(f"pack {self.index.name}: blob {ref.id}: content does not "
+                                 "match its id")
         return data
 
     def blobs(self) -> Iterator[tuple[str, bytes]]:
@@ -503,3 +520,88 @@ def read_index(name: str, stored: IO[bytes], scratch: Path,
     with tempfile.TemporaryFile(dir=scratch, prefix="pack-") as content:
         _unpack(name, stored, content, scratch, identities)
         return _parse_index(name, content)
+
+
+class OpenedPack(PackReader):
+    """A :class:`PackReader` that owns its decompressed temporary file: made by
+    :func:`unpack` in one thread (a download pool), read and closed in another.
+
+    Its index is kept compact (32 raw bytes and two integers a blob, not a BlobRef and a hex
+    string: a pack of 50,000 tiny blobs costs 2.4 MB, not 11), so a few open at once stay
+    small: ``index.blobs`` is empty, :meth:`refs` gives them, :meth:`read_ref` reads one;
+    lookups by id are not offered.
+    """
+
+    def __init__(self, index: PackIndex, content: IO[bytes], key: bytes | None) -> None:
+        self.count = len(index.blobs)
+        self._ids = b"".join(bytes.fromhex(b.id) for b in index.blobs)
+        self._places = array.array("Q", (n for b in index.blobs for n in (b.offset, b.length)))
+        super().__init__(dataclasses.replace(index, blobs=[]), content, key)
+        self._file = content
+
+    def refs(self) -> Iterator[BlobRef]:
+        """Every blob's place, in pack order."""
+        for i in range(self.count):
+            yield BlobRef(self._ids[32 * i:32 * (i + 1)].hex(), self._places[2 * i],
+                          self._places[2 * i + 1])
+
+    def read(self, blob: str) -> bytes:
+        raise NotImplementedError("OpenedPack reads by place: use refs() and read_ref()")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> OpenedPack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unpack_content(name: str, stored: IO[bytes], scratch: Path,
+                   identities: Sequence[Any] | None = None) -> IO[bytes]:
+    """The decompressed pack, in an unnamed temporary file in ``scratch`` (the caller closes
+    it), once the stored bytes are checked against ``name``: the costly half of
+    :func:`unpack` (download, decrypt, decompress), for a worker thread.
+
+    Raises:
+        IntegrityError, UnusableCopyError, StorageError: as :func:`open_pack`.
+    """
+    content = tempfile.TemporaryFile(dir=scratch, prefix="pack-")  # noqa: SIM115  # returned
+    try:
+        _unpack(name, stored, content, scratch, identities)
+    except BaseException:
+        content.close()
+        raise
+    return content
+
+
+def opened(name: str, content: IO[bytes], key: bytes | None = None) -> OpenedPack:
+    """The :class:`OpenedPack` of a decompressed pack (:func:`unpack_content`), which then
+    owns ``content`` (closed here on failure). Parsing its index in the thread that uses it
+    keeps the JSON's transient memory out of the workers' malloc arenas.
+
+    Raises:
+        IntegrityError: not a pack, or a damaged one. UnusableCopyError: keyed with another
+        dedup key (or none given).
+    """
+    try:
+        index = _parse_index(name, content)
+        if index.ids == "sha256":
+            key = None  # plain ids are checked as such, whatever this host's key
+        _check_key(index, key)
+    except BaseException:
+        content.close()
+        raise
+    return OpenedPack(index, content, key)
+
+
+def unpack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None = None,
+           identities: Sequence[Any] | None = None) -> OpenedPack:
+    """:func:`open_pack` without the ``with``: the caller closes the result (which removes
+    its temporary file). Checked as :func:`open_pack` checks.
+
+    Raises:
+        IntegrityError, UnusableCopyError, StorageError: as :func:`open_pack`.
+    """
+    return opened(name, unpack_content(name, stored, scratch, identities), key)

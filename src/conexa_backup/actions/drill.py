@@ -17,11 +17,13 @@ import os
 import random
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import psycopg
 
@@ -31,9 +33,9 @@ from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import read_plain
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError
+from conexa_backup.errors import ConexaError, IntegrityError
 from conexa_backup.manifest import IndexEntry, Manifest, shown_path
-from conexa_backup.pipeline import hash_file
+from conexa_backup.pipeline import copy_stream, hash_file
 from conexa_backup.postgres import ConnInfo
 from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_drill
@@ -190,59 +192,107 @@ def _run_check(info: ConnInfo, name: str, query: str, timeout: float) -> str:
 
 
 def _uploads_steps(d: _Drill) -> None:
-    up, artifact = d.manifest.uploads, d.manifest.artifact("uploads")
-    if up is None or artifact is None:
+    up = d.manifest.uploads
+    if up is None or not restore_uploads.has_uploads(d.manifest):
         return
     folder: dict[str, Path] = {}
+    proof = ("every pack read checked against its name, every blob against its id"
+             if up.format == "packs" else "SHA-256 of the archive verified")
 
     def extract() -> str:
-        folder["path"] = restore_uploads.extract(d.backup, d.workdir / "uploads",
-                                                 d.copy.target.name, d.ctx.keys())
-        return (f"{up.files} files, {up.bytes} bytes, {up.symlinks} symlinks, SHA-256 of the "
-                "archive verified")
+        folder["path"] = restore_uploads.extract(d.ctx, d.backup, d.workdir / "uploads",
+                                                 d.copy.target.name)
+        return f"{up.files} files, {up.bytes} bytes, {up.symlinks} symlinks, {proof}"
 
     d.step("fetch and extract uploads", extract)
     d.step("uploads files", lambda: _check_files(d, folder["path"]), critical=False)
 
 
-def _index_entries(d: _Drill) -> Iterator[IndexEntry]:
+@contextlib.contextmanager
+def _index_file(d: _Drill) -> Iterator[IO[bytes] | None]:
+    """The copy's uploads index, decompressed into a private temporary file (read line by
+    line: memory flat in the number of files), or None when the backup has none."""
     artifact = d.manifest.artifact("uploads-index")
     if artifact is None:
+        yield None
         return
-    chunks: list[bytes] = []
-    # The index is small next to the uploads themselves (about 100 bytes a file).
-    read_plain(d.copy, d.backup.id, artifact, lambda plain: chunks.append(plain.read()),
-               d.ctx.keys())
-    for line in b"".join(chunks).splitlines():
-        yield IndexEntry.from_line(line)
+    keys = d.ctx.keys()
+    with tempfile.TemporaryFile(dir=keys.staging, prefix="index-") as plain:
+        read_plain(d.copy, d.backup.id, artifact, lambda src: copy_stream(src, plain), keys)
+        plain.seek(0)
+        yield plain
+
+
+@dataclass
+class _Problems:
+    """The first problems found (named in the message) and how many in all."""
+
+    first: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, problem: str | None) -> None:
+        if problem is not None:
+            self.count += 1
+            if len(self.first) < 5:
+                self.first.append(problem)
+
+    def fail(self, what: str) -> None:
+        if self.count:
+            more = f" (and {self.count - len(self.first)} more)" \
+                if self.count > len(self.first) else ""
+            raise IntegrityError(f"{what}: " + "; ".join(self.first) + more)
 
 
 def _check_files(d: _Drill, root: Path) -> str:
-    """Every symlink's target, and the SHA-256 of every file (or a sample), against the
-    index recorded at backup time; the symlink count against the manifest."""
-    entries = list(_index_entries(d))
-    if not entries:
-        return "no per-file index in this backup: count and bytes checked at extraction"
-    files = [e for e in entries if e.type == "file"]
-    links = [e for e in entries if e.type == "symlink"]
+    """Every symlink's target, every folder (packs backups list them), and the SHA-256 of
+    every file (or a random sample) against the index recorded at backup time; the symlink
+    count against the manifest. The index is read line by line, the sample kept by
+    reservoir sampling: memory is flat in the number of files."""
     sample = d.ctx.config.drill.uploads_sample
-    chosen = files if not sample or sample >= len(files) else \
-        random.SystemRandom().sample(files, sample)
-    problems = [p for e in links if (p := _link_problem(root, e))]
+    problems = _Problems()
+    files = links = 0
+    chosen: list[IndexEntry] = []
+    pick = random.SystemRandom()
+    with _index_file(d) as index:
+        if index is None:
+            return "no per-file index in this backup: count and bytes checked at extraction"
+        for line in index:
+            entry = IndexEntry.from_line(line)
+            if entry.type == "dir":
+                path = root / entry.path
+                if path.is_symlink() or not path.is_dir():
+                    problems.add(f"missing folder {shown_path(entry.path)}")
+            elif entry.type == "symlink":
+                links += 1
+                problems.add(_link_problem(root, entry))
+            else:
+                files += 1
+                if not sample:
+                    problems.add(_file_problem(root, entry))
+                elif len(chosen) < sample:
+                    chosen.append(entry)
+                elif (slot := pick.randrange(files)) < sample:
+                    chosen[slot] = entry
     for entry in chosen:
-        path = root / entry.path
-        # Names shown printably: one that is not UTF-8 would break the JSON and JUnit output.
-        if path.is_symlink() or not path.is_file():
-            problems.append(f"missing {shown_path(entry.path)}")
-        elif path.stat().st_size != entry.size or hash_file(path) != entry.sha256:
-            problems.append(f"content differs: {shown_path(entry.path)}")
+        problems.add(_file_problem(root, entry))
     up = d.manifest.uploads
-    if links and up is not None and len(links) != up.symlinks:
-        problems.append(f"index lists {len(links)} symlinks, manifest says {up.symlinks}")
-    restore_db.fail_if(problems, "restored uploads differ from the backup")
-    scope = "every file" if chosen is files else f"a sample of {len(chosen)} of {len(files)}"
+    if links and up is not None and links != up.symlinks:
+        problems.add(f"index lists {links} symlinks, manifest says {up.symlinks}")
+    problems.fail("restored uploads differ from the backup")
+    scope = "every file" if not sample or sample >= files else \
+        f"a sample of {len(chosen)} of {files}"
     return f"SHA-256 of {scope} matches" + (
-        f"; {len(links)} symlinks with their targets" if links else "")
+        f"; {links} symlinks with their targets" if links else "")
+
+
+def _file_problem(root: Path, entry: IndexEntry) -> str | None:
+    path = root / entry.path
+    # Names shown printably: one that is not UTF-8 would break the JSON and JUnit output.
+    if path.is_symlink() or not path.is_file():
+        return f"missing {shown_path(entry.path)}"
+    if path.stat().st_size != entry.size or hash_file(path) != entry.sha256:
+        return f"content differs: {shown_path(entry.path)}"
+    return None
 
 
 def _link_problem(root: Path, entry: IndexEntry) -> str | None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conexa_backup.actions import restore_packs
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import (
     from_first_good,
@@ -16,8 +17,15 @@ from conexa_backup.actions.fetch import (
     read_verified,
     save_verified,
 )
+from conexa_backup.actions.restore_packs import PackRun
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage, resolve
-from conexa_backup.errors import IntegrityError, StorageError, UsageError
+from conexa_backup.errors import (
+    ConfigError,
+    IntegrityError,
+    StorageError,
+    UnusableCopyError,
+    UsageError,
+)
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
 from conexa_backup.state import record_damaged, record_verified
@@ -46,7 +54,7 @@ class CopyCheck:
     damage: list[str] = field(default_factory=list)  # the problems that prove the copy bad
 
 
-def _verify_copy(copy: Copy, backup_id: str) -> CopyCheck:
+def _verify_copy(ctx: Context, copy: Copy, backup_id: str, run: PackRun) -> CopyCheck:
     check = CopyCheck(backup_id, copy.target.name, ok=True)
     if copy.manifest is None:
         check.ok = False
@@ -61,7 +69,42 @@ def _verify_copy(copy: Copy, backup_id: str) -> CopyCheck:
             check.problems.append(str(exc))
             if proves_damage(exc):  # a timeout or a 503 says nothing about the stored bytes
                 check.damage.append(str(exc))
+    up = copy.manifest.uploads
+    if up is not None and up.format == "packs" and check.ok:
+        _verify_packs(ctx, copy, backup_id, run, check)
     return check
+
+
+def _verify_packs(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
+                  check: CopyCheck) -> None:
+    """A packs-format copy: also every pack holding its blobs on the copy's target, and
+    every blob its index names (:func:`restore_packs.verify_copy`)."""
+    assert copy.manifest is not None
+    before = run.bytes_read
+    try:
+        restore_packs.verify_copy(ctx, backup_id, copy, copy.manifest, run)
+    except ConfigError:  # a backup host holds no identity: check the stored bytes only
+        _verify_stored(ctx, copy, backup_id, run, check)
+    except (IntegrityError, StorageError, UnusableCopyError) as exc:
+        check.ok = False
+        check.problems.append(str(exc))
+        if proves_damage(exc):
+            check.damage.append(str(exc))
+    check.bytes_read += run.bytes_read - before
+
+
+def _verify_stored(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
+                   check: CopyCheck) -> None:
+    """An encrypted packs copy where no identity is configured: see
+    :func:`restore_packs.verify_stored`; what it could not check is said in ``problems``
+    without failing the copy."""
+    try:
+        check.problems.append(restore_packs.verify_stored(ctx, backup_id, copy, run))
+    except (IntegrityError, StorageError) as exc:
+        check.ok = False
+        check.problems.append(str(exc))
+        if proves_damage(exc):
+            check.damage.append(str(exc))
 
 
 class _Discard:
@@ -88,12 +131,13 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
     else:
         chosen = [resolve(backups, ref or "latest", notes, use=Use.CHECK)]
     results = []
+    run = PackRun()  # each target's packs listed once, each pack read at most once
     for backup in chosen:
         for copy in backup.copies:
             if copy.manifest is None and copy.problem is None and all_backups:
                 continue  # an incomplete leftover, not a copy anyone relies on
             ctx.reporter.step(f"verifying {backup.id} on {copy.target.name}")
-            check = _verify_copy(copy, backup.id)
+            check = _verify_copy(ctx, copy, backup.id, run)
             if check.ok:  # the newest verified backup is protected from pruning
                 record_verified(ctx.state_dir(), backup.id, copy.target.name)
             elif check.damage:  # damaged until a later verify or drill passes
@@ -107,7 +151,9 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
 
 def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
              notes: list[str] | None = None) -> tuple[str, Path]:
-    """Fetch a backup's files as stored (plus manifest) into ``dest/<id>/``, checked.
+    """Fetch a backup's files as stored (plus manifest) into ``dest/<id>/``, checked; for a
+    packs-format backup also the packs its uploads need, as stored, under
+    ``dest/<id>/packs/<2 hex>/<name>`` (docs/packs.md, "By hand").
     ``latest`` is the newest as it is (damaged or suspect too, said in ``notes``).
 
     Raises:
@@ -126,6 +172,11 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
             for artifact in manifest.artifacts:
                 ctx.reporter.step(f"downloading {artifact.name} from {copy.target.name}")
                 save_verified(copy, backup.id, artifact, out / artifact.name)
+            if manifest.uploads is not None and manifest.uploads.format == "packs":
+                ctx.reporter.step(f"downloading the packs it needs from {copy.target.name}")
+                with local_writes(dest):
+                    restore_packs.download_packs(ctx, backup.id, copy, manifest,
+                                                 out / "packs")
             manifest_path = out / MANIFEST_NAME
             manifest_path.write_bytes(manifest.to_json())
             manifest_path.chmod(0o600)

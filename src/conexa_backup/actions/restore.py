@@ -69,7 +69,7 @@ def _plan(ctx: Context, opts: RestoreOptions, notes: list[str]) -> _Plan:
     manifest = backup.manifest
     assert manifest is not None
     want_db = opts.only in (None, "database") and manifest.artifact("database") is not None
-    want_up = opts.only in (None, "uploads") and manifest.artifact("uploads") is not None
+    want_up = opts.only in (None, "uploads") and restore_uploads.has_uploads(manifest)
     if opts.only and not (want_db or want_up):
         raise UsageError(f"backup {backup.id} holds no {opts.only}")
     database = uploads = None
@@ -136,8 +136,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
             restored_db = _prepare_database(ctx, plan, opts, result.fallbacks)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
-            staged_uploads = restore_uploads.extract(plan.backup, plan.uploads, opts.source,
-                                                     ctx.keys(), result.fallbacks)
+            staged_uploads = restore_uploads.extract(ctx, plan.backup, plan.uploads,
+                                                     opts.source, result.fallbacks)
         with signals.held():  # the swap itself is never interrupted half-way
             _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:

@@ -14,12 +14,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conexa_backup import archive
-from conexa_backup.actions.fetch import Keys, from_first_good, local_writes, read_plain
+from conexa_backup.actions import restore_packs
+from conexa_backup.actions.fetch import from_first_good, local_writes, read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError, UnusableCopyError, UsageError
 from conexa_backup.manifest import Manifest
+
+if TYPE_CHECKING:
+    from conexa_backup.actions.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +33,28 @@ def staging_path(dest: Path, backup_id: str) -> Path:
     return dest.parent / f".{dest.name}.restoring-{backup_id}"
 
 
-def extract(backup: Backup, dest: Path, source: str | None, keys: Keys,
+def has_uploads(manifest: Manifest) -> bool:
+    """Whether the backup holds uploads: a tar-format one its ``uploads`` archive, a
+    packs-format one its uploads index (the blobs are in the target's packs)."""
+    if manifest.uploads is None:
+        return False
+    kind = "uploads-index" if manifest.uploads.format == "packs" else "uploads"
+    return manifest.artifact(kind) is not None
+
+
+def extract(ctx: Context, backup: Backup, dest: Path, source: str | None,
             fallbacks: list[str] | None = None) -> Path:
     """Extract the uploads of the first good copy next to ``dest``; return the folder.
 
-    Copies skipped as damaged are reported in ``fallbacks`` (see ``from_first_good``).
+    A tar-format backup is its ``uploads`` archive; a packs-format one its uploads index
+    and the blobs in the copy's target's packs (:mod:`restore_packs`). Copies skipped as
+    damaged (or lacking blobs) are reported in ``fallbacks`` (see ``from_first_good``).
 
     Raises:
         IntegrityError: every copy is damaged or missing.
-        UnusableCopyError: no copy could be used, some being intact: the archive tries to
-        write outside its folder or through a link, or extracts to other counts than its
-        manifest recorded, or cannot be decrypted here.
+        UnusableCopyError: no copy could be used, some being intact: the archive (or index)
+        tries to write outside its folder or through a link, or extracts to other counts
+        than its manifest recorded, or cannot be decrypted here.
     """
     staging = staging_path(dest, backup.id)
     try:
@@ -47,21 +63,27 @@ def extract(backup: Backup, dest: Path, source: str | None, keys: Keys,
         raise ConexaError(f"cannot create {dest.parent}: {exc.strerror}") from None
 
     def attempt(copy: Copy, manifest: Manifest) -> Path:
-        artifact = manifest.artifact("uploads")
-        assert artifact is not None and manifest.uploads is not None
+        expected = manifest.uploads
+        assert expected is not None
         remove_tree(staging)  # a leftover of an interrupted restore of ours
+        got: restore_packs.Counts | archive.TreeStats
         try:
             with local_writes(dest.parent):
-                stats = read_plain(copy, backup.id, artifact,
-                                   lambda plain: archive.extract_stream(plain, staging), keys)
-            expected = manifest.uploads
-            got = (stats.files, stats.bytes, stats.symlinks)
-            if got != (expected.files, expected.bytes, expected.symlinks):
+                if expected.format == "packs":
+                    got = restore_packs.extract_copy(ctx, backup, copy, manifest, staging)
+                else:
+                    artifact = manifest.artifact("uploads")
+                    assert artifact is not None
+                    got = read_plain(copy, backup.id, artifact,
+                                     lambda plain: archive.extract_stream(plain, staging),
+                                     ctx.keys())
+            counts = (got.files, got.bytes, got.symlinks)
+            if counts != (expected.files, expected.bytes, expected.symlinks):
                 # The stored bytes were verified: not a damaged copy, so no "no good copy".
                 raise UnusableCopyError(
-                    f"uploads from {copy.target.name!r} (intact) extract to {got[0]} files / "
-                    f"{got[1]} bytes / {got[2]} symlinks, manifest says {expected.files} / "
-                    f"{expected.bytes} / {expected.symlinks}")
+                    f"uploads from {copy.target.name!r} (intact) extract to {counts[0]} files"
+                    f" / {counts[1]} bytes / {counts[2]} symlinks, manifest says "
+                    f"{expected.files} / {expected.bytes} / {expected.symlinks}")
         except BaseException:
             remove_tree(staging)
             raise

@@ -1,0 +1,748 @@
+"""Restoring, verifying and downloading packs-format uploads (issue 15; docs/packs.md).
+
+A packs backup's uploads are its uploads index (the ``uploads-index`` artifact: every entry
+with its attributes, each file's blob ids) plus blobs held in the target's packs, outside the
+backup's folder. One copy is read so:
+
+1. the index (checked against the manifest, decrypted) goes into a temporary SQLite file in
+   ``state_dir/staging`` (:class:`Needs`): entries, and for each blob where it belongs (file,
+   offset). Paths are checked on the way in with the tar extraction's rules (no absolute
+   path, ``..`` or NUL; no entry through a symlink of the index; no entry twice);
+2. the packs that hold needed blobs are found from the target's listing of ``packs/`` and
+   the local pack cache (:class:`~conexa_backup.blobindex.BlobIndex`); a listed pack the
+   cache does not know is read anyway (once: its blobs are used in the same pass) and
+   recorded;
+3. those packs are fetched by a small pool of threads (download, decrypt, decompress, check
+   the name); the main thread writes each needed blob, checked against its id, wherever it
+   belongs (``pwrite``), and is the only one touching SQLite and the cache;
+4. a needed blob no good pack held means this copy lacks it: IntegrityError naming the
+   backup, the target, the first files affected and the packs at fault, so that
+   ``fetch.from_first_good`` records the damage and tries the next copy.
+
+Memory stays flat in the number of files: entries and blob places live in SQLite, only
+packs (a few thousand even for a large tree) are held in Python.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import sqlite3
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from conexa_backup import archive, packs
+from conexa_backup.actions.backup_packs import dedup_key
+from conexa_backup.actions.fetch import Keys, read_plain
+from conexa_backup.blobindex import BlobIndex
+from conexa_backup.catalog import Backup, Copy
+from conexa_backup.errors import (
+    ConexaError,
+    IntegrityError,
+    ObjectNotFoundError,
+    UnsafeArchiveError,
+    UnusableCopyError,
+)
+from conexa_backup.manifest import IndexEntry, Manifest, shown_path
+from conexa_backup.pipeline import CHUNK
+from conexa_backup.scratch import scratch_name
+from conexa_backup.storage.base import Target
+
+if TYPE_CHECKING:
+    from conexa_backup.actions.context import Context
+
+log = logging.getLogger(__name__)
+
+WORKERS = 4  # packs fetched at once: enough to hide a cloud round trip, few scratch files
+NAMED = 5  # files (and packs) named in a message, at most
+_CACHE_KIB = 2048  # SQLite page cache of the temporary index: lookups are by index
+_SCHEMA = """
+CREATE TABLE entries (seq INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE, type TEXT NOT NULL,
+    mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, size INTEGER, target BLOB);
+CREATE TABLE need (blob BLOB NOT NULL, entry INTEGER NOT NULL, offset INTEGER NOT NULL,
+    length INTEGER NOT NULL);
+CREATE INDEX need_by_blob ON need (blob);
+CREATE TABLE wanted (blob BLOB PRIMARY KEY, found INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+"""
+_COLUMNS = "SELECT path, mode, uid, gid, mtime_ns, size, target FROM entries WHERE type = ?"
+_IN_ORDER = f"{_COLUMNS} ORDER BY seq"
+_BY_PATH = f"{_COLUMNS} ORDER BY path DESC"
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The lines of ``stream`` (read in large chunks: a decompressing reader is no file)."""
+    rest = b""
+    while data := stream.read(CHUNK):
+        parts = (rest + data).split(b"\n")
+        rest = parts.pop()
+        yield from (p for p in parts if p.strip())
+    if rest.strip():
+        yield rest
+
+
+@dataclass
+class Counts:
+    """What an index holds (what a restore of it must make)."""
+
+    files: int = 0
+    bytes: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+
+
+class Needs:
+    """A backup's uploads index in a temporary SQLite file: entries, and each needed blob's
+    places (entry, offset, length) and whether a good pack has given it yet. One thread."""
+
+    def __init__(self, scratch: Path, piece_size: int = packs.PIECE_SIZE) -> None:
+        self.path = scratch / scratch_name(f"needs-{secrets.token_hex(4)}")
+        self.piece_size = piece_size
+        self.counts = Counts()
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self.path.chmod(0o600)
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE",
+                       f"cache_size = -{_CACHE_KIB}"):
+            self._db.execute(f"PRAGMA {pragma}")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Needs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self, stream: IO[bytes]) -> Counts:
+        """Read the index from ``stream`` (decompressed JSON lines) and check it.
+
+        Raises:
+            UnsafeArchiveError: an entry is absolute, holds ``..`` or NUL, lies through a
+                symlink of the index, is stored twice, or the root is not a folder.
+            IntegrityError: a line is not an index entry, or a file's blobs do not fit its
+                size.
+        """
+        self._db.execute("BEGIN")
+        for seq, line in enumerate(_lines(stream)):
+            self._add(seq, IndexEntry.from_line(line))
+        self._check_links()
+        self._db.execute("COMMIT")
+        return self.counts
+
+    def _add(self, seq: int, entry: IndexEntry) -> None:
+        name = archive._clean_name(entry.path, shown_path(entry.path), "index entry")
+        if name == "." and entry.type != "dir":
+            raise UnsafeArchiveError("refusing index entry '.': the root is not a folder")
+        raw = os.fsencode(name)
+        target = None if entry.target is None else os.fsencode(entry.target)
+        try:
+            self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (seq, raw, entry.type, entry.mode, entry.uid, entry.gid,
+                              entry.mtime_ns, entry.size, target))
+        except sqlite3.IntegrityError:
+            raise UnsafeArchiveError(f"refusing index entry {shown_path(name)!r}: stored "
+                                     "twice") from None
+        if entry.type == "file":
+            self._add_file(seq, name, entry)
+        elif entry.type == "symlink":
+            self.counts.symlinks += 1
+        elif name != ".":
+            self.counts.dirs += 1
+
+    def _add_file(self, seq: int, name: str, entry: IndexEntry) -> None:
+        size, blobs = entry.size or 0, entry.blobs or ()
+        if size < 0 or len(blobs) != -(-size // self.piece_size):
+            raise IntegrityError(f"uploads index: {shown_path(name)}: {len(blobs)} blobs for "
+                                 f"{size} bytes")
+        for i, blob in enumerate(blobs):
+            try:
+                raw = bytes.fromhex(blob)
+            except ValueError:
+                raw = b""
+            if len(raw) != 32:
+                raise IntegrityError(f"uploads index: {shown_path(name)}: not a blob id")
+            offset = i * self.piece_size
+            self._db.execute("INSERT INTO need VALUES (?, ?, ?, ?)",
+                             (raw, seq, offset, min(self.piece_size, size - offset)))
+            self._db.execute("INSERT OR IGNORE INTO wanted (blob) VALUES (?)", (raw,))
+        self.counts.files += 1
+        self.counts.bytes += size
+
+    def _check_links(self) -> None:
+        """Refuse an entry whose path passes through a symlink of the index (writing it
+        would write through the link once links are made)."""
+        links = self._db.execute("SELECT path FROM entries WHERE type = 'symlink'")
+        for (link,) in links:
+            below = self._db.execute(
+                "SELECT path FROM entries WHERE path > ? AND path < ? LIMIT 1",
+                (link + b"/", link + b"0")).fetchone()
+            if below is not None:
+                raise UnsafeArchiveError(
+                    f"refusing index entry {shown_path(os.fsdecode(below[0]))!r}: its path "
+                    "passes through a symlink of the index")
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def wanted(self, blob: str) -> bool:
+        """Whether ``blob`` is needed and no good pack has given it yet."""
+        return self._db.execute("SELECT 1 FROM wanted WHERE blob = ? AND found = 0",
+                                (bytes.fromhex(blob),)).fetchone() is not None
+
+    def places(self, blob: str) -> list[tuple[bytes, int, int]]:
+        """(path, offset, length) of every place ``blob`` belongs."""
+        return self._db.execute(
+            "SELECT e.path, n.offset, n.length FROM need n JOIN entries e ON e.seq = n.entry "
+            "WHERE n.blob = ?", (bytes.fromhex(blob),)).fetchall()
+
+    def want(self, raw_ids: Iterable[bytes]) -> None:
+        """Want these blobs (raw 32-byte ids) without knowing their files (a backup's refs)."""
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR IGNORE INTO wanted (blob) VALUES (?)",
+                             ((raw,) for raw in raw_ids))
+        self._db.execute("COMMIT")
+
+    def found(self, blobs: Iterable[str]) -> None:
+        self._db.executemany("UPDATE wanted SET found = 1 WHERE blob = ?",
+                             ((bytes.fromhex(b),) for b in blobs))
+
+    def missing(self) -> tuple[int, int, list[str], list[str]]:
+        """(blobs missing, files affected, the first files' names, the first blobs)."""
+        blobs = self._db.execute("SELECT count(*) FROM wanted WHERE found = 0").fetchone()[0]
+        if not blobs:
+            return 0, 0, [], []
+        files = self._db.execute(
+            "SELECT count(DISTINCT n.entry) FROM need n JOIN wanted w ON w.blob = n.blob "
+            "WHERE w.found = 0").fetchone()[0]
+        first = self._db.execute(
+            "SELECT DISTINCT e.path FROM need n JOIN wanted w ON w.blob = n.blob JOIN entries "
+            "e ON e.seq = n.entry WHERE w.found = 0 ORDER BY e.seq LIMIT ?", (NAMED,))
+        ids = self._db.execute("SELECT blob FROM wanted WHERE found = 0 LIMIT 20")
+        return (blobs, files, [shown_path(os.fsdecode(p)) for (p,) in first],
+                [b.hex() for (b,) in ids])
+
+    def entries(self, kind: str, *, deepest_first: bool = False) -> Iterator[tuple[Any, ...]]:
+        """(path, mode, uid, gid, mtime_ns, size, target) of every entry of ``kind``, in index
+        order (or by path, descending: what a folder holds before the folder)."""
+        return iter(self._db.execute(_BY_PATH if deepest_first else _IN_ORDER, (kind,)))
+
+def read_needs(copy: Copy, backup_id: str, manifest: Manifest, keys: Keys,
+               piece_size: int = packs.PIECE_SIZE) -> Needs:
+    """The copy's uploads index, checked against the manifest, loaded into :class:`Needs`.
+
+    Raises:
+        IntegrityError: damaged. UnusableCopyError: intact but unsafe, malformed or
+        undecryptable here. StorageError: unreadable.
+    """
+    artifact = manifest.artifact("uploads-index")
+    if artifact is None:
+        raise IntegrityError(f"backup {backup_id}: manifest lists no uploads index")
+    needs = Needs(keys.staging, piece_size)
+    try:
+        read_plain(copy, backup_id, artifact, needs.load, keys)
+    except BaseException:
+        needs.close()
+        raise
+    return needs
+
+
+# -- fetching packs -----------------------------------------------------------------------------
+
+@dataclass
+class PackRun:
+    """What one run learned about targets' packs: each listing read once, and each pack
+    checked at most once per target (``verify --all``): None when good, else the problem."""
+
+    listings: dict[str, dict[str, int]] = field(default_factory=dict)
+    checked: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    bytes_read: int = 0  # stored bytes of the packs read
+
+    def listing(self, target: Target) -> dict[str, int]:
+        """Pack name -> stored size, for every pack ``target`` lists.
+
+        Raises:
+            StorageError: the target cannot be listed.
+        """
+        if target.name not in self.listings:
+            found = {}
+            for obj in target.list(packs.PACKS_PREFIX):
+                name = packs.pack_name(obj.key)
+                if name is not None:
+                    found[name] = obj.size
+            self.listings[target.name] = found
+        return self.listings[target.name]
+
+
+@dataclass
+class PackReading:
+    """How to read one copy's packs: the target, its blob keys, and what to do with blobs."""
+
+    target: Target
+    index: BlobIndex
+    scratch: Path
+    key: bytes | None
+    identities: list[Any] | None
+    run: PackRun = field(default_factory=PackRun)
+    whole: bool = False  # check every blob of each pack read (verify), not only needed ones
+    # Only check stored bytes against the name (no identity to decrypt them: a backup host);
+    # what a pack holds then comes from the cache alone.
+    stored_only: bool = False
+    problems: dict[str, str] = field(default_factory=dict)  # pack -> why it is bad
+    vanished: bool = False  # a listed pack was gone when read (in this pass)
+
+
+def _plan(reading: PackReading, needs: Needs) -> list[str]:
+    """The listed packs to read: known ones that hold a needed blob (and were not already
+    proved good this run: their blobs count as found), and every unknown one."""
+    target, run = reading.target, reading.run
+    todo = []
+    for name in sorted(run.listing(target)):
+        checked = (target.name, name) in run.checked
+        problem = run.checked.get((target.name, name))
+        if problem is not None:
+            reading.problems[name] = problem
+            continue
+        if not reading.index.known_pack(name):
+            if not reading.stored_only:  # (it could not be read: nothing to learn)
+                todo.append(name)  # read to learn what it holds, and used in the same pass
+            continue
+        held = [b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)]
+        if not held:
+            continue
+        if checked:  # read and proved good already in this run (verify --all)
+            needs.found(held)
+            continue
+        todo.append(name)
+    return todo
+
+
+def fetch_packs(reading: PackReading, needs: Needs,
+                use: Callable[[str, bytes], None] | None = None) -> None:
+    """Read the packs of ``reading.target`` that hold what ``needs`` wants, :data:`WORKERS`
+    at a time; hand each needed blob (checked against its id) to ``use`` and mark it found.
+    A damaged or vanished pack is recorded in ``reading.problems`` and the rest go on.
+
+    Raises:
+        UnusableCopyError: a pack is intact but encrypted to another identity, or keyed with
+            another dedup key. StorageError: the target cannot be listed or read.
+        What ``use`` raises.
+    """
+    for _ in range(2):
+        reading.vanished = False
+        _fetch_listed(reading, needs, use)
+        if not reading.vanished or not needs.missing()[0]:
+            return
+        # A pack listed a moment ago is gone and blobs still lack: a prune may have repacked
+        # them meanwhile (new pack first, old one deleted after). List again, once, and read
+        # what is new before calling the copy damaged.
+        log.info("target %s: a pack vanished while being read; listing packs again",
+                 reading.target.name)
+        reading.run.listings.pop(reading.target.name, None)
+
+
+def _fetch_listed(reading: PackReading, needs: Needs,
+                  use: Callable[[str, bytes], None] | None) -> None:
+    """One pass of :func:`fetch_packs` over the target's current listing."""
+    target = reading.target
+    listed = reading.run.listing(target)
+    todo = collections.deque(_plan(reading, needs))
+
+    def job(name: str) -> IO[bytes] | None:
+        """Download, decrypt, decompress (the index is parsed by the main thread)."""
+        if reading.stored_only:
+            _save_pack(target, name, None)
+            return None
+        with target.open(packs.pack_key(name)) as stored:
+            return packs.unpack_content(name, stored, reading.scratch, reading.identities)
+
+    pending: dict[futures.Future[IO[bytes] | None], str] = {}
+    with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool:
+        try:
+            while todo or pending:
+                while todo and len(pending) < WORKERS:
+                    name = todo.popleft()
+                    pending[pool.submit(job, name)] = name
+                done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for future in done:
+                    name = pending.pop(future)
+                    _take(reading, needs, name, listed[name], future, use)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            for future in pending:  # the ones already running: wait, then drop their files
+                with contextlib.suppress(Exception):
+                    content = future.result()
+                    if content is not None:
+                        content.close()
+            raise
+
+
+def _take(reading: PackReading, needs: Needs, name: str, size: int,
+          future: futures.Future[IO[bytes] | None],
+          use: Callable[[str, bytes], None] | None) -> None:
+    """Use one fetched pack (main thread): record it, write its needed blobs, or record why
+    it is bad."""
+    key = (reading.target.name, name)
+    try:
+        content = future.result()
+        opened = None if content is None else packs.opened(name, content, reading.key)
+    except ObjectNotFoundError as exc:
+        reading.problems[name] = f"pack {name} vanished from target {reading.target.name!r}"
+        reading.vanished = True
+        log.warning("target %s: %s", reading.target.name, exc)
+        return
+    except IntegrityError as exc:
+        reading.problems[name] = reading.run.checked[key] = str(exc)
+        log.warning("target %s: %s", reading.target.name, exc)
+        return
+    if opened is None:  # stored bytes checked only: the cache says what it holds
+        needs.found([b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)])
+        reading.run.checked[key] = None
+        reading.run.bytes_read += size
+        return
+    with opened:
+        if not reading.index.known_pack(name):
+            reading.index.add_pack(name, ((b.id, b.length) for b in opened.refs()),
+                                   [(reading.target.name, size)])
+        try:
+            for ref in opened.refs():
+                need = needs.wanted(ref.id)
+                if need or reading.whole:
+                    data = opened.read_ref(ref)
+                    if need:
+                        if use is not None:
+                            use(ref.id, data)
+                        needs.found([ref.id])
+        except IntegrityError as exc:
+            reading.problems[name] = reading.run.checked[key] = str(exc)
+            log.warning("target %s: %s", reading.target.name, exc)
+            return
+    reading.run.checked[key] = None
+    reading.run.bytes_read += size
+
+
+def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityError | None:
+    """The damage when some needed blob was in no good pack: which backup and target, how
+    many blobs and files, the first files, and the packs at fault (damaged, or missing from
+    the target though this host's cache says they held the blobs); None when nothing lacks."""
+    count, files, first, blobs = needs.missing()
+    if not count:
+        return None
+    target = reading.target.name
+    listed = reading.run.listing(reading.target)
+    culprits: list[str] = []
+    for blob in blobs:
+        for pack in reading.index.packs_with(blob):
+            why = reading.problems.get(pack) or (
+                None if pack in listed else f"pack {pack} is not on target {target!r}")
+            if why and why not in culprits:
+                culprits.append(why)
+    if not culprits:
+        culprits = list(reading.problems.values())
+    more = f" and {files - len(first)} more" if files > len(first) else ""
+    why = "; ".join(culprits[:NAMED]) or "no pack on the target holds them"
+    what = f"{files} file(s) ({', '.join(first)}{more})" if files else \
+        "its files (their names need the age identity)"
+    return IntegrityError(f"backup {backup_id}: target {target!r} lacks {count} blob(s) of "
+                          f"{what}: {why}")
+
+
+# -- restore -------------------------------------------------------------------------------------
+
+def dedup_key_for(ctx: Context, manifest: Manifest, where: str) -> bytes | None:
+    """The dedup key this backup's blob ids are keyed with (None for plain SHA-256 ids).
+
+    Raises:
+        UnusableCopyError: ids are keyed and this host has no such key, or another one.
+        ConfigError: the key file is unreadable.
+    """
+    up = manifest.uploads
+    if up is None or up.ids != "hmac-sha256":
+        return None
+    key = dedup_key(ctx)
+    if key is None:
+        raise UnusableCopyError(f"{where}: blob ids are keyed (dedup key {up.key_id}): set "
+                                "encryption.dedup_key_file where restores run")
+    if up.key_id is not None and packs.key_id(key) != up.key_id:
+        raise UnusableCopyError(f"{where}: blob ids are keyed with dedup key {up.key_id}, "
+                                f"not this one ({packs.key_id(key)})")
+    return key
+
+
+def identities_for(keys: Keys, manifest: Manifest) -> list[Any] | None:
+    """Age identities when the backup is encrypted (ConfigError when none is configured),
+    else None."""
+    artifact = manifest.artifact("uploads-index")
+    return keys.identities() if artifact is not None and artifact.encryption else None
+
+
+def extract_copy(ctx: Context, backup: Backup, copy: Copy, manifest: Manifest,
+                 staging: Path, piece_size: int = packs.PIECE_SIZE) -> Counts:
+    """Rebuild the uploads of one packs-format copy in the new folder ``staging``; return
+    what it made. On failure ``staging`` is left for the caller to remove.
+
+    Raises:
+        IntegrityError: the index is damaged, or some blob is in no good pack on the copy's
+            target (naming the backup, the target, the first files and the packs).
+        UnusableCopyError: intact but unsafe, malformed, or unreadable with this host's keys.
+        StorageError: the target cannot be read. OSError: writing ``staging`` failed.
+    """
+    keys = ctx.keys()
+    where = f"target {copy.target.name!r}: backup {backup.id}"
+    key = dedup_key_for(ctx, manifest, where)
+    with read_needs(copy, backup.id, manifest, keys, piece_size) as needs, \
+            BlobIndex.open(ctx.config.state_dir) as index:
+        staging.mkdir(mode=0o700)
+        tree = _Tree(staging, needs)
+        tree.create()
+        reading = PackReading(copy.target, index, keys.staging, key,
+                              identities_for(keys, manifest))
+        fetch_packs(reading, needs, tree.write)
+        damage = lacking(reading, needs, backup.id)
+        if damage is not None:
+            raise damage
+        tree.finish()
+        return needs.counts
+
+
+class _Tree:
+    """The restored tree in ``root``: made from :class:`Needs`, written blob by blob, its
+    attributes set at the end (symlinks last, never written through; folders deepest
+    first)."""
+
+    def __init__(self, root: Path, needs: Needs) -> None:
+        self.root, self.needs = root, needs
+        self.owners = os.geteuid() == 0
+
+    def _path(self, rel: bytes) -> Path:
+        # A name that is not UTF-8 stays its bytes (surrogate escapes, see os.fsdecode).
+        return self.root if rel == b"." else self.root / os.fsdecode(rel)
+
+    def _refuse(self, rel: bytes, why: str) -> UnusableCopyError:
+        return UnusableCopyError(f"uploads index: cannot make "
+                                 f"{shown_path(os.fsdecode(rel))}: {why}")
+
+    def create(self) -> None:
+        """Every folder, then every file (0600, sized, empty), in index order. Nothing in
+        ``root`` is a link yet, and no entry lies through one of the index's (Needs.load)."""
+        for rel, *_ in self.needs.entries("dir"):
+            try:
+                self._path(rel).mkdir(0o700, parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise self._refuse(rel, str(exc.strerror)) from None
+        for rel, *_, size, _target in self.needs.entries("file"):
+            path = self._path(rel)
+            try:
+                path.parent.mkdir(0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise self._refuse(rel, str(exc.strerror)) from None
+            try:
+                os.ftruncate(fd, size or 0)
+            finally:
+                os.close(fd)
+
+    def write(self, blob: str, data: bytes) -> None:
+        """Write ``data`` (blob ``blob``, checked) wherever the index places it.
+
+        Raises:
+            UnusableCopyError: the index's file size does not fit the blob's length.
+        """
+        for rel, offset, length in self.needs.places(blob):
+            if len(data) != length:
+                raise self._refuse(rel, f"piece at {offset} is {len(data)} bytes, the "
+                                   f"index's size says {length}")
+            fd = os.open(self._path(rel), os.O_WRONLY | os.O_NOFOLLOW)
+            try:
+                view, at = memoryview(data), offset
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+            finally:
+                os.close(fd)
+
+    def _attrs(self, path: Path, mode: int | None, uid: int | None, gid: int | None,
+               mtime_ns: int | None, link: bool = False) -> None:
+        if self.owners and uid is not None and gid is not None:
+            os.chown(path, uid, gid, follow_symlinks=False)  # lchown for a link
+        if mode is not None and not link:  # set-id bits never restored (as for a tar)
+            path.chmod(stat.S_IMODE(mode) & 0o1777)
+        if mtime_ns is not None:
+            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def finish(self) -> None:
+        """Files' attributes, then symlinks (exactly as stored), then folders' attributes,
+        deepest first, the root last."""
+        for rel, mode, uid, gid, mtime_ns, _size, _target in self.needs.entries("file"):
+            self._attrs(self._path(rel), mode, uid, gid, mtime_ns)
+        for rel, _mode, uid, gid, mtime_ns, _size, target in self.needs.entries("symlink"):
+            path = self._path(rel)
+            path.parent.mkdir(0o700, parents=True, exist_ok=True)
+            try:
+                path.symlink_to(os.fsdecode(target))  # the text as stored, never resolved
+            except FileExistsError:
+                raise self._refuse(rel, "stored twice") from None
+            self._attrs(path, None, uid, gid, mtime_ns, link=True)
+        root = None
+        for rel, mode, uid, gid, mtime_ns, _size, _target in self.needs.entries(
+                "dir", deepest_first=True):
+            if rel == b".":
+                root = (mode, uid, gid, mtime_ns)
+                continue
+            self._attrs(self._path(rel), mode, uid, gid, mtime_ns)
+        if root is not None:
+            self._attrs(self.root, *root)
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+def verify_copy(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
+                run: PackRun) -> None:
+    """Check the packs one packs-format copy needs on its target: each pack holding its
+    blobs is downloaded and checked (stored bytes against the name, every blob against its
+    id; once per target per ``run``), and every blob the index names must be in a good
+    listed pack.
+
+    Raises:
+        IntegrityError: a blob lacks (naming the packs and files), or the index is damaged.
+        UnusableCopyError: intact but unreadable with this host's keys.
+        ConfigError: the backup is encrypted and this host holds no identity.
+        StorageError: the target cannot be read.
+    """
+    keys = ctx.keys()
+    where = f"target {copy.target.name!r}: backup {backup_id}"
+    key = dedup_key_for(ctx, manifest, where)
+    with read_needs(copy, backup_id, manifest, keys) as needs, \
+            BlobIndex.open(ctx.config.state_dir) as index:
+        reading = PackReading(copy.target, index, keys.staging, key,
+                              identities_for(keys, manifest), run, whole=True)
+        fetch_packs(reading, needs)
+        damage = lacking(reading, needs, backup_id)
+        if damage is not None:
+            raise damage
+
+
+def verify_stored(ctx: Context, backup_id: str, copy: Copy, run: PackRun) -> str:
+    """Where no age identity is configured (a backup host) an encrypted backup's index
+    cannot be read: check what can be. The backup's blob ids come from this host's refs
+    (written by the run that made it), the packs holding them from the pack cache; each is
+    downloaded and its stored bytes checked against its name (once per target per ``run``),
+    and every blob must be in such a listed pack. Returns what was checked.
+
+    Raises:
+        IntegrityError: a blob lacks (naming the packs). StorageError: the target cannot be
+        read.
+    """
+    with BlobIndex.open(ctx.config.state_dir) as index:
+        if not index.has_refs(backup_id):
+            return ("packs not checked here: the backup is encrypted, this host holds no "
+                    "age identity, and no record of its blobs")
+        with Needs(ctx.keys().staging) as needs:
+            needs.want(index.read_refs(backup_id))
+            reading = PackReading(copy.target, index, ctx.keys().staging, None, None, run,
+                                  stored_only=True)
+            fetch_packs(reading, needs)
+            damage = lacking(reading, needs, backup_id)
+    if damage is not None:
+        raise damage
+    return ("packs checked against their names only: blob ids need the age identity "
+            "(encrypted backup)")
+
+
+# -- download ------------------------------------------------------------------------------------
+
+def _save_pack(target: Target, name: str, dest: Path | None) -> int:
+    """Copy pack ``name`` as stored to ``dest`` (0600; None: read and hash only), checked
+    against its name; nothing left on failure. Returns its size.
+
+    Raises:
+        IntegrityError: the stored bytes do not match the name. StorageError: unreadable.
+    """
+    digest, size = hashlib.sha256(), 0
+    out = None
+    if dest is not None:
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out = os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                                0o600), "wb")
+    try:
+        with target.open(packs.pack_key(name)) as stored:
+            while data := stored.read(CHUNK):
+                digest.update(data)
+                size += len(data)
+                if out is not None:
+                    out.write(data)
+        if out is not None:
+            out.close()
+        if digest.hexdigest() != name:
+            raise IntegrityError(f"pack {name}: stored bytes do not match its name "
+                                 f"(SHA-256 {digest.hexdigest()}): the pack is damaged")
+    except BaseException:
+        if out is not None and dest is not None:
+            out.close()
+            dest.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def download_packs(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
+                   folder: Path) -> int:
+    """Save, as stored, the packs of the copy's target that hold the backup's blobs under
+    ``folder/<2 hex>/<name>`` (the layout of a target's ``packs/``, which the by-hand script
+    reads once decompressed), each checked against its name; return how many. Without an
+    age identity for an encrypted backup the index cannot be read: every listed pack is
+    saved.
+
+    Raises:
+        IntegrityError: a needed pack is damaged or missing (naming the files), or the index
+            is. UnusableCopyError: the index cannot be used here. StorageError: unreadable.
+    """
+    keys = ctx.keys()
+    target = copy.target
+    run = PackRun()
+    listed = run.listing(target)
+    try:
+        identities = identities_for(keys, manifest)
+    except ConexaError as exc:
+        log.warning("backup %s is encrypted and this host holds no identity (%s): saving "
+                    "every pack of target %s", backup_id, exc, target.name)
+        for name in sorted(listed):
+            _save_pack(target, name, folder / name[:2] / name)
+        return len(listed)
+    with read_needs(copy, backup_id, manifest, keys) as needs, \
+            BlobIndex.open(ctx.config.state_dir) as index:
+        reading = PackReading(target, index, keys.staging, None, identities, run)
+        saved = 0
+        for name in _plan(reading, needs):
+            path = folder / name[:2] / name
+            try:
+                _save_pack(target, name, path)
+                if not index.known_pack(name):
+                    with path.open("rb") as stored:
+                        found = packs.read_index(name, stored, keys.staging, identities)
+                    index.add_pack(name, [(b.id, b.length) for b in found.blobs],
+                                   [(target.name, listed[name])])
+            except (IntegrityError, ObjectNotFoundError) as exc:
+                reading.problems[name] = str(exc)
+                path.unlink(missing_ok=True)
+                continue
+            held = [b for b, _ in index.pack_blobs(name) if needs.wanted(b)]
+            if not held:
+                path.unlink()
+                continue
+            needs.found(held)
+            saved += 1
+        damage = lacking(reading, needs, backup_id)
+        if damage is not None:
+            raise damage
+    return saved
