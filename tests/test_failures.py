@@ -70,7 +70,8 @@ def configure(ws: Any, *, url: str | None = None, uploads: Path | None = _UNSET,
     lines += [f"{key} = {_q(value)}" for key, value in database.items()]
     uploads_path = ws.uploads if uploads is _UNSET else uploads
     if uploads_path is not None:
-        lines += ["[uploads]", f"path = {_q(uploads_path)}"]
+        # tar: these tests damage and inspect a tar backup's files (packs: test_*packs*.py)
+        lines += ["[uploads]", f"path = {_q(uploads_path)}", 'format = "tar"']
     lines += ["[[targets]]", 'name = "local"', 'type = "local"',
               f"path = {_q(backups or ws.backups)}"]
     for name, path in (extra_targets or {}).items():

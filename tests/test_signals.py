@@ -56,7 +56,9 @@ class Bench:
         path.write_text(
             f'state_dir = "{self.state}"\n'
             f'[database]\nurl = "{self.cluster.url(self.dbname)}"\ndump_jobs = {jobs}\n'
-            f'[uploads]\npath = "{self.root / "uploads"}"\n' + targets, encoding="utf-8")
+            # tar: a packs run leaves its complete packs on purpose (the next run reuses them)
+            f'[uploads]\npath = "{self.root / "uploads"}"\nformat = "tar"\n' + targets,
+            encoding="utf-8")
         return path
 
     def target(self, name: str) -> Path:
