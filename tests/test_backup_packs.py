@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.manifest import IndexEntry, Manifest
@@ -322,3 +325,46 @@ def test_a_pack_rewritten_elsewhere_is_not_a_lost_pack(ws: Workspace) -> None:
     second = backup(ws)
     states = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
     assert states == {first: "complete", second: "complete"}
+
+
+def test_a_pack_that_cannot_be_written_fails_the_run_not_one_file(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full staging disk is the packer's failure: never "cannot read" for the file being
+    read, and never a complete backup whose index names blobs no pack holds."""
+    import errno
+
+    from conexa_backup import packs
+    from conexa_backup.actions.backup import run_backup
+    from conexa_backup.actions.context import Context
+    from conexa_backup.config.loading import load_config
+    from conexa_backup.errors import ConexaError
+
+    packs_config(ws)
+    writes = {"n": 0}
+    real = packs._Open.write
+
+    def full(self: packs._Open, data: bytes) -> None:
+        writes["n"] += 1
+        if writes["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, data)
+
+    monkeypatch.setattr(packs._Open, "write", full)
+    with pytest.raises(ConexaError, match=r"cannot write a pack.*No space left"):
+        run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
+    assert not list(ws.backups.glob("*/manifest.json"))
+
+
+def test_a_file_changed_within_a_tick_of_its_read_is_not_cached() -> None:
+    from conexa_backup.actions.backup_packs import _racy
+
+    def st(mtime_ns: int, ctime_ns: int) -> os.stat_result:
+        return os.stat_result((0o100644, 1, 1, 1, 0, 0, 5, 0, 0, 0),
+                              {"st_mtime_ns": mtime_ns, "st_ctime_ns": ctime_ns})
+
+    now = 1_800_000_000_123_456_789
+    assert _racy(st(1, now - 5_000_000), now)  # changed 5 ms before: same tick, maybe
+    assert not _racy(st(1, now - 50_000_000), now)
+    whole = 1_800_000_000 * 10**9  # whole seconds: a coarse file system's times
+    assert _racy(st(whole, whole), whole + 1_500_000_000)
+    assert not _racy(st(whole, whole), whole + 2_500_000_000)

@@ -261,9 +261,15 @@ class PackWriter:
                                        or len(self._open.blobs) >= MAX_BLOBS):
             self.flush()
         pack = self._open or self._start()
-        pack.blobs.append(BlobRef(blob, pack.offset, len(data)))
+        offset = pack.offset
+        try:
+            pack.write(data)
+        except BaseException:  # its bytes may be half in: the pack is not to be trusted
+            self.abort()
+            raise
+        # Recorded once written: an index never names a blob whose bytes are not there.
+        pack.blobs.append(BlobRef(blob, offset, len(data)))
         pack.ids.add(blob)
-        pack.write(data)
         return True
 
     def _start(self) -> _Open:

@@ -23,6 +23,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,12 @@ class _Packer:
             writer = self.writers[lack] = packs.PackWriter(
                 self._scratch, lambda pack: self._store(lack, pack), key=self._key,
                 recipients=self._run.recipients, compression=self._ctx.config.compression)
-        if writer.add(blob, data):
+        try:
+            added = writer.add(blob, data)
+        except OSError as exc:
+            raise ConexaError(f"cannot write a pack in {self._scratch}: "
+                              f"{exc.strerror or exc}") from None
+        if added:
             self._counts.blobs_new += 1
             self._counts.bytes_new += len(data)
 
@@ -141,8 +147,9 @@ class _Packer:
         pack.path.rename(owned)
         self._index.add_pack(pack.name, [(b.id, b.length) for b in pack.blobs],
                              [(t.name, pack.size) for t in targets])
-        self._pending = _PackUpload(self._ctx, pack, targets, owned)
-        signals.start(self._pending)
+        with signals.held():  # started and known to abort(), or neither
+            self._pending = _PackUpload(self._ctx, pack, targets, owned)
+            self._pending.start()
 
     def _settle(self) -> None:
         """Wait for the upload in flight; a target it failed on drops out of the run (its
@@ -151,11 +158,17 @@ class _Packer:
         Raises:
             ConexaError: every target has failed. What the upload raised otherwise.
         """
-        upload, self._pending = self._pending, None
+        upload = self._pending
         if upload is None:
             return
-        upload.join()
+        upload.join()  # an interrupt here leaves it pending: abort() stops it
+        self._pending = None
         if upload.error is not None:
+            for target in upload.targets:  # recorded as held at hand-over: it is not there
+                self._index.drop_held(target.name, upload.pack.name)
+            if isinstance(upload.error, OSError):
+                raise ConexaError(f"uploading pack {upload.pack.name}: "
+                                  f"{upload.error.strerror or upload.error}") from None
             raise upload.error
         self._run.failures.update(upload.failures)
         failed = {t.name for t in upload.targets} - upload.stored
@@ -178,7 +191,7 @@ class _Packer:
         for writer in self.writers.values():
             writer.abort()
         upload, self._pending = self._pending, None
-        if upload is not None:
+        if upload is not None and upload.is_alive():
             upload.stop.set()
             upload.join()
 
@@ -335,7 +348,7 @@ class _Stage:
             return
         try:
             size, sha256, blobs = self._read(entry.rel, fd, st, cached)
-        except OSError as exc:  # e.g. EIO halfway: this file only; its pieces are harmless
+        except _SourceError as exc:  # e.g. EIO halfway: this file only; its pieces are harmless
             self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
             return
         finally:
@@ -352,17 +365,62 @@ class _Stage:
 
     def _read(self, rel: str, fd: int, st: os.stat_result,
               cached: Entry | None) -> tuple[int, str, tuple[str, ...]]:
-        """(size, SHA-256, blob ids) of the open file, read: its blobs go to the packer."""
+        """(size, SHA-256, blob ids) of the open file, read: its blobs go to the packer.
+
+        A file changed within a clock tick of the read's start (:func:`_racy`) is not
+        recorded in the file cache (git's "racily clean" rule): it could change again within
+        the same tick, unseen by the next run's stat.
+
+        Raises:
+            _SourceError: reading the file failed (only this file is lost). What the packer
+            raises otherwise (a pack that cannot be written or uploaded fails the run).
+        """
+        started = time.time_ns()
         with io.FileIO(fd, "rb", closefd=False) as raw:
-            found = packs.file_blobs(raw, self.key, on_piece=self.packer.add)
+            found = packs.file_blobs(_Source(raw), self.key,  # type: ignore[arg-type]
+                                     on_piece=self.packer.add)
         self.counts.files_read += 1
         self.counts.bytes_read += found.size
         if cached is not None and cached.size == found.size and cached.sha256 != found.sha256:
             self.counts.stale += 1
             log.warning("uploads: %s changed without its size, mtime or ctime changing "
                         "(found by a re-read)", shown_path(rel))
-        self.cache.record(rel, st, found.blobs, found.sha256)
+        if not _racy(st, started):
+            self.cache.record(rel, st, found.blobs, found.sha256)
         return found.size, found.sha256, tuple(found.blobs)
+
+
+def _racy(st: os.stat_result, started_ns: int) -> bool:
+    """Whether a change to the file in the same timestamp tick as ``st`` could go unseen:
+    its newest time is within a tick of ``started_ns``. A tick: 2 s where times look like
+    whole seconds (file systems that keep no more), else 20 ms (kernels before 6.13 stamp
+    files with the scheduler tick, 4 to 10 ms)."""
+    newest = max(st.st_mtime_ns, st.st_ctime_ns)
+    tick = 2 * 10**9 if newest % 10**9 == 0 else 20 * 10**6
+    return started_ns - newest < tick
+
+
+class _SourceError(Exception):
+    """Reading an uploads file failed (as opposed to writing a pack)."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(str(exc))
+        self.strerror = exc.strerror or str(exc)
+
+
+class _Source:
+    """An uploads file being read: its OSErrors become :class:`_SourceError`, so that an
+    error of the packer (a full staging disk, a failed upload) is never taken for one file
+    that could not be read."""
+
+    def __init__(self, raw: io.FileIO) -> None:
+        self._raw = raw
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._raw.read(n) or b""
+        except OSError as exc:
+            raise _SourceError(exc) from None
 
 
 def _record_lost(ctx: Context, run: _Run, index: BlobIndex, target: str,
