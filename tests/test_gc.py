@@ -309,6 +309,14 @@ def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -
     assert any("no age identity" in n for n in gc["notes"]), gc["notes"]
     assert set(stored_packs(ws.backups)) == {mixed}
     assert_whole(ws.backups, key, dedup)
+    # A restore host's config (identity and dedup key, no recipients) never rewrites the
+    # school's uploads in plaintext: the pack stays as it is.
+    dedup_line = f'dedup_key_file = "{ws.root / "keys" / "dedup"}"\n'
+    gc_config(ws, extra=KEEP_LAST_1 + f'[encryption]\nidentity_file = "{key.file}"\n'
+              + dedup_line)
+    gc = prune(ws)["gc"]
+    assert gc["repacked_packs"] == [] and set(stored_packs(ws.backups)) == {mixed}
+    assert any("no [encryption] recipients" in n for n in gc["notes"]), gc["notes"]
     # With the identity (a restore host), the mixed pack is repacked, encrypted and keyed.
     encrypted_again = encryption_toml(key) + f'dedup_key_file = "{ws.root / "keys" / "dedup"}"\n'
     gc_config(ws, extra=KEEP_LAST_1 + encrypted_again)

@@ -288,11 +288,13 @@ class _Repacker:
         self._writers: dict[str, packs.PackWriter] = {}
         recipients = ctx.config.encryption.recipients
         self._recipients = parse_recipients(recipients) if recipients else []
+        self.bad: set[str] = set()  # packs found damaged or unreadable: never a holder
 
     def _kept(self, blob: str) -> bool:
         """Whether a pack that stays on the target holds ``blob``: one it listed, or one
-        written since, and not doomed."""
-        return any(p not in self._doomed and (p in self._listed or p in self._report.written)
+        written since, and neither doomed nor found bad by this run."""
+        return any(p not in self._doomed and p not in self.bad
+                   and (p in self._listed or p in self._report.written)
                    for p in self._index.packs_holding(self._target.name, blob))
 
     def _writer(self, ids: str) -> packs.PackWriter:
@@ -321,13 +323,24 @@ class _Repacker:
         Raises:
             IntegrityError, UnusableCopyError, StorageError: it cannot be read here.
         """
-        with self._target.open(packs.pack_key(name)) as stored, \
-                packs.open_pack(name, stored, self._scratch, key=self._key,
-                                identities=self._identities) as reader:
-            writer = self._writer(reader.index.ids)
-            for ref in reader.index.blobs:
-                if ref.id in self._refs and not self._kept(ref.id):
-                    writer.add(ref.id, reader.read(ref.id))
+        with self._target.open(packs.pack_key(name)) as stored:
+            peek = _Peek(stored)
+            with packs.open_pack(name, peek,  # type: ignore[arg-type]
+                                 self._scratch, key=self._key,
+                                 identities=self._identities) as reader:
+                self._copy(name, reader, encrypted=peek.head.startswith(packs.AGE_MAGIC))
+
+    def _copy(self, name: str, reader: packs.PackReader, *, encrypted: bool) -> None:
+        if not self._recipients and (encrypted or reader.index.ids != "sha256"):
+            # This host reads encrypted packs but has no recipients to write them: never
+            # rewrite a school's uploads in plaintext (a restore host's config, say).
+            raise UnusableCopyError(f"pack {name} is encrypted (or keyed) and this config "
+                                    "has no [encryption] recipients to rewrite it")
+        writer = self._writer(reader.index.ids)
+        for ref in reader.index.blobs:
+            if ref.id in self._refs and not self._kept(ref.id):
+                writer.add(ref.id, reader.read(ref.id))
+
 
     def finish(self) -> None:
         """Close and upload every open new pack."""
@@ -337,6 +350,22 @@ class _Repacker:
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.abort()
+
+
+class _Peek:
+    """A readable that keeps its first bytes (to tell an age-encrypted pack)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw, self.head = raw, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        if len(self.head) < 64:
+            self.head += data[:64 - len(self.head)]
+        return data
+
+    def readable(self) -> bool:
+        return True
 
 
 def _identities(ctx: Context) -> list[Any] | None:
@@ -366,6 +395,8 @@ def _repack(ctx: Context, index: BlobIndex, target: Target, refs: Referenced,
                 repacker.copy(pack.name)
             except (IntegrityError, UnusableCopyError, StorageError) as exc:
                 doomed.discard(pack.name)  # kept whole: what it holds stays where it is
+                if not isinstance(exc, UnusableCopyError):  # intact only if merely unusable
+                    repacker.bad.add(pack.name)
                 report.notes.append(f"pack {pack.name} not repacked: {exc}")
                 log.warning("gc %s: %s", target.name, report.notes[-1])
                 continue
