@@ -368,3 +368,35 @@ def test_a_file_changed_within_a_tick_of_its_read_is_not_cached() -> None:
     whole = 1_800_000_000 * 10**9  # whole seconds: a coarse file system's times
     assert _racy(st(whole, whole), whole + 1_500_000_000)
     assert not _racy(st(whole, whole), whole + 2_500_000_000)
+
+
+def _flip_every_pack(root: Path) -> None:
+    for name in stored_packs(root):
+        path = root / "packs" / name[:2] / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def test_a_pack_verify_proved_damaged_is_not_trusted_by_later_backups(ws: Workspace) -> None:
+    packs_config(ws)
+    first = backup(ws)
+    _flip_every_pack(ws.backups)
+    assert ws.run("verify", first).returncode != 0
+    (ws.uploads / "later.bin").write_bytes(b"l" * 3000)
+    second = backup(ws)
+    result = ws.run("verify", second)
+    assert result.returncode == 0, result.stdout + result.stderr  # its blobs stored again
+    states = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
+    assert states == {first: "damaged", second: "complete"}
+
+
+def test_a_loss_seen_by_a_prune_is_not_hidden_from_later_signals(ws: Workspace) -> None:
+    packs_config(ws)
+    first = backup(ws)
+    for name in stored_packs(ws.backups):
+        (ws.backups / "packs" / name[:2] / name).unlink()
+    assert ws.run("prune", "--dry-run").returncode in (0, 3)
+    second = backup(ws)
+    states = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
+    assert states == {first: "damaged", second: "complete"}

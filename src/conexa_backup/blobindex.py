@@ -47,6 +47,10 @@ CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
 CREATE TABLE IF NOT EXISTS held (target TEXT NOT NULL, pack BLOB NOT NULL, size INTEGER NOT NULL,
     PRIMARY KEY (target, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS held_by_pack ON held (pack);
+CREATE TABLE IF NOT EXISTS bad (target TEXT NOT NULL, pack BLOB NOT NULL, why TEXT NOT NULL,
+    PRIMARY KEY (target, pack)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS lost (target TEXT NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (target, blob)) WITHOUT ROWID;
 """
 
 # What a pack holds: (blob id, length) pairs; None when it could not be read here.
@@ -224,17 +228,26 @@ class BlobIndex:
             if name is not None:
                 listed[name] = obj.size
         unreadable = []
+        bad = self.bad_packs(target.name)
         with self._tx():
+            self._db.execute("DELETE FROM bad WHERE target = ? AND pack NOT IN "
+                             "(SELECT value FROM json_each(?))",  # gone: nothing to avoid
+                             (target.name, json.dumps(sorted(listed))))
             have = {p.name: p.size for p in self.held(target.name)}
             for name in have.keys() - listed.keys():
                 log.warning("target %s no longer holds pack %s; its blobs will be stored again",
                             target.name, name)
-                if on_lost is not None:
-                    on_lost(name, sorted(_raw(b) for b, _ in self.pack_blobs(name)))
-                self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?",
-                                 (target.name, _raw(name)))
-                self._forget_unheld(name)
-        for name in sorted(listed.keys() - have.keys()):
+                self._lose(target.name, name, on_lost)
+            for name in have.keys() & listed.keys():
+                if have[name] != listed[name]:  # same name, other bytes: not what was stored
+                    why = f"listed with {listed[name]} bytes, stored with {have[name]}"
+                    log.warning("target %s: pack %s %s: taken as damaged", target.name, name,
+                                why)
+                    self._lose(target.name, name, on_lost)
+                    self._db.execute("INSERT OR REPLACE INTO bad VALUES (?, ?, ?)",
+                                     (target.name, _raw(name), why))
+                    bad.add(name)
+        for name in sorted(listed.keys() - have.keys() - bad):
             if self.known_pack(name):
                 self.add_pack(name, (), [(target.name, listed[name])])
                 continue
@@ -244,6 +257,40 @@ class BlobIndex:
                 continue
             self.add_pack(name, blobs, [(target.name, listed[name])])
         return unreadable
+
+    def _lose(self, target: str, name: str,
+              on_lost: Callable[[str, list[bytes]], object] | None) -> None:
+        """``target`` no longer holds pack ``name``: its blobs go to ``lost`` (this
+        connection's, for :meth:`lost_blobs`) before they are forgotten."""
+        raw = _raw(name)
+        self._db.execute("INSERT OR IGNORE INTO temp.lost SELECT ?, blob FROM blobs "
+                         "WHERE pack = ?", (target, raw))
+        if on_lost is not None:
+            on_lost(name, sorted(_raw(b) for b, _ in self.pack_blobs(name)))
+        self._db.execute("DELETE FROM held WHERE target = ? AND pack = ?", (target, raw))
+        self._forget_unheld(name)
+
+    def lost_blobs(self, target: str) -> Iterator[bytes]:
+        """Raw ids, sorted, of the blobs of packs :meth:`sync` (on this connection) found
+        gone from ``target`` or damaged there, that no pack it still holds has."""
+        rows = self._db.execute(
+            "SELECT l.blob FROM temp.lost l WHERE l.target = ? AND NOT EXISTS (SELECT 1 FROM "
+            "blobs b JOIN held h ON h.pack = b.pack WHERE b.blob = l.blob AND h.target = ?) "
+            "ORDER BY l.blob", (target, target))
+        return (r[0] for r in rows)
+
+    def mark_bad(self, target: str, name: str, why: str) -> None:
+        """Pack ``name`` on ``target`` was proven damaged (a verify, restore or drill read
+        it): it no longer counts as holding anything there, so the next backup stores its
+        blobs again; :meth:`sync` skips it while the target lists it."""
+        with self._tx():
+            self._lose(target, name, None)
+            self._db.execute("INSERT OR REPLACE INTO bad VALUES (?, ?, ?)",
+                             (target, _raw(name), why[:500]))
+
+    def bad_packs(self, target: str) -> set[str]:
+        return {r[0].hex() for r in self._db.execute("SELECT pack FROM bad WHERE target = ?",
+                                                     (target,))}
 
     def _forget_unheld(self, name: str) -> None:
         """Forget what pack ``name`` holds once no target holds it."""
@@ -282,14 +329,16 @@ class BlobIndex:
         finally:
             writer.close()
 
-    def refs_touch(self, backup_id: str, ids: Sequence[bytes]) -> bool:
+    def refs_touch(self, backup_id: str, ids: Iterable[bytes]) -> bool:
         """Whether backup ``backup_id`` names any of ``ids`` (raw, sorted): a merge of its
-        refs with them. False when its refs are unknown here.
+        refs with them (both streamed). False when its refs are unknown here.
         """
-        if not ids or not self.has_refs(backup_id):
+        if not self.has_refs(backup_id):
             return False
         wanted = iter(ids)
-        want: bytes | None = next(wanted)
+        want: bytes | None = next(wanted, None)
+        if want is None:
+            return False
         for raw in self.read_refs(backup_id):
             while want is not None and want < raw:
                 want = next(wanted, None)

@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from conexa_backup import archive, packs, signals
 from conexa_backup.blobindex import BlobIndex, RefsWriter
+from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
 from conexa_backup.filecache import Entry, FileCache, key_fingerprint
@@ -423,14 +424,18 @@ class _Source:
             raise _SourceError(exc) from None
 
 
-def _record_lost(ctx: Context, run: _Run, index: BlobIndex, target: str,
-                 lost: list[bytes]) -> None:
-    """Packs gone from ``target``: every complete backup there that names one of their blobs
-    is recorded damaged on it (status, list and prune say so until a verify proves it good
-    again; this run stores those blobs again, which makes such a verify pass)."""
-    for backup in run.existing:
+def record_lost(ctx: Context, backups: Sequence[Backup], index: BlobIndex,
+                target: str) -> None:
+    """After :meth:`BlobIndex.sync`: packs it found gone from ``target`` (or damaged) held
+    blobs that no pack there still holds (:meth:`BlobIndex.lost_blobs`, streamed): every
+    complete backup there that names one is recorded damaged on it (status, list and prune
+    say so until a verify proves it good again; the next backup stores those blobs again,
+    which lets such a verify pass). Prune calls it too, so a loss it syncs is not hidden."""
+    if next(index.lost_blobs(target), None) is None:
+        return
+    for backup in backups:
         if any(c.target.name == target and c.complete for c in backup.copies) \
-                and index.refs_touch(backup.id, lost):
+                and index.refs_touch(backup.id, index.lost_blobs(target)):
             why = (f"target {target!r}: {backup.id}: a pack holding some of its uploads is "
                    "missing (seen when the next backup listed the packs)")
             log.warning("%s", why)
@@ -456,14 +461,9 @@ def store_uploads(ctx: Context, run: _Run, root: Path, *,
             tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                           dir=str(ctx.state_dir("staging"))) as spool:
         for target in list(run.alive):
-            lost: list[bytes] = []
             try:
-                index.sync(target, index_reader(ctx, target),
-                           lambda _name, ids, lost=lost: lost.extend(ids))  # type: ignore[misc]
-                # Blobs also in a pack still there (another host repacked them) are not lost.
-                gone = sorted(b for b in lost if not index.has(target.name, b.hex()))
-                if gone:
-                    _record_lost(ctx, run, index, target.name, gone)
+                index.sync(target, index_reader(ctx, target))
+                record_lost(ctx, run.existing, index, target.name)
             except StorageError as exc:
                 run.failures[target.name] = str(exc)
                 run.alive = [t for t in run.alive if t.name != target.name]

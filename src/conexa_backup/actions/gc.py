@@ -489,6 +489,9 @@ def gc_target(ctx: Context, target: Target, backups: Sequence[Backup], gone: Col
     try:
         with BlobIndex.open(ctx.config.state_dir) as index:
             index.sync(target, backup_packs.index_reader(ctx, target))
+            # A loss this sync sees is said now: the next backup's sync would not see it.
+            backup_packs.record_lost(ctx, [b for b in backups if b.id not in gone], index,
+                                     target.name)
             found = referencing(ctx, index, target.name, backups, gone)
             if isinstance(found, str):
                 log.warning("gc %s: no pack collected: %s", target.name, found)

@@ -403,8 +403,7 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
         log.warning("target %s: %s", reading.target.name, exc)
         return
     except IntegrityError as exc:
-        reading.problems[name] = reading.run.checked[key] = str(exc)
-        log.warning("target %s: %s", reading.target.name, exc)
+        _bad(reading, name, exc)
         return
     if opened is None:  # stored bytes checked only: the cache says what it holds
         needs.found([b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)])
@@ -425,11 +424,18 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
                             use(ref.id, data)
                         needs.found([ref.id])
         except IntegrityError as exc:
-            reading.problems[name] = reading.run.checked[key] = str(exc)
-            log.warning("target %s: %s", reading.target.name, exc)
+            _bad(reading, name, exc)
             return
     reading.run.checked[key] = None
     reading.run.bytes_read += size
+
+
+def _bad(reading: PackReading, name: str, exc: IntegrityError) -> None:
+    """Pack ``name`` is proven damaged: say why, and tell the pack cache, so that the next
+    backup stores its blobs again instead of trusting it (and every later backup with it)."""
+    reading.problems[name] = reading.run.checked[(reading.target.name, name)] = str(exc)
+    log.warning("target %s: %s", reading.target.name, exc)
+    reading.index.mark_bad(reading.target.name, name, str(exc))
 
 
 def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityError | None:
