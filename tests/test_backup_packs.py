@@ -400,3 +400,42 @@ def test_a_loss_seen_by_a_prune_is_not_hidden_from_later_signals(ws: Workspace) 
     second = backup(ws)
     states = {b["id"]: b["status"] for b in json.loads(ws.run("list", "--json").stdout)}
     assert states == {first: "damaged", second: "complete"}
+
+
+def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from conexa_backup.actions import backup_packs
+    from conexa_backup.actions.backup import run_backup
+    from conexa_backup.actions.context import Context
+    from conexa_backup.config.loading import load_config
+    from conexa_backup.filecache import FileCache, key_fingerprint
+
+    packs_config(ws, "rehash_share = 0\n")
+    monkeypatch.setattr(backup_packs, "FOLDER_IN_MEMORY", 2)
+    seen: list[int] = []
+    real = FileCache.children
+
+    def children(self: FileCache, dir_rel: str) -> dict[str, object]:
+        seen.append(self.count_children(dir_rel))
+        return real(self, dir_rel)  # type: ignore[return-value]
+
+    monkeypatch.setattr(FileCache, "children", children)
+
+    def run() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
+        return next(r.getMessage() for r in caplog.records if "new blobs" in r.getMessage())
+
+    run()
+    run()  # files made within a clock tick of the first run's reads are read again (racy)
+    victim = next(p for p in ws.uploads.rglob("*") if p.is_file() and not p.is_symlink())
+    victim.unlink()
+    assert "(0 read, 0 bytes)" in run()
+    assert seen and max(seen) <= 2  # no folder of more than 2 files was held in memory
+    with FileCache.open(ws.state, ws.uploads, key_fingerprint(None)) as cache:
+        assert str(victim.relative_to(ws.uploads)) not in {
+            k for d in {str(victim.parent.relative_to(ws.uploads))}
+            for k in (f"{d}/{n}" if d != "." else n for n in cache.children(d))}

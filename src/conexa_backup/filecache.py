@@ -391,6 +391,18 @@ class FileCache:
                                 tuple(blobs.split(",")) if blobs else (), sha256)
         return found
 
+    def count_children(self, dir_rel: str) -> int:
+        """How many files of folder ``dir_rel`` the cache holds (an index count)."""
+        try:
+            row = self._conn.execute("SELECT count(*) FROM files WHERE dir = ?",
+                                     (_encode(dir_rel),)).fetchone()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return 0
+        return int(row[0])
+
     def keep(self, dir_rel: str, gone: list[str]) -> None:
         """After a walk went through folder ``dir_rel``: mark its entries seen by this run,
         but drop those of ``gone`` (names :meth:`children` gave that the walk did not find,

@@ -248,6 +248,12 @@ class _Folder:
     rel: str
     cached: dict[str, Entry]
     present: set[str]
+    # A folder of more than FOLDER_IN_MEMORY cached files: looked up file by file instead
+    # (memory stays flat whatever one folder holds).
+    per_file: bool = False
+
+
+FOLDER_IN_MEMORY = 20_000
 
 
 def _within(rel: str, folder: str) -> bool:
@@ -293,6 +299,9 @@ class _Stage:
         while self.folders and not _within(parent, self.folders[-1].rel):
             self._leave(self.folders.pop())
         if not self.folders or self.folders[-1].rel != parent:
+            if self.cache.count_children(parent) > FOLDER_IN_MEMORY:
+                self.folders.append(_Folder(parent, {}, set(), per_file=True))
+                return self.folders[-1]
             cached = self.cache.children(parent)
             ids = {b for e in cached.values() for b in e.blobs}
             present = self.packer.present(ids) if ids else set()
@@ -300,8 +309,10 @@ class _Stage:
         return self.folders[-1]
 
     def _leave(self, folder: _Folder) -> None:
-        # What was cached and not met (deleted, or skipped this time) is dropped.
-        self.cache.keep(folder.rel, list(folder.cached))
+        # What was cached and not met (deleted, or skipped this time) is dropped; a large
+        # folder's files were marked one by one (what was not met goes at finish()).
+        if not folder.per_file:
+            self.cache.keep(folder.rel, list(folder.cached))
 
     def other(self, entry: archive.Entry) -> None:
         """A folder or a symlink: its lstat (and link text), taken relative to its folder."""
@@ -328,7 +339,10 @@ class _Stage:
     def file(self, entry: archive.Entry) -> None:
         assert entry.st is not None
         folder = self._folder(entry)
-        cached = folder.cached.pop(entry.name, None)
+        if folder.per_file:
+            cached = self.cache.lookup(entry.rel, entry.st)  # marks it seen
+        else:
+            cached = folder.cached.pop(entry.name, None)
         if cached is not None and not cached.matches(entry.st):
             cached = None
         if cached is not None and not self.cache.should_rehash(entry.rel) \
