@@ -439,3 +439,24 @@ def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
         assert str(victim.relative_to(ws.uploads)) not in {
             k for d in {str(victim.parent.relative_to(ws.uploads))}
             for k in (f"{d}/{n}" if d != "." else n for n in cache.children(d))}
+
+
+def test_a_cache_that_fails_is_one_line_naming_state_dir(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from conexa_backup.actions.backup import run_backup
+    from conexa_backup.actions.context import Context
+    from conexa_backup.config.loading import load_config
+    from conexa_backup.errors import ConexaError
+    from conexa_backup.filecache import FileCache
+
+    packs_config(ws)
+
+    def full(self: FileCache, dir_rel: str) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(FileCache, "count_children", full)
+    with pytest.raises(ConexaError, match=r"state_dir .*: the file cache or pack index "
+                       r"failed: database or disk is full"):
+        run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)

@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import os
+import sqlite3
 import stat
 import tempfile
 import threading
@@ -79,6 +80,9 @@ def index_reader(ctx: Context, target: Target) -> Any:
             log.warning("target %s: pack %s cannot be read here (%s); its blobs count as "
                         "absent", target.name, name, exc)
             return None
+        except OSError as exc:  # this host's scratch space, not the pack
+            raise ConexaError(f"cannot read pack {name} into {scratch}: "
+                              f"{exc.strerror or exc}") from None
         return [(b.id, b.length) for b in index.blobs]
 
     return read
@@ -458,6 +462,17 @@ def record_lost(ctx: Context, backups: Sequence[Backup], index: BlobIndex,
 
 def store_uploads(ctx: Context, run: _Run, root: Path, *,
                   rehash: bool = False) -> tuple[archive.TreeStats, dict[str, Any]]:
+    """:func:`_store_uploads`, with the caches' SQLite errors (a full ``state_dir``, a
+    locked file) said in one line naming ``state_dir``."""
+    try:
+        return _store_uploads(ctx, run, root, rehash=rehash)
+    except sqlite3.Error as exc:
+        raise ConexaError(f"state_dir {ctx.config.state_dir}: the file cache or pack index "
+                          f"failed: {exc}") from None
+
+
+def _store_uploads(ctx: Context, run: _Run, root: Path, *,
+                   rehash: bool = False) -> tuple[archive.TreeStats, dict[str, Any]]:
     """Store the uploads under ``root`` as packs plus the uploads index; return what the
     tree held and the :class:`UploadsInfo` fields that say how it is stored. Entries that
     cannot be read are skipped and recorded (the caller turns them into warnings), as for
