@@ -10,10 +10,10 @@ child process whose wall time and peak RSS, from ``wait4``, are recorded).
    in 5,600 files by default: ``make_uploads_tree``), then a second of the same tree. Goal:
    the second's uploads stage takes at most 5% of the first's time and stores at most 1% of
    its bytes.
-2. **Growth**: ``--days`` daily backups of a smaller tree that grows 1% a day (new files;
-   a few renamed and deleted each day). Goals: stored bytes at most 1.5x the final tree
-   (tar: about ``days`` times), and the last day's uploads stage at most 10% of a full
-   backup's time.
+2. **Growth**: ``--days`` daily backups of a tree like (1) (``--growth-files``) that
+   grows 1% a day (new files; a few renamed and deleted each day). Goals: stored bytes at
+   most 1.5x the final tree (tar: about ``days`` times), and the last day's uploads stage at
+   most 10% of a full backup's time.
 3. **Restore**: the packs backup of (1) restored by ``restore --only uploads`` against the
    limit, GNU ``tar -x`` of an uncompressed tar of the same tree from a local file. Goal:
    at most 1.2x.
@@ -171,11 +171,11 @@ def grow(root: Path, day: int, share: float = 0.01) -> None:
         p.unlink()
 
 
-def growth(bench: Bench, days: int, files: int) -> dict[str, dict[str, float]]:
+def growth(bench: Bench, days: int, files: int, kib: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for fmt in ("tar", "packs"):
         tree = bench.work / f"growth-tree-{fmt}"
-        make_uploads_tree(tree, files=files, seed=5, incompressible_kib=96)
+        make_uploads_tree(tree, files=files, seed=5, incompressible_kib=kib)
         target = bench.work / f"growth-{fmt}"
         config = bench.config(f"growth-{fmt}", tree, fmt, target)
         first = bench.child("backup", config)
@@ -315,7 +315,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--files", type=int, default=5600)
     p.add_argument("--incompressible-kib", type=int, default=180)
     p.add_argument("--days", type=int, default=30)
-    p.add_argument("--growth-files", type=int, default=1000)
+    p.add_argument("--growth-files", type=int, default=5600)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--many-files", type=int, default=1_000_000)
     p.add_argument("--skip", action="append", default=[],
@@ -334,7 +334,8 @@ def main(argv: list[str]) -> int:
         if "restore" not in args.skip:
             res["restore"] = restore(bench, uploads, args.runs)
         if "growth" not in args.skip:
-            res["growth"] = growth(bench, args.days, args.growth_files)
+            res["growth"] = growth(bench, args.days, args.growth_files,
+                                   args.incompressible_kib)
         if "many" not in args.skip:
             res["many"] = many(bench, args.many_files)
     text = report(args, size, res)
