@@ -36,7 +36,7 @@ from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
 from conexa_backup.filecache import Entry, FileCache, key_fingerprint
-from conexa_backup.manifest import Attrs, IndexEntry, shown_path
+from conexa_backup.manifest import Attrs, IndexEntry, file_line, shown_path
 from conexa_backup.pipeline import CHUNK, copy_stream
 from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_damaged
@@ -258,6 +258,7 @@ class _Folder:
 
 
 FOLDER_IN_MEMORY = 20_000
+PRESENT_BATCH = 16  # a folder's blobs asked about in one query, above this many
 
 
 def _within(rel: str, folder: str) -> bool:
@@ -308,7 +309,8 @@ class _Stage:
                 return self.folders[-1]
             cached = self.cache.children(parent)
             ids = {b for e in cached.values() for b in e.blobs}
-            present = self.packer.present(ids) if ids else set()
+            # A few ids: one point query each (lacking) costs less than one batch query.
+            present = self.packer.present(ids) if len(ids) > PRESENT_BATCH else set()
             self.folders.append(_Folder(parent, cached, present))
         return self.folders[-1]
 
@@ -376,8 +378,8 @@ class _Stage:
 
     def indexed(self, rel: str, st: os.stat_result, size: int, sha256: str,
                 blobs: Sequence[str]) -> None:
-        self.write(IndexEntry(rel, "file", size=size, sha256=sha256, blobs=tuple(blobs),
-                              **_attrs(st)))
+        self.out.write(file_line(rel, size, sha256, stat.S_IMODE(st.st_mode), st.st_uid,
+                                 st.st_gid, st.st_mtime_ns, blobs))
         self.refs.add(blobs)
         self.stats.files += 1
         self.stats.bytes += size
