@@ -510,3 +510,49 @@ def test_the_prune_after_a_backup_collects_too(ws: Workspace) -> None:
     (entry,) = json.loads(result.stdout)["pruned"]
     assert sorted(entry["gc"]["deleted_packs"]) == sorted(old)
     assert_whole(ws.backups)
+
+
+def test_a_damaged_duplicate_never_lets_the_good_copy_of_a_blob_go(ws: Workspace) -> None:
+    """Blob x is in P (good) and in D (a duplicate, damaged after the cache learned it);
+    both are mostly unreferenced. Repacking D fails; it must not then count as x's holder,
+    or repacking P would skip x and delete the only good copy."""
+    gc_config(ws)
+    keep = blobs("keep", 1)
+    tree(ws, {**keep, **blobs("drop", 4)})
+    backup(ws)
+    (good,) = stored_packs(ws.backups)
+    ((_, x_data),) = keep.items()
+    x_id = packs.blob_id(x_data)
+    scratch = ws.root / "scratch"
+    scratch.mkdir()
+    placed: list[str] = []
+
+    def place(pack: packs.StoredPack) -> None:
+        if pack.name < good:  # repacked (and failing) first: the case that mattered
+            dest = ws.backups / pack.key
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(pack.path.read_bytes())
+            placed.append(pack.name)
+
+    while not placed:  # a random filler gives a random name: about one try in two
+        filler = os.urandom(60_000)
+        with packs.PackWriter(scratch, place) as writer:
+            writer.add(x_id, x_data)
+            writer.add(packs.blob_id(filler), filler)
+    tree(ws, keep)
+    backup(ws)  # the cache learns the duplicate from the listing
+    path = ws.backups / packs.pack_key(placed[0])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    age_packs(ws.backups)
+    prune(ws)
+    intact: set[str] = set()
+    for name in stored_packs(ws.backups):
+        try:
+            with (ws.backups / packs.pack_key(name)).open("rb") as fh, \
+                    packs.open_pack(name, fh, scratch) as reader:
+                intact.update(b for b, _ in reader.blobs())
+        except packs.IntegrityError:  # the damaged duplicate
+            continue
+    assert x_id in intact, "the only good copy of a referenced blob was deleted"
