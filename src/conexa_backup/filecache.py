@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS files (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
+KEEP_BATCH = 256  # folders whose marks are written together
 SCHEMA_VERSION = "2"  # 2: the dir column (a folder's entries in one query)
 
 
@@ -187,6 +188,8 @@ class FileCache:
         self.rehash_all = rehash_all
         self.batch = batch
         self._pending = 0
+        self._kept: list[str] = []  # folders kept, not yet written (see keep)
+        self._gone: list[str] = []
         self._db: sqlite3.Connection | None = None
         private_dir(path.parent)  # failing here is no reason to blame the cache file
         try:
@@ -406,18 +409,29 @@ class FileCache:
     def keep(self, dir_rel: str, gone: list[str]) -> None:
         """After a walk went through folder ``dir_rel``: mark its entries seen by this run,
         but drop those of ``gone`` (names :meth:`children` gave that the walk did not find,
-        or could not read). Same effect as :meth:`lookup` on every file there, in two
-        statements.
+        or could not read). Same effect as :meth:`lookup` on every file there, written
+        with other folders' (:meth:`finish` and :meth:`close` write what is left).
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
         prefix = "" if dir_rel == "." else f"{dir_rel}/"
+        # Gathered, then written a few hundred folders at a time (one statement per folder
+        # cost as much as a small folder's files: measured); finish() and close() flush.
+        self._kept.append(dir_rel)
+        self._gone += (prefix + name for name in gone)
+        if len(self._kept) >= KEEP_BATCH:
+            self._flush_kept()
+
+    def _flush_kept(self) -> None:
+        kept, gone = self._kept, self._gone
+        self._kept, self._gone = [], []
+        if not kept and not gone:
+            return
         try:
-            self._conn.execute("UPDATE files SET seen = ? WHERE dir = ?",
-                               (self.run, _encode(dir_rel)))
-            if gone:
-                self._conn.executemany("DELETE FROM files WHERE path = ?",
-                                       ((_encode(prefix + name),) for name in gone))
+            self._conn.executemany("UPDATE files SET seen = ? WHERE dir = ?",
+                                   ((self.run, _encode(d)) for d in kept))
+            self._conn.executemany("DELETE FROM files WHERE path = ?",
+                                   ((_encode(path),) for path in gone))
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -434,6 +448,7 @@ class FileCache:
         :meth:`close`, or the files it did not reach would lose their entries.
         """
         try:
+            self._flush_kept()
             dropped = self._conn.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
         except sqlite3.OperationalError:
             raise
@@ -452,6 +467,8 @@ class FileCache:
         if self._db is None:
             return
         try:
+            with contextlib.suppress(sqlite3.Error):  # marks are facts, but only a cache's
+                self._flush_kept()
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
         finally:
