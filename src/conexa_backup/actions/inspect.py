@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conexa_backup.actions import restore_packs
+from conexa_backup.actions import verify_packs
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import (
     from_first_good,
@@ -78,11 +78,11 @@ def _verify_copy(ctx: Context, copy: Copy, backup_id: str, run: PackRun) -> Copy
 def _verify_packs(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
                   check: CopyCheck) -> None:
     """A packs-format copy: also every pack holding its blobs on the copy's target, and
-    every blob its index names (:func:`restore_packs.verify_copy`)."""
+    every blob its index names (:func:`verify_packs.verify_copy`)."""
     assert copy.manifest is not None
     before = run.bytes_read
     try:
-        restore_packs.verify_copy(ctx, backup_id, copy, copy.manifest, run)
+        verify_packs.verify_copy(ctx, backup_id, copy, copy.manifest, run)
     except ConfigError:  # a backup host holds no identity: check the stored bytes only
         _verify_stored(ctx, copy, backup_id, run, check)
     except (IntegrityError, StorageError, UnusableCopyError) as exc:
@@ -96,10 +96,10 @@ def _verify_packs(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
 def _verify_stored(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
                    check: CopyCheck) -> None:
     """An encrypted packs copy where no identity is configured: see
-    :func:`restore_packs.verify_stored`; what it could not check is said in ``problems``
+    :func:`verify_packs.verify_stored`; what it could not check is said in ``problems``
     without failing the copy."""
     try:
-        check.problems.append(restore_packs.verify_stored(ctx, backup_id, copy, run))
+        check.problems.append(verify_packs.verify_stored(ctx, backup_id, copy, run))
     except (IntegrityError, StorageError) as exc:
         check.ok = False
         check.problems.append(str(exc))
@@ -175,7 +175,7 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
             if manifest.uploads is not None and manifest.uploads.format == "packs":
                 ctx.reporter.step(f"downloading the packs it needs from {copy.target.name}")
                 with local_writes(dest):
-                    restore_packs.download_packs(ctx, backup.id, copy, manifest,
+                    verify_packs.download_packs(ctx, backup.id, copy, manifest,
                                                  out / "packs")
             manifest_path = out / MANIFEST_NAME
             manifest_path.write_bytes(manifest.to_json())
