@@ -108,6 +108,22 @@ def prune(ws: Workspace, *args: str, code: int = 0) -> dict[str, Any]:
     return dict(entries[0])
 
 
+def history(ws: Workspace, keep: int, drop: int, gone: int) -> tuple[str, str, list[str]]:
+    """Three backups: ``keep`` files with ``drop`` more (pack ``mixed``: mostly dropped
+    later), then with ``gone`` others (pack ``dead``: unreferenced once pruned), then the
+    kept files alone. Returns (mixed, dead, the three backup ids)."""
+    kept = blobs("keep", keep)
+    tree(ws, {**kept, **blobs("drop", drop)})
+    ids = [backup(ws)]
+    (mixed,) = stored_packs(ws.backups)
+    tree(ws, {**kept, **blobs("gone", gone)})
+    ids.append(backup(ws))
+    (dead,) = set(stored_packs(ws.backups)) - {mixed}
+    tree(ws, kept)
+    ids.append(backup(ws))
+    return mixed, dead, ids
+
+
 # -- tests ----------------------------------------------------------------------------------------
 
 def test_a_pruned_backups_pack_goes_only_after_the_grace_period(ws: Workspace) -> None:
@@ -191,15 +207,7 @@ def test_below_the_threshold_nothing_is_repacked(ws: Workspace) -> None:
 
 def test_dry_run_shows_the_packs_and_bytes_gc_would_free(ws: Workspace) -> None:
     gc_config(ws)
-    kept = blobs("keep", 4)
-    tree(ws, {**kept, **blobs("drop", 6)})
-    first = backup(ws)
-    (mixed,) = stored_packs(ws.backups)
-    tree(ws, {**kept, **blobs("gone", 3)})
-    second = backup(ws)
-    (dead,) = set(stored_packs(ws.backups)) - {mixed}
-    tree(ws, kept)
-    backup(ws)
+    mixed, dead, (first, second, _) = history(ws, 4, 6, 3)
     sizes = stored_packs(ws.backups)
     when = (datetime.now(UTC) + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     entry = prune(ws, "--at", when)  # a preview as of two days on: every pack is old then
@@ -294,15 +302,7 @@ def encrypted(ws: Workspace, *, identity: bool, uploads: str = "") -> tuple[AgeK
 
 def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -> None:
     key, dedup = encrypted(ws, identity=False)
-    kept = blobs("keep", 2)
-    tree(ws, {**kept, **blobs("drop", 4)})
-    backup(ws)
-    (mixed,) = stored_packs(ws.backups)
-    tree(ws, {**kept, **blobs("gone", 2)})
-    backup(ws)
-    (dead,) = set(stored_packs(ws.backups)) - {mixed}
-    tree(ws, kept)
-    backup(ws)
+    mixed, dead, _ = history(ws, 2, 4, 2)
     age_packs(ws.backups)
     gc = prune(ws)["gc"]
     assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []
@@ -360,15 +360,7 @@ def referenced_by_all(root: Path) -> set[str]:
 def test_sigkill_at_every_gc_step_leaves_every_backup_whole(ws: Workspace,
                                                             tmp_path: Path) -> None:
     gc_config(ws)
-    kept = blobs("keep", 3)
-    tree(ws, {**kept, **blobs("drop", 5)})
-    backup(ws)
-    (mixed,) = stored_packs(ws.backups)
-    tree(ws, {**kept, **blobs("gone", 2)})
-    backup(ws)
-    (dead,) = set(stored_packs(ws.backups)) - {mixed}
-    tree(ws, kept)
-    last = backup(ws)
+    mixed, dead, (_, _, last) = history(ws, 3, 5, 2)
     shutil.rmtree(ws.state / "packs" / "refs")  # rebuilt from the index: steps too
     age_packs(ws.backups)
     pristine = tmp_path / "pristine"
@@ -407,15 +399,7 @@ def test_sigkill_at_every_gc_step_leaves_every_backup_whole(ws: Workspace,
 
 def test_gc_grace_and_repack_threshold_are_configurable(ws: Workspace) -> None:
     gc_config(ws, 'gc_grace = "1h"\nrepack_threshold = 0.9\n')
-    kept = blobs("keep", 4)
-    tree(ws, {**kept, **blobs("drop", 6)})
-    backup(ws)
-    (mixed,) = stored_packs(ws.backups)
-    tree(ws, {**kept, **blobs("gone", 2)})
-    backup(ws)
-    (dead,) = set(stored_packs(ws.backups)) - {mixed}
-    tree(ws, kept)
-    backup(ws)
+    _, dead, _ = history(ws, 4, 6, 2)
     age_packs(ws.backups, 2 * 3600)  # two hours: past a grace of one
     gc = prune(ws)["gc"]
     assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []  # 60% < 90%
@@ -453,15 +437,7 @@ def test_gc_on_a_cloud_target(ws: Workspace, s3_server: S3Server, gcs_server: GC
              else f'bucket = "{GCS_BUCKET}"\n')
     gc_config(ws, extra=KEEP_LAST_1 + f'[[targets]]\nname = "{kind}"\ntype = "{kind}"\n'
               f'{where}prefix = "gc-{tmp_path.name}"\n')
-    kept = blobs("keep", 3)
-    tree(ws, {**kept, **blobs("drop", 5)})
-    backup(ws)
-    (mixed,) = stored_packs(ws.backups)
-    tree(ws, {**kept, **blobs("gone", 2)})
-    backup(ws)
-    (dead,) = set(stored_packs(ws.backups)) - {mixed}
-    tree(ws, kept)
-    last = backup(ws)
+    mixed, dead, (_, _, last) = history(ws, 3, 5, 2)
     ctx = Context(load_config(ws.config)[0])
     cloud = ctx.targets([kind])[0]
     # The listing's times are the cloud's own: judge them two days on (the action's clock).
