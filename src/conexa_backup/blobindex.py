@@ -59,7 +59,7 @@ ReadIndex = Callable[[str], "list[tuple[str, int]] | None"]
 
 @dataclass(frozen=True)
 class HeldPack:
-    """A pack a target holds: its name, stored size, and (when known) its blobs' total length."""
+    """A pack a target holds: its name and stored size."""
 
     name: str
     size: int
