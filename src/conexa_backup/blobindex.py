@@ -8,6 +8,9 @@ listing. One SQLite file, ``index.sqlite`` (0600, in a 0700 folder):
   so a pack holds the same blobs on every target: membership is stored once.
 - ``held(target, pack, size)``: which packs each target holds (as its last listing showed,
   plus what this host wrote since).
+- ``bad(target, pack, why)``: packs a verify, restore or drill proved damaged there (or listed
+  with another size than stored): they hold nothing as far as backups go, and the next backup
+  stores their blobs again; a row goes when the target no longer lists the pack.
 
 And per backup, ``refs/<id>.ids``: the backup's blob ids, sorted, unique, 32 bytes each, written
 by the run that made it. Prune's garbage collection reads them (a sorted merge: memory flat in
