@@ -371,9 +371,10 @@ def _decompress(src: IO[bytes], content: IO[bytes]) -> None:
 
 
 def _unpack(name: str, stored: IO[bytes], content: IO[bytes], scratch: Path,
-            identities: Sequence[Any] | None) -> None:
+            identities: Sequence[Any] | None) -> bool:
     """Check that ``stored`` hashes to ``name`` and write its decompressed bytes to
-    ``content``. Encrypted packs (age) are decrypted to a private temporary file first."""
+    ``content``; return whether it was encrypted. Encrypted packs (age) are decrypted to a
+    private temporary file first."""
     reader = HashingReader(stored)  # type: ignore[arg-type]
     head = _read_piece(reader, len(AGE_MAGIC))  # type: ignore[arg-type]
 
@@ -390,7 +391,7 @@ def _unpack(name: str, stored: IO[bytes], content: IO[bytes], scratch: Path,
             named()
             raise IntegrityError(f"pack {name}: {exc}") from None
         named()
-        return
+        return False
     if identities is None:
         named()
         raise UnusableCopyError(f"pack {name} is encrypted: an age identity is needed")
@@ -406,6 +407,7 @@ def _unpack(name: str, stored: IO[bytes], content: IO[bytes], scratch: Path,
             _decompress(plain, content)
         except IntegrityError as exc:  # authenticated by age: written so (a bomb, a bug)
             raise IntegrityError(f"pack {name}: {exc}") from None
+    return True
 
 
 def _parse_index(name: str, content: IO[bytes]) -> PackIndex:
@@ -437,8 +439,10 @@ def _parse_index(name: str, content: IO[bytes]) -> PackIndex:
 class PackReader:
     """An opened pack (see :func:`open_pack`): its index, and its blobs, each checked."""
 
-    def __init__(self, index: PackIndex, content: IO[bytes], key: bytes | None) -> None:
+    def __init__(self, index: PackIndex, content: IO[bytes], key: bytes | None,
+                 encrypted: bool = False) -> None:
         self.index = index
+        self.encrypted = encrypted  # stored age-encrypted (rewriting it must encrypt too)
         self._content, self._key = content, key
         self._refs: dict[str, BlobRef] | None = None  # made on first lookup by id
 
@@ -508,12 +512,12 @@ def open_pack(name: str, stored: IO[bytes], scratch: Path, *, key: bytes | None 
             dedup key (or none given). StorageError: ``stored`` cannot be read.
     """
     with tempfile.TemporaryFile(dir=scratch, prefix="pack-") as content:
-        _unpack(name, stored, content, scratch, identities)
+        encrypted = _unpack(name, stored, content, scratch, identities)
         index = _parse_index(name, content)
         if index.ids == "sha256":
             key = None  # plain ids are checked as such, whatever this host's key
         _check_key(index, key)
-        yield PackReader(index, content, key)
+        yield PackReader(index, content, key, encrypted)
 
 
 def read_index(name: str, stored: IO[bytes], scratch: Path,

@@ -323,12 +323,10 @@ class _Repacker:
         Raises:
             IntegrityError, UnusableCopyError, StorageError: it cannot be read here.
         """
-        with self._target.open(packs.pack_key(name)) as stored:
-            peek = _Peek(stored)
-            with packs.open_pack(name, peek,  # type: ignore[arg-type]
-                                 self._scratch, key=self._key,
-                                 identities=self._identities) as reader:
-                self._copy(name, reader, encrypted=peek.head.startswith(packs.AGE_MAGIC))
+        with self._target.open(packs.pack_key(name)) as stored, \
+                packs.open_pack(name, stored, self._scratch, key=self._key,
+                                identities=self._identities) as reader:
+            self._copy(name, reader, encrypted=reader.encrypted)
 
     def _copy(self, name: str, reader: packs.PackReader, *, encrypted: bool) -> None:
         if not self._recipients and (encrypted or reader.index.ids != "sha256"):
@@ -350,22 +348,6 @@ class _Repacker:
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.abort()
-
-
-class _Peek:
-    """A readable that keeps its first bytes (to tell an age-encrypted pack)."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw, self.head = raw, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
-        if len(self.head) < 64:
-            self.head += data[:64 - len(self.head)]
-        return data
-
-    def readable(self) -> bool:
-        return True
 
 
 def _identities(ctx: Context) -> list[Any] | None:
