@@ -42,12 +42,15 @@ import re
 import secrets
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
+from conexa_backup.folderblocks import FIELDS, SCHEMA, Block, BlockStream, Folder, order_key
 from conexa_backup.logs import LOGGER
+from conexa_backup.manifest import shown_path as shown
 from conexa_backup.state import private_dir
 
 log = logging.getLogger(LOGGER)
@@ -73,8 +76,8 @@ CREATE TABLE IF NOT EXISTS files (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
-KEEP_BATCH = 256  # folders whose marks are written together
-SCHEMA_VERSION = "2"  # 2: the dir column (a folder's entries in one query)
+KEEP_BATCH = 256  # rows of folders gone deleted together
+SCHEMA_VERSION = "3"  # 2: the dir column; 3: folder blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +131,20 @@ def rehash_chosen(salt: bytes, run: int, rel_path: str, share: float) -> bool:
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"rehash share must be between 0 and 1, not {share}")
-    step = min(_SLOTS, math.ceil(share * _SLOTS))  # rounded up: the guarantee holds
+    step = _step(share)
     if step == 0:
         return False
+    return (wheel_place(salt, rel_path) - run * step) % _SLOTS < step
+
+
+def wheel_place(salt: bytes, rel_path: str) -> int:
+    """The fixed place of ``rel_path`` on the rehash wheel (see :func:`rehash_chosen`)."""
     digest = hashlib.blake2b(_encode(rel_path), key=salt, digest_size=4).digest()
-    place = int.from_bytes(digest, "big")
-    return (place - run * step) % _SLOTS < step
+    return int.from_bytes(digest, "big")
+
+
+def _step(share: float) -> int:
+    return min(_SLOTS, math.ceil(share * _SLOTS))  # rounded up: the guarantee holds
 
 
 def _busy(exc: BaseException) -> bool:
@@ -188,8 +199,6 @@ class FileCache:
         self.rehash_all = rehash_all
         self.batch = batch
         self._pending = 0
-        self._kept: list[str] = []  # folders kept, not yet written (see keep)
-        self._gone: list[str] = []
         self._db: sqlite3.Connection | None = None
         private_dir(path.parent)  # failing here is no reason to blame the cache file
         try:
@@ -201,6 +210,8 @@ class FileCache:
             self._discard(exc)
             self._start()
         self.salt = seed if seed is not None else self._salt
+        self._step = _step(rehash_share)
+        self._blocks = BlockStream(lambda: self._conn)
 
     @classmethod
     def open(
@@ -247,19 +258,27 @@ class FileCache:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db = db
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
+        # A new file only: a folder's block (a few KB) then fits its page, no overflow chain.
+        db.execute("PRAGMA page_size = 16384")
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash loses commits, never the file
         db.execute("PRAGMA cache_size = -8000")  # 8 MB of pages, whatever the table's size
         if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
             raise sqlite3.DatabaseError("quick_check failed")
-        columns = {r[1] for r in db.execute("PRAGMA table_info(files)")}
-        if columns and "dir" not in columns:  # an older schema: a cache, so start it again
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        version = db.execute("SELECT v FROM meta WHERE k = 'version'").fetchone() \
+            if "meta" in tables else None
+        if "files" in tables and version != (SCHEMA_VERSION,):  # older: a cache, start again
             log.info("file cache %s: older format, starting it again", self.path)
-            db.executescript("DROP TABLE files; DELETE FROM meta WHERE k = 'run';")
-        db.executescript(_SCHEMA)
+            db.executescript("DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS folders; "
+                             "DELETE FROM meta WHERE k IN ('run', 'proof', 'proof_run');")
+        db.executescript(_SCHEMA + SCHEMA)
         db.execute("BEGIN IMMEDIATE")
         meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
         self.run = int(meta.get("run", "0")) + 1
+        # What the last committed backup proved, and of which run (see folderblocks).
+        self.proof: tuple[int, str] | None = (int(meta["proof_run"]), meta["proof"]) \
+            if "proof" in meta and "proof_run" in meta else None
         salt = meta.get("salt") or secrets.token_hex(16)
         self._salt = bytes.fromhex(salt)
         db.executemany(
@@ -371,67 +390,55 @@ class FileCache:
             self._conn.execute(sql, values)
         self._wrote()
 
-    def children(self, dir_rel: str) -> dict[str, Entry]:
-        """The cached entries of the files directly in folder ``dir_rel`` (``"."``: the
-        root), by name: one query for a whole folder, so a walk compares each file's stat
-        in memory (memory: one folder's entries). Marks nothing: see :meth:`keep`.
+    # -- folder blocks (see folderblocks) --------------------------------------------------
 
-        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside (then: none).
+    def folder(self, dir_rel: str) -> Folder:
+        """Folder ``dir_rel`` (``"."``: the root) as this run meets it, with its block when
+        it has one; ask in the walk's order (each folder before its contents, names sorted):
+        blocks are read ahead in that order. Marks nothing: see :meth:`leave`.
+
+        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside, and a block that
+        cannot be decoded counts as none (its files are read again).
         """
         try:
-            rows = self._conn.execute(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, blobs, sha256 FROM files "
-                "WHERE dir = ?", (_encode(dir_rel),)).fetchall()
+            block = self._blocks.get(dir_rel)
+            if len(self._blocks.gone) >= KEEP_BATCH:
+                self._drop_gone()
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:
             self._rebuild(exc)
-            return {}
-        found = {}
-        for path, size, mtime_ns, ctime_ns, inode, blobs, sha256 in rows:
-            name = path.rpartition(b"/")[2].decode("utf-8", "surrogateescape")
-            found[name] = Entry(size, mtime_ns, ctime_ns, inode,
-                                tuple(blobs.split(",")) if blobs else (), sha256)
-        return found
+            block = None
+        except (ValueError, UnicodeError):
+            log.warning("file cache %s: folder %s unreadable, its files are read again",
+                        self.path, shown(dir_rel))
+            block = None
+        return Folder(dir_rel, block)
 
-    def count_children(self, dir_rel: str) -> int:
-        """How many files of folder ``dir_rel`` the cache holds (an index count)."""
-        try:
-            row = self._conn.execute("SELECT count(*) FROM files WHERE dir = ?",
-                                     (_encode(dir_rel),)).fetchone()
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            return 0
-        return int(row[0])
+    def place(self, rel_path: str) -> int:
+        """``rel_path``'s place on this cache's rehash wheel."""
+        return wheel_place(self.salt, rel_path)
 
-    def keep(self, dir_rel: str, gone: list[str]) -> None:
-        """After a walk went through folder ``dir_rel``: mark its entries seen by this run,
-        but drop those of ``gone`` (names :meth:`children` gave that the walk did not find,
-        or could not read). Same effect as :meth:`lookup` on every file there, written
-        with other folders' (:meth:`finish` and :meth:`close` write what is left).
+    def chosen(self, place: int) -> bool:
+        """Whether this run reads again the file at ``place`` although it looks unchanged
+        (the choice of :meth:`should_rehash`, from a stored place)."""
+        return self.rehash_all or (place - self.run * self._step) % _SLOTS < self._step
+
+    def leave(self, folder: Folder) -> None:
+        """The walk is through ``folder``: write its block when it changed (as written by
+        this run: :func:`confirm` proves it once the backup is committed), else leave it.
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
-        prefix = "" if dir_rel == "." else f"{dir_rel}/"
-        # Gathered, then written a few hundred folders at a time (one statement per folder
-        # cost as much as a small folder's files: measured); finish() and close() flush.
-        self._kept.append(dir_rel)
-        self._gone += (prefix + name for name in gone)
-        if len(self._kept) >= KEEP_BATCH:
-            self._flush_kept()
-
-    def _flush_kept(self) -> None:
-        kept, gone = self._kept, self._gone
-        self._kept, self._gone = [], []
-        if not kept and not gone:
-            return
+        if folder.per_file or not folder.dirty:
+            return  # the row stays as it is (none: a folder without files)
+        key = order_key(folder.rel)
         try:
-            self._conn.executemany("UPDATE files SET seen = ? WHERE dir = ?",
-                                   ((self.run, _encode(d)) for d in kept))
-            self._conn.executemany("DELETE FROM files WHERE path = ?",
-                                   ((_encode(path),) for path in gone))
+            if folder.count:
+                self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 0, ?)",
+                                   (key, self.run, folder.encoded()))
+            else:
+                self._conn.execute("DELETE FROM folders WHERE key = ?", (key,))
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -439,16 +446,46 @@ class FileCache:
             return
         self._wrote()
 
+    def spill(self, folder: Folder) -> None:
+        """``folder`` grew too large for a block: cache what this run kept of it file by
+        file (:meth:`lookup`, :meth:`record` from now on), its row a marker.
+
+        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
+        """
+        rows = [(_encode(path), _encode(folder.rel), *numbers, sha256, blobs, self.run)
+                for path, numbers, sha256, blobs in folder.records()]
+        try:
+            self._conn.executemany("INSERT OR REPLACE INTO files VALUES "
+                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 1, x'')",
+                               (order_key(folder.rel), self.run))
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return
+        self._wrote()
+        folder.per_file = True
+
+    def _drop_gone(self, *, rest: bool = False) -> None:
+        """Delete the rows of folders the walk passed (gone); with ``rest``, also every row
+        after the last folder it entered (a complete walk only)."""
+        gone, self._blocks.gone = self._blocks.gone, []
+        self._conn.executemany("DELETE FROM folders WHERE key = ?", ((k,) for k in gone))
+        if rest and self._blocks.asked is not None:
+            self._conn.execute("DELETE FROM folders WHERE key > ?", (self._blocks.asked,))
+
     def finish(self) -> int:
-        """End a complete run: drop every entry this run did not see (deleted or moved files),
-        commit, and return how many were dropped. A corrupt file found now is moved aside
-        (0 dropped); ``sqlite3.OperationalError`` (disk full…) is raised.
+        """End a complete run: drop every entry this run did not see (deleted or moved files
+        and folders), commit, and return how many files cached file by file were dropped. A
+        corrupt file found now is moved aside (0 dropped); ``sqlite3.OperationalError``
+        (disk full…) is raised.
 
         Call it only after the whole tree was walked: a run that stopped early must just
         :meth:`close`, or the files it did not reach would lose their entries.
         """
         try:
-            self._flush_kept()
+            self._drop_gone(rest=True)
             dropped = self._conn.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
         except sqlite3.OperationalError:
             raise
@@ -459,7 +496,7 @@ class FileCache:
         db.execute("COMMIT")
         self._pending = 0
         db.execute("BEGIN")
-        return dropped
+        return int(dropped)
 
     def close(self) -> None:
         """Commit what this run wrote (every record is true whether or not the run ended) and
@@ -467,8 +504,8 @@ class FileCache:
         if self._db is None:
             return
         try:
-            with contextlib.suppress(sqlite3.Error):  # marks are facts, but only a cache's
-                self._flush_kept()
+            with contextlib.suppress(sqlite3.Error):  # only a cache's
+                self._drop_gone()
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
         finally:
@@ -476,7 +513,11 @@ class FileCache:
             self._db = None
 
     def __len__(self) -> int:
-        return int(self._conn.execute("SELECT count(*) FROM files").fetchone()[0])
+        """How many files the cache holds (in blocks, and file by file)."""
+        blocks = (Block(raw, 0, False) for (raw,) in self._conn.execute(
+            "SELECT recs FROM folders"))
+        return int(self._conn.execute("SELECT count(*) FROM files").fetchone()[0]) \
+            + sum(len(b.fields) // FIELDS for b in blocks)
 
     def _wrote(self) -> None:
         """Count one write; commit the batch when it is full."""
@@ -492,3 +533,28 @@ class FileCache:
         self._discard(exc)
         self._pending = 0
         self._start()
+        self._blocks.stop()  # the new file is empty: nothing to read ahead
+
+
+def confirm(state_dir: Path, root: Path, fingerprint: str, run: int, proof: str) -> None:
+    """After the backup of run ``run`` was committed: record ``proof`` (:meth:`Losses.proof`
+    of the targets that hold it) for every folder block now in the cache (each took part in
+    that run), so the next run need not ask about their blobs one by one. A no-op when a
+    later run has begun.
+
+    Raises:
+        sqlite3.Error: the cache could not be written (only slower: the next run asks).
+    """
+    path = cache_path(state_dir, root, fingerprint)
+    # mode=rw: never create a file here (a cache removed meanwhile stays removed)
+    db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=rw", uri=True,
+                         isolation_level=None)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("SELECT v FROM meta WHERE k = 'run'").fetchone() == (str(run),):
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("proof_run", str(run)), ("proof", proof)])
+        db.execute("COMMIT")
+    finally:
+        db.close()

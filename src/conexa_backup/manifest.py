@@ -179,6 +179,14 @@ def file_line(path: str, size: int, sha256: str, mode: int, uid: int, gid: int,
     return (f'{{"path": {json.dumps(path)}, "type": "file", "size": {size}, '
             f'"sha256": "{sha256}", "mode": {mode}, "uid": {uid}, "gid": {gid}, '
             f'"mtime_ns": {mtime_ns}, "blobs": [{ids}]}}\n').encode()
+
+
+def dir_line(path: str, mode: int, uid: int, gid: int, mtime_ns: int) -> bytes:
+    """A packs index line for a folder, formatted directly (see :func:`file_line`)."""
+    return (f'{{"path": {json.dumps(path)}, "type": "dir", "mode": {mode}, "uid": {uid}, '
+            f'"gid": {gid}, "mtime_ns": {mtime_ns}}}\n').encode()
+
+
 _IDS = re.compile(r"[0-9a-f]{64}(?:,[0-9a-f]{64})*")  # ids only: nothing to escape
 
 

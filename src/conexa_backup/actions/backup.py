@@ -138,6 +138,9 @@ class _Run:
     accept_shrink: bool = False  # the operator says a smaller uploads tree is intended
     rehash: bool = False  # packs: read every file, whatever the file cache says
     existing: list[Backup] = field(default_factory=list)  # what the targets held at the start
+    # Called with the targets that committed, once the manifest is written (caches only: a
+    # hook must not raise).
+    on_commit: list[Callable[[Sequence[str]], None]] = field(default_factory=list)
 
     def discard(self, targets: Sequence[Target]) -> None:
         """Delete what this run stored on ``targets`` (a failed copy frees its space).
@@ -436,6 +439,8 @@ def run_backup(
         run.discard(targets)  # no manifest anywhere: nothing of this run may linger
         raise
     run.discard([t for t in targets if t.name not in stored])
+    for hook in run.on_commit:
+        hook(stored)
     result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0, skipped)
     log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
              manifest.size_bytes, result.seconds)

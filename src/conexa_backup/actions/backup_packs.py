@@ -25,18 +25,19 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from conexa_backup import archive, packs, signals
-from conexa_backup.blobindex import BlobIndex, RefsWriter
+from conexa_backup import archive, filecache, packs, signals
+from conexa_backup.blobindex import BlobIndex, Losses, RefsWriter
 from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
-from conexa_backup.filecache import Entry, FileCache, key_fingerprint
-from conexa_backup.manifest import Attrs, IndexEntry, file_line, shown_path
+from conexa_backup.filecache import FileCache, key_fingerprint
+from conexa_backup.folderblocks import Folder, stat_text
+from conexa_backup.manifest import Attrs, IndexEntry, dir_line, file_line, shown_path
 from conexa_backup.pipeline import CHUNK, copy_stream
 from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_damaged
@@ -99,6 +100,9 @@ class _Counts:
     bytes_stored: int = 0
 
 
+ASK_BEFORE_NOTING = 256  # blobs asked about one by one before the index notes them all
+
+
 class _Packer:
     """Routes each blob to the pack writer of the targets that lack it, and uploads packs."""
 
@@ -109,17 +113,30 @@ class _Packer:
         self._scratch = ctx.state_dir("staging")
         self.writers: dict[frozenset[str], packs.PackWriter] = {}
         self._pending: _PackUpload | None = None
+        self._asked = 0
+        self._noted = False
 
     def present(self, blobs: set[str]) -> set[str]:
-        """Those of ``blobs`` every target live at the start held then."""
+        """Those of ``blobs`` every live target holds, in one query."""
+        self._note_everywhere()
         return self._index.present(blobs)
 
     def lacking(self, blob: str) -> frozenset[str]:
         """The live targets that hold no pack with ``blob``."""
-        if self._index.everywhere(blob):  # held by every target live at the start
+        self._asked += 1
+        if self._asked > ASK_BEFORE_NOTING:
+            self._note_everywhere()
+        if self._noted and self._index.everywhere(blob):
             return frozenset()
         live = {t.name for t in self._run.alive}
         return frozenset(live - self._index.holders(blob))
+
+    def _note_everywhere(self) -> None:
+        """Have the index note which blobs every live target holds (a table of every blob:
+        built only when a run asks about many; an unchanged tree asks about none)."""
+        if not self._noted:
+            self._index.note_everywhere([t.name for t in self._run.alive])
+            self._noted = True
 
     def add(self, blob: str, data: bytes) -> None:
         lack = self.lacking(blob)
@@ -245,41 +262,42 @@ def _attrs(st: os.stat_result) -> Attrs:
 
 
 @dataclass
-class _Folder:
-    """A folder the walk is in: its files' cache entries not yet met (by name), and which of
-    their blobs every target held at the start (each one query, for the whole folder)."""
+class _Open:
+    """A folder on the walk's current path: its cache state, whether its proof stands
+    (every blob it names held by every live target, :meth:`Losses.holds`), and, asked once
+    when it does not, which of its blobs every target held at the start."""
 
-    rel: str
-    cached: dict[str, Entry]
-    present: set[str]
-    # A folder of more than FOLDER_IN_MEMORY cached files: looked up file by file instead
-    # (memory stays flat whatever one folder holds).
-    per_file: bool = False
+    folder: Folder
+    proven: bool
+    present: set[str] | None = None
 
 
-FOLDER_IN_MEMORY = 20_000
+FOLDER_IN_MEMORY = 20_000  # files of one folder cached as a block; more: file by file
 PRESENT_BATCH = 16  # a folder's blobs asked about in one query, above this many
-
-
-def _within(rel: str, folder: str) -> bool:
-    return folder == "." or rel == folder or rel.startswith(folder + "/")
 
 
 class _Stage:
     """One walk of the tree: entries to the index, blobs to the packer.
 
-    The file cache is read a folder at a time (:meth:`FileCache.children`) and each file's
-    lstat compared in memory: an unchanged file costs its stat and a line of index, no query
-    of its own (a per-file lookup took most of an unchanged backup's time: measured).
+    The file cache is read a folder at a time, as the walk enters it (folder blocks, read
+    ahead in the walk's order: :mod:`folderblocks`), and each file's lstat compared in
+    memory. An unchanged file costs its stat, a compare and its stored index line; its
+    blobs are not asked about when its folder's proof stands (a query per file, or per
+    folder, took most of an unchanged backup's time: measured).
     """
 
     def __init__(self, packer: _Packer, cache: FileCache, key: bytes | None, out: IO[bytes],
-                 counts: _Counts, refs: RefsWriter) -> None:
+                 counts: _Counts, refs: RefsWriter, losses: Losses, live: list[str]) -> None:
         self.packer, self.cache, self.key, self.out = packer, cache, key, out
         self.refs = refs
         self.counts = counts
+        # The run whose proof stands for every live target (blocks it or an earlier run
+        # wrote are proven), or None.
+        proof = cache.proof
+        self.proven_run = proof[0] if proof is not None and losses.holds(proof[1], live) \
+            else None
         self.stats = archive.TreeStats()
-        self.folders: list[_Folder] = []  # the walk's current path, as far as files go
+        self.path: list[_Open] = []  # the folders the walk is in, the root first
 
     def write(self, entry: IndexEntry) -> None:
         self.out.write(entry.to_line())
@@ -288,127 +306,185 @@ class _Stage:
         if not root.is_dir():
             raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
         self.write(IndexEntry(".", "dir", **_attrs(root.stat())))
+        self._enter(".")
         with contextlib.closing(archive.walk(root, self.stats.skipped)) as entries:
             for entry in entries:
                 if entry.kind == stat.S_IFREG:
                     self.file(entry)
                 else:
                     self.other(entry)
-        while self.folders:
-            self._leave(self.folders.pop())
+        while self.path:
+            self.cache.leave(self.path.pop().folder)
 
-    def _folder(self, entry: archive.Entry) -> _Folder:
-        """The folder holding ``entry``, its cache entries read on the first file met there;
-        folders the walk has left are handed to the cache (:meth:`FileCache.keep`)."""
-        parent = entry.rel.rpartition("/")[0] or "."
-        while self.folders and not _within(parent, self.folders[-1].rel):
-            self._leave(self.folders.pop())
-        if not self.folders or self.folders[-1].rel != parent:
-            if self.cache.count_children(parent) > FOLDER_IN_MEMORY:
-                self.folders.append(_Folder(parent, {}, set(), per_file=True))
-                return self.folders[-1]
-            cached = self.cache.children(parent)
-            ids = {b for e in cached.values() for b in e.blobs}
-            # A few ids: one point query each (lacking) costs less than one batch query.
-            present = self.packer.present(ids) if len(ids) > PRESENT_BATCH else set()
-            self.folders.append(_Folder(parent, cached, present))
-        return self.folders[-1]
+    def _enter(self, rel: str) -> None:
+        """The walk yielded folder ``rel``: its contents come next."""
+        if rel != ".":
+            self._in(rel.rpartition("/")[0] or ".")
+        folder = self.cache.folder(rel)
+        self.path.append(_Open(folder, self._proven(folder)))
 
-    def _leave(self, folder: _Folder) -> None:
-        # What was cached and not met (deleted, or skipped this time) is dropped; a large
-        # folder's files were marked one by one (what was not met goes at finish()).
-        if not folder.per_file:
-            self.cache.keep(folder.rel, list(folder.cached))
+    def _in(self, rel: str) -> _Open:
+        """Folder ``rel``, on the walk's path; the folders the walk has left are handed
+        back to the cache (:meth:`FileCache.leave`)."""
+        while self.path and self.path[-1].folder.rel != rel:
+            self.cache.leave(self.path.pop().folder)
+        if not self.path:  # never: the walk yields each folder before its contents
+            self.path.append(_Open(self.cache.folder(rel), False))
+        return self.path[-1]
+
+    def _proven(self, folder: Folder) -> bool:
+        return folder.written is not None and self.proven_run is not None \
+            and folder.written <= self.proven_run
 
     def other(self, entry: archive.Entry) -> None:
-        """A folder or a symlink: its lstat (and link text), taken relative to its folder."""
+        """A folder or a symlink, as the walk's lstat (taken relative to its folder) says."""
+        st = entry.st
+        assert st is not None
+        if entry.kind == stat.S_IFDIR:
+            self.out.write(dir_line(entry.rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                    st.st_mtime_ns))
+            self.stats.dirs += 1
+            self._enter(entry.rel)
+            return
         try:
-            st = os.stat(entry.name, dir_fd=entry.dir_fd, follow_symlinks=False)
-            kind = stat.S_IFMT(st.st_mode)
-            text = os.readlink(entry.name, dir_fd=entry.dir_fd) if kind == stat.S_IFLNK else None
+            text = os.readlink(entry.name, dir_fd=entry.dir_fd)
         except FileNotFoundError:
             return
-        except OSError as exc:
+        except OSError as exc:  # EINVAL: no longer a link
             self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
             return
-        if kind == stat.S_IFDIR:
-            self.write(IndexEntry(entry.rel, "dir", **_attrs(st)))
-            self.stats.dirs += 1
-        elif kind == stat.S_IFLNK:
-            attrs = _attrs(st)
-            del attrs["mode"]  # a link's mode means nothing on Linux
-            self.write(IndexEntry(entry.rel, "symlink", target=text, **attrs))
-            self.stats.symlinks += 1
-        else:
-            self.stats.skipped.add(entry.rel, "replaced while being read")
+        attrs = _attrs(st)
+        del attrs["mode"]  # a link's mode means nothing on Linux
+        self.write(IndexEntry(entry.rel, "symlink", target=text, **attrs))
+        self.stats.symlinks += 1
 
     def file(self, entry: archive.Entry) -> None:
-        assert entry.st is not None
-        folder = self._folder(entry)
+        st = entry.st
+        assert st is not None
+        here = self._in(entry.rel.rpartition("/")[0] or ".")
+        folder = here.folder
         if folder.per_file:
-            cached = self.cache.lookup(entry.rel, entry.st)  # marks it seen
-        else:
-            cached = folder.cached.pop(entry.name, None)
-        if cached is not None and not cached.matches(entry.st):
-            cached = None
-        if cached is not None and not self.cache.should_rehash(entry.rel) \
-                and all(b in folder.present or not self.packer.lacking(b)
-                        for b in cached.blobs):
-            # Unchanged, by the walk's own lstat: not even opened.
-            self.indexed(entry.rel, entry.st, cached.size, cached.sha256, cached.blobs)
+            self._file_by_file(entry, st)
             return
+        at = folder.take(entry.name, stat_text(st))
+        if at is not None and not self.cache.chosen(folder.place(at)):
+            blobs = folder.blobs(at)
+            if here.proven or self._held(here, blobs):
+                # Unchanged, by the walk's own lstat: not even opened.
+                self.out.write(folder.line(at))
+                self.refs.add(blobs)
+                self.stats.files += 1
+                self.stats.bytes += st.st_size
+                folder.keep(at)
+                return
+        # A re-read of a file its folder's proof covers: its cached blobs are held already.
+        held = frozenset(folder.blobs(at)) if at is not None and here.proven else frozenset()
+        read = self._open_and_read(entry, folder.sha256(at) if at is not None else None, held)
+        if read is None:
+            return
+        st, size, sha256, ids, cacheable = read
+        line = self.indexed(entry.rel, st, size, sha256, ids)
+        if cacheable:
+            folder.add(entry.name, stat_text(st), self.cache.place(entry.rel), sha256,
+                       list(ids), line, was=at)
+            if folder.count > FOLDER_IN_MEMORY:  # from now on, file by file
+                self.cache.spill(folder)
+
+    def _held(self, here: _Open, blobs: Sequence[str]) -> bool:
+        """Whether every live target holds ``blobs`` (asked when the folder's proof does
+        not stand: its blobs in one query, when there are many)."""
+        if here.present is None:
+            ids = here.folder.left_blobs() | set(blobs)
+            # A few ids: one point query each (lacking) costs less than one batch query.
+            here.present = self.packer.present(ids) if len(ids) > PRESENT_BATCH else set()
+        present = here.present
+        return all(b in present or not self.packer.lacking(b) for b in blobs)
+
+    def _file_by_file(self, entry: archive.Entry, st: os.stat_result) -> None:
+        """A file of a folder cached file by file: its own lookup (which marks it seen)."""
+        cached = self.cache.lookup(entry.rel, st)
+        if cached is not None and not self.cache.should_rehash(entry.rel) \
+                and all(not self.packer.lacking(b) for b in cached.blobs):
+            self.indexed(entry.rel, st, cached.size, cached.sha256, cached.blobs)
+            return
+        read = self._open_and_read(entry, cached.sha256 if cached is not None else None)
+        if read is None:
+            return
+        st, size, sha256, blobs, cacheable = read
+        self.indexed(entry.rel, st, size, sha256, blobs)
+        if cacheable:
+            self.cache.record(entry.rel, st, list(blobs), sha256)
+
+    def _open_and_read(self, entry: archive.Entry, cached_sha256: str | None,
+                       held: frozenset[str] = frozenset()
+                       ) -> tuple[os.stat_result, int, str, tuple[str, ...], bool] | None:
+        """Open and read the file: (its fstat, size read, SHA-256, blob ids, whether the
+        cache may keep it), or None when it vanished or could not be read (then recorded as
+        skipped). Its blobs not in ``held`` go to the packer."""
         try:
             fd, st = archive.open_file(entry.name, entry.dir_fd)
         except FileNotFoundError:
-            return
+            return None
         except archive.Replaced as exc:
             self.stats.skipped.add(entry.rel, f"replaced while being read: now {exc}")
-            return
+            return None
         except OSError as exc:
             self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
-            return
+            return None
         try:
-            size, sha256, blobs = self._read(entry.rel, fd, st, cached)
+            size, sha256, blobs, cacheable = self._read(entry.rel, fd, st, cached_sha256, held)
         except _SourceError as exc:  # e.g. EIO halfway: this file only; its pieces are harmless
             self.stats.skipped.add(entry.rel, f"cannot read: {exc.strerror}")
-            return
+            return None
         finally:
             os.close(fd)
-        self.indexed(entry.rel, st, size, sha256, blobs)
+        return st, size, sha256, blobs, cacheable
 
     def indexed(self, rel: str, st: os.stat_result, size: int, sha256: str,
-                blobs: Sequence[str]) -> None:
-        self.out.write(file_line(rel, size, sha256, stat.S_IMODE(st.st_mode), st.st_uid,
-                                 st.st_gid, st.st_mtime_ns, blobs))
+                blobs: Sequence[str]) -> bytes:
+        """Write the file's index line (returned) and count it."""
+        line = file_line(rel, size, sha256, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                         st.st_mtime_ns, blobs)
+        self.out.write(line)
         self.refs.add(blobs)
         self.stats.files += 1
         self.stats.bytes += size
+        return line
 
-    def _read(self, rel: str, fd: int, st: os.stat_result,
-              cached: Entry | None) -> tuple[int, str, tuple[str, ...]]:
-        """(size, SHA-256, blob ids) of the open file, read: its blobs go to the packer.
+    def _read(self, rel: str, fd: int, st: os.stat_result, cached_sha256: str | None,
+              held: frozenset[str]) -> tuple[int, str, tuple[str, ...], bool]:
+        """(size, SHA-256, blob ids, cacheable) of the open file (``st``: its fstat), read:
+        its blobs go to the packer, but those of ``held`` (every live target holds them).
 
         A file changed within a clock tick of the read's start (:func:`_racy`) is not
-        recorded in the file cache (git's "racily clean" rule): it could change again within
-        the same tick, unseen by the next run's stat.
+        cacheable (git's "racily clean" rule): it could change again within the same tick,
+        unseen by the next run's stat. Nor is one whose size changed while it was read. A
+        file the cache knew by ``cached_sha256`` with the same stat (a re-read) that hashes
+        to other bytes is warned about.
 
         Raises:
             _SourceError: reading the file failed (only this file is lost). What the packer
             raises otherwise (a pack that cannot be written or uploaded fails the run).
         """
+        add = self.packer.add
+
+        def piece(blob: str, data: bytes) -> None:
+            if blob not in held:
+                add(blob, data)
+
         started = time.time_ns()
         with io.FileIO(fd, "rb", closefd=False) as raw:
             found = packs.file_blobs(_Source(raw), self.key,  # type: ignore[arg-type]
-                                     on_piece=self.packer.add)
+                                     on_piece=piece if held else add)
         self.counts.files_read += 1
         self.counts.bytes_read += found.size
-        if cached is not None and cached.size == found.size and cached.sha256 != found.sha256:
+        if cached_sha256 is not None and found.size == st.st_size \
+                and cached_sha256 != found.sha256:
             self.counts.stale += 1
             log.warning("uploads: %s changed without its size, mtime or ctime changing "
                         "(found by a re-read)", shown_path(rel))
-        if not _racy(st, started):
-            self.cache.record(rel, st, found.blobs, found.sha256)
-        return found.size, found.sha256, tuple(found.blobs)
+        cacheable = found.size == st.st_size and not _racy(st, started)
+        return found.size, found.sha256, tuple(found.blobs), cacheable
 
 
 def _racy(st: os.stat_result, started_ns: int) -> bool:
@@ -462,6 +538,24 @@ def record_lost(ctx: Context, backups: Sequence[Backup], index: BlobIndex,
             record_damaged(ctx.config.state_dir, backup.id, target, why)
 
 
+def _prover(ctx: Context, root: Path, key: bytes | None, cache_run: int,
+            losses: Losses) -> Callable[[Sequence[str]], None]:
+    """What to do once the backup is committed on ``stored`` targets: prove the folder
+    blocks this run stored or kept (:func:`filecache.confirm`): those targets hold every
+    blob they name, as of ``losses`` (read before the walk: a pack lost since, on any
+    target, makes its proof not stand)."""
+
+    def prove(stored: Sequence[str]) -> None:
+        try:
+            filecache.confirm(ctx.config.state_dir, root, key_fingerprint(key), cache_run,
+                              losses.proof(stored))
+        except sqlite3.Error as exc:  # only slower: the next backup asks about each blob
+            log.warning("file cache: could not record which targets hold this backup's "
+                        "blobs (%s)", exc)
+
+    return prove
+
+
 def store_uploads(ctx: Context, run: _Run, root: Path, *,
                   rehash: bool = False) -> tuple[archive.TreeStats, dict[str, Any]]:
     """:func:`_store_uploads`, with the caches' SQLite errors (a full ``state_dir``, a
@@ -501,12 +595,13 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
                 log.error("%s", exc)
         if not run.alive:
             raise ConexaError("every target failed: " + "; ".join(run.failures.values()))
-        index.note_everywhere([t.name for t in run.alive])
+        live = [t.name for t in run.alive]
+        losses = index.losses()
         packer = _Packer(ctx, run, index, key, counts)
         with FileCache.open(ctx.config.state_dir, root, key_fingerprint(key),
                             rehash_share=share, rehash_all=rehash) as cache, \
                 index.refs_writer(run.backup_id) as refs:
-            stage = _Stage(packer, cache, key, spool, counts, refs)
+            stage = _Stage(packer, cache, key, spool, counts, refs, losses, live)
             try:
                 stage.run(root)
                 packer.finish()
@@ -514,6 +609,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
                 packer.abort()
                 raise
             cache.finish()
+        run.on_commit.append(_prover(ctx, root, key, cache.run, losses))
         spool.seek(0)
         run.store("uploads-index", "uploads.index.jsonl", "jsonl",
                   lambda out: copy_stream(spool, out))
