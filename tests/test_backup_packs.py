@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -402,43 +403,104 @@ def test_a_loss_seen_by_a_prune_is_not_hidden_from_later_signals(ws: Workspace) 
     assert states == {first: "damaged", second: "complete"}
 
 
-def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
-        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def _run_logged(ws: Workspace, caplog: pytest.LogCaptureFixture) -> str:
+    """One uploads-only backup in this process; its "new blobs" log line."""
     import logging
 
-    from conexa_backup.actions import backup_packs
     from conexa_backup.actions.backup import run_backup
     from conexa_backup.actions.context import Context
     from conexa_backup.config.loading import load_config
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
+    return next(r.getMessage() for r in caplog.records if "new blobs" in r.getMessage())
+
+
+def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from conexa_backup.actions import backup_packs
     from conexa_backup.filecache import FileCache, key_fingerprint
+    from conexa_backup.folderblocks import Block
 
     packs_config(ws, "rehash_share = 0\n")
     monkeypatch.setattr(backup_packs, "FOLDER_IN_MEMORY", 2)
-    seen: list[int] = []
-    real = FileCache.children
-
-    def children(self: FileCache, dir_rel: str) -> dict[str, object]:
-        seen.append(self.count_children(dir_rel))
-        return real(self, dir_rel)  # type: ignore[return-value]
-
-    monkeypatch.setattr(FileCache, "children", children)
-
-    def run() -> str:
-        caplog.clear()
-        with caplog.at_level(logging.INFO):
-            run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
-        return next(r.getMessage() for r in caplog.records if "new blobs" in r.getMessage())
-
-    run()
-    run()  # files made within a clock tick of the first run's reads are read again (racy)
-    victim = next(p for p in ws.uploads.rglob("*") if p.is_file() and not p.is_symlink())
+    _run_logged(ws, caplog)
+    _run_logged(ws, caplog)  # files made within a clock tick of the first run's reads: racy
+    victim = max((p for p in ws.uploads.rglob("*") if p.is_file() and not p.is_symlink()),
+                 key=lambda p: sum(1 for q in p.parent.iterdir() if q.is_file()))
+    assert sum(1 for q in victim.parent.iterdir() if q.is_file()) > 2
     victim.unlink()
-    assert "(0 read, 0 bytes)" in run()
-    assert seen and max(seen) <= 2  # no folder of more than 2 files was held in memory
+    assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)
     with FileCache.open(ws.state, ws.uploads, key_fingerprint(None)) as cache:
-        assert str(victim.relative_to(ws.uploads)) not in {
-            k for d in {str(victim.parent.relative_to(ws.uploads))}
-            for k in (f"{d}/{n}" if d != "." else n for n in cache.children(d))}
+        rows = cache._conn.execute("SELECT per_file, recs FROM folders").fetchall()
+        assert any(per_file for per_file, _ in rows)  # the large folders: file by file
+        assert max(len(Block(recs, 0, False).fields) for _, recs in rows) <= 2 * 6
+        rel = str(victim.relative_to(ws.uploads))
+        assert cache._conn.execute("SELECT count(*) FROM files WHERE path = ?",
+                                   (rel.encode(),)).fetchone() == (0,)
+        sibling = next(q for q in victim.parent.iterdir() if q.is_file())
+        assert cache.lookup(str(sibling.relative_to(ws.uploads)),
+                            sibling.lstat()) is not None
+
+
+def test_an_unchanged_tree_asks_about_no_blob_once_a_backup_proved_them(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    packs_config(ws, "rehash_share = 0\n")
+    _run_logged(ws, caplog)
+    asked: list[str] = []
+    for name in ("holders", "everywhere", "present", "note_everywhere"):
+        real = getattr(BlobIndex, name)
+
+        def spy(self: BlobIndex, *args: object, _real: object = real, _name: str = name
+                ) -> object:
+            asked.append(_name)
+            return _real(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(BlobIndex, name, spy)
+    assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)  # the racy ones settled here
+    asked.clear()
+    assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)
+    assert asked == []
+    # The pack index rebuilt (another file): its proofs no longer stand, so blobs are asked.
+    import shutil
+
+    shutil.rmtree(ws.state / "packs")
+    assert "0 new blobs" in _run_logged(ws, caplog)
+    assert asked
+
+
+def test_what_a_failed_run_cached_is_checked_before_it_is_trusted(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A run that read a new file, cached it, then failed before its pack was stored: the
+    proof of the backup before does not cover that folder, so the next run stores it."""
+    import errno
+
+    from conexa_backup import packs
+    from conexa_backup.errors import ConexaError
+
+    packs_config(ws, "rehash_share = 0\n")
+    _run_logged(ws, caplog)
+    _run_logged(ws, caplog)
+    new = ws.uploads / "later.bin"
+    new.write_bytes(os.urandom(5000))
+    os.utime(new, ns=(1, 10**18))  # an old mtime
+    while time.time_ns() - new.stat().st_ctime_ns < 50_000_000:  # not racy: cached when read
+        time.sleep(0.005)
+    real = packs.PackWriter.flush
+
+    def full(self: packs.PackWriter) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packs.PackWriter, "flush", full)
+    with pytest.raises(ConexaError):
+        _run_logged(ws, caplog)
+    monkeypatch.setattr(packs.PackWriter, "flush", real)
+    _run_logged(ws, caplog)
+    latest = sorted(p.parent.name for p in ws.backups.glob("*/manifest.json"))[-1]
+    assert blobs_named(ws, latest) <= blobs_in_packs(ws.backups).keys()
+    result = ws.run("verify", latest)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_cache_that_fails_is_one_line_naming_state_dir(
@@ -456,7 +518,7 @@ def test_a_cache_that_fails_is_one_line_naming_state_dir(
     def full(self: FileCache, dir_rel: str) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(FileCache, "count_children", full)
+    monkeypatch.setattr(FileCache, "folder", full)
     with pytest.raises(ConexaError, match=r"state_dir .*: the file cache or pack index "
                        r"failed: database or disk is full"):
         run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)

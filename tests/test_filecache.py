@@ -414,40 +414,30 @@ def test_memory_stays_flat_over_200000_entries(tmp_path: Path) -> None:
     assert growth_mb < 20, f"peak RSS grew {growth_mb:.1f} MB over {n} entries"
 
 
-def test_a_folder_at_a_time_reads_its_files_and_keep_marks_them_or_drops_them(
-        tmp_path: Path) -> None:
-    blob = "ab" * 32
-    with open_cache(tmp_path) as cache:
-        for rel in ("a.txt", "sub/b.txt", "sub/c.txt", "sub/deeper/d.txt", "sub/gone.txt"):
-            cache.record(rel, fake_stat(1, 2, 3, 4), [blob], blob)
-        cache.finish()
-    with open_cache(tmp_path) as cache:
-        sub = cache.children("sub")
-        assert sorted(sub) == ["b.txt", "c.txt", "gone.txt"]  # direct children only
-        assert sub["b.txt"].matches(fake_stat(1, 2, 3, 4))
-        assert not sub["b.txt"].matches(fake_stat(1, 2, 9, 4))
-        assert sorted(cache.children(".")) == ["a.txt"]
-        cache.keep("sub", ["gone.txt"])
-        cache.keep(".", [])
-        dropped = cache.finish()  # "sub/deeper" was never kept: its file is dropped too
-        assert dropped == 1
-    with open_cache(tmp_path) as cache:
-        assert sorted(cache.children("sub")) == ["b.txt", "c.txt"]
-        assert cache.children("sub/deeper") == {}
+OLDER = {
+    "1": "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;"
+         "CREATE TABLE files (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER "
+         "NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, sha256 TEXT NOT NULL, "
+         "blobs TEXT NOT NULL, seen INTEGER NOT NULL) WITHOUT ROWID;"
+         "INSERT INTO files VALUES (x'612e747874', 1, 2, 3, 4, 'ab', 'ab', 1);",
+    "2": "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;"
+         "INSERT INTO meta VALUES ('version', '2'), ('run', '7');"
+         "CREATE TABLE files (path BLOB PRIMARY KEY, dir BLOB NOT NULL, size INTEGER NOT NULL,"
+         " mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, "
+         "sha256 TEXT NOT NULL, blobs TEXT NOT NULL, seen INTEGER NOT NULL) WITHOUT ROWID;"
+         "INSERT INTO files VALUES (x'612e747874', x'2e', 1, 2, 3, 4, 'ab', 'ab', 7);",
+}
 
 
-def test_a_cache_of_the_older_format_starts_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", sorted(OLDER))
+def test_a_cache_of_an_older_format_starts_again(tmp_path: Path, version: str) -> None:
     path = filecache.cache_path(tmp_path, ROOT, FP)
     path.parent.mkdir(parents=True)
     db = sqlite3.connect(path)
-    db.executescript(
-        "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;"
-        "CREATE TABLE files (path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER "
-        "NOT NULL, ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, sha256 TEXT NOT NULL, "
-        "blobs TEXT NOT NULL, seen INTEGER NOT NULL) WITHOUT ROWID;"
-        "INSERT INTO files VALUES (x'612e747874', 1, 2, 3, 4, 'ab', 'ab', 1);")
+    db.executescript(OLDER[version])
     db.close()
     with open_cache(tmp_path) as cache:
-        assert cache.path == path and len(cache) == 0
+        assert cache.path == path and len(cache) == 0 and cache.run == 1
         cache.record("a.txt", fake_stat(1, 2, 3, 4), ["ab"], "ab")
-        assert cache.children(".")["a.txt"].blobs == ("ab",)
+        found = cache.lookup("a.txt", fake_stat(1, 2, 3, 4))
+        assert found is not None and found.blobs == ("ab",)

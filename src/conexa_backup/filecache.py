@@ -200,6 +200,8 @@ class FileCache:
         self.batch = batch
         self._pending = 0
         self._db: sqlite3.Connection | None = None
+        self._step = _step(rehash_share)
+        self._blocks = BlockStream(lambda: self._conn)
         private_dir(path.parent)  # failing here is no reason to blame the cache file
         try:
             self._start()
@@ -210,8 +212,6 @@ class FileCache:
             self._discard(exc)
             self._start()
         self.salt = seed if seed is not None else self._salt
-        self._step = _step(rehash_share)
-        self._blocks = BlockStream(lambda: self._conn)
 
     @classmethod
     def open(

@@ -203,9 +203,18 @@ class _Packer:
         self._counts.bytes_stored += upload.pack.size
 
     def finish(self) -> None:
-        """Close and upload every open pack; wait for the last upload."""
+        """Close and upload every open pack; wait for the last upload.
+
+        Raises:
+            ConexaError: a pack could not be written (a full staging disk), or as
+            :meth:`_settle`.
+        """
         for writer in self.writers.values():
-            writer.flush()
+            try:
+                writer.flush()
+            except OSError as exc:
+                raise ConexaError(f"cannot write a pack in {self._scratch}: "
+                                  f"{exc.strerror or exc}") from None
         self._settle()
 
     def abort(self) -> None:
