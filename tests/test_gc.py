@@ -532,3 +532,24 @@ def test_a_damaged_duplicate_never_lets_the_good_copy_of_a_blob_go(ws: Workspace
         except packs.IntegrityError:  # the damaged duplicate
             continue
     assert x_id in intact, "the only good copy of a referenced blob was deleted"
+
+
+def test_a_backup_after_gc_took_every_pack_stores_the_unchanged_tree_again(
+        ws: Workspace) -> None:
+    """The file cache still knows the files, but their packs are gone: the proof of the last
+    backup no longer stands (GC dropped packs there), so their blobs are asked about and
+    stored again."""
+    gc_config(ws, "rehash_share = 0\n")
+    tree(ws, blobs("f", 4))
+    first = backup(ws)
+    backup(ws)  # settles the files cached as racy by the first run
+    for backup_id in complete(ws.backups):
+        result = ws.run("delete", backup_id, "--yes", "--force")
+        assert result.returncode == 0, result.stderr
+    age_packs(ws.backups, DAY + 60)
+    assert prune(ws)["gc"]["deleted_packs"]
+    assert not stored_packs(ws.backups)
+    last = backup(ws)
+    assert last != first and stored_packs(ws.backups)
+    assert_whole(ws.backups)
+    assert named_blobs(ws.backups, last) <= present(ws.backups)
