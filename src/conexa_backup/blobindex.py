@@ -447,12 +447,28 @@ class RefsWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._ids: list[bytes] = []
+        self._joined: list[str] = []  # see add_joined
         self._runs: list[Path] = []
 
     def add(self, blobs: Iterable[str]) -> None:
         ids = self._ids
         ids.extend(map(bytes.fromhex, blobs))
         if len(ids) >= self.RUN:
+            self._spill()
+
+    def add_joined(self, blobs: str) -> None:
+        """:meth:`add` of comma-joined ids (as a folder block holds them): converted a
+        thousand at a time, not one by one."""
+        if blobs:
+            self._joined.append(blobs)
+            if len(self._joined) >= 1024:
+                self._convert()
+
+    def _convert(self) -> None:
+        raw = bytes.fromhex(",".join(self._joined).replace(",", ""))
+        self._joined.clear()
+        self._ids.extend(raw[i:i + ID_BYTES] for i in range(0, len(raw), ID_BYTES))
+        if len(self._ids) >= self.RUN:
             self._spill()
 
     def _spill(self) -> None:
@@ -464,6 +480,7 @@ class RefsWriter:
         self._ids = []
 
     def _sorted(self) -> Iterator[bytes]:
+        self._convert()
         if not self._runs:
             return iter(sorted(set(self._ids)))
         if self._ids:
@@ -485,7 +502,7 @@ class RefsWriter:
             raise
 
     def close(self) -> None:
-        self._ids = []
+        self._ids, self._joined = [], []
         for run in self._runs:
             run.unlink(missing_ok=True)
         self._runs = []

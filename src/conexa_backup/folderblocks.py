@@ -111,6 +111,10 @@ class Folder:
         ids = self._fields[at + 4]
         return ids.split(",") if ids else []
 
+    def joined_blobs(self, at: int) -> str:
+        """The blob ids of record ``at``, comma-joined ("" for none)."""
+        return self._fields[at + 4]
+
     def line(self, at: int) -> bytes:
         return self._fields[at + 5].encode("ascii")
 

@@ -282,6 +282,7 @@ class _Open:
 
 
 FOLDER_IN_MEMORY = 20_000  # files of one folder cached as a block; more: file by file
+LINES = 4096  # index lines gathered before one write to the spool
 PRESENT_BATCH = 16  # a folder's blobs asked about in one query, above this many
 
 
@@ -307,21 +308,30 @@ class _Stage:
             else None
         self.stats = archive.TreeStats()
         self.path: list[_Open] = []  # the folders the walk is in, the root first
+        self.lines: list[bytes] = []  # index lines not yet written to ``out`` (LINES at most)
 
     def write(self, entry: IndexEntry) -> None:
-        self.out.write(entry.to_line())
+        self.lines.append(entry.to_line())
+
+    def _flush_lines(self) -> None:
+        self.out.write(b"".join(self.lines))
+        self.lines.clear()
 
     def run(self, root: Path) -> None:
         if not root.is_dir():
             raise ConexaError(f"uploads folder {root} does not exist or is not a folder")
         self.write(IndexEntry(".", "dir", **_attrs(root.stat())))
         self._enter(".")
+        lines = self.lines
         with contextlib.closing(archive.walk(root, self.stats.skipped)) as entries:
             for entry in entries:
                 if entry.kind == stat.S_IFREG:
                     self.file(entry)
                 else:
                     self.other(entry)
+                if len(lines) >= LINES:
+                    self._flush_lines()
+        self._flush_lines()
         while self.path:
             self.cache.leave(self.path.pop().folder)
 
@@ -350,8 +360,8 @@ class _Stage:
         st = entry.st
         assert st is not None
         if entry.kind == stat.S_IFDIR:
-            self.out.write(dir_line(entry.rel, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                                    st.st_mtime_ns))
+            self.lines.append(dir_line(entry.rel, stat.S_IMODE(st.st_mode), st.st_uid,
+                                       st.st_gid, st.st_mtime_ns))
             self.stats.dirs += 1
             self._enter(entry.rel)
             return
@@ -376,16 +386,15 @@ class _Stage:
             self._file_by_file(entry, st)
             return
         at = folder.take(entry.name, stat_text(st))
-        if at is not None and not self.cache.chosen(folder.place(at)):
-            blobs = folder.blobs(at)
-            if here.proven or self._held(here, blobs):
-                # Unchanged, by the walk's own lstat: not even opened.
-                self.out.write(folder.line(at))
-                self.refs.add(blobs)
-                self.stats.files += 1
-                self.stats.bytes += st.st_size
-                folder.keep(at)
-                return
+        if at is not None and not self.cache.chosen(folder.place(at)) \
+                and (here.proven or self._held(here, folder.blobs(at))):
+            # Unchanged, by the walk's own lstat: not even opened.
+            self.lines.append(folder.line(at))
+            self.refs.add_joined(folder.joined_blobs(at))
+            self.stats.files += 1
+            self.stats.bytes += st.st_size
+            folder.keep(at)
+            return
         # A re-read of a file its folder's proof covers: its cached blobs are held already.
         held = frozenset(folder.blobs(at)) if at is not None and here.proven else frozenset()
         read = self._open_and_read(entry, folder.sha256(at) if at is not None else None, held)
@@ -454,7 +463,7 @@ class _Stage:
         """Write the file's index line (returned) and count it."""
         line = file_line(rel, size, sha256, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                          st.st_mtime_ns, blobs)
-        self.out.write(line)
+        self.lines.append(line)
         self.refs.add(blobs)
         self.stats.files += 1
         self.stats.bytes += size
