@@ -89,8 +89,10 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def drop_caches_note() -> str:
-    return "page cache warm (no root-only cache drop between runs: both formats alike)"
+def drop_caches_note(work: Path | None) -> str:
+    where = f"trees and targets in {work}" if work else "trees and targets in the temp folder"
+    return (f"{where}; page cache warm (no root-only cache drop between runs: both formats "
+            "alike)")
 
 
 class Bench:
@@ -291,7 +293,7 @@ def report(args: argparse.Namespace, uploads: tuple[int, int], res: dict[str, ob
         f"`.venv/bin/python benchmarks/uploads.py {' '.join(args.argv)}` on "
         f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; uploads-only backups to a local target, each in "
-        f"a child process (wall time; peak RSS from `wait4`); {drop_caches_note()}.", "",
+        f"a child process (wall time; peak RSS from `wait4`); {drop_caches_note(args.work)}.", "",
         f"Tree: {uploads[0]:,} files, {uploads[1] / 1e6:,.0f} MB.", "",
         "| | tar | packs | goal |", "|---|---:|---:|---|",
     ]
@@ -353,9 +355,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--skip", action="append", default=[],
                    choices=["growth", "restore", "many"])
     p.add_argument("--out", type=Path)
+    p.add_argument("--work", type=Path, default=None,
+                   help="where trees and targets are made (default: the system's temp "
+                        "folder); a tmpfs such as /dev/shm measures the tool, not the disk")
     args = p.parse_args(argv)
     args.argv = argv
-    with tempfile.TemporaryDirectory(prefix="bench-uploads-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-uploads-", dir=args.work) as tmp:
         bench = Bench(Path(tmp))
         uploads = bench.work / "uploads"
         log(f"making the uploads tree ({args.files} files)")
