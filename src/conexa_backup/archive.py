@@ -397,13 +397,16 @@ def _max_depth() -> int:
 
 @dataclass
 class _Level:
-    """One open folder on the walk's current path: its fd, path, sorted names, and the next
-    name to examine."""
+    """One open folder on the walk's current path: its fd, path, and its sorted names not
+    examined yet (``names``: an iterator)."""
 
     fd: int
     rel: str
-    names: list[str]
-    next: int = 0
+    names: Iterator[str]
+    prefix: str = ""  # what goes before a name to make its path below the root
+
+    def __post_init__(self) -> None:
+        self.prefix = "" if self.rel == "." else f"{self.rel}/"
 
 
 def walk(root: Path, skipped: Skipped) -> Generator[Entry, None, None]:
@@ -425,52 +428,44 @@ def walk(root: Path, skipped: Skipped) -> Generator[Entry, None, None]:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:  # nothing at all can be read: that is no backup of the uploads
         raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
-    stack = [_Level(fd, ".", [])]
+    stack = [_Level(fd, ".", iter(()))]
     try:
         try:
-            stack[0].names = sorted(os.listdir(fd))
+            stack[0].names = iter(sorted(os.listdir(fd)))
         except OSError as exc:
             raise ConexaError(f"cannot read uploads folder {root}: {exc.strerror}") from None
         depth_limit = _max_depth()
+        # Locals: this loop runs once per entry of the tree (measured: a fifth of an
+        # unchanged packs backup's time was the walk's own Python).
+        lstat, ifmt, regular, folder = os.lstat, stat.S_IFMT, stat.S_IFREG, stat.S_IFDIR
         while stack:
             level = stack[-1]
-            if level.next == len(level.names):
+            name = next(level.names, None)
+            if name is None:
                 os.close(stack.pop().fd)
                 continue
-            name = level.names[level.next]
-            level.next += 1
-            entry = _examine(level, name, skipped)
-            if entry is None:
+            rel = level.prefix + name
+            try:
+                st = lstat(name, dir_fd=level.fd)
+            except FileNotFoundError:
                 continue
-            yield entry
-            if entry.kind == stat.S_IFDIR:
+            except OSError as exc:
+                skipped.add(rel, f"cannot read: {exc.strerror}")
+                continue
+            kind = ifmt(st.st_mode)
+            if kind != regular and kind != folder and (why := unrestorable(kind)) is not None:
+                skipped.add(rel, f"{why}: cannot be restored")
+                continue
+            yield Entry(rel, kind, level.fd, name, st)
+            if kind == folder:
                 if len(stack) > depth_limit:
-                    skipped.add(entry.rel, f"cannot list folder: more than {depth_limit} "
+                    skipped.add(rel, f"cannot list folder: more than {depth_limit} "
                                 "levels deep")
-                elif (sub := _open_folder(level.fd, name, entry.rel, skipped)) is not None:
+                elif (sub := _open_folder(level.fd, name, rel, skipped)) is not None:
                     stack.append(sub)
     finally:
         for level in stack:
             os.close(level.fd)
-
-
-def _examine(level: _Level, name: str, skipped: Skipped) -> Entry | None:
-    """The entry ``name`` of the open folder ``level``, or None when it vanished or is not
-    stored (then recorded in ``skipped``)."""
-    rel = name if level.rel == "." else f"{level.rel}/{name}"
-    try:
-        st = os.stat(name, dir_fd=level.fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        skipped.add(rel, f"cannot read: {exc.strerror}")
-        return None
-    kind = stat.S_IFMT(st.st_mode)
-    why = unrestorable(kind)
-    if why is not None:
-        skipped.add(rel, f"{why}: cannot be restored")
-        return None
-    return Entry(rel, kind, level.fd, name, st)
 
 
 def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level | None:
@@ -484,7 +479,7 @@ def _open_folder(parent: int, name: str, rel: str, skipped: Skipped) -> _Level |
         skipped.add(rel, f"cannot list folder: {exc.strerror}")
         return None
     try:
-        return _Level(fd, rel, sorted(os.listdir(fd)))
+        return _Level(fd, rel, iter(sorted(os.listdir(fd))))
     except OSError as exc:
         os.close(fd)
         skipped.add(rel, f"cannot list folder: {exc.strerror}")

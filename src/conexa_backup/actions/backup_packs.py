@@ -279,6 +279,7 @@ class _Open:
     folder: Folder
     proven: bool
     present: set[str] | None = None
+    fd: int = -1  # the walk's fd of the folder, once an entry in it was met
 
 
 FOLDER_IN_MEMORY = 20_000  # files of one folder cached as a block; more: file by file
@@ -380,7 +381,12 @@ class _Stage:
     def file(self, entry: archive.Entry) -> None:
         st = entry.st
         assert st is not None
-        here = self._in(entry.rel.rpartition("/")[0] or ".")
+        here = self.path[-1]
+        if here.fd != entry.dir_fd:  # not the folder of the last file (the usual case)
+            here = self._in(entry.rel.rpartition("/")[0] or ".")
+            # The walk holds each folder of its path open: no other folder on our path has
+            # this fd, and a folder opened later with it is entered (pushed) before its files.
+            here.fd = entry.dir_fd
         folder = here.folder
         if folder.per_file:
             self._file_by_file(entry, st)
