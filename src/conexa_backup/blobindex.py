@@ -451,10 +451,10 @@ class RefsWriter:
         self._runs: list[Path] = []
 
     def add(self, blobs: Iterable[str]) -> None:
-        ids = self._ids
-        ids.extend(map(bytes.fromhex, blobs))
-        if len(ids) >= self.RUN:
-            self._spill()
+        for blob in blobs:  # one at a time: ``blobs`` may be a whole backup's ids
+            self._ids.append(bytes.fromhex(blob))
+            if len(self._ids) >= self.RUN:
+                self._spill()
 
     def add_joined(self, blobs: str) -> None:
         """:meth:`add` of comma-joined ids (as a folder block holds them): converted a
