@@ -526,3 +526,39 @@ def test_a_cache_that_fails_is_one_line_naming_state_dir(
     with pytest.raises(ConexaError, match=r"state_dir .*: the file cache or pack index "
                        r"failed: database or disk is full"):
         run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
+
+
+def test_a_pack_index_gone_back_never_lets_an_old_proof_hide_a_loss(ws: Workspace) -> None:
+    """The pack index rolled back (a power cut lost its last commits, or an older copy was
+    put back) while the file cache kept a later proof: the next loss gets a count the proof
+    has already seen. The proof must not stand then (found by review, reproduced)."""
+    import shutil
+
+    other = ws.root / "other"
+    two_targets(ws, other, "rehash_share = 0\n")
+    for path in list(ws.uploads.iterdir()):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    (ws.uploads / "a").mkdir()
+    (ws.uploads / "a" / "x").write_bytes(os.urandom(3000))
+    settled(ws.uploads)
+    backup(ws)
+    first_packs = set(stored_packs(ws.backups))
+    (ws.uploads / "b").mkdir()
+    (ws.uploads / "b" / "y").write_bytes(os.urandom(3000))
+    settled(ws.uploads)
+    backup(ws)
+    (pack_b,) = set(stored_packs(ws.backups)) - first_packs
+    saved = ws.root / "index-then"
+    shutil.copytree(ws.state / "packs", saved)
+    lost = next(iter(first_packs))
+    (other / "packs" / lost[:2] / lost).unlink()  # "other" loses a pack: counted, then proven
+    backup(ws)
+    shutil.rmtree(ws.state / "packs")
+    shutil.copytree(saved, ws.state / "packs")  # the index goes back to before that
+    (ws.backups / "packs" / pack_b[:2] / pack_b).unlink()  # "local" loses b/y's pack
+    result = ws.run("backup", "--json", "--no-prune", "--target", "local")
+    assert result.returncode == 0, result.stderr
+    last = json.loads(result.stdout)["id"]
+    assert blobs_named(ws, last) <= blobs_in_packs(ws.backups).keys()
+    verified = ws.run("verify", last)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -93,10 +93,13 @@ class Losses:
         of them: a committed backup naming them is what shows it)."""
         return json.dumps([self.index_id, self.count, sorted(set(targets))])
 
-    def holds(self, proof: str | None, targets: Iterable[str]) -> bool:
+    def holds(self, proof: str | None, targets: Iterable[str], *, floor: int) -> bool:
         """Whether the blobs ``proof`` was made for are still held by every one of
         ``targets``: each was in it, and none has lost a pack since. False for None, a
-        proof of another index file (one rebuilt since), or one that cannot be read."""
+        proof of another index file (one rebuilt since), one that cannot be read, and one
+        counting more losses than ``floor``, the counter read before this run's sync: the
+        index has gone back since (a power cut lost its last commits, or an older copy was
+        put back), so a count it hands out again could pass for one the proof has seen."""
         if proof is None:
             return False
         try:
@@ -104,7 +107,7 @@ class Losses:
         except (ValueError, TypeError):
             return False
         if index_id != self.index_id or not isinstance(count, int) \
-                or not isinstance(proven, list):
+                or not isinstance(proven, list) or count > floor:
             return False
         return all(t in proven and self.at.get(t, 0) <= count for t in targets)
 

@@ -447,13 +447,15 @@ class FileCache:
         self._wrote()
 
     def spill(self, folder: Folder) -> None:
-        """``folder`` grew too large for a block: cache what this run kept of it file by
-        file (:meth:`lookup`, :meth:`record` from now on), its row a marker.
+        """``folder`` grew too large for a block: cache its records file by file
+        (:meth:`lookup`, :meth:`record` from now on; those of files not met yet unmarked, so
+        that :meth:`finish` drops them if they are not met), its row a marker.
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
-        rows = [(_encode(path), _encode(folder.rel), *numbers, sha256, blobs, self.run)
-                for path, numbers, sha256, blobs in folder.records()]
+        rows = [(_encode(path), _encode(folder.rel), *numbers, sha256, blobs,
+                 self.run if met else 0)
+                for path, numbers, sha256, blobs, met in folder.records()]
         try:
             self._conn.executemany("INSERT OR REPLACE INTO files VALUES "
                                    "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -465,13 +467,12 @@ class FileCache:
             self._rebuild(exc)
             return
         self._wrote()
-        folder.per_file = True
+        folder.spilled()
 
     def _drop_gone(self, *, rest: bool = False) -> None:
         """Delete the rows of folders the walk passed (gone); with ``rest``, also every row
         after the last folder it entered (a complete walk only)."""
-        gone, self._blocks.gone = self._blocks.gone, []
-        self._conn.executemany("DELETE FROM folders WHERE key = ?", ((k,) for k in gone))
+        self._blocks.drop_gone()
         if rest and self._blocks.asked is not None:
             self._conn.execute("DELETE FROM folders WHERE key > ?", (self._blocks.asked,))
 

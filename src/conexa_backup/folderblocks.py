@@ -24,6 +24,7 @@ its row is then a marker (``per_file``) without records.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from collections import deque
@@ -46,15 +47,21 @@ CREATE TABLE IF NOT EXISTS folders (
 def order_key(dir_rel: str) -> bytes:
     """The row key of folder ``dir_rel`` (``"."``: the root): its path with each ``/`` made
     a NUL, so that byte order is the walk's order (a folder before its contents, and
-    ``a/b`` before ``a-c`` as ``a`` comes before ``a-c``)."""
+    ``a/b`` before ``a-c`` as ``a`` comes before ``a-c``). Encoded UTF-8 with surrogates
+    passed (a name that is not UTF-8 holds them: ``os.fsdecode``): byte order is then code
+    point order, which is how the walk sorts names (``surrogateescape`` would put such a
+    byte after every multi-byte character)."""
     if dir_rel == ".":
         return b""
-    return dir_rel.replace("/", "\0").encode("utf-8", "surrogateescape")
+    return dir_rel.replace("/", "\0").encode("utf-8", "surrogatepass")
 
 
 def folder_of(key: bytes) -> str:
     """The folder whose :func:`order_key` is ``key``."""
-    return key.decode("utf-8", "surrogateescape").replace("\0", "/") if key else "."
+    return key.decode("utf-8", "surrogatepass").replace("\0", "/") if key else "."
+
+
+_CHECK = 8  # bytes of BLAKE2b before a block's records: damage SQLite cannot see is found
 
 
 def stat_text(st: os.stat_result) -> str:
@@ -67,13 +74,20 @@ def stat_text(st: os.stat_result) -> str:
 class Block:
     """A folder's cached files as the run ``written`` left them.
 
-    Raises (constructor) ValueError: ``raw`` is not what :meth:`Folder.encoded` writes.
+    Raises (constructor) ValueError: ``raw`` is not what :meth:`Folder.encoded` writes (its
+    checksum does not match: a flipped bit in the file would otherwise put a wrong blob id,
+    never asked about, in a backup's index).
     """
 
     __slots__ = ("fields", "per_file", "written")
 
     def __init__(self, raw: bytes, written: int, per_file: bool) -> None:
-        self.fields = raw.decode("utf-8", "surrogateescape").split("\0") if raw else []
+        self.fields = []
+        if raw:
+            body = raw[_CHECK:]
+            if hashlib.blake2b(body, digest_size=_CHECK).digest() != raw[:_CHECK]:
+                raise ValueError("a folder block whose checksum does not match")
+            self.fields = body.decode("utf-8", "surrogateescape").split("\0")
         if len(self.fields) % FIELDS:
             raise ValueError("a folder block of the wrong shape")
         self.written, self.per_file = written, per_file
@@ -144,15 +158,23 @@ class Folder:
         return self._changed or bool(self._left)
 
     def encoded(self) -> bytes:
-        return "\0".join(self._out).encode("utf-8", "surrogateescape")
+        body = "\0".join(self._out).encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(body, digest_size=_CHECK).digest() + body
 
-    def records(self) -> Iterator[tuple[str, list[int], str, str]]:
-        """(path, [size, mtime_ns, ctime_ns, inode], sha256, blob ids) of each file kept."""
+    def records(self) -> Iterator[tuple[str, list[int], str, str, bool]]:
+        """(path, [size, mtime_ns, ctime_ns, inode], sha256, blob ids, met) of each file
+        kept (met) and each cached file not met yet."""
         prefix = "" if self.rel == "." else f"{self.rel}/"
-        out = self._out
-        for at in range(0, len(out), FIELDS):
-            numbers = [int(n) for n in out[at + 1].split()[:4]]
-            yield prefix + out[at], numbers, out[at + 3], out[at + 4]
+        places = [(self._out, at, True) for at in range(0, len(self._out), FIELDS)] \
+            + [(self._fields, at, False) for at in self._left.values()]
+        for fields, at, met in places:
+            numbers = [int(n) for n in fields[at + 1].split()[:4]]
+            yield prefix + fields[at], numbers, fields[at + 3], fields[at + 4], met
+
+    def spilled(self) -> None:
+        """Its records went to the cache file by file: hold none any more."""
+        self.per_file = True
+        self._out, self._fields, self._left = [], [], {}
 
 
 Row = tuple[bytes, "bytes | None", int, int]
@@ -175,7 +197,7 @@ class BlockStream:
         self._read_to: bytes | None = None  # the last key read ahead
         self._done = False
         self.asked: bytes | None = None  # the last key asked in order
-        self.gone: list[bytes] = []
+        self.gone: list[bytes] = []  # rows passed unasked, not deleted yet (AHEAD at most)
 
     def stop(self) -> None:
         """Read nothing more ahead (the cache was rebuilt empty)."""
@@ -194,6 +216,8 @@ class BlockStream:
         while True:
             while self._ahead and self._ahead[0][0] < key:
                 self.gone.append(self._ahead.popleft()[0])
+                if len(self.gone) >= AHEAD:  # a renamed tree of many folders: memory flat
+                    self.drop_gone()
             if self._ahead:
                 if self._ahead[0][0] != key:
                     return None
@@ -204,6 +228,11 @@ class BlockStream:
             if self._done:
                 return None
             self._read_ahead()
+
+    def drop_gone(self) -> None:
+        """Delete the rows passed unasked (folders gone)."""
+        gone, self.gone = self.gone, []
+        self._conn().executemany("DELETE FROM folders WHERE key = ?", ((k,) for k in gone))
 
     def _read_ahead(self) -> None:
         # >= x'' the first time (the root's key is empty); a range, so each query seeks.

@@ -298,15 +298,16 @@ class _Stage:
     """
 
     def __init__(self, packer: _Packer, cache: FileCache, key: bytes | None, out: IO[bytes],
-                 counts: _Counts, refs: RefsWriter, losses: Losses, live: list[str]) -> None:
+                 counts: _Counts, refs: RefsWriter, losses: Losses, live: list[str],
+                 floor: int) -> None:
         self.packer, self.cache, self.key, self.out = packer, cache, key, out
         self.refs = refs
         self.counts = counts
         # The run whose proof stands for every live target (blocks it or an earlier run
         # wrote are proven), or None.
         proof = cache.proof
-        self.proven_run = proof[0] if proof is not None and losses.holds(proof[1], live) \
-            else None
+        self.proven_run = proof[0] \
+            if proof is not None and losses.holds(proof[1], live, floor=floor) else None
         self.stats = archive.TreeStats()
         self.path: list[_Open] = []  # the folders the walk is in, the root first
         self.lines: list[bytes] = []  # index lines not yet written to ``out`` (LINES at most)
@@ -565,9 +566,9 @@ def record_lost(ctx: Context, backups: Sequence[Backup], index: BlobIndex,
 def _prover(ctx: Context, root: Path, key: bytes | None, cache_run: int,
             losses: Losses) -> Callable[[Sequence[str]], None]:
     """What to do once the backup is committed on ``stored`` targets: prove the folder
-    blocks this run stored or kept (:func:`filecache.confirm`): those targets hold every
-    blob they name, as of ``losses`` (read before the walk: a pack lost since, on any
-    target, makes its proof not stand)."""
+    blocks now in the cache (:func:`filecache.confirm`): those targets hold every blob they
+    name, as of ``losses`` (read before the walk: a pack one of them loses since makes the
+    proof not stand for it)."""
 
     def prove(stored: Sequence[str]) -> None:
         try:
@@ -609,6 +610,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
     with BlobIndex.open(ctx.config.state_dir) as index, \
             tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                           dir=str(ctx.state_dir("staging"))) as spool:
+        floor = index.losses().count  # before the syncs: see Losses.holds
         for target in list(run.alive):
             try:
                 index.sync(target, index_reader(ctx, target))
@@ -625,7 +627,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
         with FileCache.open(ctx.config.state_dir, root, key_fingerprint(key),
                             rehash_share=share, rehash_all=rehash) as cache, \
                 index.refs_writer(run.backup_id) as refs:
-            stage = _Stage(packer, cache, key, spool, counts, refs, losses, live)
+            stage = _Stage(packer, cache, key, spool, counts, refs, losses, live, floor)
             try:
                 stage.run(root)
                 packer.finish()
