@@ -177,6 +177,23 @@ def test_a_block_that_cannot_be_decoded_counts_as_none(
     assert "unreadable" in caplog.text
 
 
+def test_a_block_changed_in_place_is_caught_by_its_checksum(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One blob id's digit flipped in the file (damage SQLite cannot see): never used."""
+    with FileCache.open(tmp_path, ROOT, FP) as cache:
+        fill(cache, {".": ["a"], "b": ["1"]})
+        raw = cache._conn.execute("SELECT recs FROM folders WHERE key = ?",
+                                  (order_key("b"),)).fetchone()[0]
+        flipped = raw.replace(b"ab" * 32, b"ac" + b"ab" * 31)
+        assert flipped != raw and len(flipped) == len(raw)
+        cache._conn.execute("UPDATE folders SET recs = ? WHERE key = ?",
+                            (flipped, order_key("b")))
+    with FileCache.open(tmp_path, ROOT, FP) as cache:
+        assert cache.folder(".").take("a", stat_text(fake_stat(1))) is not None
+        assert cache.folder("b").take("1", stat_text(fake_stat(1))) is None
+    assert "unreadable" in caplog.text
+
+
 def test_confirm_records_the_proof_of_the_run_that_is_still_the_last(tmp_path: Path) -> None:
     with FileCache.open(tmp_path, ROOT, FP) as cache:
         fill(cache, {".": ["a"]})

@@ -1,31 +1,39 @@
 """The file cache: skip reading uploads that have not changed since the last backup (issue 15).
 
 One SQLite file in ``state_dir/filecache/`` per uploads root and per dedup-key fingerprint (a
-changed key or root never reuses ids computed under another), 0600 in a 0700 folder. It maps a
-file's path, relative to the uploads root, to what the file was when last read (size,
-``mtime_ns``, ``ctime_ns``, inode) and to what the backup computed then: its blob ids (opaque
-lowercase hex strings, defined by the packs code) and the whole file's SHA-256.
+changed key or root never reuses ids computed under another), 0600 in a 0700 folder. For each
+file it keeps what the file was when last read (its lstat) and what the backup computed then:
+its blob ids (opaque lowercase hex strings, defined by the packs code), the whole file's SHA-256
+and its line of the uploads index.
 
-A run::
+Files are kept a folder at a time, in **folder blocks** (:mod:`folderblocks`), read ahead in the
+walk's order. A run::
 
     with FileCache.open(state_dir, root, fingerprint) as cache:
-        for rel, st in walk(root):
-            entry = cache.reuse(rel, st)          # lookup + rehash share
-            if entry is None:
-                blobs, sha = read_and_hash(rel)
-                cache.record(rel, st, blobs, sha)
-        cache.finish()                            # only after a complete walk
+        for each folder, as the walk enters it:
+            folder = cache.folder(rel)
+            for each file in it:
+                at = folder.take(name, stat_text(st))     # None: new or changed
+                if at is not None and not cache.chosen(folder.place(at)):
+                    folder.keep(at)                       # unchanged: not read
+                else:
+                    ... read it ...; folder.add(name, ...)
+            cache.leave(folder)                           # written only if it changed
+        cache.finish()                                    # only after a complete walk
 
-The cache says only what a file's bytes hashed to, never that a blob is stored anywhere: which
-blobs a target holds is the pack index's question. Every run marks the paths it looks up or
-records with its run number, in the database, so :meth:`FileCache.finish` drops the entries of
-deleted files in one ``DELETE`` without a set of paths in Python (memory stays flat in the
-number of files). Writes are committed every ``batch`` statements: a killed run loses at most
-one batch and never leaves a torn file (SQLite's WAL). A cache that cannot be opened or is
-found corrupt is moved aside (``*.corrupt-<time>``) and rebuilt empty, with a warning: it is
-only a cache.
+A folder of more than a block's worth of files is cached file by file instead (:meth:`lookup`,
+:meth:`record`, :meth:`should_rehash`; :meth:`spill`), each run marking the paths it meets so
+that :meth:`finish` drops the others in one ``DELETE``. Nothing holds a set of every path in
+Python: memory stays flat in the number of files. Writes are committed every ``batch``
+statements: a killed run loses at most one batch and never leaves a torn file (SQLite's WAL). A
+cache that cannot be opened or is found corrupt is moved aside (``*.corrupt-<time>``) and
+rebuilt empty, with a warning: it is only a cache.
 
-A small share of cached files is read again each run (:meth:`FileCache.should_rehash`, see
+The cache says what a file's bytes hashed to. Whether a target holds a blob is the pack index's
+question; a committed backup records a proof (:func:`confirm`) that lets the next run skip it
+for whole folders (see :mod:`folderblocks` and ``BlobIndex.losses``).
+
+A small share of cached files is read again each run (:meth:`FileCache.chosen`, see
 :func:`rehash_chosen`) so a file changed with its mtime put back cannot hide behind the cache
 forever; ``rehash_all`` (``--rehash``) reads them all.
 """
