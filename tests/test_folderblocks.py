@@ -264,3 +264,17 @@ def test_a_folder_line_formatted_directly_is_the_json_of_its_fields() -> None:
 def test_losses_of_a_target_never_seen_are_nothing() -> None:
     losses = Losses("id", 5, {"s3": 3})
     assert losses.holds(losses.proof(["s3", "new"]), ["new"], floor=5)
+
+
+def test_a_refs_writer_killed_outright_leaves_nothing_for_long(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    monkeypatch.setattr(RefsWriter, "RUN", 2)
+    with BlobIndex.open(tmp_path) as index:
+        killed = RefsWriter(index.refs_path("20261206T000000Z"))
+        killed.add(["ab" * 32, "cd" * 32, "ef" * 32])  # spilled runs; then SIGKILL: no close
+        refs = tmp_path / "packs" / "refs"
+        assert list(refs.glob(".*.run*"))
+        with index.refs_writer("20261206T010000Z") as writer:
+            writer.add(["ab" * 32])
+        assert sorted(p.name for p in refs.iterdir()) == ["20261206T010000Z.ids"]

@@ -381,7 +381,11 @@ class BlobIndex:
     @contextlib.contextmanager
     def refs_writer(self, backup_id: str) -> Iterator[RefsWriter]:
         """A :class:`RefsWriter` for ``backup_id``: fed while a backup walks its tree, written
-        (sorted, unique, atomically) when the block ends normally; discarded otherwise."""
+        (sorted, unique, atomically) when the block ends normally; discarded otherwise. The
+        temporary files of writers killed outright go first (the caller holds the run lock:
+        no other writer is at work)."""
+        for stale in (self.folder / "refs").glob(".*.ids.*"):
+            stale.unlink(missing_ok=True)
         writer = RefsWriter(self.refs_path(backup_id))
         try:
             yield writer
