@@ -562,3 +562,33 @@ def test_a_pack_index_gone_back_never_lets_an_old_proof_hide_a_loss(ws: Workspac
     assert blobs_named(ws, last) <= blobs_in_packs(ws.backups).keys()
     verified = ws.run("verify", last)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_folder_that_grows_past_a_block_is_spilled_whatever_the_order(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """New files sorted before the cached ones (read first, then the rest kept): the folder
+    still goes file by file once it holds more than a block's worth (memory stays flat)."""
+    import shutil
+
+    from conexa_backup.actions import backup_packs
+    from conexa_backup.filecache import FileCache, key_fingerprint
+    from conexa_backup.folderblocks import FIELDS, Block
+
+    packs_config(ws, "rehash_share = 0\n")
+    monkeypatch.setattr(backup_packs, "FOLDER_IN_MEMORY", 2)
+    for path in list(ws.uploads.iterdir()):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    big = ws.uploads / "big"
+    big.mkdir()
+    for name in ("b", "c"):
+        (big / name).write_bytes(os.urandom(100))
+    settled(ws.uploads)
+    _run_logged(ws, caplog)
+    (big / "a").write_bytes(os.urandom(100))
+    settled(ws.uploads)
+    _run_logged(ws, caplog)
+    with FileCache.open(ws.state, ws.uploads, key_fingerprint(None)) as cache:
+        rows = cache._conn.execute("SELECT per_file, recs FROM folders").fetchall()
+        assert max(len(Block(recs, 0, False).fields) for _, recs in rows) <= 2 * FIELDS
+        assert any(per_file for per_file, _ in rows)
+    assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)  # file by file, all cached

@@ -401,6 +401,8 @@ class _Stage:
             self.stats.files += 1
             self.stats.bytes += st.st_size
             folder.keep(at)
+            if folder.count > FOLDER_IN_MEMORY:  # from now on, file by file
+                self.cache.spill(folder)
             return
         # A re-read of a file its folder's proof covers: its cached blobs are held already.
         held = frozenset(folder.blobs(at)) if at is not None and here.proven else frozenset()
