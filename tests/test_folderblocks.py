@@ -256,9 +256,13 @@ def test_refs_are_written_sorted_and_unique_across_runs(tmp_path: Path,
 
 
 def test_a_folder_line_formatted_directly_is_the_json_of_its_fields() -> None:
+    import json
+
     for path in (".", "caf\udce9/\"quoted\"", "tab\there"):
-        assert dir_line(path, 0o755, 1, 2, 3) == IndexEntry(
-            path, "dir", mode=0o755, uid=1, gid=2, mtime_ns=3).to_line()
+        fields = {"path": path, "type": "dir", "mode": 0o755, "uid": 1, "gid": 2, "mtime_ns": 3}
+        assert dir_line(path, 0o755, 1, 2, 3) == json.dumps(fields).encode() + b"\n"
+        assert IndexEntry.from_line(dir_line(path, 0o755, 1, 2, 3)) == IndexEntry(
+            path, "dir", mode=0o755, uid=1, gid=2, mtime_ns=3)
 
 
 def test_losses_of_a_target_never_seen_are_nothing() -> None:

@@ -142,7 +142,13 @@ def rehash_chosen(salt: bytes, run: int, rel_path: str, share: float) -> bool:
     step = _step(share)
     if step == 0:
         return False
-    return (wheel_place(salt, rel_path) - run * step) % _SLOTS < step
+    return _in_window(wheel_place(salt, rel_path), run, step)
+
+
+def _in_window(place: int, run: int, step: int) -> bool:
+    """Whether ``place`` is in run ``run``'s window of the rehash wheel (see
+    :func:`rehash_chosen`)."""
+    return (place - run * step) % _SLOTS < step
 
 
 def wheel_place(salt: bytes, rel_path: str) -> int:
@@ -430,7 +436,7 @@ class FileCache:
     def chosen(self, place: int) -> bool:
         """Whether this run reads again the file at ``place`` although it looks unchanged
         (the choice of :meth:`should_rehash`, from a stored place)."""
-        return self.rehash_all or (place - self.run * self._step) % _SLOTS < self._step
+        return self.rehash_all or _in_window(place, self.run, self._step)
 
     def leave(self, folder: Folder) -> None:
         """The walk is through ``folder``: write its block when it changed (as written by

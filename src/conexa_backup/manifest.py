@@ -129,6 +129,9 @@ class IndexEntry:
                 and mtime is not None and self.sha256 is not None \
                 and _IDS.fullmatch(",".join((self.sha256, *self.blobs))):
             return file_line(self.path, size, self.sha256, mode, uid, gid, mtime, self.blobs)
+        if self.type == "dir" and mode is not None and uid is not None and gid is not None \
+                and mtime is not None:
+            return dir_line(self.path, mode, uid, gid, mtime)
         data = {k: list(v) if isinstance(v, tuple) else v
                 for k in _INDEX_FIELDS if (v := getattr(self, k)) is not None}
         # ASCII escapes: a name that is not UTF-8 (held as surrogate escapes, see os.fsdecode)

@@ -401,8 +401,7 @@ class _Stage:
             self.stats.files += 1
             self.stats.bytes += st.st_size
             folder.keep(at)
-            if folder.count > FOLDER_IN_MEMORY:  # from now on, file by file
-                self.cache.spill(folder)
+            self._bounded(folder)
             return
         # A re-read of a file its folder's proof covers: its cached blobs are held already.
         held = frozenset(folder.blobs(at)) if at is not None and here.proven else frozenset()
@@ -414,8 +413,13 @@ class _Stage:
         if cacheable:
             folder.add(entry.name, stat_text(st), self.cache.place(entry.rel), sha256,
                        list(ids), line, was=at)
-            if folder.count > FOLDER_IN_MEMORY:  # from now on, file by file
-                self.cache.spill(folder)
+            self._bounded(folder)
+
+    def _bounded(self, folder: Folder) -> None:
+        """A folder holding more than FOLDER_IN_MEMORY files (kept or read, in any order) is
+        cached file by file from now on: memory stays flat whatever one folder holds."""
+        if folder.count > FOLDER_IN_MEMORY:
+            self.cache.spill(folder)
 
     def _held(self, here: _Open, blobs: Sequence[str]) -> bool:
         """Whether every live target holds ``blobs`` (asked when the folder's proof does
