@@ -144,6 +144,13 @@ class TestTargetContract:
         assert keys(target, "2026030") == [f"{BID}/a", f"{BID}/b", f"{other}/a"]
         assert keys(target, "nothing") == []
         assert keys(target) == sorted([f"{BID}/a", f"{BID}/b", f"{other}/a", "README"])
+        put(target, "packs/ab/ab12.pack", b"p")
+        put(target, "packs/cd/cd34.pack", b"q")
+        assert keys(target, "packs/") == ["packs/ab/ab12.pack", "packs/cd/cd34.pack"]
+        assert keys(target, "packs/a") == ["packs/ab/ab12.pack"]
+        assert keys(target, "packs/cd/") == ["packs/cd/cd34.pack"]
+        assert keys(target, f"{BID}/b") == [f"{BID}/b"]
+        assert keys(target, "nothing/") == keys(target, "packs/ab/ab12.pack/") == []
         sizes = {o.key: o.size for o in target.list()}
         assert sizes[f"{BID}/a"] == len(f"{BID}/a")
 
@@ -261,6 +268,18 @@ class TestLocalSpecifics:
         (local.root / ".snapshot" / BID).mkdir(parents=True)
         (local.root / ".snapshot" / BID / "x").write_bytes(b"nas snapshot")
         assert keys(local) == [f"{BID}/x"]
+        assert keys(local, f".snapshot/{BID}/") == keys(local, f"{BID}/.tmp-x") == []
+
+    def test_a_prefix_is_listed_from_its_folder_never_through_a_link(
+            self, local: LocalTarget, tmp_path: Path) -> None:
+        put(local, "packs/ab/ab12.pack", b"p")
+        elsewhere = tmp_path / "elsewhere"
+        (elsewhere / "cd").mkdir(parents=True)
+        (elsewhere / "cd" / "cd34.pack").write_bytes(b"not ours")
+        (local.root / "packs" / "cd").symlink_to(elsewhere / "cd")
+        (local.root / "linked").symlink_to(elsewhere)
+        assert keys(local, "packs/") == keys(local) == ["packs/ab/ab12.pack"]
+        assert keys(local, "packs/cd/") == keys(local, "linked/cd/") == []
 
     def test_delete_removes_empty_backup_folder_only(self, local: LocalTarget) -> None:
         put(local, f"{BID}/a", b"1")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,7 +198,10 @@ class LocalTarget:
             raise exc
 
         try:
-            for dirpath, dirnames, filenames in os.walk(self.root, onerror=fail):
+            start = self._listed_folder(prefix)
+            if start is None:
+                return
+            for dirpath, dirnames, filenames in os.walk(start, onerror=fail):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for fname in filenames:
                     if fname.startswith("."):
@@ -212,6 +216,25 @@ class LocalTarget:
                                      f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
         except OSError as exc:
             raise self.error(exc) from exc
+
+    def _listed_folder(self, prefix: str) -> Path | None:
+        """The folder to walk for the keys starting with ``prefix``: the deepest one its
+        folders name (``packs/``: the packs, not every backup's files), or None when that
+        holds nothing listable (missing, not a folder, a link: the whole walk would not
+        enter it either). Raises OSError."""
+        start = self.root
+        for part in prefix.split("/")[:-1]:
+            if not part:  # "a//b": no key has it; the whole walk finds none either
+                return self.root
+            if part.startswith("."):  # hidden, "..": never listed
+                return None
+            start = start / part
+            try:
+                if not stat.S_ISDIR(start.lstat().st_mode):
+                    return None
+            except FileNotFoundError:
+                return None
+        return start
 
     def delete(self, key: str) -> None:
         self.check_mounted()
