@@ -8,7 +8,7 @@ held in a list, so memory is what the cache costs). Phases, each timed, with its
 
 - first run: every file a miss, recorded (``lookup`` + ``record``), then ``finish``;
 - second run: every file a hit (``reuse``: lookup + rehash choice at 1%), then ``finish``;
-- reopening the million-entry cache (its ``quick_check``);
+- reopening the million-entry cache;
 
 against baselines in the same run: the same statements on a bare ``sqlite3`` connection (one
 ``INSERT`` per file in transactions of the same size; one point ``SELECT`` per file): what
@@ -180,7 +180,7 @@ def main() -> None:
                 "baseline: bare SQLite, one point SELECT per file", lambda: bare_selects(bare, n)
             ),
             phase("second run: all hits (1% re-read chosen)", lambda: second_run(state, n)),
-            phase("reopen the cache (quick_check)", lambda: reopen(state)),
+            phase("reopen the cache", lambda: reopen(state)),
         ]
         size = sum(p.stat().st_size for p in (state / "filecache").iterdir()) / 1e6
         stat_us = stat_per_file(work / "tree", args.stat_files) * 1e6

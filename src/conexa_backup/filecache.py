@@ -265,7 +265,8 @@ class FileCache:
     # -- opening -----------------------------------------------------------------------------
 
     def _start(self) -> None:
-        """Connect, check the file is a cache, begin a run (its number committed at once)."""
+        """Connect, make sure the file is a cache (damage is found when read: see
+        :meth:`_rebuild`), begin a run (its number committed at once)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # 0600 before SQLite sees it
         os.close(fd)
         self.path.chmod(0o600)  # SQLite gives its -wal and -shm files the database's mode
@@ -277,8 +278,6 @@ class FileCache:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash loses commits, never the file
         db.execute("PRAGMA cache_size = -8000")  # 8 MB of pages, whatever the table's size
-        if db.execute("PRAGMA quick_check").fetchone() != ("ok",):
-            raise sqlite3.DatabaseError("quick_check failed")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         version = db.execute("SELECT v FROM meta WHERE k = 'version'").fetchone() \
             if "meta" in tables else None
