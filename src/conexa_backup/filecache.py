@@ -85,7 +85,7 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
 KEEP_BATCH = 256  # rows of folders gone deleted together
-SCHEMA_VERSION = "3"  # 2: the dir column; 3: folder blocks
+SCHEMA_VERSION = "4"  # 2: the dir column; 3: folder blocks; 4: CRC-32, lines as bytes
 
 
 @dataclass(frozen=True, slots=True)

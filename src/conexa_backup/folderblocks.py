@@ -3,9 +3,10 @@
 A backup of an unchanged tree must cost little more than its walk. Asking the cache about
 each file, or even each folder, took most of such a backup's time (measured: about 20 µs a
 query), so the file cache (:mod:`filecache`) keeps one row per folder, its **block**: for
-each file in it, the fields of :data:`FIELDS` (its lstat, its place on the rehash wheel,
-what it hashed to, and its line of the uploads index), joined by NUL (no name, number, id or
-ASCII JSON line holds one) so that one split decodes the folder.
+each file in it, the fields of :data:`FIELDS` (its name, its lstat, its place on the rehash
+wheel, what it hashed to) joined by NUL (no name, number or id holds one) so that one split
+decodes the folder, then the files' lines of the uploads index, as bytes (an unchanged file's
+line goes to the new index as it is: never decoded, never encoded again).
 
 Rows are keyed by :func:`order_key`, which sorts folders in the order the walk
 (``archive.walk``: names sorted, a folder's contents right after it) enters them, so a run
@@ -24,14 +25,14 @@ its row is then a marker (``per_file``) without records.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Final
 
-FIELDS: Final = 6  # name, stat key, wheel place, sha256, blob ids (comma-joined), index line
+FIELDS: Final = 5  # name, stat key, wheel place, sha256, blob ids (comma-joined)
 AHEAD: Final = 256  # rows read ahead in one query
 INLINE_MAX: Final = 1 << 16  # larger blocks are read only when the walk reaches them
 SCHEMA: Final = """
@@ -61,7 +62,11 @@ def folder_of(key: bytes) -> str:
     return key.decode("utf-8", "surrogatepass").replace("\0", "/") if key else "."
 
 
-_CHECK = 8  # bytes of BLAKE2b before a block's records: damage SQLite cannot see is found
+# A block: CRC-32 of the rest (4 bytes: damage SQLite cannot see is found; a third of the
+# time of an 8-byte BLAKE2b, measured), the length of the fields (4 bytes), the fields, the
+# index lines (ASCII JSON, each ending in a newline and holding no other: json escapes it).
+_CHECK = 4
+_LENGTH = 4
 
 
 def stat_text(st: os.stat_result) -> str:
@@ -79,16 +84,19 @@ class Block:
     never asked about, in a backup's index).
     """
 
-    __slots__ = ("fields", "per_file", "written")
+    __slots__ = ("fields", "lines", "per_file", "written")
 
     def __init__(self, raw: bytes, written: int, per_file: bool) -> None:
-        self.fields = []
+        self.fields: list[str] = []
+        self.lines: list[bytes] = []
         if raw:
             body = raw[_CHECK:]
-            if hashlib.blake2b(body, digest_size=_CHECK).digest() != raw[:_CHECK]:
+            if zlib.crc32(body) != int.from_bytes(raw[:_CHECK], "big"):
                 raise ValueError("a folder block whose checksum does not match")
-            self.fields = body.decode("utf-8", "surrogateescape").split("\0")
-        if len(self.fields) % FIELDS:
+            end = _LENGTH + int.from_bytes(body[:_LENGTH], "big")
+            self.fields = body[_LENGTH:end].decode("utf-8", "surrogateescape").split("\0")
+            self.lines = body[end:].splitlines(keepends=True)
+        if len(self.fields) % FIELDS or len(self.lines) * FIELDS != len(self.fields):
             raise ValueError("a folder block of the wrong shape")
         self.written, self.per_file = written, per_file
 
@@ -102,8 +110,10 @@ class Folder:
         self.written = block.written if block is not None else None
         self.per_file = block.per_file if block is not None else False
         self._fields = block.fields if block is not None else []
+        self._lines = block.lines if block is not None else []
         self._left = {self._fields[i]: i for i in range(0, len(self._fields), FIELDS)}
         self._out: list[str] = []
+        self._out_lines: list[bytes] = []
         self._changed = False
         self.count = 0  # files kept
 
@@ -130,7 +140,7 @@ class Folder:
         return self._fields[at + 4]
 
     def line(self, at: int) -> bytes:
-        return self._fields[at + 5].encode("ascii")
+        return self._lines[at // FIELDS]
 
     def left_blobs(self) -> set[str]:
         """The blob ids of the cached files not met yet."""
@@ -139,16 +149,19 @@ class Folder:
     def keep(self, at: int) -> None:
         """The file of record ``at`` is unchanged: keep its record."""
         self._out.extend(self._fields[at:at + FIELDS])
+        self._out_lines.append(self._lines[at // FIELDS])
         self.count += 1
 
     def add(self, name: str, stat: str, place: int, sha256: str, blobs: list[str],
             line: bytes, was: int | None = None) -> None:
         """Record file ``name`` as read now (``was``: its record, if it had one whose stat
         matched: a re-read that found it the same changes nothing)."""
-        rec = [name, stat, str(place), sha256, ",".join(blobs), line.decode("ascii")]
-        if was is None or rec != self._fields[was:was + FIELDS]:
+        rec = [name, stat, str(place), sha256, ",".join(blobs)]
+        if was is None or rec != self._fields[was:was + FIELDS] \
+                or line != self._lines[was // FIELDS]:
             self._changed = True
         self._out.extend(rec)
+        self._out_lines.append(line)
         self.count += 1
 
     @property
@@ -158,8 +171,9 @@ class Folder:
         return self._changed or bool(self._left)
 
     def encoded(self) -> bytes:
-        body = "\0".join(self._out).encode("utf-8", "surrogateescape")
-        return hashlib.blake2b(body, digest_size=_CHECK).digest() + body
+        fields = "\0".join(self._out).encode("utf-8", "surrogateescape")
+        body = b"".join((len(fields).to_bytes(_LENGTH, "big"), fields, *self._out_lines))
+        return zlib.crc32(body).to_bytes(_CHECK, "big") + body
 
     def records(self) -> Iterator[tuple[str, list[int], str, str, bool]]:
         """(path, [size, mtime_ns, ctime_ns, inode], sha256, blob ids, met) of each file
@@ -175,6 +189,7 @@ class Folder:
         """Its records went to the cache file by file: hold none any more."""
         self.per_file = True
         self._out, self._fields, self._left = [], [], {}
+        self._out_lines, self._lines = [], []
 
 
 Row = tuple[bytes, "bytes | None", int, int]
