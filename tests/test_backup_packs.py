@@ -421,7 +421,7 @@ def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
         ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from conexa_backup.actions import backup_packs
     from conexa_backup.filecache import FileCache, key_fingerprint
-    from conexa_backup.folderblocks import Block
+    from conexa_backup.folderblocks import FIELDS, Block
 
     packs_config(ws, "rehash_share = 0\n")
     monkeypatch.setattr(backup_packs, "FOLDER_IN_MEMORY", 2)
@@ -435,7 +435,7 @@ def test_a_folder_too_large_to_hold_is_looked_up_file_by_file(
     with FileCache.open(ws.state, ws.uploads, key_fingerprint(None)) as cache:
         rows = cache._conn.execute("SELECT per_file, recs FROM folders").fetchall()
         assert any(per_file for per_file, _ in rows)  # the large folders: file by file
-        assert max(len(Block(recs, 0, False).fields) for _, recs in rows) <= 2 * 6
+        assert max(len(Block(recs, 0, False).fields) for _, recs in rows) <= 2 * FIELDS
         rel = str(victim.relative_to(ws.uploads))
         assert cache._conn.execute("SELECT count(*) FROM files WHERE path = ?",
                                    (rel.encode(),)).fetchone() == (0,)
@@ -452,11 +452,38 @@ def settled(root: Path) -> None:
         time.sleep(0.005)
 
 
+def fullest_folder(root: Path) -> Path:
+    """The folder holding the most files under ``root``."""
+    folders = [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]
+    return max(folders, key=lambda d: sum(1 for q in d.iterdir()
+                                          if q.is_file() and not q.is_symlink()))
+
+
+def spill_large_folders(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders of more than two files are cached file by file (and there is one)."""
+    from conexa_backup.actions import backup_packs
+
+    monkeypatch.setattr(backup_packs, "FOLDER_IN_MEMORY", 2)
+    assert sum(1 for q in fullest_folder(ws.uploads).iterdir() if q.is_file()) > 2
+
+
+def spilled_rows(ws: Workspace) -> int:
+    from conexa_backup.filecache import FileCache, key_fingerprint
+
+    with FileCache.open(ws.state, ws.uploads, key_fingerprint(None)) as cache:
+        return int(cache._conn.execute("SELECT count(*) FROM files").fetchone()[0])
+
+
+@pytest.mark.parametrize("spilled", [False, True], ids=["blocks", "file by file"])
 def test_an_unchanged_tree_asks_about_no_blob_once_a_backup_proved_them(
-        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        spilled: bool) -> None:
     packs_config(ws, "rehash_share = 0\n")
+    if spilled:
+        spill_large_folders(ws, monkeypatch)
     settled(ws.uploads)
     _run_logged(ws, caplog)
+    assert (spilled_rows(ws) > 0) == spilled
     asked: list[str] = []
     for name in ("holders", "everywhere", "present", "note_everywhere"):
         real = getattr(BlobIndex, name)
@@ -477,18 +504,24 @@ def test_an_unchanged_tree_asks_about_no_blob_once_a_backup_proved_them(
     assert asked
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["blocks", "file by file"])
 def test_what_a_failed_run_cached_is_checked_before_it_is_trusted(
-        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        spilled: bool) -> None:
     """A run that read a new file, cached it, then failed before its pack was stored: the
-    proof of the backup before does not cover that folder, so the next run stores it."""
+    proof of the backup before does not cover that folder (or file), so the next run stores
+    it."""
     import errno
 
     from conexa_backup import packs
     from conexa_backup.errors import ConexaError
 
     packs_config(ws, "rehash_share = 0\n")
+    if spilled:
+        spill_large_folders(ws, monkeypatch)
     _run_logged(ws, caplog)
-    new = ws.uploads / "later.bin"
+    assert (spilled_rows(ws) > 0) == spilled
+    new = fullest_folder(ws.uploads) / "later.bin"
     new.write_bytes(os.urandom(5000))
     settled(ws.uploads)  # not racy: cached by the run that reads it
     real = packs.PackWriter.flush
@@ -505,6 +538,24 @@ def test_what_a_failed_run_cached_is_checked_before_it_is_trusted(
     assert blobs_named(ws, latest) <= blobs_in_packs(ws.backups).keys()
     result = ws.run("verify", latest)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_file_by_file_entry_read_again_and_not_kept_is_forgotten(
+        ws: Workspace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A cached file read again (chosen for the rehash, or a blob lacking) whose new read
+    cannot be cached (racy) loses its entry: an entry the run met but did not vouch for
+    must not stay, for the run's proof would then cover blob ids it never checked."""
+    from conexa_backup.actions import backup_packs
+
+    packs_config(ws, "rehash_share = 0\n")
+    spill_large_folders(ws, monkeypatch)
+    settled(ws.uploads)
+    _run_logged(ws, caplog)
+    assert spilled_rows(ws) > 0
+    packs_config(ws, "rehash_share = 1\n")  # every file read again...
+    monkeypatch.setattr(backup_packs, "_racy", lambda st, started: True)  # ...none cacheable
+    _run_logged(ws, caplog)
+    assert spilled_rows(ws) == 0
 
 
 def test_a_cache_that_fails_is_one_line_naming_state_dir(

@@ -50,10 +50,13 @@ def test_unchanged_file_is_reused_with_its_payload(tmp_path: Path) -> None:
     with open_cache(state) as cache:
         assert cache.lookup("photo.jpg", f.stat()) is None
         cache.record("photo.jpg", f.stat(), BLOBS, SHA)
+        wrote = cache.run
     with open_cache(state) as cache:
         entry = cache.lookup("photo.jpg", f.stat())
+        assert cache.run > wrote
     st = f.stat()
-    assert entry == Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, tuple(BLOBS), SHA)
+    assert entry == Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, tuple(BLOBS), SHA,
+                          written=wrote)
 
 
 def test_empty_blob_list_and_undecodable_name_round_trip(tmp_path: Path) -> None:
@@ -62,8 +65,9 @@ def test_empty_blob_list_and_undecodable_name_round_trip(tmp_path: Path) -> None
     with open_cache(tmp_path) as cache:
         cache.record(name, st, [], SHA)
         cache.record("caf\xe9.txt", fake_stat(5, 1, 2, 4), BLOBS, SHA)  # the UTF-8 spelling
+        wrote = cache.run
     with open_cache(tmp_path) as cache:
-        assert cache.lookup(name, st) == Entry(0, 1, 2, 3, (), SHA)
+        assert cache.lookup(name, st) == Entry(0, 1, 2, 3, (), SHA, wrote)
         assert cache.lookup("caf\xe9.txt", fake_stat(5, 1, 2, 4)) is not None
 
 
@@ -123,13 +127,14 @@ def test_finish_drops_files_not_seen_this_run(tmp_path: Path) -> None:
         assert cache.finish() == 0
     with open_cache(tmp_path) as cache:
         assert cache.lookup("a", st) is not None
-        assert cache.lookup("c", fake_stat(2, 2, 2, 2)) is None  # changed: seen all the same
+        assert cache.lookup("c", fake_stat(2, 2, 2, 2)) is None  # changed: not seen
         cache.record("d", st, BLOBS, SHA)
-        assert cache.finish() == 1  # b was deleted
-        assert len(cache) == 3
+        assert cache.finish() == 2  # b (deleted) and c (changed, not recorded again)
+        assert len(cache) == 2
     with open_cache(tmp_path) as cache:
         assert cache.lookup("b", st) is None
-        assert cache.lookup("c", st) is not None
+        assert cache.lookup("c", st) is None
+        assert cache.lookup("a", st) is not None
 
 
 def test_a_run_that_stops_early_forgets_nothing(tmp_path: Path) -> None:
@@ -349,13 +354,13 @@ def test_cache_rehashes_a_share_each_run_and_all_with_rehash(tmp_path: Path) -> 
     never_read = set(paths)
     for _ in range(50):  # 50 runs at 2%: every file re-read at least once
         with open_cache(tmp_path, rehash_share=0.02, seed=b"fixed") as cache:
-            reused = {p for p in paths if cache.reuse(p, st) is not None}
-            assert 0 < len(paths) - len(reused) < 30
-            assert {p for p in paths if cache.should_rehash(p)} == set(paths) - reused
-            never_read -= set(paths) - reused
+            chosen = {p for p in paths if cache.should_rehash(p)}
+            assert 0 < len(chosen) < 30
+            assert all(cache.lookup(p, st) is not None for p in paths)  # chosen or not
+            never_read -= chosen
     assert not never_read
     with open_cache(tmp_path, rehash_all=True) as cache:
-        assert all(cache.reuse(p, st) is None for p in paths)
+        assert all(cache.should_rehash(p) for p in paths)
         assert all(cache.lookup(p, st) is not None for p in paths)
 
 

@@ -22,12 +22,12 @@ walk's order. A run::
         cache.finish()                                    # only after a complete walk
 
 A folder of more than a block's worth of files is cached file by file instead (:meth:`lookup`,
-:meth:`record`, :meth:`should_rehash`; :meth:`spill`), each run marking the paths it meets so
-that :meth:`finish` drops the others in one ``DELETE``. Nothing holds a set of every path in
-Python: memory stays flat in the number of files. Writes are committed every ``batch``
-statements: a killed run loses at most one batch and never leaves a torn file (SQLite's WAL). A
-cache that cannot be opened or is found corrupt is moved aside (``*.corrupt-<time>``) and
-rebuilt empty, with a warning: it is only a cache.
+:meth:`record`, :meth:`forget`, :meth:`should_rehash`; :meth:`spill`), each run marking the
+paths it meets unchanged so that :meth:`finish` drops the others in one ``DELETE``. Nothing
+holds a set of every path in Python: memory stays flat in the number of files. Writes are
+committed every ``batch`` statements: a killed run loses at most one batch and never leaves a
+torn file (SQLite's WAL). A cache that cannot be opened or is found corrupt is moved aside
+(``*.corrupt-<time>``) and rebuilt empty, with a warning: it is only a cache.
 
 The cache says what a file's bytes hashed to. Whether a target holds a blob is the pack index's
 question; a committed backup records a proof (:func:`confirm`) that lets the next run skip it
@@ -80,12 +80,14 @@ CREATE TABLE IF NOT EXISTS files (
     inode INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     blobs TEXT NOT NULL,
-    seen INTEGER NOT NULL
+    seen INTEGER NOT NULL,
+    written INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
 KEEP_BATCH = 256  # rows of folders gone deleted together
-SCHEMA_VERSION = "4"  # 2: the dir column; 3: folder blocks; 4: CRC-32, lines as bytes
+SCHEMA_VERSION = "5"  # 2: the dir column; 3: folder blocks; 4: CRC-32, lines as bytes;
+# 5: files.written (a spilled folder's files are proven as blocks are)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,7 @@ class Entry:
     inode: int
     blobs: tuple[str, ...]
     sha256: str
+    written: int = 0  # the run that wrote it (what a proof covers: see folderblocks)
 
     def matches(self, st: os.stat_result) -> bool:
         """Whether ``st`` (an lstat or fstat) describes the file as it was when read."""
@@ -332,15 +335,19 @@ class FileCache:
         """The cached entry of ``rel_path`` if its size, mtime_ns, ctime_ns and inode all match
         ``st``; else None (the file must be read).
 
-        Either way a cached path is marked seen by this run (one ``UPDATE … RETURNING``), so
-        :meth:`finish` keeps it. Raises ``sqlite3.OperationalError`` (disk full, locked…);
-        a corrupt file is moved aside and the lookup answers None.
+        A match is marked seen by this run (one ``UPDATE … RETURNING``), so :meth:`finish`
+        keeps it; an entry that does not match is not, so :meth:`finish` drops it unless
+        :meth:`record` writes it again. A match this run does not use must be passed to
+        :meth:`forget` or :meth:`record`: a seen entry is one this run vouched for (a proof
+        covers it: see :mod:`folderblocks`). Raises ``sqlite3.OperationalError`` (disk full,
+        locked…); a corrupt file is moved aside and the lookup answers None.
         """
         try:
             row = self._conn.execute(
-                "UPDATE files SET seen = ? WHERE path = ? "
-                "RETURNING size, mtime_ns, ctime_ns, inode, blobs, sha256",
-                (self.run, _encode(rel_path)),
+                "UPDATE files SET seen = ? WHERE path = ? AND size = ? AND mtime_ns = ? "
+                "AND ctime_ns = ? AND inode = ? RETURNING blobs, sha256, written",
+                (self.run, _encode(rel_path), st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                 st.st_ino),
             ).fetchone()
         except sqlite3.OperationalError:
             raise
@@ -350,23 +357,29 @@ class FileCache:
         self._wrote()
         if row is None:
             return None
-        size, mtime_ns, ctime_ns, inode, blobs, sha256 = row
-        entry = Entry(
-            size, mtime_ns, ctime_ns, inode, tuple(blobs.split(",")) if blobs else (), sha256
-        )
-        return entry if entry.matches(st) else None
+        blobs, sha256, written = row
+        return Entry(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                     tuple(blobs.split(",")) if blobs else (), sha256, written)
 
     def should_rehash(self, rel_path: str) -> bool:
         """Whether this run reads ``rel_path`` again although the cache matches (see
         :func:`rehash_chosen`; always with ``rehash_all``)."""
         return self.rehash_all or rehash_chosen(self.salt, self.run, rel_path, self.rehash_share)
 
-    def reuse(self, rel_path: str, st: os.stat_result) -> Entry | None:
-        """:meth:`lookup`, but None also when this run re-reads the file anyway."""
-        entry = self.lookup(rel_path, st)
-        if entry is None or self.should_rehash(rel_path):
-            return None
-        return entry
+    def forget(self, rel_path: str) -> None:
+        """Drop the entry of ``rel_path``: :meth:`lookup` matched it, but this run did not
+        use it (the file is read again; what it reads is :meth:`record`-ed if cacheable).
+
+        Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
+        """
+        try:
+            self._conn.execute("DELETE FROM files WHERE path = ?", (_encode(rel_path),))
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return
+        self._wrote()
 
     def record(self, rel_path: str, st: os.stat_result, blobs: list[str], sha256: str) -> None:
         """Remember that ``rel_path``, as ``st`` describes it, hashed to ``blobs`` and
@@ -392,8 +405,9 @@ class FileCache:
             sha256,
             ",".join(blobs),
             self.run,
+            self.run,
         )
-        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         try:
             self._conn.execute(sql, values)
         except sqlite3.OperationalError:
@@ -466,12 +480,14 @@ class FileCache:
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
+        # Written by this run, all of them: only this run's commit proves them (some were
+        # read now, and a block's ``written`` is the run that last wrote any of its files).
         rows = [(_encode(path), _encode(folder.rel), *numbers, sha256, blobs,
-                 self.run if met else 0)
+                 self.run if met else 0, self.run)
                 for path, numbers, sha256, blobs, met in folder.records()]
         try:
             self._conn.executemany("INSERT OR REPLACE INTO files VALUES "
-                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 1, x'')",
                                (order_key(folder.rel), self.run))
         except sqlite3.OperationalError:

@@ -354,8 +354,11 @@ class _Stage:
         return self.path[-1]
 
     def _proven(self, folder: Folder) -> bool:
-        return folder.written is not None and self.proven_run is not None \
-            and folder.written <= self.proven_run
+        return folder.written is not None and self._covered(folder.written)
+
+    def _covered(self, written: int) -> bool:
+        """Whether the proof covers what run ``written`` wrote to the cache."""
+        return self.proven_run is not None and written <= self.proven_run
 
     def other(self, entry: archive.Entry) -> None:
         """A folder or a symlink, as the walk's lstat (taken relative to its folder) says."""
@@ -432,12 +435,16 @@ class _Stage:
         return all(b in present or not self.packer.lacking(b) for b in blobs)
 
     def _file_by_file(self, entry: archive.Entry, st: os.stat_result) -> None:
-        """A file of a folder cached file by file: its own lookup (which marks it seen)."""
+        """A file of a folder cached file by file: its own lookup (which marks it seen), and
+        the folder's proof or the pack index for its blobs, as in a block."""
         cached = self.cache.lookup(entry.rel, st)
         if cached is not None and not self.cache.should_rehash(entry.rel) \
-                and all(not self.packer.lacking(b) for b in cached.blobs):
+                and (self._covered(cached.written)
+                     or all(not self.packer.lacking(b) for b in cached.blobs)):
             self.indexed(entry.rel, st, cached.size, cached.sha256, cached.blobs)
             return
+        if cached is not None:  # seen, but not vouched for: its new record, or none
+            self.cache.forget(entry.rel)
         read = self._open_and_read(entry, cached.sha256 if cached is not None else None)
         if read is None:
             return
