@@ -10,8 +10,11 @@ each measured run, so no run pays for the writes of the one before.
 
 1. **Unchanged tree**: a first backup of the benchmark's uploads (``--files``, about 500 MB
    in 5,600 files by default: ``make_uploads_tree``), then a second of the same tree;
-   ``--runs`` rounds, medians. Goal: the second's uploads stage takes at most 5% of the
-   first's and stores at most 1% of its bytes.
+   ``--runs`` rounds, medians. The same on the many-small-files tree of ``benchmarks/run.py``
+   (``--small-files``, 100,000 by default; 0 skips it). Goal: the second's uploads stage
+   takes at most 5% of the first's and stores at most 1% of its bytes. Beside it, the limit
+   of any backup that must notice a changed file: GNU ``find`` printing each entry's size,
+   times, inode, mode and owner (what the file cache compares), output discarded.
 2. **Growth**: ``--days`` daily backups of a tree like (1) (``--growth-files``) that
    grows 1% a day (new files; a few renamed and deleted each day). Goals: stored bytes at
    most 1.5x the final tree (tar: about ``days`` times), and the last day's uploads stage at
@@ -155,17 +158,33 @@ def stored(target: Path) -> int:
 
 # -- 1. unchanged tree ---------------------------------------------------------------------------
 
-def unchanged(bench: Bench, uploads: Path, runs: int) -> dict[str, dict[str, float]]:
+FIND_FORMAT = "%s %T@ %C@ %i %m %U %G\n"  # what the file cache compares of each entry
+
+
+def find_seconds(root: Path) -> float:
+    """Wall time of GNU ``find`` stat'ing every entry under ``root`` (its output discarded):
+    the limit of a backup that must stat each file to see whether it changed."""
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run(["find", str(root), "-printf", FIND_FORMAT], stdout=subprocess.DEVNULL,
+                   check=True)
+    return time.perf_counter() - start
+
+
+def unchanged(bench: Bench, uploads: Path, runs: int,
+              name: str = "unchanged") -> dict[str, dict[str, float]]:
     """``runs`` rounds per format of a first backup (new target and state) then a second;
-    medians."""
+    medians (and ``find``'s, under ``"find"``)."""
     out: dict[str, dict[str, float]] = {}
+    finds = sorted(find_seconds(uploads) for _ in range(runs))
+    out["find"] = {"seconds": finds[runs // 2]}
     for fmt in ("tar", "packs"):
         rounds = []
         for i in range(runs):
-            target = bench.work / f"unchanged-{fmt}"
+            target = bench.work / f"{name}-{fmt}"
             shutil.rmtree(target, ignore_errors=True)
-            shutil.rmtree(bench.work / "state" / f"unchanged-{fmt}", ignore_errors=True)
-            config = bench.config(f"unchanged-{fmt}", uploads, fmt, target)
+            shutil.rmtree(bench.work / "state" / f"{name}-{fmt}", ignore_errors=True)
+            config = bench.config(f"{name}-{fmt}", uploads, fmt, target)
             first = bench.child("backup", config)
             first_bytes = stored(target)
             second = bench.child("backup", config)
@@ -174,9 +193,9 @@ def unchanged(bench: Bench, uploads: Path, runs: int) -> dict[str, dict[str, flo
                            "second_s": second.seconds, "second_stage": second.stage,
                            "second_mb": second.peak_mb,
                            "second_bytes": stored(target) - first_bytes})
-            log(f"unchanged {fmt} round {i + 1}: {rounds[-1]}")
+            log(f"{name} {fmt} round {i + 1}: {rounds[-1]}")
         out[fmt] = {k: sorted(r[k] for r in rounds)[runs // 2] for k in rounds[0]}
-        log(f"unchanged {fmt}: {out[fmt]}")
+        log(f"{name} {fmt}: {out[fmt]}")
     return out
 
 
@@ -285,6 +304,27 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def unchanged_rows(tree: str, u: dict[str, dict[str, float]]) -> list[str]:
+    """The table rows of :func:`unchanged`'s results for one tree (``tree``: its label)."""
+    t, p, limit = u["tar"], u["packs"], u["find"]["seconds"]
+    share_t = p["second_stage"] / p["first_stage"]
+    share_b = p["second_bytes"] / max(p["first_bytes"], 1)
+    return [
+        f"| first backup{tree}: uploads stage (whole run) | {t['first_stage']:.3f} s "
+        f"({t['first_s']:.3f} s), {t['first_bytes'] / 1e6:,.1f} MB stored, "
+        f"{t['first_mb']:.0f} MB RSS | {p['first_stage']:.3f} s ({p['first_s']:.3f} s), "
+        f"{p['first_bytes'] / 1e6:,.1f} MB, {p['first_mb']:.0f} MB RSS | |",
+        f"| second, unchanged{tree}: uploads stage (whole run) | {t['second_stage']:.3f} s "
+        f"({t['second_s']:.3f} s), {t['second_bytes'] / 1e6:,.1f} MB | "
+        f"{p['second_stage']:.3f} s ({p['second_s']:.3f} s): {share_t:.1%} of the first's "
+        f"stage ({p['second_s'] / p['first_s']:.1%} of its run), "
+        f"{p['second_bytes'] / 1e6:,.3f} MB ({share_b:.2%}) | ≤ 5% time, ≤ 1% bytes: "
+        f"{verdict(share_t <= 0.05 and share_b <= 0.01)} |",
+        f"| the limit{tree}: `find` stat'ing every entry | | {limit:.3f} s: "
+        f"{limit / p['first_stage']:.1%} of the first's stage | |",
+    ]
+
+
 def report(args: argparse.Namespace, uploads: tuple[int, int], res: dict[str, object]) -> str:
     u: dict[str, dict[str, float]] = res["unchanged"]  # type: ignore[assignment]
     g: dict[str, dict[str, float]] = res.get("growth", {})  # type: ignore[assignment]
@@ -297,21 +337,10 @@ def report(args: argparse.Namespace, uploads: tuple[int, int], res: dict[str, ob
         f"Tree: {uploads[0]:,} files, {uploads[1] / 1e6:,.0f} MB.", "",
         "| | tar | packs | goal |", "|---|---:|---:|---|",
     ]
-    t, p = u["tar"], u["packs"]
-    share_t = p["second_stage"] / p["first_stage"]
-    share_b = p["second_bytes"] / max(p["first_bytes"], 1)
-    lines += [
-        f"| first backup: uploads stage (whole run) | {t['first_stage']:.3f} s "
-        f"({t['first_s']:.3f} s), {t['first_bytes'] / 1e6:,.1f} MB stored, "
-        f"{t['first_mb']:.0f} MB RSS | {p['first_stage']:.3f} s ({p['first_s']:.3f} s), "
-        f"{p['first_bytes'] / 1e6:,.1f} MB, {p['first_mb']:.0f} MB RSS | |",
-        f"| second, unchanged: uploads stage (whole run) | {t['second_stage']:.3f} s "
-        f"({t['second_s']:.3f} s), {t['second_bytes'] / 1e6:,.1f} MB | "
-        f"{p['second_stage']:.3f} s ({p['second_s']:.3f} s): {share_t:.1%} of the first's "
-        f"stage ({p['second_s'] / p['first_s']:.1%} of its run), "
-        f"{p['second_bytes'] / 1e6:,.3f} MB ({share_b:.2%}) | ≤ 5% time, ≤ 1% bytes: "
-        f"{verdict(share_t <= 0.05 and share_b <= 0.01)} |",
-    ]
+    lines += unchanged_rows("", u)
+    if "small" in res:
+        small: dict[str, dict[str, float]] = res["small"]  # type: ignore[assignment]
+        lines += unchanged_rows(f" ({args.small_files:,} small files)", small)
     if g:
         gt, gp = g["tar"], g["packs"]
         ratio_t = gt["stored_bytes"] / gt["tree_bytes"]
@@ -347,6 +376,7 @@ def main(argv: list[str]) -> int:
         return child_main(*argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=5600)
+    p.add_argument("--small-files", type=int, default=100_000)
     p.add_argument("--incompressible-kib", type=int, default=180)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--growth-files", type=int, default=5600)
@@ -368,6 +398,13 @@ def main(argv: list[str]) -> int:
                           incompressible_kib=args.incompressible_kib)
         size = (sum(1 for p in uploads.rglob("*") if p.is_file()), tree_bytes(uploads))
         res: dict[str, object] = {"unchanged": unchanged(bench, uploads, args.runs)}
+        if args.small_files:
+            small = bench.work / "many-small"
+            log(f"making the small-files tree ({args.small_files} files)")
+            make_uploads_tree(small, files=args.small_files, seed=1, incompressible_kib=1)
+            res["small"] = unchanged(bench, small, args.runs, name="small")
+            for path in (small, bench.work / "small-tar", bench.work / "small-packs"):
+                shutil.rmtree(path)
         if "restore" not in args.skip:
             res["restore"] = restore(bench, uploads, args.runs)
         if "growth" not in args.skip:

@@ -616,6 +616,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
         ConexaError: ``root`` is missing or unreadable, the dedup key is bad, or every target
         failed. StorageError: a target cannot be listed.
     """
+    import time as _t; T=_t.perf_counter; marks=[("start",T())]
     key = dedup_key(ctx)
     counts = _Counts()
     assert ctx.config.uploads is not None
@@ -623,6 +624,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
     with BlobIndex.open(ctx.config.state_dir) as index, \
             tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
                                           dir=str(ctx.state_dir("staging"))) as spool:
+        marks.append(("index open",T()))
         floor = index.losses().count  # before the syncs: see Losses.holds
         for target in list(run.alive):
             try:
@@ -635,23 +637,30 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
         if not run.alive:
             raise ConexaError("every target failed: " + "; ".join(run.failures.values()))
         live = [t.name for t in run.alive]
+        marks.append(("sync",T()))
         losses = index.losses()
         packer = _Packer(ctx, run, index, key, counts)
         with FileCache.open(ctx.config.state_dir, root, key_fingerprint(key),
                             rehash_share=share, rehash_all=rehash) as cache, \
                 index.refs_writer(run.backup_id) as refs:
+            marks.append(("cache+refs open",T()))
             stage = _Stage(packer, cache, key, spool, counts, refs, losses, live, floor)
             try:
                 stage.run(root)
+                marks.append(("stage.run",T()))
                 packer.finish()
             except BaseException:
                 packer.abort()
                 raise
             cache.finish()
+            marks.append(("cache.finish",T()))
+        marks.append(("close+commit",T()))
         run.on_commit.append(_prover(ctx, root, key, cache.run, losses))
         spool.seek(0)
         run.store("uploads-index", "uploads.index.jsonl", "jsonl",
                   lambda out: copy_stream(spool, out))
+        marks.append(("store index",T()))
+    import json as _j; open("/dev/shm/prof/marks.jsonl","a").write(_j.dumps([(a,(b-marks[i][1])*1000) for i,(a,b) in enumerate(marks[1:])])+"\n")
     log.info("uploads: %d files (%d read, %d bytes), %d new blobs (%d bytes) in %d packs "
              "(%d bytes stored)", stage.stats.files, counts.files_read, counts.bytes_read,
              counts.blobs_new, counts.bytes_new, counts.packs, counts.bytes_stored)
