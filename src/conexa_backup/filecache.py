@@ -482,9 +482,10 @@ class FileCache:
         """
         # Written by this run, all of them: only this run's commit proves them (some were
         # read now, and a block's ``written`` is the run that last wrote any of its files).
-        rows = [(_encode(path), _encode(folder.rel), *numbers, sha256, blobs,
+        # A generator, not a list: the rows of a folder this large would double its memory.
+        rows = ((_encode(path), _encode(folder.rel), *numbers, sha256, blobs,
                  self.run if met else 0, self.run)
-                for path, numbers, sha256, blobs, met in folder.records()]
+                for path, numbers, sha256, blobs, met in folder.records())
         try:
             self._conn.executemany("INSERT OR REPLACE INTO files VALUES "
                                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
