@@ -137,6 +137,43 @@ def test_finish_drops_files_not_seen_this_run(tmp_path: Path) -> None:
         assert cache.lookup("a", st) is not None
 
 
+def test_a_folders_entries_are_read_in_order_a_few_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FolderFiles: the walk's lookups answered from a few queries, not one each; matches
+    kept and entries not met (deleted, changed) dropped by finish, as with point lookups."""
+    monkeypatch.setattr(filecache, "FILES_AHEAD", 7)
+    st = fake_stat(1, 1, 1, 1)
+    names = [f"big/f{i:04d}" for i in range(100)]
+    with open_cache(tmp_path) as cache:
+        for name in [*names, "other/a", "big-sibling/x"]:
+            cache.record(name, st, BLOBS, SHA)
+        wrote = cache.run
+        cache.finish()
+    statements: list[str] = []
+    with open_cache(tmp_path) as cache:
+        cache._conn.set_trace_callback(statements.append)
+        files = cache.files_of("big")
+        met = [n for i, n in enumerate(names) if i % 10 != 3]  # every tenth deleted
+        for i, name in enumerate(met):
+            changed = i % 10 == 5
+            found = files.lookup(name, fake_stat(2, 2, 2, 2) if changed else st)
+            assert (found is None) == changed, name
+            if found is not None:
+                assert found == Entry(1, 1, 1, 1, tuple(BLOBS), SHA, wrote)
+        assert files.lookup("big/f0001", st) is not None  # out of order: a point lookup
+        assert files.lookup("big/zzz", st) is None  # past the last entry
+        cache._conn.set_trace_callback(None)
+        assert cache.lookup("other/a", st) is not None
+        assert cache.lookup("big-sibling/x", st) is not None
+        dropped = cache.finish()
+    reads = [q for q in statements if q.startswith("SELECT")]
+    assert 100 // 7 <= len(reads) <= 100 // 7 + 3, reads  # a query per 7 entries, not per file
+    changed = sum(1 for i in range(len(met)) if i % 10 == 5)
+    assert dropped == len(names) - len(met) + changed
+    with open_cache(tmp_path) as cache:
+        assert len(cache) == len(met) - changed + 2
+
+
 def test_a_run_that_stops_early_forgets_nothing(tmp_path: Path) -> None:
     st = fake_stat(1, 1, 1, 1)
     with open_cache(tmp_path) as cache:

@@ -51,10 +51,11 @@ import secrets
 import sqlite3
 import time
 import urllib.parse
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from conexa_backup.folderblocks import FIELDS, SCHEMA, Block, BlockStream, Folder, order_key
 from conexa_backup.logs import LOGGER
@@ -86,6 +87,7 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_by_dir ON files (dir);
 """
 KEEP_BATCH = 256  # rows of folders gone deleted together
+FILES_AHEAD: Final = 512  # file-by-file entries of a folder read in one query, or marked seen
 SCHEMA_VERSION = "5"  # 2: the dir column; 3: folder blocks; 4: CRC-32, lines as bytes;
 # 5: files.written (a spilled folder's files are proven as blocks are)
 
@@ -219,6 +221,7 @@ class FileCache:
         self._db: sqlite3.Connection | None = None
         self._step = _step(rehash_share)
         self._blocks = BlockStream(lambda: self._conn)
+        self._seen: list[bytes] = []  # file-by-file matches not marked seen yet
         private_dir(path.parent)  # failing here is no reason to blame the cache file
         try:
             self._start()
@@ -366,6 +369,45 @@ class FileCache:
         :func:`rehash_chosen`; always with ``rehash_all``)."""
         return self.rehash_all or rehash_chosen(self.salt, self.run, rel_path, self.rehash_share)
 
+    def files_of(self, dir_rel: str) -> FolderFiles:
+        """The file-by-file entries of folder ``dir_rel``, for looking up its files in the
+        walk's order (:class:`FolderFiles`)."""
+        return FolderFiles(self, dir_rel)
+
+    def _files_after(self, dir_key: bytes, after: bytes | None) -> list[Any]:
+        """Up to FILES_AHEAD entries of folder ``dir_key`` after path ``after``, in path
+        order. Raises ``sqlite3.OperationalError``; a corrupt file is moved aside (none)."""
+        try:
+            return self._conn.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, blobs, sha256, written "
+                "FROM files WHERE dir = ? AND path > ? ORDER BY path LIMIT ?",
+                (dir_key, after or b"", FILES_AHEAD)).fetchall()
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return []
+
+    def _saw(self, path: bytes) -> None:
+        self._seen.append(path)
+        if len(self._seen) >= FILES_AHEAD:
+            self._mark_seen()
+
+    def _mark_seen(self) -> None:
+        """Mark the matches :class:`FolderFiles` found seen by this run, in one statement."""
+        seen, self._seen = self._seen, []
+        if not seen:
+            return
+        try:
+            self._conn.executemany("UPDATE files SET seen = ? WHERE path = ?",
+                                   ((self.run, p) for p in seen))
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return
+        self._wrote()
+
     def forget(self, rel_path: str) -> None:
         """Drop the entry of ``rel_path``: :meth:`lookup` matched it, but this run did not
         use it (the file is read again; what it reads is :meth:`record`-ed if cacheable).
@@ -457,7 +499,10 @@ class FileCache:
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
-        if folder.per_file or not folder.dirty:
+        if folder.per_file:
+            self._mark_seen()
+            return  # the row stays a marker
+        if not folder.dirty:
             return  # the row stays as it is (none: a folder without files)
         key = order_key(folder.rel)
         try:
@@ -517,6 +562,7 @@ class FileCache:
         """
         try:
             self._drop_gone(rest=True)
+            self._mark_seen()
             dropped = self._conn.execute("DELETE FROM files WHERE seen <> ?", (self.run,)).rowcount
         except sqlite3.OperationalError:
             raise
@@ -537,6 +583,7 @@ class FileCache:
         try:
             with contextlib.suppress(sqlite3.Error):  # only a cache's
                 self._drop_gone()
+                self._mark_seen()
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
         finally:
@@ -589,3 +636,50 @@ def confirm(state_dir: Path, root: Path, fingerprint: str, run: int, proof: str)
         db.execute("COMMIT")
     finally:
         db.close()
+
+
+class FolderFiles:
+    """The file-by-file entries of one folder (:meth:`FileCache.files_of`) for a walk that
+    meets its files in order: read :data:`FILES_AHEAD` a query (the ``dir`` index holds each
+    path, so the query seeks and needs no sort), and matches marked seen as many at a time,
+    where :meth:`FileCache.lookup` costs a query per file. A file met out of that order (a
+    name Python sorts otherwise than its bytes) gets a point lookup; entries passed unmet
+    are left unmarked, so :meth:`FileCache.finish` drops them."""
+
+    def __init__(self, cache: FileCache, dir_rel: str) -> None:
+        self._cache, self._dir = cache, _encode(dir_rel)
+        self._ahead: deque[Any] = deque()
+        self._read_to: bytes | None = None  # the last path read ahead
+        self._done = False
+        self._last: bytes | None = None  # the last path looked up in order
+
+    def lookup(self, rel_path: str, st: os.stat_result) -> Entry | None:
+        """As :meth:`FileCache.lookup` (a match is marked seen before :meth:`FileCache.leave`
+        returns for the folder, or :meth:`FileCache.finish` runs). Raises
+        ``sqlite3.OperationalError``; a corrupt file is moved aside (then None)."""
+        key = _encode(rel_path)
+        if self._last is not None and key <= self._last:
+            return self._cache.lookup(rel_path, st)
+        self._last = key
+        row = self._find(key)
+        if row is None or (row[1], row[2], row[3], row[4]) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+            return None
+        self._cache._saw(key)
+        _, size, mtime_ns, ctime_ns, inode, blobs, sha256, written = row
+        return Entry(size, mtime_ns, ctime_ns, inode, tuple(blobs.split(",")) if blobs else (),
+                     sha256, written)
+
+    def _find(self, key: bytes) -> Any:
+        while True:
+            while self._ahead and self._ahead[0][0] < key:
+                self._ahead.popleft()  # not met (yet): unmarked
+            if self._ahead:
+                return self._ahead.popleft() if self._ahead[0][0] == key else None
+            if self._done:
+                return None
+            rows = self._cache._files_after(self._dir, self._read_to)
+            self._ahead.extend(rows)
+            if rows:
+                self._read_to = rows[-1][0]
+            self._done = len(rows) < FILES_AHEAD

@@ -35,7 +35,7 @@ from conexa_backup.blobindex import BlobIndex, Losses, RefsWriter
 from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
 from conexa_backup.errors import ConexaError, IntegrityError, StorageError, UnusableCopyError
-from conexa_backup.filecache import FileCache, key_fingerprint
+from conexa_backup.filecache import FileCache, FolderFiles, key_fingerprint
 from conexa_backup.folderblocks import Folder, stat_text
 from conexa_backup.manifest import Attrs, IndexEntry, dir_line, file_line, shown_path
 from conexa_backup.pipeline import CHUNK, copy_stream
@@ -280,6 +280,7 @@ class _Open:
     proven: bool
     present: set[str] | None = None
     fd: int = -1  # the walk's fd of the folder, once an entry in it was met
+    files: FolderFiles | None = None  # its file-by-file entries, once it has some
 
 
 FOLDER_IN_MEMORY = 10_000  # files of one folder cached as a block; more: file by file
@@ -395,7 +396,7 @@ class _Stage:
             here.fd = entry.dir_fd
         folder = here.folder
         if folder.per_file:
-            self._file_by_file(entry, st)
+            self._file_by_file(here, entry, st)
             return
         at = folder.take(entry.name, stat_text(st))
         if at is not None and not self.cache.chosen(folder.place(at)) \
@@ -436,10 +437,13 @@ class _Stage:
         present = here.present
         return all(b in present or not self.packer.lacking(b) for b in blobs)
 
-    def _file_by_file(self, entry: archive.Entry, st: os.stat_result) -> None:
-        """A file of a folder cached file by file: its own lookup (which marks it seen), and
-        the folder's proof or the pack index for its blobs, as in a block."""
-        cached = self.cache.lookup(entry.rel, st)
+    def _file_by_file(self, here: _Open, entry: archive.Entry, st: os.stat_result) -> None:
+        """A file of a folder cached file by file: looked up in the folder's entries, read
+        in order a few hundred at a time (:class:`FolderFiles`), with the proof or the pack
+        index for its blobs, as in a block."""
+        if here.files is None:
+            here.files = self.cache.files_of(here.folder.rel)
+        cached = here.files.lookup(entry.rel, st)
         if cached is not None and not self.cache.should_rehash(entry.rel) \
                 and (self._covered(cached.written)
                      or all(not self.packer.lacking(b) for b in cached.blobs)):
