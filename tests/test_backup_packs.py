@@ -403,7 +403,8 @@ def test_a_loss_seen_by_a_prune_is_not_hidden_from_later_signals(ws: Workspace) 
     assert states == {first: "damaged", second: "complete"}
 
 
-def _run_logged(ws: Workspace, caplog: pytest.LogCaptureFixture) -> str:
+def _run_logged(ws: Workspace, caplog: pytest.LogCaptureFixture, *, rehash: bool = False
+                ) -> str:
     """One uploads-only backup in this process; its "new blobs" log line."""
     import logging
 
@@ -413,7 +414,8 @@ def _run_logged(ws: Workspace, caplog: pytest.LogCaptureFixture) -> str:
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False)
+        run_backup(Context(load_config(ws.config)[0]), parts=("uploads",), prune=False,
+                   rehash=rehash)
     return next(r.getMessage() for r in caplog.records if "new blobs" in r.getMessage())
 
 
@@ -496,6 +498,9 @@ def test_an_unchanged_tree_asks_about_no_blob_once_a_backup_proved_them(
         monkeypatch.setattr(BlobIndex, name, spy)
     assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)
     assert asked == []
+    # Every file read again (--rehash): what it hashes to is held, proven: still no question.
+    assert "0 new blobs" in (line := _run_logged(ws, caplog, rehash=True))
+    assert "(0 read" not in line and asked == []
     # The pack index rebuilt (another file): its proofs no longer stand, so blobs are asked.
     import shutil
 

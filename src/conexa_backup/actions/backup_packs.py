@@ -444,14 +444,15 @@ class _Stage:
         if here.files is None:
             here.files = self.cache.files_of(here.folder.rel)
         cached = here.files.lookup(entry.rel, st)
+        covered = cached is not None and self._covered(cached.written)
         if cached is not None and not self.cache.should_rehash(entry.rel) \
-                and (self._covered(cached.written)
-                     or all(not self.packer.lacking(b) for b in cached.blobs)):
+                and (covered or all(not self.packer.lacking(b) for b in cached.blobs)):
             self.indexed(entry.rel, st, cached.size, cached.sha256, cached.blobs)
             return
+        held = frozenset(cached.blobs) if cached is not None and covered else frozenset()
         if cached is not None:  # seen, but not vouched for: its new record, or none
             self.cache.forget(entry.rel)
-        read = self._open_and_read(entry, cached.sha256 if cached is not None else None)
+        read = self._open_and_read(entry, cached.sha256 if cached is not None else None, held)
         if read is None:
             return
         st, size, sha256, blobs, cacheable = read
