@@ -396,17 +396,9 @@ class FileCache:
     def _mark_seen(self) -> None:
         """Mark the matches :class:`FolderFiles` found seen by this run, in one statement."""
         seen, self._seen = self._seen, []
-        if not seen:
-            return
-        try:
-            self._conn.executemany("UPDATE files SET seen = ? WHERE path = ?",
-                                   ((self.run, p) for p in seen))
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            return
-        self._wrote()
+        if seen:
+            self._write("UPDATE files SET seen = ? WHERE path = ?",
+                        ((self.run, p) for p in seen), many=True)
 
     def forget(self, rel_path: str) -> None:
         """Drop the entry of ``rel_path``: :meth:`lookup` matched it, but this run did not
@@ -414,14 +406,7 @@ class FileCache:
 
         Raises ``sqlite3.OperationalError``; a corrupt file is moved aside.
         """
-        try:
-            self._conn.execute("DELETE FROM files WHERE path = ?", (_encode(rel_path),))
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            return
-        self._wrote()
+        self._write("DELETE FROM files WHERE path = ?", (_encode(rel_path),))
 
     def record(self, rel_path: str, st: os.stat_result, blobs: list[str], sha256: str) -> None:
         """Remember that ``rel_path``, as ``st`` describes it, hashed to ``blobs`` and
@@ -450,14 +435,8 @@ class FileCache:
             self.run,
         )
         sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        try:
-            self._conn.execute(sql, values)
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            self._conn.execute(sql, values)
-        self._wrote()
+        if not self._write(sql, values):  # found corrupt, moved aside: into the new cache
+            self._write(sql, values)
 
     # -- folder blocks (see folderblocks) --------------------------------------------------
 
@@ -505,18 +484,11 @@ class FileCache:
         if not folder.dirty:
             return  # the row stays as it is (none: a folder without files)
         key = order_key(folder.rel)
-        try:
-            if folder.count:
-                self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 0, ?)",
-                                   (key, self.run, folder.encoded()))
-            else:
-                self._conn.execute("DELETE FROM folders WHERE key = ?", (key,))
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            return
-        self._wrote()
+        if folder.count:
+            self._write("INSERT OR REPLACE INTO folders VALUES (?, ?, 0, ?)",
+                        (key, self.run, folder.encoded()))
+        else:
+            self._write("DELETE FROM folders WHERE key = ?", (key,))
 
     def spill(self, folder: Folder) -> None:
         """``folder`` grew too large for a block: cache its records file by file
@@ -531,18 +503,11 @@ class FileCache:
         rows = ((_encode(path), _encode(folder.rel), *numbers, sha256, blobs,
                  self.run if met else 0, self.run)
                 for path, numbers, sha256, blobs, met in folder.records())
-        try:
-            self._conn.executemany("INSERT OR REPLACE INTO files VALUES "
-                                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self._conn.execute("INSERT OR REPLACE INTO folders VALUES (?, ?, 1, x'')",
-                               (order_key(folder.rel), self.run))
-        except sqlite3.OperationalError:
-            raise
-        except sqlite3.DatabaseError as exc:
-            self._rebuild(exc)
-            return
-        self._wrote()
-        folder.spilled()
+        if self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       rows, many=True) \
+                and self._write("INSERT OR REPLACE INTO folders VALUES (?, ?, 1, x'')",
+                                (order_key(folder.rel), self.run)):
+            folder.spilled()
 
     def _drop_gone(self, *, rest: bool = False) -> None:
         """Delete the rows of folders the walk passed (gone); with ``rest``, also every row
@@ -596,6 +561,24 @@ class FileCache:
             "SELECT recs FROM folders"))
         return int(self._conn.execute("SELECT count(*) FROM files").fetchone()[0]) \
             + sum(len(b.fields) // FIELDS for b in blocks)
+
+    def _write(self, sql: str, params: Any, *, many: bool = False) -> bool:
+        """Run one writing statement (``many``: once for each row ``params`` yields) and
+        count it (:meth:`_wrote`). False when the file was found corrupt: it is moved aside
+        and the run goes on in an empty cache. Raises ``sqlite3.OperationalError`` (disk
+        full…)."""
+        try:
+            if many:
+                self._conn.executemany(sql, params)
+            else:
+                self._conn.execute(sql, params)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._rebuild(exc)
+            return False
+        self._wrote()
+        return True
 
     def _wrote(self) -> None:
         """Count one write; commit the batch when it is full."""
