@@ -14,6 +14,8 @@ command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
 # tests/test_install.py makes a venv with Debian's own python3, as the README's Install does.
 if [ "${1:-}" = "--test" ] && command -v apt-get >/dev/null 2>&1; then
   /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
+  # The web pages are tested in a real browser: Debian's Chromium, driven by Playwright.
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

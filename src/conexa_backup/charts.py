@@ -27,6 +27,25 @@ from datetime import datetime, timedelta
 from html import escape
 from typing import Final
 
+# The charts' look, for a page's <style> (the status page, the HTML report). Blue and orange:
+# told apart with the common colour blindnesses, and never the only difference (see above).
+STYLE: Final = """
+svg.chart { width: 100%; max-width: 640px; height: auto; display: block; font-family: inherit; }
+svg.chart .grid { stroke: #ddd; }
+svg.chart .axis, svg.chart .objective-label, svg.chart .empty { font-size: 12px; fill: #555; }
+svg.chart .legend text { font-size: 13px; fill: #222; }
+svg.chart .objective { stroke: #b00020; stroke-width: 1.5; }
+svg.chart .objective-label { fill: #b00020; }
+svg.chart .line { stroke-width: 2; fill: none; }
+svg.chart .series-0 .line { stroke: #1f5fa8; }
+svg.chart .series-0 .point, svg.chart .series-0 .swatch { fill: #1f5fa8; }
+svg.chart .series-1 .line { stroke: #d98a00; }
+svg.chart .series-1 .point, svg.chart .series-1 .swatch { fill: #d98a00; }
+svg.chart .point.failed { stroke: #b00020; stroke-width: 2.5; fill: none; }
+.chart-narrow { display: none; }
+@media (max-width: 600px) { .chart-wide { display: none; } .chart-narrow { display: block; } }
+"""
+NARROW: Final = 360  # a phone's width: the narrow drawing's, so its text keeps its size
 WIDTH: Final = 640
 HEIGHT: Final = 220
 _PAD_LEFT, _PAD_RIGHT, _PAD_TOP, _PAD_BOTTOM = 64, 16, 32, 28  # the legend in the top pad
@@ -125,7 +144,7 @@ def time_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datet
         return _PAD_TOP + plot_h * (1 - value / y_max)
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="{chart_id}" class="chart" role="img" '
         f'viewBox="0 0 {width} {height}" aria-labelledby="{chart_id}-title {chart_id}-desc">',
         f'<title id="{chart_id}-title">{escape(title)}</title>',
         f'<desc id="{chart_id}-desc">{escape(_describe(shown, unit, objective, objective_label))}'
@@ -156,6 +175,19 @@ def time_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datet
 
 XScale = Callable[[datetime], float]
 YScale = Callable[[float], float]
+
+
+def responsive_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datetime,
+                     end: datetime, objective: float | None = None, objective_label: str = "",
+                     chart_id: str = "chart") -> str:
+    """:func:`time_chart` drawn twice, wide and phone-narrow, the page's :data:`STYLE`
+    showing one by the screen's width (no script): scaled down to a phone, a wide drawing's
+    text would be too small to read."""
+    wide, narrow = (time_chart(title, series, unit=unit, start=start, end=end,
+                               objective=objective, objective_label=objective_label,
+                               chart_id=chart_id + suffix, width=width)
+                    for suffix, width in (("", WIDTH), ("-narrow", NARROW)))
+    return f'<div class="chart-wide">{wide}</div><div class="chart-narrow">{narrow}</div>'
 
 
 def _series(s: Series, index: int, unit: Unit, x: XScale, y: YScale) -> list[str]:
