@@ -25,12 +25,13 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from conexa_backup import __version__, events, render, signals
+from conexa_backup import __version__, events, htmlreport, render, signals
 from conexa_backup.actions import inspect, journal, monitor, setup
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context, NullReporter, Reporter
 from conexa_backup.actions.delete import delete as run_delete
 from conexa_backup.actions.drill import run_drills
+from conexa_backup.actions.history import history
 from conexa_backup.actions.prune import problems as prune_problems
 from conexa_backup.actions.prune import prune as run_prune
 from conexa_backup.actions.restore import RestoreOptions, run_restore
@@ -42,7 +43,7 @@ from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 from conexa_backup.notify.base import Event, Kind
 from conexa_backup.notify.dispatch import dispatch
 from conexa_backup.server.tokens import issue_machine_token, machine_tokens, revoke_machine_token
-from conexa_backup.state import last_drills, record_run, sweep_stale
+from conexa_backup.state import atomic_write, last_drills, record_run, sweep_stale
 
 T = TypeVar("T")
 
@@ -598,12 +599,22 @@ def report(
     send: Annotated[bool, typer.Option(
         "--send", help="Also send it through the notifiers that take 'report' events (every "
         "notifier when none does; printed instead when there is none).")] = False,
+    html: Annotated[Path | None, typer.Option(
+        "--html", dir_okay=False, help="Also write it as one self-contained HTML page (charts "
+        "and tables inline: opens anywhere, with no network) to this file, 0600.")] = None,
+    lang: Annotated[str, typer.Option(
+        "--lang", help="The HTML page's language: en or pt.")] = "en",
     as_json: JsonOpt = False,
 ) -> None:
     """Summary of a period: backups, failures, sizes, drills, RPO/RTO, storage and cost."""
     def act() -> None:
+        if lang not in htmlreport.LANGS:
+            raise UsageError(f"--lang {lang!r}: use one of {', '.join(htmlreport.LANGS)}")
         with _session("report", lock=False, log_file=False, progress=False) as ctx:
             data = monitor.report(ctx, days)
+            if html is not None:
+                hist = history(ctx, days, datetime.fromisoformat(data["to"]))
+                _write_file(html, htmlreport.report_html(data, hist, lang).encode())
             text = render.report_text(data)
             deliveries = dispatch(ctx.config.notify, events.report_event(data, text),
                                   requested=True) if send else []
@@ -621,6 +632,18 @@ def report(
         if failed:
             _fail("report not sent via " + "; ".join(failed), ExitCode.FAILURE)
     _guard(act)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (0600, whole or not at all).
+
+    Raises:
+        ConexaError: it cannot be written (one line naming it).
+    """
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise ConexaError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 @app.command("notify-test")

@@ -1,0 +1,210 @@
+"""The periodic report as one self-contained HTML file (issue 16): ``report --html FILE``.
+
+The same facts as the text report (:func:`conexa_backup.actions.monitor.report`) and the
+charts of :mod:`conexa_backup.actions.history`, for people who would rather look than read:
+the RPO and RTO each said in one sentence at the top, then backups, drills, gaps and storage,
+each with its chart and table. Everything is inline (CSS, SVG): the file opens anywhere, with
+no network and no script. States are said in words and symbols, never by colour alone.
+English or Portuguese (``lang``), the school's staff reading Portuguese.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from html import escape
+from typing import Any, Final
+
+from conexa_backup.actions.history import History
+from conexa_backup.charts import STYLE, Series, Unit, fmt, responsive_chart
+
+LANGS: Final = ("en", "pt")
+_TEXT: Final[dict[str, dict[str, str]]] = {
+    "title": {"en": "Backup report", "pt": "Relatório de cópias de segurança"},
+    "period": {"en": "{start} to {end} ({days} days)", "pt": "{start} a {end} ({days} dias)"},
+    "rpo_met": {"en": "Every gap between backups stayed under the objective of {objective} "
+                      "(the largest: {gap}).",
+                "pt": "Todos os intervalos entre cópias ficaram abaixo do objetivo de "
+                      "{objective} (o maior: {gap})."},
+    "rpo_missed": {"en": "The largest gap between backups was {gap}, over the objective "
+                         "of {objective}.",
+                   "pt": "O maior intervalo entre cópias foi de {gap}, acima do objetivo de "
+                         "{objective}."},
+    "rpo_none": {"en": "No complete backup in this period (objective: one every {objective}).",
+                 "pt": "Nenhuma cópia completa neste período (objetivo: uma a cada "
+                       "{objective})."},
+    "rto_met": {"en": "The drill of {when} restored everything in {took} (objective "
+                      "{objective}).",
+                "pt": "O teste de {when} restaurou tudo em {took} (objetivo {objective})."},
+    "rto_slow": {"en": "The drill of {when} restored everything in {took}, over the "
+                       "objective of {objective}.",
+                 "pt": "O teste de {when} restaurou tudo em {took}, acima do objetivo de "
+                       "{objective}."},
+    "rto_failed": {"en": "The drill of {when} FAILED.", "pt": "O teste de {when} FALHOU."},
+    "rto_none": {"en": "No restore drill ran in this period (objective: recovery within "
+                       "{objective}).",
+                 "pt": "Nenhum teste de restauração neste período (objetivo: recuperar em "
+                       "até {objective})."},
+    "ok": {"en": "OK", "pt": "OK"},
+    "not_met": {"en": "NOT MET", "pt": "NÃO ATINGIDO"},
+    "backups": {"en": "Backups", "pt": "Cópias de segurança"},
+    "runs": {"en": "Runs: {runs}; complete: {success}, partial: {partial}, failed: {failure}.",
+             "pt": "Execuções: {runs}; completas: {success}, parciais: {partial}, com falha: "
+                   "{failure}."},
+    "size": {"en": "Backup size", "pt": "Tamanho das cópias"},
+    "duration": {"en": "Backup duration", "pt": "Duração das cópias"},
+    "failures": {"en": "Failed runs", "pt": "Execuções com falha"},
+    "time": {"en": "Time", "pt": "Horário"},
+    "error": {"en": "Error", "pt": "Erro"},
+    "drills": {"en": "Restore drills", "pt": "Testes de restauração"},
+    "drill_runs": {"en": "Drills: {runs}; passed: {passed}, failed: {failed}.",
+                   "pt": "Testes: {runs}; aprovados: {passed}, com falha: {failed}."},
+    "recovery": {"en": "Drill recovery time", "pt": "Tempo de recuperação nos testes"},
+    "gaps": {"en": "Gaps between backups", "pt": "Intervalos entre cópias"},
+    "storage": {"en": "Storage", "pt": "Armazenamento"},
+    "target": {"en": "Target", "pt": "Destino"},
+    "stored": {"en": "Stored", "pt": "Armazenado"},
+    "cost": {"en": "Cost a month", "pt": "Custo por mês"},
+    "unreachable": {"en": "could not be listed: {why}", "pt": "não pôde ser listado: {why}"},
+    "damaged": {"en": "Damaged copies", "pt": "Cópias danificadas"},
+    "rto_line": {"en": "RTO {objective}", "pt": "RTO {objective}"},
+    "rpo_line": {"en": "RPO {objective}", "pt": "RPO {objective}"},
+}
+_STYLE: Final = """
+body { font-family: system-ui, sans-serif; margin: 0; color: #1b1b1b; background: #fff; }
+main { max-width: 720px; margin: 0 auto; padding: 16px; }
+h1 { font-size: 1.5rem; margin: 0 0 4px; } h2 { font-size: 1.2rem; margin: 28px 0 8px; }
+.period { color: #555; margin: 0 0 16px; }
+.verdict { padding: 10px 12px; border-left: 6px solid; margin: 8px 0; }
+.verdict.ok { border-color: #1f7a3a; background: #eef7f0; }
+.verdict.bad { border-color: #b00020; background: #fbeef0; }
+.verdict strong { margin-right: 6px; }
+table { border-collapse: collapse; width: 100%; font-size: 0.9rem; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #ddd; }
+th.num, td.num { text-align: right; }
+figure { margin: 12px 0; }
+figcaption { font-weight: 600; margin-bottom: 4px; }
+"""
+
+
+def _t(lang: str, key: str, **values: object) -> str:
+    return _TEXT[key][lang].format(**values)
+
+
+def _when(text: str | None, lang: str) -> str:
+    """A recorded ISO time as a short day and hour (UTC)."""
+    if not text:
+        return "-"
+    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    months = ("jan", "fev", "mar", "abr", "mai", "jun", "jul", "ago", "set", "out", "nov",
+              "dez") if lang == "pt" else ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul",
+                                           "Aug", "Sep", "Oct", "Nov", "Dec")
+    return f"{at.day} {months[at.month - 1]} {at.year}, {at:%H:%M} UTC"
+
+
+def _verdict(ok: bool, label: str, sentence: str, lang: str) -> str:
+    mark = f"✓ {_t(lang, 'ok')}" if ok else f"✗ {_t(lang, 'not_met')}"
+    return (f'<p class="verdict {"ok" if ok else "bad"}"><strong>{label} {mark}</strong>'
+            f"{escape(sentence)}</p>")
+
+
+def _rpo(r: dict[str, Any], lang: str) -> str:
+    rpo = r["rpo"]
+    objective = fmt(rpo["objective_seconds"], Unit.SECONDS)
+    gap = rpo["largest_gap_seconds"]
+    if gap is None:
+        sentence = _t(lang, "rpo_none", objective=objective)
+    else:
+        key = "rpo_met" if rpo["met"] else "rpo_missed"
+        sentence = _t(lang, key, objective=objective, gap=fmt(gap, Unit.SECONDS))
+    return _verdict(bool(rpo["met"]), "RPO", sentence, lang)
+
+
+def _rto(r: dict[str, Any], hist: History, lang: str) -> str:
+    objective = fmt(r["rto"]["objective_seconds"], Unit.SECONDS)
+    drills = [p for s in hist.recovery for p in s.points if hist.start <= p.at <= hist.end]
+    if not drills:
+        return _verdict(False, "RTO", _t(lang, "rto_none", objective=objective), lang)
+    last = max(drills, key=lambda p: p.at)
+    when = _when(last.at.isoformat(), lang)
+    if last.failed:
+        return _verdict(False, "RTO", _t(lang, "rto_failed", when=when), lang)
+    ok = last.value <= hist.rto_seconds
+    key = "rto_met" if ok else "rto_slow"
+    sentence = _t(lang, key, when=when, took=fmt(last.value, Unit.SECONDS), objective=objective)
+    return _verdict(ok, "RTO", sentence, lang)
+
+
+def _table(head: list[str], rows: list[list[str]], numeric: frozenset[int] = frozenset()) -> str:
+    """A table of already escaped cells (columns in ``numeric`` aligned right)."""
+    cells = "".join(f'<th class="num">{h}</th>' if i in numeric else f"<th>{h}</th>"
+                    for i, h in enumerate(head))
+    body = "".join("<tr>" + "".join(
+        f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
+        for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(caption: str, chart: str) -> str:
+    return f"<figure><figcaption>{escape(caption)}</figcaption>{chart}</figure>"
+
+
+def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
+    """The report ``r`` (:func:`monitor.report`) and its period's charts as an HTML page.
+
+    Raises:
+        ValueError: ``lang`` is not one of :data:`LANGS`.
+    """
+    if lang not in LANGS:
+        raise ValueError(f"report language {lang!r}: use one of {', '.join(LANGS)}")
+    b, d = r["backups"], r["drills"]
+    rto = fmt(hist.rto_seconds, Unit.SECONDS)
+    rpo = fmt(hist.rpo_seconds, Unit.SECONDS)
+
+    def chart(key: str, series: list[Series], unit: Unit, objective: float | None = None,
+              line: str = "") -> str:
+        title = _t(lang, key)
+        return _figure(title, responsive_chart(
+            title, series, unit=unit, start=hist.start, end=hist.end, chart_id=key,
+            objective=objective, objective_label=line))
+
+    parts = [
+        f"<h1>{escape(_t(lang, 'title'))}</h1>",
+        f'<p class="period">{escape(_t(lang, "period", start=_when(r["from"], lang), end=_when(r["to"], lang), days=r["period_days"]))}</p>',  # noqa: E501
+        _rpo(r, lang), _rto(r, hist, lang),
+        f"<h2>{escape(_t(lang, 'backups'))}</h2>",
+        f"<p>{escape(_t(lang, 'runs', **b))}</p>",
+        chart("size", hist.sizes, Unit.BYTES),
+        chart("duration", hist.durations, Unit.SECONDS),
+    ]
+    if b["failures"]:
+        parts += [f"<h3>{escape(_t(lang, 'failures'))}</h3>", _table(
+            [escape(_t(lang, "time")), escape(_t(lang, "error"))],
+            [[escape(_when(f["time"], lang)), escape(str(f["error"] or ""))]
+             for f in b["failures"]])]
+    parts += [
+        f"<h2>{escape(_t(lang, 'drills'))}</h2>",
+        f"<p>{escape(_t(lang, 'drill_runs', runs=d['runs'], passed=d['passed'], failed=d['failed']))}</p>",  # noqa: E501
+        chart("recovery", hist.recovery, Unit.SECONDS, hist.rto_seconds,
+              _t(lang, "rto_line", objective=rto)),
+        chart("gaps", hist.gaps, Unit.SECONDS, hist.rpo_seconds,
+              _t(lang, "rpo_line", objective=rpo)),
+        f"<h2>{escape(_t(lang, 'storage'))}</h2>",
+        _table([escape(_t(lang, k)) for k in ("target", "stored", "cost")], [
+            [escape(s["target"]) + (" — " + escape(_t(lang, "unreachable",
+                                                      why=s["unreachable"]))
+                                    if s["unreachable"] else ""),
+             escape(fmt(s["bytes"], Unit.BYTES)),
+             escape(f"{r['currency']} {s['monthly_cost']:.2f}")
+             if s["monthly_cost"] is not None else "-"] for s in r["storage"]],
+            numeric=frozenset({1, 2})),
+    ]
+    if r.get("damaged"):
+        parts += [f"<h2>{escape(_t(lang, 'damaged'))}</h2>", "<ul>" + "".join(
+            f"<li>{escape(x['id'])} ({escape(x['target'])}): {escape(str(x['why']))}</li>"
+            for x in r["damaged"]) + "</ul>"]
+    return ("<!doctype html>\n"
+            f'<html lang="{lang}"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{escape(_t(lang, 'title'))}</title>"
+            f"<style>{_STYLE}{STYLE}</style></head>\n"
+            "<body><main>\n" + "\n".join(parts) + "\n</main></body></html>\n")
