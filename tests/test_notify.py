@@ -527,6 +527,32 @@ def test_email_plain_relay(ws: Any, smtp: Callable[..., SmtpSink]) -> None:
     _check_mail(mail, "backup FAILED", f"host: {HOST}", "does not exist")
 
 
+def test_the_report_email_is_its_page_with_the_text_as_the_alternative(
+        ws: Any, smtp: Callable[..., SmtpSink], tmp_path: Path) -> None:
+    """``report --send``: the email's HTML part is the page ``--html`` writes, byte for byte,
+    and renders in a real browser like it (nothing fetched, no error); the text stays."""
+    from tests.browser import open_page
+
+    sink = smtp("none")
+    ws.write_config(email_notifier(sink, "none"))
+    assert ws.run("backup").returncode == 0
+    page = tmp_path / "report.html"
+    result = ws.run("report", "--send", "--html", str(page), "--lang", "pt")
+    assert result.returncode == 0, result.stderr
+    (mail,) = sink.inbox.mails
+    assert mail.message.get_content_type() == "multipart/alternative"
+    text = mail.message.get_body(("plain",)).get_content()
+    html = mail.message.get_body(("html",)).get_content()
+    assert "backups: 1 runs, 1 ok" in text and "RPO:" in text
+    assert html.replace("\r\n", "\n") == page.read_text()  # SMTP carries CRLF lines
+    with open_page() as (browser, seen):
+        browser.set_content(html)
+        assert browser.locator("html").get_attribute("lang") == "pt"
+        assert browser.locator(".verdict").count() == 2
+        assert browser.locator("svg.chart:visible").count() == 4
+        assert seen.errors == [] and seen.remote == []
+
+
 # -- every channel at once ----------------------------------------------------------------------
 
 def test_a_failed_backup_alerts_every_channel(
@@ -630,7 +656,8 @@ def test_report_send_goes_to_every_notifier_when_none_lists_report(
     assert (hook["kind"], hook["title"]) == ("report", "conexa-backup report, last 7 days")
     (mail,) = sink.inbox.mails
     assert mail.message["Subject"] == "[conexa-backup] conexa-backup report, last 7 days"
-    assert "backups: 0 runs" in mail.message.get_content()
+    assert "backups: 0 runs" in mail.message.get_body(("plain",)).get_content()
+    assert "html" not in hook  # the page goes to email only: a webhook gets the facts
 
 
 def test_report_send_without_notifiers_prints_it_and_says_so(ws: Any) -> None:

@@ -612,11 +612,14 @@ def report(
             raise UsageError(f"--lang {lang!r}: use one of {', '.join(htmlreport.LANGS)}")
         with _session("report", lock=False, log_file=False, progress=False) as ctx:
             data = monitor.report(ctx, days)
-            if html is not None:
+            page = None
+            if html is not None or send:  # sent as the email's HTML part
                 hist = history(ctx, days, datetime.fromisoformat(data["to"]))
-                _write_file(html, htmlreport.report_html(data, hist, lang).encode())
+                page = htmlreport.report_html(data, hist, lang)
+            if html is not None and page is not None:
+                _write_file(html, page.encode())
             text = render.report_text(data)
-            deliveries = dispatch(ctx.config.notify, events.report_event(data, text),
+            deliveries = dispatch(ctx.config.notify, events.report_event(data, text, page),
                                   requested=True) if send else []
         # Asked to send with nowhere to send: print it even with --quiet (cron mails it).
         unsent = send and not deliveries

@@ -106,6 +106,6 @@ def test_event() -> Event:
                  details={"note": "sent by `conexa-backup notify-test`"})
 
 
-def report_event(report: dict[str, Any], text: str) -> Event:
+def report_event(report: dict[str, Any], text: str, html: str | None = None) -> Event:
     return Event("report", "success", f"conexa-backup report, last {report['period_days']} days",
-                 body=text)
+                 body=text, html=html)

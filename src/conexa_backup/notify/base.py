@@ -48,10 +48,14 @@ class Event:
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     body: str | None = None  # a prepared text (the periodic report) instead of the facts
+    # The same as an HTML page (the report's), for notifiers that can show one (email: the
+    # HTML alternative of the text). Not in the webhook payload: a page is no data.
+    html: str | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The webhook payload (documented in README, "Alerts")."""
         data = asdict(self)
+        del data["html"]
         data["time"] = self.time.isoformat().replace("+00:00", "Z")
         data["targets"] = {"ok": data.pop("targets_ok"), "failed": data.pop("targets_failed")}
         return {"schema": SCHEMA, **data}

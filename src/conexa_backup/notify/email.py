@@ -45,6 +45,8 @@ class EmailNotifier:
         msg["From"] = self.config.sender
         msg["To"] = ", ".join(self.config.to)
         msg.set_content(event.text() + "\n")
+        if event.html is not None:  # the report: its page, the text kept as the alternative
+            msg.add_alternative(event.html, subtype="html")
         return msg
 
     def _password(self) -> str | None:
