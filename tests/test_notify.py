@@ -553,6 +553,23 @@ def test_the_report_email_is_its_page_with_the_text_as_the_alternative(
         assert seen.errors == [] and seen.remote == []
 
 
+def test_slack_gets_the_report_short_its_verdicts_and_key_numbers(
+        ws: Any, httpserver: HTTPServer) -> None:
+    httpserver.expect_request("/slack", method="POST").respond_with_data("ok")
+    ws.write_config(notifier("slack", webhook_url=httpserver.url_for("/slack"),
+                             events=["report"]))
+    assert ws.run("backup").returncode == 0
+    result = ws.run("report", "--send")
+    assert result.returncode == 0, result.stderr
+    (message,) = [r.get_json()["text"] for r in requests_to(httpserver, "/slack")]
+    lines = message.splitlines()
+    assert lines[0] == ":white_check_mark: *conexa-backup report, last 7 days*"
+    assert lines[1].startswith("RPO ✓ OK: Every gap between backups")
+    assert lines[2].startswith("RTO ✗ NOT MET: No restore drill ran in this period")
+    assert lines[3:] == ["Runs: 1; complete: 1, partial: 0, failed: 0.",
+                         "Drills: 0; passed: 0, failed: 0."]
+
+
 # -- every channel at once ----------------------------------------------------------------------
 
 def test_a_failed_backup_alerts_every_channel(

@@ -612,15 +612,16 @@ def report(
             raise UsageError(f"--lang {lang!r}: use one of {', '.join(htmlreport.LANGS)}")
         with _session("report", lock=False, log_file=False, progress=False) as ctx:
             data = monitor.report(ctx, days)
-            page = None
-            if html is not None or send:  # sent as the email's HTML part
+            page = short = None
+            if html is not None or send:  # sent as the email's HTML part, and to chat short
                 hist = history(ctx, days, datetime.fromisoformat(data["to"]))
                 page = htmlreport.report_html(data, hist, lang)
+                short = htmlreport.summary(data, hist, lang)
             if html is not None and page is not None:
                 _write_file(html, page.encode())
             text = render.report_text(data)
-            deliveries = dispatch(ctx.config.notify, events.report_event(data, text, page),
-                                  requested=True) if send else []
+            event = events.report_event(data, text, page, short)
+            deliveries = dispatch(ctx.config.notify, event, requested=True) if send else []
         # Asked to send with nowhere to send: print it even with --quiet (cron mails it).
         unsent = send and not deliveries
         if as_json:

@@ -106,6 +106,9 @@ def test_event() -> Event:
                  details={"note": "sent by `conexa-backup notify-test`"})
 
 
-def report_event(report: dict[str, Any], text: str, html: str | None = None) -> Event:
+def report_event(report: dict[str, Any], text: str, html: str | None = None,
+                 summary: str | None = None) -> Event:
+    """The periodic report: ``text`` for email and webhooks, ``html`` (its page) for email,
+    ``summary`` (a few lines) for chat."""
     return Event("report", "success", f"conexa-backup report, last {report['period_days']} days",
-                 body=text, html=html)
+                 body=text, html=html, summary=summary)

@@ -101,13 +101,35 @@ def _when(text: str | None, lang: str) -> str:
     return f"{at.day} {months[at.month - 1]} {at.year}, {at:%H:%M} UTC"
 
 
-def _verdict(ok: bool, label: str, sentence: str, lang: str) -> str:
-    mark = f"✓ {_t(lang, 'ok')}" if ok else f"✗ {_t(lang, 'not_met')}"
-    return (f'<p class="verdict {"ok" if ok else "bad"}"><strong>{label} {mark}</strong>'
-            f"{escape(sentence)}</p>")
+Verdict = tuple[str, bool, str]  # ("RPO" or "RTO", met, the sentence)
 
 
-def _rpo(r: dict[str, Any], lang: str) -> str:
+def _mark(ok: bool, lang: str) -> str:
+    return f"✓ {_t(lang, 'ok')}" if ok else f"✗ {_t(lang, 'not_met')}"
+
+
+def _verdict(v: Verdict, lang: str) -> str:
+    label, ok, sentence = v
+    return (f'<p class="verdict {"ok" if ok else "bad"}"><strong>{label} {_mark(ok, lang)}'
+            f"</strong>{escape(sentence)}</p>")
+
+
+def verdicts(r: dict[str, Any], hist: History, lang: str = "en") -> list[Verdict]:
+    """Whether the RPO and the RTO were met, each with its sentence."""
+    return [_rpo(r, lang), _rto(r, hist, lang)]
+
+
+def summary(r: dict[str, Any], hist: History, lang: str = "en") -> str:
+    """The report in four lines, for chat (Slack): the verdicts, the runs, the drills."""
+    lines = [f"{label} {_mark(ok, lang)}: {sentence}"
+             for label, ok, sentence in verdicts(r, hist, lang)]
+    d = r["drills"]
+    lines += [_t(lang, "runs", **r["backups"]),
+              _t(lang, "drill_runs", runs=d["runs"], passed=d["passed"], failed=d["failed"])]
+    return "\n".join(lines)
+
+
+def _rpo(r: dict[str, Any], lang: str) -> Verdict:
     rpo = r["rpo"]
     objective = fmt(rpo["objective_seconds"], Unit.SECONDS)
     gap = rpo["largest_gap_seconds"]
@@ -116,22 +138,22 @@ def _rpo(r: dict[str, Any], lang: str) -> str:
     else:
         key = "rpo_met" if rpo["met"] else "rpo_missed"
         sentence = _t(lang, key, objective=objective, gap=fmt(gap, Unit.SECONDS))
-    return _verdict(bool(rpo["met"]), "RPO", sentence, lang)
+    return "RPO", bool(rpo["met"]), sentence
 
 
-def _rto(r: dict[str, Any], hist: History, lang: str) -> str:
+def _rto(r: dict[str, Any], hist: History, lang: str) -> Verdict:
     objective = fmt(r["rto"]["objective_seconds"], Unit.SECONDS)
     drills = [p for s in hist.recovery for p in s.points if hist.start <= p.at <= hist.end]
     if not drills:
-        return _verdict(False, "RTO", _t(lang, "rto_none", objective=objective), lang)
+        return "RTO", False, _t(lang, "rto_none", objective=objective)
     last = max(drills, key=lambda p: p.at)
     when = _when(last.at.isoformat(), lang)
     if last.failed:
-        return _verdict(False, "RTO", _t(lang, "rto_failed", when=when), lang)
+        return "RTO", False, _t(lang, "rto_failed", when=when)
     ok = last.value <= hist.rto_seconds
     key = "rto_met" if ok else "rto_slow"
-    sentence = _t(lang, key, when=when, took=fmt(last.value, Unit.SECONDS), objective=objective)
-    return _verdict(ok, "RTO", sentence, lang)
+    return "RTO", ok, _t(lang, key, when=when, took=fmt(last.value, Unit.SECONDS),
+                         objective=objective)
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: frozenset[int] = frozenset()) -> str:
@@ -170,7 +192,7 @@ def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
     parts = [
         f"<h1>{escape(_t(lang, 'title'))}</h1>",
         f'<p class="period">{escape(_t(lang, "period", start=_when(r["from"], lang), end=_when(r["to"], lang), days=r["period_days"]))}</p>',  # noqa: E501
-        _rpo(r, lang), _rto(r, hist, lang),
+        *(_verdict(v, lang) for v in verdicts(r, hist, lang)),
         f"<h2>{escape(_t(lang, 'backups'))}</h2>",
         f"<p>{escape(_t(lang, 'runs', **b))}</p>",
         chart("size", hist.sizes, Unit.BYTES),

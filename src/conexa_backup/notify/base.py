@@ -51,11 +51,12 @@ class Event:
     # The same as an HTML page (the report's), for notifiers that can show one (email: the
     # HTML alternative of the text). Not in the webhook payload: a page is no data.
     html: str | None = field(default=None, repr=False)
+    summary: str | None = None  # the body in a few lines, for chat (Slack)
 
     def to_json(self) -> dict[str, Any]:
         """The webhook payload (documented in README, "Alerts")."""
         data = asdict(self)
-        del data["html"]
+        del data["html"], data["summary"]
         data["time"] = self.time.isoformat().replace("+00:00", "Z")
         data["targets"] = {"ok": data.pop("targets_ok"), "failed": data.pop("targets_failed")}
         return {"schema": SCHEMA, **data}

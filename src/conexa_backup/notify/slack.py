@@ -28,7 +28,8 @@ class SlackNotifier:
 
     def message(self, event: Event) -> dict[str, object]:
         # Slack's mrkdwn reserves &, < and >: escape them as its documentation says.
-        text = event.text().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        full = f"{event.title}\n{event.summary}" if event.summary is not None else event.text()
+        text = full.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         head, _, rest = text.partition("\n")
         icon = ICONS.get(event.outcome, "")
         body = rest.replace("\nerror:\n", "\n*error:*\n```") + ("```" if event.error else "")
