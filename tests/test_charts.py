@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conexa_backup.charts import Point, Series, Unit, fmt, time_chart
+from conexa_backup.charts import Point, Series, Unit, Words, fmt, time_chart
 
 NS = {"svg": "http://www.w3.org/2000/svg"}
 END = datetime(2026, 12, 6, tzinfo=UTC)
@@ -95,6 +95,16 @@ def test_an_empty_period_says_so() -> None:
     assert markers(root) == []
     assert any(e.text == "No data in this period" for e in root.iter())
     assert "gaps: no data." in (root.findtext("svg:desc", namespaces=NS) or "")
+
+
+def test_a_chart_speaks_the_pages_language() -> None:
+    words = Words(no_data="Sem dados neste período", failed="falhou")
+    empty = time_chart("Gaps", [], unit=Unit.SECONDS, start=START, end=END, words=words)
+    assert "Sem dados neste período" in empty and "No data" not in empty
+    root = parse(time_chart("Drills", [Series("teste", [day(1, 3.0, failed=True)])],
+                            unit=Unit.SECONDS, start=START, end=END, words=words))
+    tip = markers(root)[0].findtext("svg:title", namespaces=NS) or ""
+    assert tip.endswith(", falhou")
 
 
 def test_two_series_are_told_apart_by_class_and_name() -> None:

@@ -72,6 +72,7 @@ def test_the_report_in_portuguese(made: tuple[Workspace, Path]) -> None:
     text = out.read_text()
     assert '<html lang="pt">' in text and "Relatório de cópias de segurança" in text
     assert "Execuções: 3; completas: 2, parciais: 0, com falha: 1." in text
+    assert ">banco de dados (dump)</text>" in text and ", falhou</title>" in text
 
 
 def test_a_bad_language_or_an_unwritable_file_is_one_clear_line(

@@ -76,6 +76,14 @@ class Series:
     points: Sequence[Point]
 
 
+@dataclass(frozen=True)
+class Words:
+    """What a chart says in words, for a page in another language."""
+
+    no_data: str = "No data in this period"
+    failed: str = "failed"
+
+
 def fmt(value: float, unit: Unit) -> str:
     """``value`` as a person reads it: ``1.5 GB``, ``4 min 12 s``, ``12``."""
     if unit is Unit.BYTES:
@@ -118,7 +126,8 @@ def _y_ticks(top: float, unit: Unit) -> list[float]:
 
 def time_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datetime,
                end: datetime, objective: float | None = None, objective_label: str = "",
-               chart_id: str = "chart", width: int = WIDTH, height: int = HEIGHT) -> str:
+               chart_id: str = "chart", width: int = WIDTH, height: int = HEIGHT,
+               words: Words = Words()) -> str:
     """An SVG chart of ``series`` between ``start`` and ``end`` (points outside are left
     out), its y axis from 0 to past the largest value and the ``objective`` (drawn dashed,
     with ``objective_label``). ``chart_id`` makes its element ids unique on a page.
@@ -163,12 +172,12 @@ def time_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datet
                    f'y="{y(objective) - 4:.1f}" text-anchor="end">'
                    f"{escape(objective_label or fmt(objective, unit))}</text>")
     for index, s in enumerate(shown):
-        out += _series(s, index, unit, x, y)
+        out += _series(s, index, unit, x, y, words)
     out += _legend(shown)
     if not values:
         out.append(f'<text class="empty" x="{_PAD_LEFT + plot_w / 2:.1f}" '
                    f'y="{_PAD_TOP + plot_h / 2:.1f}" text-anchor="middle">'
-                   "No data in this period</text>")
+                   f"{escape(words.no_data)}</text>")
     out.append("</svg>")
     return "\n".join(out)
 
@@ -179,18 +188,19 @@ YScale = Callable[[float], float]
 
 def responsive_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datetime,
                      end: datetime, objective: float | None = None, objective_label: str = "",
-                     chart_id: str = "chart") -> str:
+                     chart_id: str = "chart", words: Words = Words()) -> str:
     """:func:`time_chart` drawn twice, wide and phone-narrow, the page's :data:`STYLE`
     showing one by the screen's width (no script): scaled down to a phone, a wide drawing's
     text would be too small to read."""
     wide, narrow = (time_chart(title, series, unit=unit, start=start, end=end,
                                objective=objective, objective_label=objective_label,
-                               chart_id=chart_id + suffix, width=width)
+                               chart_id=chart_id + suffix, width=width, words=words)
                     for suffix, width in (("", WIDTH), ("-narrow", NARROW)))
     return f'<div class="chart-wide">{wide}</div><div class="chart-narrow">{narrow}</div>'
 
 
-def _series(s: Series, index: int, unit: Unit, x: XScale, y: YScale) -> list[str]:
+def _series(s: Series, index: int, unit: Unit, x: XScale, y: YScale, words: Words
+            ) -> list[str]:
     """A series' line (points in time order) and its markers, each with its tooltip."""
     points = sorted(s.points, key=lambda p: p.at)
     out = [f'<g class="series series-{index}" data-series="{escape(s.name)}">']
@@ -199,9 +209,9 @@ def _series(s: Series, index: int, unit: Unit, x: XScale, y: YScale) -> list[str
         out.append(f'<polyline class="line" fill="none" points="{path}"/>')
     for p in points:
         px, py = x(p.at), y(p.value)
-        words = ", ".join(w for w in (s.name, f"{p.at:%Y-%m-%d %H:%M} UTC", fmt(p.value, unit),
-                                      p.label, "failed" if p.failed else "") if w)
-        tip = f"<title>{escape(words)}</title>"
+        said = ", ".join(w for w in (s.name, f"{p.at:%Y-%m-%d %H:%M} UTC", fmt(p.value, unit),
+                                     p.label, words.failed if p.failed else "") if w)
+        tip = f"<title>{escape(said)}</title>"
         if p.failed:  # a cross, not a dot: failure is told by shape and text, not colour
             out.append(f'<path class="point failed" d="M{px - 5:.1f},{py - 5:.1f} l10,10 '
                        f'm0,-10 l-10,10">{tip}</path>')

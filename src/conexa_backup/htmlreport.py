@@ -15,7 +15,7 @@ from html import escape
 from typing import Any, Final
 
 from conexa_backup.actions.history import History
-from conexa_backup.charts import STYLE, Series, Unit, fmt, responsive_chart
+from conexa_backup.charts import STYLE, Series, Unit, Words, fmt, responsive_chart
 
 LANGS: Final = ("en", "pt")
 _TEXT: Final[dict[str, dict[str, str]]] = {
@@ -67,6 +67,13 @@ _TEXT: Final[dict[str, dict[str, str]]] = {
     "unreachable": {"en": "could not be listed: {why}", "pt": "não pôde ser listado: {why}"},
     "damaged": {"en": "Damaged copies", "pt": "Cópias danificadas"},
     "rto_line": {"en": "RTO {objective}", "pt": "RTO {objective}"},
+    "series_database": {"en": "database (dump)", "pt": "banco de dados (dump)"},
+    "series_uploads": {"en": "uploads (files)", "pt": "arquivos enviados"},
+    "series_backup": {"en": "backup", "pt": "cópia"},
+    "series_drill": {"en": "drill", "pt": "teste"},
+    "series_gap": {"en": "gap between backups", "pt": "intervalo entre cópias"},
+    "no_data": {"en": "No data in this period", "pt": "Sem dados neste período"},
+    "failed": {"en": "failed", "pt": "falhou"},
     "rpo_line": {"en": "RPO {objective}", "pt": "RPO {objective}"},
 }
 _STYLE: Final = """
@@ -182,12 +189,15 @@ def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
     rto = fmt(hist.rto_seconds, Unit.SECONDS)
     rpo = fmt(hist.rpo_seconds, Unit.SECONDS)
 
+    words = Words(no_data=_t(lang, "no_data"), failed=_t(lang, "failed"))
+
     def chart(key: str, series: list[Series], unit: Unit, objective: float | None = None,
               line: str = "") -> str:
         title = _t(lang, key)
+        named = [Series(_t(lang, f"series_{s.name}"), s.points) for s in series]
         return _figure(title, responsive_chart(
-            title, series, unit=unit, start=hist.start, end=hist.end, chart_id=key,
-            objective=objective, objective_label=line))
+            title, named, unit=unit, start=hist.start, end=hist.end, chart_id=key,
+            objective=objective, objective_label=line, words=words))
 
     parts = [
         f"<h1>{escape(_t(lang, 'title'))}</h1>",

@@ -1,6 +1,7 @@
 """The tool's own history as chart series (issue 16): what the status page and the HTML report
-draw, from the same facts as ``status`` and ``report`` (``state_dir``'s runs and drills, and
-the catalog of complete backups on the targets).
+draw (each series named by a key: ``database``, ``uploads``, ``backup``, ``drill``, ``gap``;
+the page names them in its language), from the same facts as ``status`` and ``report``
+(``state_dir``'s runs and drills, and the catalog of complete backups on the targets).
 
 - **Size**: per complete backup, its database dump (the database and globals artifacts, as
   stored) and its uploads (the files' own size, as the manifest says).
@@ -72,7 +73,7 @@ def history(ctx: Context, days: int, now: datetime | None = None,
         sizes=_sizes(complete),
         durations=[Series("backup", _runs(runs(ctx.config.state_dir)))],
         recovery=[Series("drill", _drills(drills(ctx.config.state_dir)))],
-        gaps=[Series("gap between backups", _gaps(complete, end))],
+        gaps=[Series("gap", _gaps(complete, end))],
         rto_seconds=parse_duration(ctx.config.drill.rto_objective).total_seconds(),
         rpo_seconds=parse_duration(ctx.config.monitoring.max_backup_age).total_seconds(),
     )
@@ -88,7 +89,7 @@ def _sizes(backups: Sequence[Backup]) -> list[Series]:
             database.append(Point(m.finished_at, float(sum(dump)), b.id))
         if m.uploads is not None:
             uploads.append(Point(m.finished_at, float(m.uploads.bytes), b.id))
-    return [Series("database (dump)", database), Series("uploads (files)", uploads)]
+    return [Series("database", database), Series("uploads", uploads)]
 
 
 def _runs(recorded: Sequence[dict[str, Any]]) -> list[Point]:
