@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEBIAN_ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CRON_DEFAULT_PATH = "/usr/bin:/bin"
 NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
-                                    "__pycache__", ".*_cache", ".hypothesis", "*-output")
+                                    "__pycache__", ".*_cache", ".hypothesis", "*-output",
+                                    "test-artefacts")
 FAKE_CRONTAB = """#!/bin/sh
 # Stands in for crontab(1): -l prints the saved table, - replaces it with standard input.
 case "$1" in
@@ -258,7 +259,8 @@ def test_readme_install_then_every_crontab_line_runs_as_cron_runs_it(
 
     (mail,) = smtp.inbox.mails  # the weekly report; nothing failed, so nothing else
     assert mail["Subject"] == "[conexa-backup] conexa-backup report, last 7 days"
-    assert "backups: 1 runs, 1 ok" in mail.get_content()
+    assert "backups: 1 runs, 1 ok" in mail.get_body(("plain",)).get_content()
+    assert "RPO" in mail.get_body(("html",)).get_content()  # and the report's page
     status = cron_run(table, "conexa-backup status")
     assert status.returncode == 0 and status.stdout.startswith("CONEXA-BACKUP OK"), status
     # The README's install leaves out the `server` extra: serve says what to install.
