@@ -10,11 +10,11 @@ English or Portuguese (``lang``), the school's staff reading Portuguese.
 
 from __future__ import annotations
 
-from datetime import datetime
 from html import escape
 from typing import Any, Final
 
 from conexa_backup.actions.history import History
+from conexa_backup.actions.monitor import parse_time
 from conexa_backup.charts import STYLE, Series, Unit, Words, fmt, responsive_chart
 
 LANGS: Final = ("en", "pt")
@@ -99,9 +99,9 @@ def _t(lang: str, key: str, **values: object) -> str:
 
 def _when(text: str | None, lang: str) -> str:
     """A recorded ISO time as a short day and hour (UTC)."""
-    if not text:
+    at = parse_time(text) if text else None
+    if at is None:
         return "-"
-    at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     months = ("jan", "fev", "mar", "abr", "mai", "jun", "jul", "ago", "set", "out", "nov",
               "dez") if lang == "pt" else ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul",
                                            "Aug", "Sep", "Oct", "Nov", "Dec")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from conexa_backup.actions.monitor import parse_time
 from conexa_backup.charts import Point, Series
 from conexa_backup.durations import parse_duration
 from conexa_backup.state import drills, runs
@@ -44,15 +45,6 @@ class History:
     gaps: list[Series]
     rto_seconds: float
     rpo_seconds: float
-
-
-def _time(text: object) -> datetime | None:
-    """A recorded ISO time (UTC when it says no zone), or None when it is not one."""
-    try:
-        at = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def history(ctx: Context, days: int, now: datetime | None = None,
@@ -95,7 +87,7 @@ def _sizes(backups: Sequence[Backup]) -> list[Series]:
 def _runs(recorded: Sequence[dict[str, Any]]) -> list[Point]:
     points = []
     for r in recorded:
-        at, seconds = _time(r.get("time")), r.get("duration_seconds")
+        at, seconds = parse_time(r.get("time")), r.get("duration_seconds")
         if r.get("kind") != "backup" or at is None:
             continue
         failed = r.get("outcome") == "failure"
@@ -111,7 +103,7 @@ def _runs(recorded: Sequence[dict[str, Any]]) -> list[Point]:
 def _drills(recorded: Sequence[dict[str, Any]]) -> list[Point]:
     points = []
     for d in recorded:
-        at = _time(d.get("started_at"))
+        at = parse_time(d.get("started_at"))
         if at is None:
             continue
         label = f"{d.get('backup_id')} from {d.get('target')}"

@@ -64,11 +64,13 @@ class Health:
         return LEVELS[self.level]
 
 
-def _parse_time(text: object) -> datetime | None:
+def parse_time(text: object) -> datetime | None:
+    """A recorded ISO time (UTC when it names no zone), or None when it is not one."""
     try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        at = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
         return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def damaged_copies(backups: Sequence[Backup], target: str | None = None) -> list[dict[str, Any]]:
@@ -135,7 +137,7 @@ def _drill_health(ctx: Context, health: TargetHealth, now: datetime) -> None:
         health.level = max(health.level, 1)
         health.problems.append(drill_failure(here[-1]))
     passed = [d for d in here if d.get("ok")]
-    when = _parse_time(passed[-1].get("started_at")) if passed else None
+    when = parse_time(passed[-1].get("started_at")) if passed else None
     if passed and when is not None:
         health.newest_drill = passed[-1]
         health.drill_age_seconds = (now - when).total_seconds()
@@ -231,13 +233,13 @@ def metrics_text(ctx: Context) -> str:
     for run in history:
         kind = str(run.get("kind"))
         last[kind] = run
-        when = _parse_time(run.get("time"))
+        when = parse_time(run.get("time"))
         if run.get("outcome") in ("success", "partial") and when is not None:
             last_ok[kind] = run
             if kind == "backup":
                 for target in (run.get("targets") or {}).get("ok", []):
                     per_target[target] = when.timestamp()
-    ts = {k: (_parse_time(r.get("time")) or datetime.fromtimestamp(0, UTC)).timestamp()
+    ts = {k: (parse_time(r.get("time")) or datetime.fromtimestamp(0, UTC)).timestamp()
           for k, r in last.items()}
     gauge("last_run_timestamp_seconds", "End of the last run, by kind.",
           [(f'{{kind="{k}"}}', v) for k, v in ts.items()])
@@ -247,7 +249,7 @@ def metrics_text(ctx: Context) -> str:
           [(f'{{kind="{k}"}}', float(r["duration_seconds"])) for k, r in last.items()
            if r.get("duration_seconds") is not None])
     gauge("last_success_timestamp_seconds", "End of the last successful run, by kind.",
-          [(f'{{kind="{k}"}}', (_parse_time(r.get("time")) or datetime.now(UTC)).timestamp())
+          [(f'{{kind="{k}"}}', (parse_time(r.get("time")) or datetime.now(UTC)).timestamp())
            for k, r in last_ok.items()])
     gauge("last_backup_size_bytes", "Stored size of the last successful backup.",
           [("", float(last_ok["backup"]["size_bytes"]))]
@@ -267,7 +269,7 @@ def metrics_text(ctx: Context) -> str:
           [(f'{{target="{t}"}}', float(d.get("recovery_seconds") or 0))
            for t, d in newest.items()])
     gauge("drill_last_timestamp_seconds", "Start of the last drill, by target.",
-          [(f'{{target="{t}"}}', (_parse_time(d.get("started_at")) or datetime.now(UTC))
+          [(f'{{target="{t}"}}', (parse_time(d.get("started_at")) or datetime.now(UTC))
             .timestamp()) for t, d in newest.items()])
     # From the record of copies seen bad (no listing: this runs after every run, also when a
     # target is down); a copy leaves it when a verify or drill passes, when it is deleted,
@@ -295,7 +297,7 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
     since = now - timedelta(days=days)
     mon = ctx.config.monitoring
     period_runs = [r for r in runs(ctx.config.state_dir)
-                   if (t := _parse_time(r.get("time"))) is not None and t >= since]
+                   if (t := parse_time(r.get("time"))) is not None and t >= since]
     backups_made = [r for r in period_runs if r.get("kind") == "backup"]
     unreachable: dict[str, str] = {}
     catalog = ctx.scan(ctx.targets(), unreachable=unreachable)
@@ -306,7 +308,7 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
     if times:
         gaps.append((now - times[-1]).total_seconds())
     period_drills = [d for d in drills(ctx.config.state_dir)
-                     if (t := _parse_time(d.get("started_at"))) is not None and t >= since]
+                     if (t := parse_time(d.get("started_at"))) is not None and t >= since]
     recovery = [float(d.get("recovery_seconds") or 0) for d in period_drills if d.get("ok")]
     rto = parse_duration(ctx.config.drill.rto_objective).total_seconds()
     storage: list[dict[str, Any]] = []
