@@ -97,7 +97,7 @@ def _t(lang: str, key: str, **values: object) -> str:
     return _TEXT[key][lang].format(**values)
 
 
-def _when(text: str | None, lang: str) -> str:
+def when(text: str | None, lang: str) -> str:
     """A recorded ISO time as a short day and hour (UTC)."""
     at = parse_time(text) if text else None
     if at is None:
@@ -154,12 +154,12 @@ def _rto(r: dict[str, Any], hist: History, lang: str) -> Verdict:
     if not drills:
         return "RTO", False, _t(lang, "rto_none", objective=objective)
     last = max(drills, key=lambda p: p.at)
-    when = _when(last.at.isoformat(), lang)
+    day = when(last.at.isoformat(), lang)
     if last.failed:
-        return "RTO", False, _t(lang, "rto_failed", when=when)
+        return "RTO", False, _t(lang, "rto_failed", when=day)
     ok = last.value <= hist.rto_seconds
     key = "rto_met" if ok else "rto_slow"
-    return "RTO", ok, _t(lang, key, when=when, took=fmt(last.value, Unit.SECONDS),
+    return "RTO", ok, _t(lang, key, when=day, took=fmt(last.value, Unit.SECONDS),
                          objective=objective)
 
 
@@ -177,19 +177,13 @@ def _figure(caption: str, chart: str) -> str:
     return f"<figure><figcaption>{escape(caption)}</figcaption>{chart}</figure>"
 
 
-def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
-    """The report ``r`` (:func:`monitor.report`) and its period's charts as an HTML page.
-
-    Raises:
-        ValueError: ``lang`` is not one of :data:`LANGS`.
-    """
-    if lang not in LANGS:
-        raise ValueError(f"report language {lang!r}: use one of {', '.join(LANGS)}")
-    b, d = r["backups"], r["drills"]
-    rto = fmt(hist.rto_seconds, Unit.SECONDS)
-    rpo = fmt(hist.rpo_seconds, Unit.SECONDS)
-
+def charts(hist: History, lang: str) -> dict[str, str]:
+    """The four charts of ``hist`` as captioned figures, by key (``size``, ``duration``,
+    ``recovery``: against the RTO, ``gaps``: against the RPO), in ``lang``: what the report
+    and the status page both draw."""
     words = Words(no_data=_t(lang, "no_data"), failed=_t(lang, "failed"))
+    rto = _t(lang, "rto_line", objective=fmt(hist.rto_seconds, Unit.SECONDS))
+    rpo = _t(lang, "rpo_line", objective=fmt(hist.rpo_seconds, Unit.SECONDS))
 
     def chart(key: str, series: list[Series], unit: Unit, objective: float | None = None,
               line: str = "") -> str:
@@ -199,27 +193,43 @@ def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
             title, named, unit=unit, start=hist.start, end=hist.end, chart_id=key,
             objective=objective, objective_label=line, words=words))
 
+    return {"size": chart("size", hist.sizes, Unit.BYTES),
+            "duration": chart("duration", hist.durations, Unit.SECONDS),
+            "recovery": chart("recovery", hist.recovery, Unit.SECONDS, hist.rto_seconds, rto),
+            "gaps": chart("gaps", hist.gaps, Unit.SECONDS, hist.rpo_seconds, rpo)}
+
+
+def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
+    """The report ``r`` (:func:`monitor.report`) and its period's charts as an HTML page.
+
+    Raises:
+        ValueError: ``lang`` is not one of :data:`LANGS`.
+    """
+    if lang not in LANGS:
+        raise ValueError(f"report language {lang!r}: use one of {', '.join(LANGS)}")
+    b, d = r["backups"], r["drills"]
+
+    figures = charts(hist, lang)
+
     parts = [
         f"<h1>{escape(_t(lang, 'title'))}</h1>",
-        f'<p class="period">{escape(_t(lang, "period", start=_when(r["from"], lang), end=_when(r["to"], lang), days=r["period_days"]))}</p>',  # noqa: E501
+        f'<p class="period">{escape(_t(lang, "period", start=when(r["from"], lang), end=when(r["to"], lang), days=r["period_days"]))}</p>',  # noqa: E501
         *(_verdict(v, lang) for v in verdicts(r, hist, lang)),
         f"<h2>{escape(_t(lang, 'backups'))}</h2>",
         f"<p>{escape(_t(lang, 'runs', **b))}</p>",
-        chart("size", hist.sizes, Unit.BYTES),
-        chart("duration", hist.durations, Unit.SECONDS),
+        figures["size"],
+        figures["duration"],
     ]
     if b["failures"]:
         parts += [f"<h3>{escape(_t(lang, 'failures'))}</h3>", _table(
             [escape(_t(lang, "time")), escape(_t(lang, "error"))],
-            [[escape(_when(f["time"], lang)), escape(str(f["error"] or ""))]
+            [[escape(when(f["time"], lang)), escape(str(f["error"] or ""))]
              for f in b["failures"]])]
     parts += [
         f"<h2>{escape(_t(lang, 'drills'))}</h2>",
         f"<p>{escape(_t(lang, 'drill_runs', runs=d['runs'], passed=d['passed'], failed=d['failed']))}</p>",  # noqa: E501
-        chart("recovery", hist.recovery, Unit.SECONDS, hist.rto_seconds,
-              _t(lang, "rto_line", objective=rto)),
-        chart("gaps", hist.gaps, Unit.SECONDS, hist.rpo_seconds,
-              _t(lang, "rpo_line", objective=rpo)),
+        figures["recovery"],
+        figures["gaps"],
         f"<h2>{escape(_t(lang, 'storage'))}</h2>",
         _table([escape(_t(lang, k)) for k in ("target", "stored", "cost")], [
             [escape(s["target"]) + (" — " + escape(_t(lang, "unreachable",
