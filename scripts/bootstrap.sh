@@ -16,6 +16,8 @@ if [ "${1:-}" = "--test" ] && command -v apt-get >/dev/null 2>&1; then
   /usr/bin/python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3-venv)
   # The web pages are tested in a real browser: Debian's Chromium, driven by Playwright.
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  # The status page's history is made by the CLI with its clock moved (tests/test_status_page.py).
+  command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
 fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -35,14 +35,17 @@ class Seen:
 
 
 @contextmanager
-def open_page(size: tuple[int, int] = DESKTOP) -> Iterator[tuple[Page, Seen]]:
-    """A fresh page of a headless Chromium, ``size`` pixels (width, height), and what it saw.
-    Requests that would leave loopback are recorded and aborted."""
+def open_page(size: tuple[int, int] = DESKTOP, locale: str = "en-US"
+              ) -> Iterator[tuple[Page, Seen]]:
+    """A fresh page of a headless Chromium, ``size`` pixels (width, height), and what it saw;
+    ``locale`` is what it asks pages for (``Accept-Language``). Requests that would leave
+    loopback are recorded and aborted."""
     seen = Seen()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]},
+                                    locale=locale, accept_downloads=True)
             page.on("console", lambda m: seen.errors.append(m.text) if m.type == "error"
                     else None)
             page.on("pageerror", lambda exc: seen.errors.append(str(exc)))

@@ -22,7 +22,7 @@ from conexa_backup import __version__
 from conexa_backup.config.server import is_loopback
 from conexa_backup.errors import ConexaError
 from conexa_backup.logs import LOGGER
-from conexa_backup.server import api_delete, api_download, api_jobs, api_list
+from conexa_backup.server import api_delete, api_download, api_jobs, api_list, api_page
 from conexa_backup.server.errors import answer
 from conexa_backup.server.services import Services
 from conexa_backup.server.trail import AuditTrail
@@ -115,7 +115,7 @@ def create_app(services: Services) -> FastAPI:
         app.add_middleware(LoopbackHostOnly)
     app.add_middleware(BodyLimit)  # outermost of ours: nothing reads an oversized body
     _install_error_handlers(app)
-    for module in (api_list, api_download, api_jobs, api_delete):
+    for module in (api_list, api_download, api_jobs, api_delete, api_page):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])
