@@ -248,3 +248,34 @@ def test_the_page_is_self_contained_and_never_cached(api: Api) -> None:
     assert script.status_code == 200 and "sessionStorage" in script.text
     assert "http://" not in script.text and "https://" not in script.text
     assert api.get("/api/admin/page", role=None).status_code == 401
+
+
+def test_the_page_works_from_the_keyboard(api: Api) -> None:
+    with open_page() as (page, seen):
+        page.goto(api.url + "/")
+        expect(page.locator("#token")).to_be_focused()
+        page.keyboard.type(make_token("admin", lifetime=3600))
+        page.keyboard.press("Enter")
+        expect(page.locator("#state")).to_be_visible()
+        for _ in range(500):  # every button and scroll box on the way is a Tab stop
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.dataset.days") == "90":
+                break
+        else:
+            pytest.fail("Tab never reached the 90-day period button")
+        page.keyboard.press("Enter")
+        ninety = page.get_by_role("button", name="90 days")
+        expect(ninety).to_have_attribute("aria-pressed", "true")
+        expect(ninety).to_be_focused()  # drawn anew, and the focus kept its place
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Enter")  # 30 days
+        expect(page.get_by_role("button", name="30 days")).to_have_attribute("aria-pressed",
+                                                                             "true")
+        page.locator('button[data-action="restore"]').first.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#confirm")).to_be_visible()
+        expect(page.locator("#confirm-id")).to_be_focused()
+        page.keyboard.press("Escape")  # changed their mind: nothing starts
+        expect(page.locator("#confirm")).to_be_hidden()
+        assert page.locator("#job").is_hidden()
+        _nothing_wrong(seen)

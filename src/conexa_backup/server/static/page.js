@@ -45,7 +45,9 @@
     $("token").focus();
   }
 
-  async function load() {
+  // focusDays: after the period changed, the keyboard's focus goes back to its button (the
+  // buttons are drawn anew, and focus would otherwise fall back to the page's top).
+  async function load(focusDays) {
     signin.hidden = true;
     view.setAttribute("aria-busy", "true");
     try {
@@ -54,6 +56,7 @@
       // Server-rendered, every value escaped there (conexa_backup/statuspage.py).
       view.innerHTML = await answer.text();
       $("signout").hidden = false;
+      if (focusDays) view.querySelector(`[data-days="${focusDays}"]`)?.focus();
       const running = $("running");
       if (running && running.dataset.job && !following && canFollow()) follow(running.dataset.job);
     } catch (e) {
@@ -198,7 +201,7 @@
     const id = button.dataset.id;
     const label = button.firstChild ? button.firstChild.textContent : "";
     const actions = {
-      days: () => { days = Number(button.dataset.days); return load(); },
+      days: () => { days = Number(button.dataset.days); return load(days); },
       restore: () => restore(id, label),
       delete: () => remove(id, label),
       download: () => download(id),
