@@ -62,13 +62,15 @@ _TEXT: Final[dict[str, tuple[str, str]]] = {  # key: (English, Portuguese)
     "backups": ("Backups", "Cópias"),
     "shown": ("{shown} of {total} backups: those of the last {days} days.",
               "{shown} de {total} cópias: as dos últimos {days} dias."),
-    "id": ("Backup", "Cópia"), "created": ("Created", "Criada"), "kind": ("Kind", "Tipo"),
+    "id": ("Backup", "Cópia"), "created": ("Created (UTC)", "Criada (UTC)"),
+    "kind": ("Kind", "Tipo"),
     "size": ("Size", "Tamanho"), "checks": ("Checks", "Verificações"),
     "actions": ("Actions", "Ações"),
     "cell_complete": ("✓ complete", "✓ completa"), "cell_damaged": ("✗ damaged", "✗ danificada"),
     "cell_incomplete": ("◐ incomplete", "◐ incompleta"), "cell_missing": ("- missing", "- ausente"),
     "cell_policy": ("○ not sent (policy)", "○ não enviada (política)"),
     "verified": ("✓ verified {when}", "✓ verificada em {when}"),
+    "verified_at": ("verified at {when}", "verificada em {when}"),
     "drilled": ("✓ drill passed", "✓ teste aprovado"),
     "unchecked": ("not verified yet", "ainda não verificada"),
     "drill_bad": ("✗ drill failed", "✗ teste falhou"),
@@ -284,6 +286,16 @@ def _running(job: Mapping[str, Any] | None, lang: str) -> str:
                  state=job.get("state", "")) + "</p>")
 
 
+def _short(at: str) -> str:
+    """``6 Dec 2026, 07:52 UTC`` as ``6 Dec 2026 07:52`` (the column says UTC)."""
+    return at.replace(",", "").removesuffix(" UTC")
+
+
+def _day(at: str) -> str:
+    """``6 Dec 2026, 07:52 UTC`` as ``6 Dec`` (the full time is the badge's tooltip)."""
+    return " ".join(at.split()[:2])
+
+
 def _age(seconds: object) -> str:
     return fmt(float(seconds), Unit.SECONDS) if isinstance(seconds, int | float) else ""
 
@@ -377,7 +389,9 @@ def _checks(entry: Mapping[str, Any], lang: str) -> str:
     badges = []
     verified = [str(c["verified_at"]) for c in entry.get("targets", []) if c.get("verified_at")]
     if verified:
-        badges.append(f'<span class="badge good">{_e(lang, "verified", when=when(max(verified), lang))}</span>')  # noqa: E501
+        at = when(max(verified), lang)
+        badges.append(f'<span class="badge good" title="{_e(lang, "verified_at", when=at)}">'
+                      f'{_e(lang, "verified", when=_day(at))}</span>')
     drills = entry.get("drills") or {}
     if any(not d.get("ok") for d in drills.values()):
         badges.append(f'<span class="badge bad">{_e(lang, "drill_bad")}</span>')
@@ -420,7 +434,7 @@ def _backups(f: Facts, lang: str) -> str:
         rows.append(
             f'<tr data-id="{escape(str(b.get("id")))}" data-state="{escape(str(b.get("state")))}">'
             + _td(heads[0], escape(str(b.get("id"))), "id")
-            + _td(heads[1], escape(when(b.get("created_at"), lang)), "when")
+            + _td(heads[1], escape(_short(when(b.get("created_at"), lang))), "when")
             + _td(heads[2], _e(lang, kind) if kind in _TEXT else escape(kind))
             + _td(heads[3], escape(fmt(float(b.get("size_bytes") or 0), Unit.BYTES)), "num")
             + "".join(_cell(b, t_, f, lang) for t_ in f.targets)
