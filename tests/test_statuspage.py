@@ -103,3 +103,12 @@ def test_the_shell_holds_no_facts_and_its_words_cannot_close_their_block() -> No
     words = json.loads(block)
     assert words["confirm_restore"].startswith("Restaurar a cópia {id}?")
     assert "</" not in block
+
+
+def test_portuguese_throughout_durations_and_months_included() -> None:
+    late = _facts()
+    late.status["targets"][0]["backup_age_seconds"] = 4 * 86400
+    html = view(late, "pt")
+    assert "há 4 dias (objetivo: menos de 26 h)" in html
+    assert " days" not in html and ">06 nov</text>" in html  # the charts' dates too
+    assert "Objetivo: RTO 1 h." in html  # what a screen reader says of a chart

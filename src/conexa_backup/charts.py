@@ -78,14 +78,25 @@ class Series:
 
 @dataclass(frozen=True)
 class Words:
-    """What a chart says in words, for a page in another language."""
+    """What a chart (and :func:`fmt`) says in words, for a page in another language."""
 
     no_data: str = "No data in this period"
     failed: str = "failed"
+    days: str = "days"
+    months: tuple[str, ...] = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
+                               "Oct", "Nov", "Dec")
+    points: str = "{name}: {count} points, from {low} to {high}"
+    failed_count: str = ", {count} failed"
+    nothing: str = "{name}: no data."
+    objective: str = "Objective: {what}."
 
 
-def fmt(value: float, unit: Unit) -> str:
-    """``value`` as a person reads it: ``1.5 GB``, ``4 min 12 s``, ``12``."""
+ENGLISH: Final = Words()
+
+
+def fmt(value: float, unit: Unit, words: Words = ENGLISH) -> str:
+    """``value`` as a person reads it: ``1.5 GB``, ``4 min 12 s``, ``12``, ``4.2 days`` (the
+    word for days from ``words``)."""
     if unit is Unit.BYTES:
         for name, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if abs(value) >= size:
@@ -101,7 +112,7 @@ def fmt(value: float, unit: Unit) -> str:
         if seconds < 2 * 86400:
             hours, rest = divmod(seconds, 3600)
             return f"{hours} h {rest // 60} min" if rest >= 60 else f"{hours} h"
-        return f"{value / 86400:.3g} days"
+        return f"{value / 86400:.3g} {words.days}"
     return f"{value:.4g}"
 
 
@@ -152,25 +163,25 @@ def time_chart(title: str, series: Sequence[Series], *, unit: Unit, start: datet
     def y(value: float) -> float:
         return _PAD_TOP + plot_h * (1 - value / y_max)
 
+    said = _describe(shown, unit, objective, objective_label, words)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="{chart_id}" class="chart" role="img" '
         f'viewBox="0 0 {width} {height}" aria-labelledby="{chart_id}-title {chart_id}-desc">',
         f'<title id="{chart_id}-title">{escape(title)}</title>',
-        f'<desc id="{chart_id}-desc">{escape(_describe(shown, unit, objective, objective_label))}'
-        "</desc>",
+        f'<desc id="{chart_id}-desc">{escape(said)}</desc>',
     ]
     for tick in ticks:
         out.append(f'<line class="grid" x1="{_PAD_LEFT}" x2="{width - _PAD_RIGHT}" '
                    f'y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>')
         out.append(f'<text class="axis" x="{_PAD_LEFT - 6}" y="{y(tick) + 4:.1f}" '
-                   f'text-anchor="end">{escape(fmt(tick, unit))}</text>')
-    out += _x_labels(start, end, x, height)
+                   f'text-anchor="end">{escape(fmt(tick, unit, words))}</text>')
+    out += _x_labels(start, end, x, height, words)
     if objective is not None:
         out.append(f'<line class="objective" x1="{_PAD_LEFT}" x2="{width - _PAD_RIGHT}" '
                    f'y1="{y(objective):.1f}" y2="{y(objective):.1f}" stroke-dasharray="6 4"/>')
         out.append(f'<text class="objective-label" x="{width - _PAD_RIGHT}" '
                    f'y="{y(objective) - 4:.1f}" text-anchor="end">'
-                   f"{escape(objective_label or fmt(objective, unit))}</text>")
+                   f"{escape(objective_label or fmt(objective, unit, words))}</text>")
     for index, s in enumerate(shown):
         out += _series(s, index, unit, x, y, words)
     out += _legend(shown)
@@ -209,7 +220,8 @@ def _series(s: Series, index: int, unit: Unit, x: XScale, y: YScale, words: Word
         out.append(f'<polyline class="line" fill="none" points="{path}"/>')
     for p in points:
         px, py = x(p.at), y(p.value)
-        said = ", ".join(w for w in (s.name, f"{p.at:%Y-%m-%d %H:%M} UTC", fmt(p.value, unit),
+        said = ", ".join(w for w in (s.name, f"{p.at:%Y-%m-%d %H:%M} UTC",
+                                     fmt(p.value, unit, words),
                                      p.label, words.failed if p.failed else "") if w)
         tip = f"<title>{escape(said)}</title>"
         if p.failed:  # a cross, not a dot: failure is told by shape and text, not colour
@@ -234,31 +246,36 @@ def _legend(series: Sequence[Series]) -> list[str]:
     return out
 
 
-def _x_labels(start: datetime, end: datetime, x: XScale, height: int) -> list[str]:
+def _x_labels(start: datetime, end: datetime, x: XScale, height: int, words: Words
+              ) -> list[str]:
     """Dates along the bottom: five, evenly spread."""
     step = (end - start) / 4
     out = []
     for i in range(5):
         at = start + step * i
         anchor = "start" if i == 0 else "end" if i == 4 else "middle"
-        label = f"{at:%d %b}" if end - start > timedelta(days=2) else f"{at:%H:%M}"
+        label = f"{at:%d} {words.months[at.month - 1]}" if end - start > timedelta(days=2) \
+            else f"{at:%H:%M}"
         out.append(f'<text class="axis" x="{x(at):.1f}" y="{height - 8}" '
                    f'text-anchor="{anchor}">{label}</text>')
     return out
 
 
 def _describe(series: Sequence[Series], unit: Unit, objective: float | None,
-              objective_label: str) -> str:
+              objective_label: str, words: Words) -> str:
     """The chart in one or two sentences, for a screen reader."""
     parts = []
     for s in series:
         if not s.points:
-            parts.append(f"{s.name}: no data.")
+            parts.append(words.nothing.format(name=s.name))
             continue
         values = [p.value for p in s.points]
         failed = sum(1 for p in s.points if p.failed)
-        parts.append(f"{s.name}: {len(values)} points, from {fmt(min(values), unit)} to "
-                     f"{fmt(max(values), unit)}" + (f", {failed} failed." if failed else "."))
+        parts.append(words.points.format(name=s.name, count=len(values),
+                                         low=fmt(min(values), unit, words),
+                                         high=fmt(max(values), unit, words))
+                     + (words.failed_count.format(count=failed) if failed else "") + ".")
     if objective is not None:
-        parts.append(f"Objective: {objective_label or fmt(objective, unit)}.")
+        parts.append(words.objective.format(what=objective_label
+                                            or fmt(objective, unit, words)))
     return " ".join(parts)

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from conexa_backup.actions.history import History
 from conexa_backup.actions.monitor import parse_time
-from conexa_backup.charts import STYLE, Series, Unit, Words, fmt, responsive_chart
+from conexa_backup.charts import ENGLISH, STYLE, Series, Unit, Words, fmt, responsive_chart
 
 LANGS: Final = ("en", "pt")
 _TEXT: Final[dict[str, dict[str, str]]] = {
@@ -76,6 +76,15 @@ _TEXT: Final[dict[str, dict[str, str]]] = {
     "failed": {"en": "failed", "pt": "falhou"},
     "rpo_line": {"en": "RPO {objective}", "pt": "RPO {objective}"},
 }
+_WORDS: Final = {
+    "en": ENGLISH,
+    "pt": Words(no_data=_TEXT["no_data"]["pt"], failed=_TEXT["failed"]["pt"], days="dias",
+                months=("jan", "fev", "mar", "abr", "mai", "jun", "jul", "ago", "set", "out",
+                        "nov", "dez"),
+                points="{name}: {count} pontos, de {low} a {high}",
+                failed_count=", {count} com falha", nothing="{name}: sem dados.",
+                objective="Objetivo: {what}."),
+}
 _STYLE: Final = """
 body { font-family: system-ui, sans-serif; margin: 0; color: #1b1b1b; background: #fff; }
 main { max-width: 720px; margin: 0 auto; padding: 16px; }
@@ -97,15 +106,17 @@ def _t(lang: str, key: str, **values: object) -> str:
     return _TEXT[key][lang].format(**values)
 
 
+def duration(seconds: float, lang: str) -> str:
+    """``seconds`` as a person reads it in ``lang``: ``4 min 12 s``, ``4.2 dias``."""
+    return fmt(seconds, Unit.SECONDS, _WORDS[lang])
+
+
 def when(text: str | None, lang: str) -> str:
     """A recorded ISO time as a short day and hour (UTC)."""
     at = parse_time(text) if text else None
     if at is None:
         return "-"
-    months = ("jan", "fev", "mar", "abr", "mai", "jun", "jul", "ago", "set", "out", "nov",
-              "dez") if lang == "pt" else ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul",
-                                           "Aug", "Sep", "Oct", "Nov", "Dec")
-    return f"{at.day} {months[at.month - 1]} {at.year}, {at:%H:%M} UTC"
+    return f"{at.day} {_WORDS[lang].months[at.month - 1]} {at.year}, {at:%H:%M} UTC"
 
 
 Verdict = tuple[str, bool, str]  # ("RPO" or "RTO", met, the sentence)
@@ -138,18 +149,18 @@ def summary(r: dict[str, Any], hist: History, lang: str = "en") -> str:
 
 def _rpo(r: dict[str, Any], lang: str) -> Verdict:
     rpo = r["rpo"]
-    objective = fmt(rpo["objective_seconds"], Unit.SECONDS)
+    objective = duration(rpo["objective_seconds"], lang)
     gap = rpo["largest_gap_seconds"]
     if gap is None:
         sentence = _t(lang, "rpo_none", objective=objective)
     else:
         key = "rpo_met" if rpo["met"] else "rpo_missed"
-        sentence = _t(lang, key, objective=objective, gap=fmt(gap, Unit.SECONDS))
+        sentence = _t(lang, key, objective=objective, gap=duration(gap, lang))
     return "RPO", bool(rpo["met"]), sentence
 
 
 def _rto(r: dict[str, Any], hist: History, lang: str) -> Verdict:
-    objective = fmt(r["rto"]["objective_seconds"], Unit.SECONDS)
+    objective = duration(r["rto"]["objective_seconds"], lang)
     drills = [p for s in hist.recovery for p in s.points if hist.start <= p.at <= hist.end]
     if not drills:
         return "RTO", False, _t(lang, "rto_none", objective=objective)
@@ -159,7 +170,7 @@ def _rto(r: dict[str, Any], hist: History, lang: str) -> Verdict:
         return "RTO", False, _t(lang, "rto_failed", when=day)
     ok = last.value <= hist.rto_seconds
     key = "rto_met" if ok else "rto_slow"
-    return "RTO", ok, _t(lang, key, when=day, took=fmt(last.value, Unit.SECONDS),
+    return "RTO", ok, _t(lang, key, when=day, took=duration(last.value, lang),
                          objective=objective)
 
 
@@ -181,9 +192,9 @@ def charts(hist: History, lang: str) -> dict[str, str]:
     """The four charts of ``hist`` as captioned figures, by key (``size``, ``duration``,
     ``recovery``: against the RTO, ``gaps``: against the RPO), in ``lang``: what the report
     and the status page both draw."""
-    words = Words(no_data=_t(lang, "no_data"), failed=_t(lang, "failed"))
-    rto = _t(lang, "rto_line", objective=fmt(hist.rto_seconds, Unit.SECONDS))
-    rpo = _t(lang, "rpo_line", objective=fmt(hist.rpo_seconds, Unit.SECONDS))
+    said = _WORDS[lang]
+    rto = _t(lang, "rto_line", objective=duration(hist.rto_seconds, lang))
+    rpo = _t(lang, "rpo_line", objective=duration(hist.rpo_seconds, lang))
 
     def chart(key: str, series: list[Series], unit: Unit, objective: float | None = None,
               line: str = "") -> str:
@@ -191,7 +202,7 @@ def charts(hist: History, lang: str) -> dict[str, str]:
         named = [Series(_t(lang, f"series_{s.name}"), s.points) for s in series]
         return _figure(title, responsive_chart(
             title, named, unit=unit, start=hist.start, end=hist.end, chart_id=key,
-            objective=objective, objective_label=line, words=words))
+            objective=objective, objective_label=line, words=said))
 
     return {"size": chart("size", hist.sizes, Unit.BYTES),
             "duration": chart("duration", hist.durations, Unit.SECONDS),

@@ -24,7 +24,7 @@ from conexa_backup.actions.history import History
 from conexa_backup.actions.monitor import drill_failure, parse_time
 from conexa_backup.charts import STYLE as CHART_STYLE
 from conexa_backup.charts import Unit, fmt
-from conexa_backup.htmlreport import LANGS, charts, when
+from conexa_backup.htmlreport import LANGS, charts, duration, when
 
 PERIODS: Final = (30, 90, 365)  # days the charts can show
 _TEXT: Final[dict[str, tuple[str, str]]] = {  # key: (English, Portuguese)
@@ -296,8 +296,8 @@ def _day(at: str) -> str:
     return " ".join(at.split()[:2])
 
 
-def _age(seconds: object) -> str:
-    return fmt(float(seconds), Unit.SECONDS) if isinstance(seconds, int | float) else ""
+def _age(seconds: object, lang: str) -> str:
+    return duration(float(seconds), lang) if isinstance(seconds, int | float) else ""
 
 
 def _targets(f: Facts, lang: str) -> str:
@@ -311,8 +311,8 @@ def _targets(f: Facts, lang: str) -> str:
             late = isinstance(age, int | float) and age > f.max_backup_age_seconds
             newest_cell = (f'<span class="{"bad" if late else "good"}">'
                            f'{"✗" if late else "✓"} {escape(str(newest))}</span><br>'
-                           + _e(lang, "age", age=_age(age),
-                                objective=fmt(f.max_backup_age_seconds, Unit.SECONDS)))
+                           + _e(lang, "age", age=_age(age, lang),
+                                objective=duration(f.max_backup_age_seconds, lang)))
         else:
             newest_cell = f'<span class="bad">✗ {_e(lang, "never")}</span>'
         damaged = t_.get("damaged") or []
@@ -343,8 +343,8 @@ def _drill_cell(f: Facts, target: str, lang: str) -> str:
         why = drill_failure(dict(last))
         return f'<span class="bad">{_e(lang, "drill_failed", when=at, why=why)}</span>'
     key, css = ("drill_ok", "good") if took <= rto else ("drill_slow", "bad")
-    return (f'<span class="{css}">' + _e(lang, key, when=at, took=fmt(took, Unit.SECONDS),
-                                         objective=fmt(rto, Unit.SECONDS)) + "</span>")
+    return (f'<span class="{css}">' + _e(lang, key, when=at, took=duration(took, lang),
+                                         objective=duration(rto, lang)) + "</span>")
 
 
 def _table(table_id: str, label: str, head: str, rows: Sequence[str]) -> str:
