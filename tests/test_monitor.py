@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 from pytest_httpserver import HTTPServer
 
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.history import history
+from conexa_backup.config.loading import load_config
 from conexa_backup.testing.cluster import free_port
 from conexa_backup.testing.sample import make_uploads_tree
 
@@ -398,7 +401,9 @@ def test_report_summarises_backups_drills_and_storage_cost(ws: Any, tmp_path: Pa
     assert report["rpo"]["met"] is True
     assert report["rpo"]["objective_seconds"] == 26 * 3600
     assert 0 <= report["rpo"]["largest_gap_seconds"] < 300
-    assert report["rto"] == {"objective_seconds": 3600.0, "met": True}
+    assert report["rto"]["objective_seconds"] == 3600.0 and report["rto"]["met"] is True
+    assert report["rto"]["last_drill"]["ok"] is True
+    assert report["rto"]["last_drill"]["recovery_seconds"] == rec["max"]
     storage = {s["target"]: s for s in report["storage"]}
     assert set(storage) == {"local", "priced"}
     assert storage["local"]["bytes"] == folder_bytes(ws.backups)  # includes drill.json
@@ -427,6 +432,44 @@ def test_report_rpo_not_met_when_the_newest_backup_is_old(ws: Any) -> None:
     report = json.loads(result.stdout)
     assert report["rpo"]["met"] is False
     assert report["rpo"]["largest_gap_seconds"] >= 3 * 3600
+
+
+def test_a_backup_damaged_everywhere_closes_no_gap_in_report_or_charts(ws: Any) -> None:
+    """One rule for the RPO (monitor.backup_gaps over restorable backups): the report's
+    verdict and the gap chart both skip a backup found damaged on every copy."""
+    ws.write_config('[monitoring]\nmax_backup_age = "4h"\n')
+    first = backup(ws)
+    age_backup(ws, first, timedelta(hours=5))
+    second = backup(ws)
+    age_backup(ws, second, timedelta(hours=2))
+    assert json.loads(ws.run("report", "--json").stdout)["rpo"]["met"] is True  # 3 h, 2 h
+    dump = ws.backups / second / "database.dump.zst"
+    dump.write_bytes(dump.read_bytes()[:-64])
+    assert ws.run("verify").returncode != 0  # found damaged, recorded
+
+    report = json.loads(ws.run("report", "--json").stdout)
+    assert report["rpo"]["met"] is False
+    assert report["rpo"]["largest_gap_seconds"] >= 5 * 3600  # open since the first
+    h = history(Context(load_config(ws.config)[0]), 7)
+    assert max(p.value for p in h.gaps[0].points) >= 5 * 3600
+    assert len(h.gaps[0].points) == 1  # only the gap still open
+
+
+def test_the_rto_is_the_newest_drills_word(ws: Any) -> None:
+    """A drill that failed after one that passed: the RTO is not met (report and page)."""
+    backup(ws)
+    drill(ws)
+    assert json.loads(ws.run("report", "--json").stdout)["rto"]["met"] is True
+    listed = json.loads(ws.run("list", "--json").stdout)
+    newest = max(b["id"] for b in listed)
+    dump = ws.backups / newest / "database.dump.zst"
+    dump.write_bytes(dump.read_bytes()[:-64])
+    assert ws.run("verify", "--drill").returncode != 0
+
+    report = json.loads(ws.run("report", "--json").stdout)
+    assert report["drills"]["passed"] == 1 and report["drills"]["failed"] == 1
+    assert report["rto"]["met"] is False and report["rto"]["last_drill"]["ok"] is False
+    assert "RTO (objective 1 h 0 min): NOT MET (the newest drill failed" in ws.run("report").stdout
 
 
 def test_report_send_goes_to_notifiers_taking_reports(ws: Any, httpserver: HTTPServer) -> None:

@@ -13,6 +13,7 @@ import copy
 import logging
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -192,6 +193,7 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
     With ``alert``, a failure (or interruption) is recorded and sent to the notifiers, and a
     backup pings heartbeat monitors when it starts.
     """
+    started = time.monotonic()
     show = progress and not STATE.quiet and STATE.err.is_terminal
     reporter = render.ProgressReporter(STATE.err) if show else None
     ctx = _context(reporter)
@@ -225,7 +227,7 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
             else:  # a bug: keep the traceback for whoever debugs it (redacted)
                 log.error("%s failed unexpectedly:\n%s", what, _redact(traceback.format_exc()))
             if alert is not None:
-                _alert(ctx, events.failure_event(alert, exc))
+                _alert(ctx, events.failure_event(alert, exc, time.monotonic() - started))
             raise
 
 
@@ -616,7 +618,7 @@ def report(
             if html is not None or send:  # sent as the email's HTML part, and to chat short
                 hist = history(ctx, days, datetime.fromisoformat(data["to"]))
                 page = htmlreport.report_html(data, hist, lang)
-                short = htmlreport.summary(data, hist, lang)
+                short = htmlreport.summary(data, lang)
             if html is not None and page is not None:
                 _write_file(html, page.encode())
             text = render.report_text(data)

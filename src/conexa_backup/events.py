@@ -90,15 +90,18 @@ def admin_event(action: str, sub: str, outcome: str, backup_id: str | None = Non
                           **detail})
 
 
-def failure_event(kind: Kind, exc: BaseException) -> Event:
-    """A run that ended with an error (or was interrupted)."""
+def failure_event(kind: Kind, exc: BaseException, seconds: float | None = None) -> Event:
+    """A run that ended with an error (or was interrupted) after ``seconds``: how long a
+    failed run took is history too (a run that hangs until it fails is drawn as long)."""
     if isinstance(exc, PartialFailure) and exc.result is not None:
         return backup_event(exc.result)  # type: ignore[arg-type]
+    took = round(seconds, 3) if seconds is not None else None
     if isinstance(exc, KeyboardInterrupt):
         how = f" by {exc.args[0]}" if exc.args else ""
-        return Event(kind, "failure", f"{kind} interrupted{how}", error=f"interrupted{how}")
+        return Event(kind, "failure", f"{kind} interrupted{how}", error=f"interrupted{how}",
+                     duration_seconds=took)
     message = str(exc) if isinstance(exc, ConexaError) else f"{type(exc).__name__}: {exc}"
-    return Event(kind, "failure", f"{kind} FAILED", error=message)
+    return Event(kind, "failure", f"{kind} FAILED", error=message, duration_seconds=took)
 
 
 def test_event() -> Event:

@@ -132,15 +132,15 @@ def _verdict(v: Verdict, lang: str) -> str:
             f"</strong>{escape(sentence)}</p>")
 
 
-def verdicts(r: dict[str, Any], hist: History, lang: str = "en") -> list[Verdict]:
+def verdicts(r: dict[str, Any], lang: str = "en") -> list[Verdict]:
     """Whether the RPO and the RTO were met, each with its sentence."""
-    return [_rpo(r, lang), _rto(r, hist, lang)]
+    return [_rpo(r, lang), _rto(r, lang)]
 
 
-def summary(r: dict[str, Any], hist: History, lang: str = "en") -> str:
+def summary(r: dict[str, Any], lang: str = "en") -> str:
     """The report in four lines, for chat (Slack): the verdicts, the runs, the drills."""
     lines = [f"{label} {_mark(ok, lang)}: {sentence}"
-             for label, ok, sentence in verdicts(r, hist, lang)]
+             for label, ok, sentence in verdicts(r, lang)]
     d = r["drills"]
     lines += [_t(lang, "runs", **r["backups"]),
               _t(lang, "drill_runs", runs=d["runs"], passed=d["passed"], failed=d["failed"])]
@@ -159,19 +159,20 @@ def _rpo(r: dict[str, Any], lang: str) -> Verdict:
     return "RPO", bool(rpo["met"]), sentence
 
 
-def _rto(r: dict[str, Any], hist: History, lang: str) -> Verdict:
-    objective = duration(r["rto"]["objective_seconds"], lang)
-    drills = [p for s in hist.recovery for p in s.points if hist.start <= p.at <= hist.end]
-    if not drills:
+def _rto(r: dict[str, Any], lang: str) -> Verdict:
+    """The report's own verdict (:func:`monitor.rto_verdict`: the newest drill), in words."""
+    rto = r["rto"]
+    objective = duration(rto["objective_seconds"], lang)
+    last = rto.get("last_drill")
+    if not last:
         return "RTO", False, _t(lang, "rto_none", objective=objective)
-    last = max(drills, key=lambda p: p.at)
-    day = when(last.at.isoformat(), lang)
-    if last.failed:
+    day = when(last["at"], lang)
+    if not last["ok"]:
         return "RTO", False, _t(lang, "rto_failed", when=day)
-    ok = last.value <= hist.rto_seconds
-    key = "rto_met" if ok else "rto_slow"
-    return "RTO", ok, _t(lang, key, when=day, took=duration(last.value, lang),
-                         objective=objective)
+    key = "rto_met" if rto["met"] else "rto_slow"
+    return "RTO", bool(rto["met"]), _t(lang, key, when=day,
+                                       took=duration(last["recovery_seconds"], lang),
+                                       objective=objective)
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: frozenset[int] = frozenset()) -> str:
@@ -225,7 +226,7 @@ def report_html(r: dict[str, Any], hist: History, lang: str = "en") -> str:
     parts = [
         f"<h1>{escape(_t(lang, 'title'))}</h1>",
         f'<p class="period">{escape(_t(lang, "period", start=when(r["from"], lang), end=when(r["to"], lang), days=r["period_days"]))}</p>',  # noqa: E501
-        *(_verdict(v, lang) for v in verdicts(r, hist, lang)),
+        *(_verdict(v, lang) for v in verdicts(r, lang)),
         f"<h2>{escape(_t(lang, 'backups'))}</h2>",
         f"<p>{escape(_t(lang, 'runs', **b))}</p>",
         figures["size"],

@@ -438,8 +438,9 @@ def report_text(r: dict[str, Any]) -> str:
     lines.append(f"drills: {d['runs']} run, {d['passed']} passed, {d['failed']} failed"
                  + (f"; recovery {rec['min']:.0f}-{rec['max']:.0f} s (median "
                     f"{rec['median']:.0f} s)" if rec else ""))
+    missed = "NOT MET (the newest drill failed or was too slow, or none ran)"
     lines.append(f"RTO (objective {human_age(r['rto']['objective_seconds'])}): "
-                 f"{'met' if r['rto']['met'] else 'NOT MET (no passing drill, or too slow)'}")
+                 f"{'met' if r['rto']['met'] else missed}")
     lines += [f"DAMAGED: {d['id']} on {d['target']}"
               + (f" (since {d['at'][:16].replace('T', ' ')})" if d["at"] else "")
               + f": {d['why']}" for d in r.get("damaged", [])]

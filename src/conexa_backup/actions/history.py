@@ -8,20 +8,20 @@ the page names them in its language), from the same facts as ``status`` and ``re
 - **Duration**: per backup run, how long it took; a failed run is a failed point.
 - **Recovery**: per restore drill, its recovery time; a failed drill is a failed point; the
   RTO objective is drawn.
-- **Gaps**: per complete scheduled backup, the time since the one before (the first in the
-  period: since the last before it, if any), and the gap still open now; the RPO objective
-  (``max_backup_age``) is drawn.
+- **Gaps**: per scheduled backup with a good copy, the time since the one before (the first
+  in the period: since the last before it, if any), and the gap still open now; the RPO
+  objective (``max_backup_age``) is drawn. The report's RPO verdict is measured on the same
+  gaps (:func:`monitor.backup_gaps`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from conexa_backup.actions.monitor import parse_time
+from conexa_backup.actions.monitor import backup_gaps, parse_time, restorable_times
 from conexa_backup.charts import Point, Series
 from conexa_backup.durations import parse_duration
 from conexa_backup.state import drills, runs
@@ -65,7 +65,7 @@ def history(ctx: Context, days: int, now: datetime | None = None,
         sizes=_sizes(complete),
         durations=[Series("backup", _runs(runs(ctx.config.state_dir)))],
         recovery=[Series("drill", _drills(drills(ctx.config.state_dir)))],
-        gaps=[Series("gap", _gaps(complete, end))],
+        gaps=[Series("gap", _gaps(found, start, end))],
         rto_seconds=parse_duration(ctx.config.drill.rto_objective).total_seconds(),
         rpo_seconds=parse_duration(ctx.config.monitoring.max_backup_age).total_seconds(),
     )
@@ -112,11 +112,7 @@ def _drills(recorded: Sequence[dict[str, Any]]) -> list[Point]:
     return points
 
 
-def _gaps(backups: Sequence[Backup], now: datetime) -> list[Point]:
-    times = [b.manifest.finished_at for b in backups
-             if b.manifest is not None and b.manifest.kind == "scheduled"]
-    points = [Point(after, (after - before).total_seconds())
-              for before, after in itertools.pairwise(times)]
-    if times:
-        points.append(Point(now, (now - times[-1]).total_seconds(), "open: no backup since"))
-    return points
+def _gaps(backups: Sequence[Backup], start: datetime, now: datetime) -> list[Point]:
+    gaps = backup_gaps(restorable_times(backups), start, now)
+    return [Point(at, seconds, "open: no backup since" if at == now else "")
+            for at, seconds in gaps]

@@ -291,6 +291,41 @@ def write_metrics(ctx: Context) -> None:
 
 # -- report --------------------------------------------------------------------------------------
 
+def restorable_times(catalog: Sequence[Backup]) -> list[datetime]:
+    """When each scheduled backup with a good copy (complete, not known damaged) finished,
+    oldest first: what the RPO is measured on, by the report, its charts and the status page.
+    A backup found damaged everywhere protects nothing, so it closes no gap."""
+    return sorted(b.manifest.finished_at for b in catalog
+                  if b.manifest is not None and b.manifest.kind == "scheduled" and b.good_copies)
+
+
+def backup_gaps(times: Sequence[datetime], since: datetime, now: datetime
+                ) -> list[tuple[datetime, float]]:
+    """(when it ended, seconds) for each gap between consecutive ``times`` that ends after
+    ``since`` (the first may have begun before it: it is this period's exposure too), and
+    the gap still open ``now``."""
+    gaps = [(after, (after - before).total_seconds())
+            for before, after in itertools.pairwise(times) if after >= since]
+    if times:
+        gaps.append((now, (now - times[-1]).total_seconds()))
+    return gaps
+
+
+def rto_verdict(period_drills: Sequence[Mapping[str, Any]], objective: float
+                ) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the RTO is met, and the drill that says so: the newest of the period, which
+    must have passed within ``objective`` seconds (what the school can count on today; an
+    older drill's success does not outweigh a newer failure)."""
+    dated = [(at, d) for d in period_drills if (at := parse_time(d.get("started_at")))]
+    if not dated:
+        return False, None
+    at, newest = max(dated, key=lambda pair: pair[0])
+    seconds = float(newest.get("recovery_seconds") or 0)
+    shown = {"at": at.isoformat(), "ok": bool(newest.get("ok")), "recovery_seconds": seconds,
+             "backup_id": newest.get("backup_id"), "target": newest.get("target")}
+    return bool(newest.get("ok")) and seconds <= objective, shown
+
+
 def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, Any]:
     """A summary of the last ``days`` days: runs, sizes, drills, RPO/RTO, storage and cost."""
     now = now or datetime.now(UTC)
@@ -303,14 +338,12 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
     catalog = ctx.scan(ctx.targets(), unreachable=unreachable)
     in_period = [b for b in catalog if b.manifest and b.manifest.finished_at >= since
                  and b.manifest.kind == "scheduled"]
-    times = sorted(b.manifest.finished_at for b in in_period if b.manifest)
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
-    if times:
-        gaps.append((now - times[-1]).total_seconds())
+    gaps = [seconds for _, seconds in backup_gaps(restorable_times(catalog), since, now)]
     period_drills = [d for d in drills(ctx.config.state_dir)
                      if (t := parse_time(d.get("started_at"))) is not None and t >= since]
     recovery = [float(d.get("recovery_seconds") or 0) for d in period_drills if d.get("ok")]
     rto = parse_duration(ctx.config.drill.rto_objective).total_seconds()
+    rto_met, last_drill = rto_verdict(period_drills, rto)
     storage: list[dict[str, Any]] = []
     for target in ctx.targets():
         size = sum(o.size for b in catalog for c in b.copies if c.target.name == target.name
@@ -345,7 +378,7 @@ def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, An
                    "failed": sum(1 for d in period_drills if not d.get("ok")),
                    "recovery_seconds": {"min": min(recovery), "median": statistics.median(
                        recovery), "max": max(recovery)} if recovery else None},
-        "rto": {"objective_seconds": rto, "met": bool(recovery) and max(recovery) <= rto},
+        "rto": {"objective_seconds": rto, "met": rto_met, "last_drill": last_drill},
         "storage": storage,
         "damaged": damaged_copies(catalog),
         "monthly_cost": round(sum(costs), 2) if costs else None,
