@@ -140,10 +140,20 @@ def test_the_page_says_what_the_cli_says(api: Api, size: tuple[int, int]) -> Non
         assert [rows.nth(i).get_attribute("data-id") for i in range(rows.count())] == expected
         cells = {c.get_attribute("data-cell") for c in page.locator("#backups td[data-cell]").all()}
         assert {"complete", "damaged", "policy"} <= cells
+        for entry in listed:  # each copy's cell says what list --json says of it
+            if entry["id"] not in expected:
+                continue
+            row = page.locator(f'#backups tr[data-id="{entry["id"]}"] td[data-cell]')
+            shown = [row.nth(i).get_attribute("data-cell") for i in range(row.count())]
+            assert shown == [_state(entry, t) for t in ("local", "archive")], entry["id"]
         assert page.locator("#backups .badge", has_text="drill passed").count() >= 1
         assert page.locator("#backups .badge", has_text="drill failed").count() == 1
         charts = page.locator("svg.chart:visible")
         assert charts.count() == 4
+        report = cli_json(ws, "report", "--days", "30")
+        points = [charts.nth(i).locator(".point").count() for i in range(4)]
+        assert points[1] == report["backups"]["runs"]  # one point per run, failed ones too
+        assert points[2] == report["drills"]["runs"]
         assert charts.nth(2).locator(".point.failed").count() == 1  # the failed drill
         assert charts.nth(1).locator(".point.failed").count() == 1  # the failed run
         width = page.evaluate("document.documentElement.scrollWidth")
@@ -156,6 +166,17 @@ def test_the_page_says_what_the_cli_says(api: Api, size: tuple[int, int]) -> Non
         expect(page.get_by_role("button", name="90 days")).to_have_attribute("aria-pressed", "true")
         assert page.locator("#backups tbody tr").count() == len(listed)
         _nothing_wrong(seen)
+
+
+def _state(entry: dict[str, Any], target: str) -> str:
+    """What the page's cell must say of ``entry``'s copy on ``target`` (list --json)."""
+    if target in entry["targets"]:
+        return "complete"
+    if target in entry["damaged_targets"]:
+        return "damaged"
+    if target in entry["incomplete_targets"]:
+        return "incomplete"
+    return "missing" if target == "local" or entry["id"].endswith("01T030000Z") else "policy"
 
 
 def _nothing_wrong(seen: Seen) -> None:

@@ -613,10 +613,12 @@ def report(
         if lang not in htmlreport.LANGS:
             raise UsageError(f"--lang {lang!r}: use one of {', '.join(htmlreport.LANGS)}")
         with _session("report", lock=False, log_file=False, progress=False) as ctx:
-            data = monitor.report(ctx, days)
+            unreachable: dict[str, str] = {}
+            catalog = ctx.scan(ctx.targets(), unreachable=unreachable)  # once, for both
+            data = monitor.report(ctx, days, scanned=(catalog, unreachable))
             page = short = None
             if html is not None or send:  # sent as the email's HTML part, and to chat short
-                hist = history(ctx, days, datetime.fromisoformat(data["to"]))
+                hist = history(ctx, days, datetime.fromisoformat(data["to"]), catalog)
                 page = htmlreport.report_html(data, hist, lang)
                 short = htmlreport.summary(data, lang)
             if html is not None and page is not None:

@@ -326,16 +326,28 @@ def rto_verdict(period_drills: Sequence[Mapping[str, Any]], objective: float
     return bool(newest.get("ok")) and seconds <= objective, shown
 
 
-def report(ctx: Context, days: int, now: datetime | None = None) -> dict[str, Any]:
-    """A summary of the last ``days`` days: runs, sizes, drills, RPO/RTO, storage and cost."""
+def report(ctx: Context, days: int, now: datetime | None = None,
+           scanned: tuple[Sequence[Backup], Mapping[str, str]] | None = None) -> dict[str, Any]:
+    """A summary of the last ``days`` days: runs, sizes, drills, RPO/RTO, storage and cost.
+    ``scanned``: the (backups, unreachable targets) of a scan already made, as for
+    :func:`health` (the HTML report draws its charts from the same scan).
+
+    Raises:
+        StorageError: every target failed to list.
+    """
     now = now or datetime.now(UTC)
     since = now - timedelta(days=days)
     mon = ctx.config.monitoring
     period_runs = [r for r in runs(ctx.config.state_dir)
                    if (t := parse_time(r.get("time"))) is not None and t >= since]
     backups_made = [r for r in period_runs if r.get("kind") == "backup"]
-    unreachable: dict[str, str] = {}
-    catalog = ctx.scan(ctx.targets(), unreachable=unreachable)
+    unreachable: Mapping[str, str]
+    if scanned is None:
+        found: dict[str, str] = {}
+        catalog: Sequence[Backup] = ctx.scan(ctx.targets(), unreachable=found)
+        unreachable = found
+    else:
+        catalog, unreachable = scanned
     in_period = [b for b in catalog if b.manifest and b.manifest.finished_at >= since
                  and b.manifest.kind == "scheduled"]
     gaps = [seconds for _, seconds in backup_gaps(restorable_times(catalog), since, now)]
