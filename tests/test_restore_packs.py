@@ -362,7 +362,7 @@ def test_pieces_land_at_their_offsets_in_every_file_that_holds_them(tmp_path: Pa
         tree = _Tree(root, needs)
         tree.create()
         reading = PackReading(target, index, scratch, None, None)
-        fetch_packs(reading, needs, tree.write)
+        fetch_packs(reading, needs, tree)
         assert lacking(reading, needs, "b") is None
         tree.finish()
     for name, data in contents.items():
@@ -418,7 +418,7 @@ def test_a_pack_repacked_while_it_is_read_is_found_again(tmp_path: Path) -> None
         tree = _Tree(root, needs)
         tree.create()
         reading = PackReading(target, index, scratch, None, None)
-        fetch_packs(reading, needs, tree.write)
+        fetch_packs(reading, needs, tree)
         assert lacking(reading, needs, "b") is None and target.listings == 2
     assert (root / "f").read_bytes() == data
 

@@ -473,12 +473,25 @@ class PackReader:
         Raises:
             IntegrityError: they do not match the id.
         """
+        data = self.read_unchecked(ref)
+        self.check(ref, data)
+        return data
+
+    def read_unchecked(self, ref: BlobRef) -> bytes:
+        """The bytes at ``ref``'s place, not yet checked: the caller must :meth:`check`
+        them before trusting them (in another thread, say: hashing releases the GIL)."""
         self._content.seek(ref.offset)
-        data = self._content.read(ref.length)
+        return self._content.read(ref.length)
+
+    def check(self, ref: BlobRef, data: bytes) -> None:
+        """Thread-safe: touches no file.
+
+        Raises:
+            IntegrityError: ``data`` is not blob ``ref``'s (its length or its id).
+        """
         if len(data) != ref.length or blob_id(data, self._key) != ref.id:
             raise IntegrityError(f"pack {self.index.name}: blob {ref.id}: content does not "
                                  "match its id")
-        return data
 
     def blobs(self) -> Iterator[tuple[str, bytes]]:
         """Every blob, in pack order, each checked (:meth:`read`)."""

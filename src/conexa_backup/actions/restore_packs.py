@@ -33,7 +33,7 @@ import os
 import secrets
 import sqlite3
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 WORKERS = 4  # packs fetched at once: enough to hide a cloud round trip, few scratch files
 NAMED = 5  # files (and packs) named in a message, at most
 _CACHE_KIB = 2048  # SQLite page cache of the temporary index: lookups are by index
+_BATCH = 500  # blob ids looked up per query (SQLite allows 32,766 parameters)
+WRITERS = 2  # threads checking and writing a pack's blobs while the next one is read
+IN_FLIGHT = 16 << 20  # bytes of blobs handed to the writers and not yet written, at most
 _SCHEMA = """
 CREATE TABLE entries (seq INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE, type TEXT NOT NULL,
     mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, size INTEGER, target BLOB);
@@ -194,10 +197,17 @@ class Needs:
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    def wanted(self, blob: str) -> bool:
-        """Whether ``blob`` is needed and no good pack has given it yet."""
-        return self._db.execute("SELECT 1 FROM wanted WHERE blob = ? AND found = 0",
-                                (bytes.fromhex(blob),)).fetchone() is not None
+    def wanted_among(self, blobs: list[str]) -> set[str]:
+        """Those of ``blobs`` (a pack's) that are needed and not yet found: a query per
+        :data:`_BATCH` ids, not one per blob."""
+        found: set[str] = set()
+        for i in range(0, len(blobs), _BATCH):
+            chunk = blobs[i:i + _BATCH]
+            marks = ",".join("?" * len(chunk))
+            found.update(raw.hex() for (raw,) in self._db.execute(
+                f"SELECT blob FROM wanted WHERE found = 0 AND blob IN ({marks})",  # noqa: S608
+                [bytes.fromhex(b) for b in chunk]))
+        return found
 
     def places(self, blob: str) -> list[tuple[bytes, int, int]]:
         """(path, offset, length) of every place ``blob`` belongs."""
@@ -213,8 +223,13 @@ class Needs:
         self._db.execute("COMMIT")
 
     def found(self, blobs: Iterable[str]) -> None:
+        """Mark ``blobs`` given by a good pack. One transaction: in autocommit each row was
+        one, and a write of its page (a tenth of a restore's time, with thousands of
+        blobs)."""
+        self._db.execute("BEGIN")
         self._db.executemany("UPDATE wanted SET found = 1 WHERE blob = ?",
                              ((bytes.fromhex(b),) for b in blobs))
+        self._db.execute("COMMIT")
 
     def missing(self) -> tuple[int, int, list[str], list[str]]:
         """(blobs missing, files affected, the first files' names, the first blobs)."""
@@ -316,7 +331,7 @@ def plan_packs(reading: PackReading, needs: Needs) -> list[str]:
             if not reading.stored_only:  # (it could not be read: nothing to learn)
                 todo.append(name)  # read to learn what it holds, and used in the same pass
             continue
-        held = [b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)]
+        held = sorted(needs.wanted_among([b for b, _ in reading.index.pack_blobs(name)]))
         if not held:
             continue
         if checked:  # read and proved good already in this run (verify --all)
@@ -326,20 +341,20 @@ def plan_packs(reading: PackReading, needs: Needs) -> list[str]:
     return todo
 
 
-def fetch_packs(reading: PackReading, needs: Needs,
-                use: Callable[[str, bytes], None] | None = None) -> None:
+def fetch_packs(reading: PackReading, needs: Needs, tree: _Tree | None = None) -> None:
     """Read the packs of ``reading.target`` that hold what ``needs`` wants, :data:`WORKERS`
-    at a time; hand each needed blob (checked against its id) to ``use`` and mark it found.
-    A damaged or vanished pack is recorded in ``reading.problems`` and the rest go on.
+    at a time; write each needed blob (checked against its id) into ``tree``, if any, and
+    mark it found. A damaged or vanished pack is recorded in ``reading.problems`` and the
+    rest go on.
 
     Raises:
         UnusableCopyError: a pack is intact but encrypted to another identity, or keyed with
             another dedup key. StorageError: the target cannot be listed or read.
-        What ``use`` raises.
+        What ``tree`` raises.
     """
     for _ in range(2):
         reading.vanished = False
-        _fetch_listed(reading, needs, use)
+        _fetch_listed(reading, needs, tree)
         if not reading.vanished or not needs.missing()[0]:
             return
         # A pack listed a moment ago is gone and blobs still lack: a prune may have repacked
@@ -350,8 +365,7 @@ def fetch_packs(reading: PackReading, needs: Needs,
         reading.run.listings.pop(reading.target.name, None)
 
 
-def _fetch_listed(reading: PackReading, needs: Needs,
-                  use: Callable[[str, bytes], None] | None) -> None:
+def _fetch_listed(reading: PackReading, needs: Needs, tree: _Tree | None) -> None:
     """One pass of :func:`fetch_packs` over the target's current listing."""
     target = reading.target
     listed = reading.run.listing(target)
@@ -366,7 +380,8 @@ def _fetch_listed(reading: PackReading, needs: Needs,
             return packs.unpack_content(name, stored, reading.scratch, reading.identities)
 
     pending: dict[futures.Future[IO[bytes] | None], str] = {}
-    with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool:
+    with futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="pack") as pool, \
+            futures.ThreadPoolExecutor(WRITERS, thread_name_prefix="write") as writers:
         try:
             while todo or pending:
                 while todo and len(pending) < WORKERS:
@@ -375,7 +390,8 @@ def _fetch_listed(reading: PackReading, needs: Needs,
                 done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
                 for future in done:
                     name = pending.pop(future)
-                    _take(reading, needs, name, listed[name], future, use)
+                    _take(reading, needs, name, listed[name], future,
+                          None if tree is None else _Writing(tree, writers))
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -388,8 +404,7 @@ def _fetch_listed(reading: PackReading, needs: Needs,
 
 
 def _take(reading: PackReading, needs: Needs, name: str, size: int,
-          future: futures.Future[IO[bytes] | None],
-          use: Callable[[str, bytes], None] | None) -> None:
+          future: futures.Future[IO[bytes] | None], writing: _Writing | None) -> None:
     """Use one fetched pack (main thread): record it, write its needed blobs, or record why
     it is bad."""
     key = (reading.target.name, name)
@@ -405,7 +420,7 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
         _bad(reading, name, exc)
         return
     if opened is None:  # stored bytes checked only: the cache says what it holds
-        needs.found([b for b, _ in reading.index.pack_blobs(name) if needs.wanted(b)])
+        needs.found(needs.wanted_among([b for b, _ in reading.index.pack_blobs(name)]))
         reading.run.checked[key] = None
         reading.run.bytes_read += size
         return
@@ -413,20 +428,81 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
         if not reading.index.known_pack(name):
             reading.index.add_pack(name, ((b.id, b.length) for b in opened.refs()),
                                    [(reading.target.name, size)])
+        refs = list(opened.refs())
+        wanted = needs.wanted_among([ref.id for ref in refs])
         try:
-            for ref in opened.refs():
-                need = needs.wanted(ref.id)
-                if need or reading.whole:
-                    data = opened.read_ref(ref)
-                    if need:
-                        if use is not None:
-                            use(ref.id, data)
-                        needs.found([ref.id])
+            needed = [ref for ref in refs if ref.id in wanted]
+            if writing is not None:
+                writing.pack(opened, needs, needed)
+            else:
+                for ref in needed:
+                    opened.read_ref(ref)
+                    needs.found([ref.id])
+            if reading.whole:  # verify: the blobs no backup here needs are checked too
+                for ref in refs:
+                    if ref.id not in wanted:
+                        opened.read_ref(ref)
         except IntegrityError as exc:
             _bad(reading, name, exc)
             return
     reading.run.checked[key] = None
     reading.run.bytes_read += size
+
+
+class _Writing:
+    """A pack's needed blobs, checked against their ids and written into the tree by
+    :data:`WRITERS` threads (hashing and ``pwrite`` release the GIL), while the main thread
+    reads on; at most :data:`IN_FLIGHT` bytes wait for them."""
+
+    def __init__(self, tree: _Tree, pool: futures.ThreadPoolExecutor) -> None:
+        self.tree, self.pool = tree, pool
+
+    def pack(self, opened: packs.OpenedPack, needs: Needs, refs: list[packs.BlobRef]) -> None:
+        """Check and write ``refs`` (all wanted), then mark found those that were; every
+        write has ended when this returns, whatever it raises.
+
+        Raises:
+            IntegrityError: a blob does not match its id (the others were written).
+            What :meth:`_Tree.put` raises.
+        """
+        jobs: collections.deque[tuple[str, int, futures.Future[None]]] = collections.deque()
+        done: list[str] = []
+        problems: list[BaseException] = []
+        waiting = 0
+
+        def settle() -> None:
+            nonlocal waiting
+            blob, size, job = jobs.popleft()
+            waiting -= size
+            try:
+                job.result()
+                done.append(blob)
+            except BaseException as exc:  # raised below, once all ended
+                problems.append(exc)
+
+        try:
+            for ref in refs:
+                data = opened.read_unchecked(ref)
+                where = needs.places(ref.id)  # SQLite: this thread's connection
+                jobs.append((ref.id, len(data), self.pool.submit(self._put, opened, ref,
+                                                                 data, where)))
+                waiting += len(data)
+                while waiting > IN_FLIGHT:
+                    settle()
+        finally:
+            while jobs:
+                settle()
+            needs.found(done)
+        for exc in problems:  # damage names the pack; anything else is worse: raise it
+            if not isinstance(exc, IntegrityError):
+                raise exc
+        if problems:
+            raise problems[0]
+
+    def _put(self, opened: packs.OpenedPack, ref: packs.BlobRef, data: bytes,
+             where: list[tuple[bytes, int, int]]) -> None:
+        opened.check(ref, data)
+        self.tree.put(where, data)
 
 
 def _bad(reading: PackReading, name: str, exc: IntegrityError) -> None:
@@ -513,7 +589,7 @@ def extract_copy(ctx: Context, backup: Backup, copy: Copy, manifest: Manifest,
         tree.create()
         reading = PackReading(copy.target, index, keys.staging, key,
                               identities_for(keys, manifest))
-        fetch_packs(reading, needs, tree.write)
+        fetch_packs(reading, needs, tree)
         damage = lacking(reading, needs, backup.id)
         if damage is not None:
             raise damage
@@ -546,10 +622,13 @@ class _Tree:
                 self._path(rel).mkdir(0o700, parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError) as exc:
                 raise self._refuse(rel, str(exc.strerror)) from None
+        made = {self.root}
         for rel, *_, size, _target in self.needs.entries("file"):
             path = self._path(rel)
             try:
-                path.parent.mkdir(0o700, parents=True, exist_ok=True)
+                if path.parent not in made:  # an index lists folders first; a stat saved
+                    path.parent.mkdir(0o700, parents=True, exist_ok=True)
+                    made.add(path.parent)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             except (FileExistsError, NotADirectoryError) as exc:
                 raise self._refuse(rel, str(exc.strerror)) from None
@@ -558,13 +637,14 @@ class _Tree:
             finally:
                 os.close(fd)
 
-    def write(self, blob: str, data: bytes) -> None:
-        """Write ``data`` (blob ``blob``, checked) wherever the index places it.
+    def put(self, where: list[tuple[bytes, int, int]], data: bytes) -> None:
+        """Write ``data`` (a blob, checked) at each of ``where`` (:meth:`Needs.places`);
+        thread-safe: it only opens and writes files the tree made.
 
         Raises:
             UnusableCopyError: the index's file size does not fit the blob's length.
         """
-        for rel, offset, length in self.needs.places(blob):
+        for rel, offset, length in where:
             if len(data) != length:
                 raise self._refuse(rel, f"piece at {offset} is {len(data)} bytes, the "
                                    f"index's size says {length}")

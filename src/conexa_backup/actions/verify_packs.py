@@ -130,7 +130,7 @@ def download_packs(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
                 reading.problems[name] = str(exc)
                 path.unlink(missing_ok=True)
                 continue
-            held = [b for b, _ in index.pack_blobs(name) if needs.wanted(b)]
+            held = sorted(needs.wanted_among([b for b, _ in index.pack_blobs(name)]))
             if not held:
                 path.unlink()
                 continue
