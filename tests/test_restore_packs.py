@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,12 +27,13 @@ from conexa_backup.actions.restore_packs import (
     Needs,
     PackReading,
     _Tree,
+    _Writing,
     fetch_packs,
     lacking,
 )
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.config import CompressionConfig
-from conexa_backup.errors import ObjectNotFoundError, UnsafeArchiveError
+from conexa_backup.errors import IntegrityError, ObjectNotFoundError, UnsafeArchiveError
 from conexa_backup.manifest import IndexEntry
 from conexa_backup.storage.base import ObjectInfo
 from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
@@ -492,3 +494,46 @@ def test_a_drill_hashes_a_sample_and_finds_a_missing_folder(
     report = json.loads(result.stdout)  # type: ignore[attr-defined]
     step = next(s for s in report["drills"][0]["steps"] if s["name"] == "uploads files")
     assert step["ok"] and f"a sample of 5 of {files}" in step["detail"], step
+
+
+def test_a_blob_that_fails_its_check_names_the_pack_and_the_others_are_written(
+        tmp_path: Path) -> None:
+    """The writers check each blob against its id: one that does not match raises once every
+    other write of the pack has ended, and only the good ones count as found."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    blobs = {f"f{i}": os.urandom(3000 + i) for i in range(5)}
+    stored: list[packs.StoredPack] = []
+    kept = tmp_path / "stored"
+
+    def upload(pack: packs.StoredPack) -> None:
+        shutil.copyfile(pack.path, kept)
+        stored.append(pack)
+
+    with packs.PackWriter(scratch, upload) as writer:
+        for data in blobs.values():
+            writer.add(packs.blob_id(data), data)
+    (pack,) = stored
+    lines = [IndexEntry(".", "dir").to_line()] + [
+        IndexEntry(name, "file", len(data), hashlib.sha256(data).hexdigest(),
+                   blobs=(packs.blob_id(data),)).to_line() for name, data in blobs.items()]
+    with kept.open("rb") as raw:
+        content = packs.unpack_content(pack.name, raw, scratch)
+    bad = next(r for r in pack.blobs if r.id == packs.blob_id(blobs["f2"]))
+    content.seek(bad.offset)
+    content.write(b"\0" * 8)  # after the stored bytes' check: as if decompressed wrong
+    content.flush()
+    root = tmp_path / "root"
+    root.mkdir()
+    with Needs(scratch) as needs, packs.opened(pack.name, content) as opened, \
+            futures.ThreadPoolExecutor(2) as pool:
+        needs.load(io.BytesIO(b"".join(lines)))
+        tree = _Tree(root, needs)
+        tree.create()
+        refs = list(opened.refs())
+        with pytest.raises(IntegrityError, match=f"blob {bad.id}: content does not match"):
+            _Writing(tree, pool).pack(opened, needs, refs)
+        assert needs.wanted_among([r.id for r in refs]) == {bad.id}
+    for name, data in blobs.items():
+        if name != "f2":
+            assert (root / name).read_bytes() == data

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import re
 import secrets
@@ -67,7 +68,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY_ID_INFO = b"conexa-backup dedup key id"
 
 
-def blob_id(data: bytes, key: bytes | None = None) -> str:
+def blob_id(data: bytes | memoryview, key: bytes | None = None) -> str:
     """A blob's id: hex SHA-256 of ``data``, or hex HMAC-SHA-256 of it under ``key``."""
     if key is None:
         return hashlib.sha256(data).hexdigest()
@@ -483,7 +484,7 @@ class PackReader:
         self._content.seek(ref.offset)
         return self._content.read(ref.length)
 
-    def check(self, ref: BlobRef, data: bytes) -> None:
+    def check(self, ref: BlobRef, data: bytes | memoryview) -> None:
         """Thread-safe: touches no file.
 
         Raises:
@@ -570,6 +571,24 @@ class OpenedPack(PackReader):
 
     def read(self, blob: str) -> bytes:
         raise NotImplementedError("OpenedPack reads by place: use refs() and read_ref()")
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[memoryview | None]:
+        """The whole decompressed pack, mapped read-only (slices of it are blobs, copied by
+        nobody), or None when it cannot be mapped (then :meth:`read_unchecked`). Nothing
+        may keep a slice past the block."""
+        try:
+            whole = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            yield None
+            return
+        try:
+            yield memoryview(whole)
+        finally:
+            # A slice still held (by an exception's traceback, say) keeps it open; it is
+            # unmapped when that goes.
+            with contextlib.suppress(BufferError):
+                whole.close()
 
     def close(self) -> None:
         self._file.close()

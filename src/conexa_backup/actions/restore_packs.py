@@ -197,23 +197,28 @@ class Needs:
 
     # -- blobs ---------------------------------------------------------------------------------
 
-    def wanted_among(self, blobs: list[str]) -> set[str]:
-        """Those of ``blobs`` (a pack's) that are needed and not yet found: a query per
-        :data:`_BATCH` ids, not one per blob."""
-        found: set[str] = set()
+    def _rows_for(self, query: str, blobs: list[str]) -> Iterator[Any]:
+        """The rows of ``query`` (its ``{ids}`` a list of parameters) for ``blobs``, a
+        query per :data:`_BATCH` ids rather than one per blob. Only ``?`` marks are put
+        into the text: the ids are parameters."""
         for i in range(0, len(blobs), _BATCH):
             chunk = blobs[i:i + _BATCH]
-            marks = ",".join("?" * len(chunk))
-            found.update(raw.hex() for (raw,) in self._db.execute(
-                f"SELECT blob FROM wanted WHERE found = 0 AND blob IN ({marks})",  # noqa: S608
-                [bytes.fromhex(b) for b in chunk]))
-        return found
+            yield from self._db.execute(query.format(ids=",".join("?" * len(chunk))),
+                                        [bytes.fromhex(b) for b in chunk])
 
-    def places(self, blob: str) -> list[tuple[bytes, int, int]]:
-        """(path, offset, length) of every place ``blob`` belongs."""
-        return self._db.execute(
-            "SELECT e.path, n.offset, n.length FROM need n JOIN entries e ON e.seq = n.entry "
-            "WHERE n.blob = ?", (bytes.fromhex(blob),)).fetchall()
+    def wanted_among(self, blobs: list[str]) -> set[str]:
+        """Those of ``blobs`` (a pack's) that are needed and not yet found."""
+        return {raw.hex() for (raw,) in self._rows_for(
+            "SELECT blob FROM wanted WHERE found = 0 AND blob IN ({ids})", blobs)}
+
+    def places_among(self, blobs: list[str]) -> dict[str, list[tuple[bytes, int, int]]]:
+        """Blob -> (path, offset, length) of every place it belongs, for ``blobs``."""
+        found: dict[str, list[tuple[bytes, int, int]]] = {}
+        for raw, path, offset, length in self._rows_for(
+                "SELECT n.blob, e.path, n.offset, n.length FROM need n JOIN entries e "
+                "ON e.seq = n.entry WHERE n.blob IN ({ids})", blobs):
+            found.setdefault(raw.hex(), []).append((path, offset, length))
+        return found
 
     def want(self, raw_ids: Iterable[bytes]) -> None:
         """Want these blobs (raw 32-byte ids) without knowing their files (a backup's refs)."""
@@ -480,26 +485,29 @@ class _Writing:
             except BaseException as exc:  # raised below, once all ended
                 problems.append(exc)
 
-        try:
-            for ref in refs:
-                data = opened.read_unchecked(ref)
-                where = needs.places(ref.id)  # SQLite: this thread's connection
-                jobs.append((ref.id, len(data), self.pool.submit(self._put, opened, ref,
-                                                                 data, where)))
-                waiting += len(data)
-                while waiting > IN_FLIGHT:
+        places = needs.places_among([ref.id for ref in refs])  # SQLite: this thread's
+        with opened.mapped() as whole:
+            try:
+                for ref in refs:
+                    data = opened.read_unchecked(ref) if whole is None \
+                        else whole[ref.offset:ref.offset + ref.length]
+                    jobs.append((ref.id, len(data), self.pool.submit(
+                        self._put, opened, ref, data, places.get(ref.id, []))))
+                    waiting += len(data)
+                    while waiting > IN_FLIGHT:
+                        settle()
+                del data  # no slice of the mapping outlives it
+            finally:
+                while jobs:
                     settle()
-        finally:
-            while jobs:
-                settle()
-            needs.found(done)
+                needs.found(done)
         for exc in problems:  # damage names the pack; anything else is worse: raise it
             if not isinstance(exc, IntegrityError):
                 raise exc
         if problems:
             raise problems[0]
 
-    def _put(self, opened: packs.OpenedPack, ref: packs.BlobRef, data: bytes,
+    def _put(self, opened: packs.OpenedPack, ref: packs.BlobRef, data: bytes | memoryview,
              where: list[tuple[bytes, int, int]]) -> None:
         opened.check(ref, data)
         self.tree.put(where, data)
@@ -637,8 +645,8 @@ class _Tree:
             finally:
                 os.close(fd)
 
-    def put(self, where: list[tuple[bytes, int, int]], data: bytes) -> None:
-        """Write ``data`` (a blob, checked) at each of ``where`` (:meth:`Needs.places`);
+    def put(self, where: list[tuple[bytes, int, int]], data: bytes | memoryview) -> None:
+        """Write ``data`` (a blob, checked) at each of ``where`` (:meth:`Needs.places_among`);
         thread-safe: it only opens and writes files the tree made.
 
         Raises:
