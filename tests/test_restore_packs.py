@@ -132,6 +132,23 @@ def test_a_fresh_host_with_an_empty_cache_restores_and_learns_the_packs(
         assert {p.name for p in index.held("local")} == stored_packs(ws.backups).keys()
 
 
+def test_a_fresh_host_restoring_an_older_backup_reads_packs_it_does_not_need(
+        ws: Workspace, tmp_path: Path) -> None:
+    """Packs unknown to the cache are read to learn what they hold: one holding nothing the
+    backup needs (a later backup's) is learnt, and nothing of it is written."""
+    packs_config(ws)
+    older = tree_snapshot(ws.uploads)
+    first = backup(ws)
+    (ws.uploads / "later.bin").write_bytes(os.urandom(5000))
+    backup(ws)
+    shutil.rmtree(ws.state)
+    result = restore_to(ws, first, tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    assert tree_snapshot(tmp_path / "r") == older
+    with BlobIndex.open(ws.state) as index:
+        assert {p.name for p in index.held("local")} == stored_packs(ws.backups).keys()
+
+
 def test_packs_on_s3_and_gcs_restore_equal(ws: Workspace, s3_server: S3Server,
                                           gcs_server: GCSServer, tmp_path: Path) -> None:
     awkward_tree(ws.uploads)

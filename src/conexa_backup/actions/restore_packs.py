@@ -456,47 +456,51 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
 
 class _Writing:
     """A pack's needed blobs, checked against their ids and written into the tree by
-    :data:`WRITERS` threads (hashing and ``pwrite`` release the GIL), while the main thread
-    reads on; at most :data:`IN_FLIGHT` bytes wait for them."""
+    :data:`WRITERS` threads (hashing and ``pwrite`` release the GIL) while the main thread
+    reads on: a job per :data:`_BATCH` blobs (a future per tiny blob would cost more than
+    the blob), and at most :data:`IN_FLIGHT` bytes or twice as many jobs as threads
+    waiting, so memory stays flat whatever a pack holds."""
 
     def __init__(self, tree: _Tree, pool: futures.ThreadPoolExecutor) -> None:
         self.tree, self.pool = tree, pool
 
     def pack(self, opened: packs.OpenedPack, needs: Needs, refs: list[packs.BlobRef]) -> None:
-        """Check and write ``refs`` (all wanted), then mark found those that were; every
-        write has ended when this returns, whatever it raises.
+        """Check and write ``refs`` (all wanted; maybe none), then mark found those that
+        were; every write has ended when this returns, whatever it raises.
 
         Raises:
             IntegrityError: a blob does not match its id (the others were written).
             What :meth:`_Tree.put` raises.
         """
-        jobs: collections.deque[tuple[str, int, futures.Future[None]]] = collections.deque()
+        jobs: collections.deque[tuple[int, futures.Future[_Written]]] = collections.deque()
         done: list[str] = []
         problems: list[BaseException] = []
-        waiting = 0
 
-        def settle() -> None:
-            nonlocal waiting
-            blob, size, job = jobs.popleft()
-            waiting -= size
+        def settle() -> int:
+            size, job = jobs.popleft()
             try:
-                job.result()
-                done.append(blob)
-            except BaseException as exc:  # raised below, once all ended
+                good, bad = job.result()
+                done.extend(good)
+                if bad is not None:
+                    problems.append(bad)
+            except BaseException as exc:  # raised below, once every write has ended
                 problems.append(exc)
+            return size
 
-        places = needs.places_among([ref.id for ref in refs])  # SQLite: this thread's
         with opened.mapped() as whole:
+            waiting = 0
             try:
-                for ref in refs:
-                    data = opened.read_unchecked(ref) if whole is None \
-                        else whole[ref.offset:ref.offset + ref.length]
-                    jobs.append((ref.id, len(data), self.pool.submit(
-                        self._put, opened, ref, data, places.get(ref.id, []))))
-                    waiting += len(data)
-                    while waiting > IN_FLIGHT:
-                        settle()
-                del data  # no slice of the mapping outlives it
+                for chunk in _chunks(refs):
+                    places = needs.places_among([ref.id for ref in chunk])  # this thread's
+                    pieces = [(ref, opened.read_unchecked(ref) if whole is None
+                               else whole[ref.offset:ref.offset + ref.length],
+                               places.get(ref.id, [])) for ref in chunk]
+                    size = sum(ref.length for ref in chunk)
+                    jobs.append((size, self.pool.submit(self._put_all, opened, pieces)))
+                    waiting += size
+                    del pieces  # no slice of the mapping outlives it
+                    while jobs and (waiting > IN_FLIGHT or len(jobs) > 2 * WRITERS):
+                        waiting -= settle()
             finally:
                 while jobs:
                     settle()
@@ -507,10 +511,39 @@ class _Writing:
         if problems:
             raise problems[0]
 
-    def _put(self, opened: packs.OpenedPack, ref: packs.BlobRef, data: bytes | memoryview,
-             where: list[tuple[bytes, int, int]]) -> None:
-        opened.check(ref, data)
-        self.tree.put(where, data)
+    def _put_all(self, opened: packs.OpenedPack, pieces: list[_Piece]) -> _Written:
+        """Check and write each piece (a writer thread); the ids written, and the first
+        blob that failed its check (the others are written all the same)."""
+        good: list[str] = []
+        bad: IntegrityError | None = None
+        for ref, data, where in pieces:
+            try:
+                opened.check(ref, data)
+            except IntegrityError as exc:
+                bad = bad or exc
+                continue
+            self.tree.put(where, data)
+            good.append(ref.id)
+        return good, bad
+
+
+_Piece = tuple[packs.BlobRef, "bytes | memoryview", list[tuple[bytes, int, int]]]
+_Written = tuple[list[str], IntegrityError | None]
+
+
+def _chunks(refs: list[packs.BlobRef]) -> Iterator[list[packs.BlobRef]]:
+    """``refs`` in runs of at most :data:`_BATCH` blobs and about 4 MiB (a larger blob
+    alone)."""
+    chunk: list[packs.BlobRef] = []
+    size = 0
+    for ref in refs:
+        if chunk and (len(chunk) >= _BATCH or size + ref.length > 4 << 20):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(ref)
+        size += ref.length
+    if chunk:
+        yield chunk
 
 
 def _bad(reading: PackReading, name: str, exc: IntegrityError) -> None:
