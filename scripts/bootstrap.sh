@@ -18,6 +18,8 @@ if [ "${1:-}" = "--test" ] && command -v apt-get >/dev/null 2>&1; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   # The status page's history is made by the CLI with its clock moved (tests/test_status_page.py).
   command -v faketime >/dev/null 2>&1 || need_apt+=(faketime)
+  # The README's by-hand restore of an encrypted backup (age -d | zstd -d | pg_restore).
+  command -v age >/dev/null 2>&1 || need_apt+=(age)
 fi
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
