@@ -48,9 +48,12 @@ class History:
 
 
 def history(ctx: Context, days: int, now: datetime | None = None,
-            catalog: Sequence[Backup] | None = None) -> History:
+            catalog: Sequence[Backup] | None = None,
+            recorded: tuple[Sequence[dict[str, Any]], Sequence[dict[str, Any]]] | None = None
+            ) -> History:
     """The last ``days`` days (to ``now``) as chart series. ``catalog``: the backups found on
-    the targets, when the caller has scanned them already.
+    the targets, when the caller has scanned them already; ``recorded``: ``state_dir``'s
+    (runs, drills), when the caller has read them already.
 
     Raises:
         StorageError: every target failed to list (as :meth:`Context.scan`).
@@ -58,13 +61,14 @@ def history(ctx: Context, days: int, now: datetime | None = None,
     end = now or datetime.now(UTC)
     start = end - timedelta(days=days)
     found = ctx.scan(ctx.targets()) if catalog is None else catalog
+    made, drilled = recorded or (runs(ctx.config.state_dir), drills(ctx.config.state_dir))
     complete = sorted((b for b in found if b.manifest is not None and b.complete_copies),
                       key=lambda b: b.manifest.finished_at if b.manifest else end)
     return History(
         start=start, end=end,
         sizes=_sizes(complete),
-        durations=[Series("backup", _runs(runs(ctx.config.state_dir)))],
-        recovery=[Series("drill", _drills(drills(ctx.config.state_dir)))],
+        durations=[Series("backup", _runs(made))],
+        recovery=[Series("drill", _drills(drilled))],
         gaps=[Series("gap", _gaps(found, start, end))],
         rto_seconds=parse_duration(ctx.config.drill.rto_objective).total_seconds(),
         rpo_seconds=parse_duration(ctx.config.monitoring.max_backup_age).total_seconds(),

@@ -79,12 +79,14 @@ def gather(services: Services, days: int, *, can_admin: bool, can_restore: bool)
     running = next((j for j in services.jobs.list() if j.active), None)
     status = status_answer(services.listing, running)
     config = services.config
+    made, drilled = runs(config.state_dir), drills(config.state_dir)  # read once, used twice
     return Facts(
         status=status, backups=list_answer(snap)["backups"],
-        targets=[t.name for t in config.targets], drills=drills(config.state_dir),
-        history=history(services.context(), days, catalog=snap.backups), days=days,
+        targets=[t.name for t in config.targets], drills=drilled,
+        history=history(services.context(), days, catalog=snap.backups,
+                        recorded=(made, drilled)), days=days,
         max_backup_age_seconds=parse_duration(config.monitoring.max_backup_age).total_seconds(),
-        not_sent=_not_sent(runs(config.state_dir)),
+        not_sent=_not_sent(made),
         can_admin=can_admin, can_restore=can_restore)
 
 
