@@ -50,12 +50,12 @@ def make(root: Path, files: int) -> None:
 
 def restore(root: Path) -> None:
     from conexa_backup.actions.restore_packs import (
-        Needs,
         PackReading,
         _Tree,
         fetch_packs,
         lacking,
     )
+    from conexa_backup.actions.uploads_index import Needs
     from conexa_backup.blobindex import BlobIndex
     from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
 

@@ -6,6 +6,8 @@
 UPLOADS_INDEX: the backup's uploads index, decompressed (JSON lines, one entry each:
 ``path``, ``type`` (file, dir, symlink), ``mode``, ``uid``, ``gid``, ``mtime_ns``; files also
 ``size``, ``sha256`` and ``blobs``, the ids of their pieces in order; symlinks ``target``).
+A newer backup stores the index itself in the packs: its ``uploads.index.jsonl`` then lists
+the pieces (``chunk``: a blob id, ``size``, ``sha256``), which are joined, in order, first.
 PACKS_DIR: the packs, each already ``age -d`` (when encrypted) and ``zstd -d``, under any
 names. DEST: a folder that does not exist yet (or is empty).
 
@@ -62,10 +64,7 @@ def write_file(dest: Path, entry: dict, where: dict[str, tuple[Path, int, int]])
         for blob in entry.get("blobs", []):
             if blob not in where:
                 sys.exit(f"{entry['path']}: blob {blob} is in no pack")
-            pack, offset, size = where[blob]
-            with pack.open("rb") as fh:
-                fh.seek(offset)
-                data = fh.read(size)
+            data = read_blob(where, blob)
             digest.update(data)
             out.write(data)
     if entry.get("sha256") and digest.hexdigest() != entry["sha256"]:
@@ -83,12 +82,36 @@ def finish(path: Path, entry: dict) -> None:
         os.utime(path, ns=(entry["mtime_ns"], entry["mtime_ns"]), follow_symlinks=False)
 
 
+def read_blob(where: dict[str, tuple[Path, int, int]], blob: str) -> bytes:
+    if blob not in where:
+        sys.exit(f"blob {blob} is in no pack")
+    pack, offset, size = where[blob]
+    with pack.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read(size)
+
+
+def index_lines(index: Path, where: dict[str, tuple[Path, int, int]]) -> list[bytes]:
+    """The index's lines: the file's own, or, when it lists pieces, theirs joined."""
+    lines = [line for line in index.open("rb") if line.strip()]
+    if not lines or "chunk" not in json.loads(lines[0]):
+        return lines
+    whole = bytearray()
+    for line in lines:
+        piece = json.loads(line)
+        data = read_blob(where, piece["chunk"])
+        if len(data) != piece["size"] or hashlib.sha256(data).hexdigest() != piece["sha256"]:
+            sys.exit(f"index piece {piece['chunk']}: SHA-256 does not match: damaged")
+        whole += data
+    return [line for line in bytes(whole).splitlines() if line.strip()]
+
+
 def main(index: Path, packs: Path, dest: Path) -> None:
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     if any(dest.iterdir()):
         sys.exit(f"{dest} is not empty")
     where = pack_indexes(packs)
-    entries = [json.loads(line) for line in index.open("rb") if line.strip()]
+    entries = [json.loads(line) for line in index_lines(index, where)]
     for entry in entries:  # folders and files; parents made as needed, owner-only for now
         path = dest / safe(entry["path"])
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

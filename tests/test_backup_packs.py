@@ -7,12 +7,13 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conexa_backup.blobindex import BlobIndex
-from conexa_backup.manifest import IndexEntry, Manifest
-from conexa_backup.packs import pack_name
+from conexa_backup.manifest import IndexEntry, Manifest, id_sort_key
+from conexa_backup.packs import open_pack, pack_key, pack_name
 from tests.conftest import Workspace
 
 
@@ -36,11 +37,33 @@ def stored_packs(root: Path) -> dict[str, int]:
 
 
 def index_of(ws: Workspace, backup_id: str) -> list[IndexEntry]:
+    """The backup's uploads index on the local target (unencrypted, unkeyed), its pieces
+    read from the packs that hold them."""
+    return _index_at(ws.backups, backup_id)
+
+
+def index_pieces(root: Path, backup_id: str) -> list[dict[str, Any]]:
+    """The pieces the backup's uploads index was stored in (its artifact's lines), on the
+    local target at ``root``."""
     import zstandard
 
-    raw = (ws.backups / backup_id / "uploads.index.jsonl.zst").read_bytes()
+    raw = (root / backup_id / "uploads.index.jsonl.zst").read_bytes()
     plain = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-    return [IndexEntry.from_line(line) for line in plain.splitlines()]
+    return [json.loads(line) for line in plain.splitlines()]
+
+
+def index_bytes(root: Path, backup_id: str) -> bytes:
+    """The backup's uploads index (JSON lines), joined from its pieces in the packs under
+    ``root`` (a local target's folder)."""
+    pieces = index_pieces(root, backup_id)
+    assert pieces and all(set(p) == {"chunk", "size", "sha256"} for p in pieces), pieces
+    blobs: dict[str, bytes] = {}
+    for name in stored_packs(root):
+        with open(root / pack_key(name), "rb") as stored, \
+                open_pack(name, stored, root.parent) as pack:
+            blobs.update((p["chunk"], pack.read(p["chunk"])) for p in pieces
+                         if p["chunk"] in pack)
+    return b"".join(blobs[p["chunk"]] for p in pieces)
 
 
 def test_a_packs_backup_stores_packs_and_an_index_naming_every_blob(ws: Workspace) -> None:
@@ -79,7 +102,7 @@ def test_an_unchanged_tree_stores_no_new_pack_and_reads_no_file(ws: Workspace) -
 
 def test_a_new_file_is_the_only_thing_stored_next_time(ws: Workspace) -> None:
     packs_config(ws)
-    backup(ws)
+    first = backup(ws)
     before = stored_packs(ws.backups)
     (ws.uploads / "new.bin").write_bytes(b"fresh bytes" * 1000)
     second = backup(ws)
@@ -87,7 +110,13 @@ def test_a_new_file_is_the_only_thing_stored_next_time(ws: Workspace) -> None:
     assert len(added) == 1
     new = next(e for e in index_of(ws, second) if e.path == "new.bin")
     with BlobIndex.open(ws.state) as index:
-        assert index.pack_blobs(added.pop()) == [(new.blobs[0], 11000)]  # type: ignore[index]
+        held = index.pack_blobs(added.pop())
+    # The new file's blob, and the pieces of the index that changed (this small index is
+    # one piece): nothing else.
+    changed = {(p["chunk"], p["size"]) for p in index_pieces(ws.backups, second)} \
+        - {(p["chunk"], p["size"]) for p in index_pieces(ws.backups, first)}
+    assert sorted(held) == sorted({(new.blobs[0], 11000), *changed})  # type: ignore[index]
+    assert len(changed) == 1
 
 
 def two_targets(ws: Workspace, other: Path, extra: str = "", other_extra: str = "") -> None:
@@ -96,16 +125,14 @@ def two_targets(ws: Workspace, other: Path, extra: str = "", other_extra: str = 
 
 
 def blobs_named(ws: Workspace, backup_id: str, root: Path | None = None) -> set[str]:
-    entries = index_of(ws, backup_id) if root is None else _index_at(root, backup_id)
-    return {b for e in entries for b in (e.blobs or ())}
+    """Every blob the backup references: its files' and its index's pieces."""
+    root = ws.backups if root is None else root
+    pieces = {p["chunk"] for p in index_pieces(root, backup_id)}
+    return pieces | {b for e in _index_at(root, backup_id) for b in (e.blobs or ())}
 
 
 def _index_at(root: Path, backup_id: str) -> list[IndexEntry]:
-    import zstandard
-
-    raw = (root / backup_id / "uploads.index.jsonl.zst").read_bytes()
-    plain = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-    return [IndexEntry.from_line(line) for line in plain.splitlines()]
+    return [IndexEntry.from_line(line) for line in index_bytes(root, backup_id).splitlines()]
 
 
 def blobs_in_packs(root: Path) -> dict[str, str]:
@@ -131,10 +158,11 @@ def test_a_target_added_later_gets_every_blob_and_the_others_nothing_new(
     second = backup(ws)
     added = stored_packs(ws.backups).keys() - before.keys()
     assert len(added) == 1  # the first target lacked only the new file's blob
-    with BlobIndex.open(ws.state) as index:
-        assert len(index.pack_blobs(added.pop())) == 1
+    with BlobIndex.open(ws.state) as index:  # and the index's changed piece (one here)
+        assert len(index.pack_blobs(added.pop())) == 2
     assert blobs_named(ws, second) <= blobs_in_packs(other).keys()
-    assert blobs_named(ws, second) > blobs_named(ws, first)
+    files_blobs = [{b for e in index_of(ws, i) for b in (e.blobs or ())} for i in (first, second)]
+    assert files_blobs[1] > files_blobs[0]
     assert (other / second / "manifest.json").is_file()
     assert not (other / first).exists()
 
@@ -486,21 +514,30 @@ def test_an_unchanged_tree_asks_about_no_blob_once_a_backup_proved_them(
     settled(ws.uploads)
     _run_logged(ws, caplog)
     assert (spilled_rows(ws) > 0) == spilled
-    asked: list[str] = []
+    asked: list[tuple[str, object]] = []
     for name in ("holders", "everywhere", "present", "note_everywhere"):
         real = getattr(BlobIndex, name)
 
         def spy(self: BlobIndex, *args: object, _real: object = real, _name: str = name
                 ) -> object:
-            asked.append(_name)
+            asked.append((_name, args[0] if args else None))
             return _real(self, *args)  # type: ignore[operator]
 
         monkeypatch.setattr(BlobIndex, name, spy)
+
+    def about_pieces_only() -> bool:
+        """Only the index's pieces were asked about (one query each): no file's blob."""
+        latest = max((p.name for p in ws.backups.iterdir() if (p / "manifest.json").exists()),
+                     key=id_sort_key)
+        pieces = [("holders", p["chunk"]) for p in index_pieces(ws.backups, latest)]
+        return asked == pieces
+
     assert "(0 read, 0 bytes)" in _run_logged(ws, caplog)
-    assert asked == []
+    assert about_pieces_only(), asked
     # Every file read again (--rehash): what it hashes to is held, proven: still no question.
+    asked.clear()
     assert "0 new blobs" in (line := _run_logged(ws, caplog, rehash=True))
-    assert "(0 read" not in line and asked == []
+    assert "(0 read" not in line and about_pieces_only(), asked
     # The pack index rebuilt (another file): its proofs no longer stand, so blobs are asked.
     import shutil
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pyrage import decrypt, x25519
 from conexa_backup import packs
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.prune import prune as prune_action
+from conexa_backup.blobindex import BlobIndex
 from conexa_backup.config import load_config
 from conexa_backup.manifest import IndexEntry, Manifest
 from conexa_backup.testing.emulators import GCSServer, S3Server
@@ -70,12 +72,19 @@ def plain(data: bytes, key: AgeKey | None) -> bytes:
 def present(root: Path, key: AgeKey | None = None, dedup: bytes | None = None) -> set[str]:
     """Every blob the packs on a local target really hold: each pack read and checked
     against its name, each blob against its id."""
-    found: set[str] = set()
+    return set(_held(root, key, dedup))
+
+
+def _held(root: Path, key: AgeKey | None, dedup: bytes | None,
+          keep: Collection[str] = ()) -> dict[str, bytes | None]:
+    """Blob id -> its bytes (those of ``keep``; None for the others), for every blob the
+    packs on a local target hold, each pack checked against its name, each blob its id."""
+    found: dict[str, bytes | None] = {}
     idents = [x25519.Identity.from_str(key.identity)] if key else None
     for name in stored_packs(root):
         with (root / packs.pack_key(name)).open("rb") as stored, \
                 packs.open_pack(name, stored, root.parent, key=dedup, identities=idents) as rd:
-            found.update(blob for blob, _ in rd.blobs())
+            found.update((blob, data if blob in keep else None) for blob, data in rd.blobs())
     return found
 
 
@@ -83,20 +92,30 @@ def complete(root: Path) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/manifest.json"))
 
 
-def named_blobs(root: Path, backup_id: str, key: AgeKey | None = None) -> set[str]:
-    """The blob ids a backup's uploads index names."""
+def named_blobs(root: Path, backup_id: str, key: AgeKey | None = None,
+                dedup: bytes | None = None) -> set[str]:
+    """The blob ids a backup references: the pieces its uploads index is stored in, and
+    the blobs the index names (read from the pieces the packs hold; when one is missing,
+    the pieces alone: the backup is not whole anyway)."""
     manifest = Manifest.from_json((root / backup_id / "manifest.json").read_bytes(), "t")
     artifact = manifest.artifact("uploads-index")
-    assert artifact is not None
+    assert artifact is not None and manifest.uploads is not None
+    assert manifest.uploads.index == "chunks"
     raw = plain((root / backup_id / artifact.name).read_bytes(), key)
-    return {b for line in raw.splitlines() for b in IndexEntry.from_line(line).blobs or ()}
+    pieces = [str(json.loads(line)["chunk"]) for line in raw.splitlines()]
+    held = _held(root, key, dedup, keep=set(pieces))
+    if any(held.get(p) is None for p in pieces):
+        return set(pieces)
+    index = b"".join(held[p] or b"" for p in pieces)
+    return set(pieces) | {b for line in index.splitlines()
+                          for b in IndexEntry.from_line(line).blobs or ()}
 
 
 def assert_whole(root: Path, key: AgeKey | None = None, dedup: bytes | None = None) -> None:
     """Every listed-complete backup on a local target has every blob it names."""
     have = present(root, key, dedup)
     for backup_id in complete(root):
-        missing = named_blobs(root, backup_id, key) - have
+        missing = named_blobs(root, backup_id, key, dedup) - have
         assert not missing, f"backup {backup_id} lacks {len(missing)} blob(s)"
 
 
@@ -110,8 +129,9 @@ def prune(ws: Workspace, *args: str, code: int = 0) -> dict[str, Any]:
 
 def history(ws: Workspace, keep: int, drop: int, gone: int) -> tuple[str, str, list[str]]:
     """Three backups: ``keep`` files with ``drop`` more (pack ``mixed``: mostly dropped
-    later), then with ``gone`` others (pack ``dead``: unreferenced once pruned), then the
-    kept files alone. Returns (mixed, dead, the three backup ids)."""
+    later), then with ``gone`` others (pack ``dead``: unreferenced once pruned, as is the
+    second index's piece it holds), then the kept files alone (a pack holding only the third
+    index's piece: :func:`tail`). Returns (mixed, dead, the three backup ids)."""
     kept = blobs("keep", keep)
     tree(ws, {**kept, **blobs("drop", drop)})
     ids = [backup(ws)]
@@ -121,7 +141,17 @@ def history(ws: Workspace, keep: int, drop: int, gone: int) -> tuple[str, str, l
     (dead,) = set(stored_packs(ws.backups)) - {mixed}
     tree(ws, kept)
     ids.append(backup(ws))
+    assert len(tail(ws, {mixed, dead})) == 1
     return mixed, dead, ids
+
+
+def tail(ws: Workspace, before: set[str]) -> set[str]:
+    """The packs stored since ``before``, each holding one piece of an index and nothing
+    else (a backup of a tree that only lost files stores its new index, nothing more)."""
+    new = set(stored_packs(ws.backups)) - before
+    with BlobIndex.open(ws.state) as index:  # (the packs may be encrypted)
+        assert all(len(index.pack_blobs(name)) == 1 for name in new)
+    return new
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -176,14 +206,14 @@ def test_repack_keeps_every_remaining_backup_whole(ws: Workspace) -> None:
     (big,) = stored_packs(ws.backups)
     tree(ws, kept)  # 60% of the pack's content now unreferenced
     second = backup(ws)
-    assert set(stored_packs(ws.backups)) == {big}  # nothing new to store
+    index_only = tail(ws, {big})  # nothing new to store but the index
     age_packs(ws.backups)
     entry = prune(ws)
     assert entry["deleted"] == [first]
     gc = entry["gc"]
     assert gc["repacked_packs"] == [big] and len(gc["written_packs"]) == 1
     after = stored_packs(ws.backups)
-    assert set(after) == set(gc["written_packs"])
+    assert set(after) == set(gc["written_packs"]) | index_only
     assert gc["freed_bytes"] == gc["repacked_bytes"] - gc["written_bytes"] > 0
     assert named_blobs(ws.backups, second) == present(ws.backups)
     assert_whole(ws.backups)
@@ -199,10 +229,11 @@ def test_below_the_threshold_nothing_is_repacked(ws: Workspace) -> None:
     before = stored_packs(ws.backups)
     tree(ws, kept)
     backup(ws)
+    index_only = tail(ws, set(before))
     age_packs(ws.backups)
     gc = prune(ws)["gc"]
     assert gc["repacked_packs"] == [] and gc["deleted_packs"] == []
-    assert stored_packs(ws.backups) == before
+    assert set(stored_packs(ws.backups)) == set(before) | index_only
 
 
 def test_dry_run_shows_the_packs_and_bytes_gc_would_free(ws: Workspace) -> None:
@@ -303,11 +334,12 @@ def encrypted(ws: Workspace, *, identity: bool, uploads: str = "") -> tuple[AgeK
 def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -> None:
     key, dedup = encrypted(ws, identity=False)
     mixed, dead, _ = history(ws, 2, 4, 2)
+    index_only = tail(ws, {mixed, dead})
     age_packs(ws.backups)
     gc = prune(ws)["gc"]
     assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []
     assert any("no age identity" in n for n in gc["notes"]), gc["notes"]
-    assert set(stored_packs(ws.backups)) == {mixed}
+    assert set(stored_packs(ws.backups)) == {mixed} | index_only
     assert_whole(ws.backups, key, dedup)
     # A restore host's config (identity and dedup key, no recipients) never rewrites the
     # school's uploads in plaintext: the pack stays as it is.
@@ -315,14 +347,14 @@ def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -
     gc_config(ws, extra=KEEP_LAST_1 + f'[encryption]\nidentity_file = "{key.file}"\n'
               + dedup_line)
     gc = prune(ws)["gc"]
-    assert gc["repacked_packs"] == [] and set(stored_packs(ws.backups)) == {mixed}
+    assert gc["repacked_packs"] == [] and set(stored_packs(ws.backups)) == {mixed} | index_only
     assert any("no [encryption] recipients" in n for n in gc["notes"]), gc["notes"]
     # With the identity (a restore host), the mixed pack is repacked, encrypted and keyed.
     encrypted_again = encryption_toml(key) + f'dedup_key_file = "{ws.root / "keys" / "dedup"}"\n'
     gc_config(ws, extra=KEEP_LAST_1 + encrypted_again)
     gc = prune(ws)["gc"]
     assert gc["repacked_packs"] == [mixed] and gc["notes"] == []
-    (new,) = stored_packs(ws.backups)
+    (new,) = set(stored_packs(ws.backups)) - index_only
     assert (ws.backups / packs.pack_key(new)).read_bytes().startswith(packs.AGE_MAGIC)
     assert_whole(ws.backups, key, dedup)
 
@@ -438,6 +470,7 @@ def test_gc_on_a_cloud_target(ws: Workspace, s3_server: S3Server, gcs_server: GC
     gc_config(ws, extra=KEEP_LAST_1 + f'[[targets]]\nname = "{kind}"\ntype = "{kind}"\n'
               f'{where}prefix = "gc-{tmp_path.name}"\n')
     mixed, dead, (_, _, last) = history(ws, 3, 5, 2)
+    index_only = tail(ws, {mixed, dead})
     ctx = Context(load_config(ws.config)[0])
     cloud = ctx.targets([kind])[0]
     # The listing's times are the cloud's own: judge them two days on (the action's clock).
@@ -451,7 +484,7 @@ def test_gc_on_a_cloud_target(ws: Workspace, s3_server: S3Server, gcs_server: GC
         assert name is not None
         with cloud.open(obj.key) as stored, packs.open_pack(name, stored, tmp_path) as reader:
             on_cloud[name] = {blob for blob, _ in reader.blobs()}
-    assert set(on_cloud) == set(report.written)
+    assert set(on_cloud) == set(report.written) | index_only
     assert named_blobs(ws.backups, last) <= set().union(*on_cloud.values())
     assert_whole(ws.backups)
 

@@ -24,13 +24,13 @@ import zstandard
 
 from conexa_backup import packs
 from conexa_backup.actions.restore_packs import (
-    Needs,
     PackReading,
     _Tree,
     _Writing,
     fetch_packs,
     lacking,
 )
+from conexa_backup.actions.uploads_index import Needs
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.config import CompressionConfig
 from conexa_backup.errors import IntegrityError, ObjectNotFoundError, UnsafeArchiveError
@@ -40,8 +40,16 @@ from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
 from conexa_backup.testing.compare import tree_snapshot
 from conexa_backup.testing.emulators import GCSServer, S3Server
 from tests.conftest import Workspace
-from tests.test_backup_packs import backup, index_of, packs_config, stored_packs
+from tests.test_backup_packs import (
+    backup,
+    index_bytes,
+    index_of,
+    index_pieces,
+    packs_config,
+    stored_packs,
+)
 from tests.test_copies import cloud_targets
+from tests.test_failures import listed_by_id
 from tests.test_trust import make_age_key, toml_str
 
 SCRIPT = Path(__file__).parent.parent / "docs" / "restore_packs.py"
@@ -228,14 +236,24 @@ def two_targets(ws: Workspace) -> Path:
 
 
 def pack_and_files(ws: Workspace, backup_id: str) -> tuple[Path, list[str]]:
-    """A pack on ``local`` holding some of the backup's blobs, and the files they belong to."""
-    name = sorted(stored_packs(ws.backups))[0]
+    """A pack on ``local`` holding some of the backup's files' blobs but none of its index's
+    pieces, and the files they belong to."""
+    pieces = {p["chunk"] for p in index_pieces(ws.backups, backup_id)}
     with BlobIndex.open(ws.state) as index:
-        held = {b for b, _ in index.pack_blobs(name)}
+        name, held = next((name, held) for name in sorted(stored_packs(ws.backups))
+                          if not (held := {b for b, _ in index.pack_blobs(name)}) & pieces)
     files = [e.path for e in index_of(ws, backup_id) if e.type == "file"
              and held & set(e.blobs or ())]
     assert files
     return ws.backups / packs.pack_key(name), files
+
+
+def index_pack(ws: Workspace, backup_id: str) -> Path:
+    """The pack on ``local`` holding the (one) piece of the backup's uploads index."""
+    (piece,) = index_pieces(ws.backups, backup_id)
+    with BlobIndex.open(ws.state) as index:
+        (name,) = index.packs_with(piece["chunk"])
+    return ws.backups / packs.pack_key(name)
 
 
 def flip(path: Path) -> None:
@@ -247,7 +265,9 @@ def flip(path: Path) -> None:
 @pytest.mark.parametrize("harm", ["lost", "flipped"])
 def test_a_target_missing_or_damaging_a_pack(ws: Workspace, tmp_path: Path, harm: str) -> None:
     two_targets(ws)
-    backup_id = backup(ws)
+    backup(ws)
+    (ws.uploads / "novo.pdf").write_bytes(b"new since")
+    backup_id = backup(ws)  # its index's piece in a pack of its own, beside novo.pdf
     pack, files = pack_and_files(ws, backup_id)
     if harm == "lost":
         pack.unlink()
@@ -281,6 +301,51 @@ def test_a_target_missing_or_damaging_a_pack(ws: Workspace, tmp_path: Path, harm
 
 
 
+@pytest.mark.parametrize("harm", ["lost", "flipped"])
+def test_a_target_missing_or_damaging_the_pack_of_the_index(ws: Workspace, tmp_path: Path,
+                                                           harm: str) -> None:
+    """The index's pieces are blobs too: a copy whose pack of them is gone or damaged is
+    damaged, said so, and the other copy is used."""
+    two_targets(ws)
+    backup_id = backup(ws)
+    pack = index_pack(ws, backup_id)
+    if harm == "lost":
+        pack.unlink()
+    else:
+        flip(pack)
+    why = "is not on target 'local'" if harm == "lost" else "stored bytes do not match"
+    result = restore_to(ws, backup_id, tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    assert "used the copy on 'other'" in result.stderr and "its uploads index" in result.stderr
+    assert tree_snapshot(tmp_path / "r") == tree_snapshot(ws.uploads)
+    assert backup_id in (ws.state / "damaged.json").read_text()
+
+    verify = ws.run("verify", backup_id, "--json")
+    assert verify.returncode != 0, verify.stdout
+    checks = {c["target"]: c for c in json.loads(verify.stdout)["checks"]}
+    assert checks["other"]["ok"], checks["other"]
+    problem = " ".join(checks["local"]["problems"])
+    assert f"backup {backup_id}" in problem and "its uploads index" in problem, problem
+    assert pack.name in problem and why in problem, problem
+    assert listed_by_id(ws)[backup_id]["targets"] == ["other"]  # the damage is said
+
+
+def test_a_backup_with_its_index_stored_whole_restores_verifies_and_drills(
+        ws: Workspace, tmp_path: Path) -> None:
+    """Backups made before the index was stored in pieces keep working: the artifact is the
+    index itself (``uploads.index = "lines"``)."""
+    packs_config(ws)
+    backup_id = backup(ws)
+    rewrite_index(ws, backup_id, lambda lines: lines)
+    shutil.rmtree(ws.state)  # and on a fresh host, which must read the index to know refs
+    result = restore_to(ws, backup_id, tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    assert tree_snapshot(tmp_path / "r") == tree_snapshot(ws.uploads)
+    for args in (("verify", backup_id), ("verify", "--drill", backup_id)):
+        run = ws.run(*args, "--json")
+        assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_verify_all_reads_each_pack_once_per_target(ws: Workspace) -> None:
     packs_config(ws)
     backup(ws)
@@ -292,8 +357,28 @@ def test_verify_all_reads_each_pack_once_per_target(ws: Workspace) -> None:
     checks = json.loads(verify.stdout)["checks"]
     artifacts = sum(p.stat().st_size for p in ws.backups.glob("2*/*")
                     if p.name != "manifest.json")
-    packs_total = sum(stored_packs(ws.backups).values())
-    assert sum(c["bytes_read"] for c in checks) == artifacts + packs_total
+    stored = stored_packs(ws.backups)
+    # With nothing known, the first index's read reads every pack once; each later backup's
+    # index pieces are read again from their pack (they must be written out, not only
+    # checked).
+    assert [c["id"] for c in checks] == sorted(c["id"] for c in checks)
+    again = sum(stored[index_pack(ws, c["id"]).name] for c in checks[1:])
+    assert sum(c["bytes_read"] for c in checks) == artifacts + sum(stored.values()) + again
+
+
+def test_verify_all_reads_pieces_shared_by_backups_once(ws: Workspace) -> None:
+    """Backups of an unchanged tree share their index's piece: verify --all reads it, and
+    the pack holding it, once (the run keeps the pieces it read, by target)."""
+    packs_config(ws)
+    ids = [backup(ws) for _ in range(3)]
+    assert len({json.dumps(index_pieces(ws.backups, i)) for i in ids}) == 1
+    (pack,) = stored_packs(ws.backups).values()
+    verify = ws.run("verify", "--all", "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    checks = json.loads(verify.stdout)["checks"]
+    artifacts = sum(p.stat().st_size for p in ws.backups.glob("2*/*")
+                    if p.name != "manifest.json")
+    assert sum(c["bytes_read"] for c in checks) == artifacts + pack
 
 
 # -- hostile indexes ---------------------------------------------------------------------------
@@ -301,16 +386,17 @@ def test_verify_all_reads_each_pack_once_per_target(ws: Workspace) -> None:
 def rewrite_index(ws: Workspace, backup_id: str,
                   change: Callable[[list[bytes]], list[bytes]]) -> None:
     """Replace a backup's uploads index, its manifest updated to match (as an attacker who
-    can write the target, and no signing key configured, could)."""
-    path = ws.backups / backup_id / INDEX
-    lines = zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+    can write the target, and no signing key configured, could). The index is written whole
+    (``uploads.index = "lines"``, as backups before the index was stored in pieces)."""
+    lines = index_bytes(ws.backups, backup_id)
     data = zstandard.ZstdCompressor().compress(b"".join(change(lines.splitlines(True))))
-    path.write_bytes(data)
+    (ws.backups / backup_id / INDEX).write_bytes(data)
     manifest_path = ws.backups / backup_id / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     for artifact in manifest["artifacts"]:
         if artifact["kind"] == "uploads-index":
             artifact["size"], artifact["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    manifest["uploads"]["index"] = "lines"
     manifest_path.write_text(json.dumps(manifest))
 
 

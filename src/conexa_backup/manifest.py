@@ -92,6 +92,10 @@ class UploadsInfo(_Model):
     format: Literal["tar", "packs"] = "tar"
     ids: Literal["sha256", "hmac-sha256"] | None = None
     key_id: str | None = None
+    # "chunks" (packs only): the index itself is stored in the target's packs, in pieces
+    # named like blobs, and the "uploads-index" artifact lists them (actions/uploads_index).
+    # "lines": the artifact is the index.
+    index: Literal["lines", "chunks"] = "lines"
 
 
 class Attrs(TypedDict, total=False):

@@ -9,9 +9,11 @@ lacks. Each pack is uploaded to the targets of its set as soon as it closes; a t
 fails drops out of the run, as for any artifact.
 
 Then the uploads index (every entry: path, type, mode, owner, mtime; files' size, SHA-256 and
-blob ids) is stored as the ``uploads-index`` artifact, checksummed in the manifest. The
-manifest stays the one commit point: it is written only to targets that received every pack
-they lacked, so a target holding the manifest holds every blob the index names.
+blob ids) is cut into pieces stored as blobs too (:mod:`uploads_index`: a piece unchanged
+since an earlier backup is held already), and the list of pieces is the ``uploads-index``
+artifact, checksummed in the manifest. The manifest stays the one commit point: it is
+written only to targets that received every pack they lacked, so a target holding the
+manifest holds every blob the index, and the list, name.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from conexa_backup import archive, filecache, packs, signals
+from conexa_backup.actions.uploads_index import Chunk, cut
 from conexa_backup.blobindex import BlobIndex, Losses, RefsWriter
 from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
@@ -38,7 +41,7 @@ from conexa_backup.errors import ConexaError, IntegrityError, StorageError, Unus
 from conexa_backup.filecache import FileCache, FolderFiles, key_fingerprint
 from conexa_backup.folderblocks import Folder, stat_text
 from conexa_backup.manifest import Attrs, IndexEntry, dir_line, file_line, shown_path
-from conexa_backup.pipeline import CHUNK, copy_stream
+from conexa_backup.pipeline import CHUNK
 from conexa_backup.scratch import scratch_name
 from conexa_backup.state import record_damaged
 from conexa_backup.storage.base import Target
@@ -650,17 +653,33 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
             stage = _Stage(packer, cache, key, spool, counts, refs, losses, live, floor)
             try:
                 stage.run(root)
+                chunks = _index_to_packs(spool, key, packer, refs)
                 packer.finish()
             except BaseException:
                 packer.abort()
                 raise
             cache.finish()
         run.on_commit.append(_prover(ctx, root, key, cache.run, losses))
-        spool.seek(0)
+        listing = b"".join(chunk.to_line() for chunk in chunks)
         run.store("uploads-index", "uploads.index.jsonl", "jsonl",
-                  lambda out: copy_stream(spool, out))
+                  lambda out: out.write(listing))
     log.info("uploads: %d files (%d read, %d bytes), %d new blobs (%d bytes) in %d packs "
              "(%d bytes stored)", stage.stats.files, counts.files_read, counts.bytes_read,
              counts.blobs_new, counts.bytes_new, counts.packs, counts.bytes_stored)
     return stage.stats, {"format": "packs", "ids": "sha256" if key is None else "hmac-sha256",
-                         "key_id": None if key is None else packs.key_id(key)}
+                         "key_id": None if key is None else packs.key_id(key),
+                         "index": "chunks"}
+
+
+def _index_to_packs(spool: IO[bytes], key: bytes | None, packer: _Packer,
+                    refs: RefsWriter) -> list[Chunk]:
+    """Store the index the walk wrote to ``spool`` in pieces (:func:`uploads_index.cut`),
+    each a blob given to the packer (stored where a target lacks it: an unchanged piece
+    costs its hash) and referenced by the backup; return the pieces, in order."""
+    spool.seek(0)
+    chunks = []
+    for chunk, data in cut(spool, key):
+        packer.add(chunk.id, data)
+        chunks.append(chunk)
+    refs.add(c.id for c in chunks)
+    return chunks

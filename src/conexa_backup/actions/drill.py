@@ -30,7 +30,7 @@ import psycopg
 from conexa_backup import postgres
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import read_plain
+from conexa_backup.actions.restore_packs import read_index
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage
 from conexa_backup.durations import parse_duration
 from conexa_backup.errors import ConexaError, IntegrityError
@@ -216,9 +216,8 @@ def _index_file(d: _Drill) -> Iterator[IO[bytes] | None]:
     if artifact is None:
         yield None
         return
-    keys = d.ctx.keys()
-    with tempfile.TemporaryFile(dir=keys.staging, prefix="index-") as plain:
-        read_plain(d.copy, d.backup.id, artifact, lambda src: copy_stream(src, plain), keys)
+    with tempfile.TemporaryFile(dir=d.ctx.keys().staging, prefix="index-") as plain:
+        read_index(d.ctx, d.copy, d.backup.id, d.manifest, lambda src: copy_stream(src, plain))
         plain.seek(0)
         yield plain
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import sqlite3
@@ -34,7 +35,8 @@ from typing import IO, Any
 from conexa_backup import packs
 from conexa_backup.actions import backup_packs
 from conexa_backup.actions.context import Context
-from conexa_backup.actions.fetch import from_first_good, read_plain
+from conexa_backup.actions.fetch import from_first_good
+from conexa_backup.actions.restore_packs import read_index
 from conexa_backup.blobindex import BlobIndex, merged
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.crypto import parse_recipients
@@ -158,15 +160,13 @@ def _fetch_refs(ctx: Context, index: BlobIndex, backup: Backup) -> None:
     staging = ctx.state_dir("staging")
 
     def attempt(copy: Copy, manifest: Manifest) -> None:
-        artifact = manifest.artifact("uploads-index")
-        if artifact is None:
-            raise IntegrityError(f"backup {backup.id}: the manifest names no uploads index")
         with tempfile.TemporaryFile(dir=staging, prefix="gc-index-") as plain:
-            # Parsed only once read_plain checked every stored byte against the manifest.
-            read_plain(copy, backup.id, artifact, lambda src: copy_stream(src, plain),
-                       ctx.keys())
+            # Parsed only once read_index checked every byte (against the manifest, or each
+            # piece against its id); the pieces themselves are blobs the backup references.
+            _, chunks = read_index(ctx, copy, backup.id, manifest,
+                                   lambda src: copy_stream(src, plain))
             plain.seek(0)
-            index.write_refs(backup.id, _index_blobs(plain))
+            index.write_refs(backup.id, itertools.chain(chunks, _index_blobs(plain)))
 
     from_first_good(backup, attempt)
 

@@ -1,13 +1,16 @@
 """Restoring, verifying and downloading packs-format uploads (issue 15; docs/packs.md).
 
-A packs backup's uploads are its uploads index (the ``uploads-index`` artifact: every entry
-with its attributes, each file's blob ids) plus blobs held in the target's packs, outside the
+A packs backup's uploads are its uploads index (every entry with its attributes, each file's
+blob ids: the ``uploads-index`` artifact, or, since it is stored in pieces, the blobs that
+artifact lists: :mod:`uploads_index`) plus blobs held in the target's packs, outside the
 backup's folder. One copy is read so:
 
-1. the index (checked against the manifest, decrypted) goes into a temporary SQLite file in
-   ``state_dir/staging`` (:class:`Needs`): entries, and for each blob where it belongs (file,
-   offset). Paths are checked on the way in with the tar extraction's rules (no absolute
-   path, ``..`` or NUL; no entry through a symlink of the index; no entry twice);
+1. the index (checked against the manifest, decrypted; its pieces, if any, read from the
+   packs as the blobs of one file are, below: :func:`read_index`) goes into a temporary
+   SQLite file in ``state_dir/staging`` (:class:`Needs`): entries, and for each blob where
+   it belongs (file, offset). Paths are checked on the way in with the tar extraction's
+   rules (no absolute path, ``..`` or NUL; no entry through a symlink of the index; no
+   entry twice);
 2. the packs that hold needed blobs are found from the target's listing of ``packs/`` and
    the local pack cache (:class:`~conexa_backup.blobindex.BlobIndex`); a listed pack the
    cache does not know is read anyway (once: its blobs are used in the same pass) and
@@ -28,20 +31,30 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
-import secrets
-import sqlite3
 import stat
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from conexa_backup import archive, packs
+from conexa_backup import packs
 from conexa_backup.actions.backup_packs import dedup_key
 from conexa_backup.actions.fetch import Keys, read_plain
+from conexa_backup.actions.uploads_index import (
+    BATCH,
+    CHUNKS_FILE,
+    NAMED,
+    Chunk,
+    Counts,
+    Needs,
+    PieceCache,
+    read_chunks,
+)
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import (
@@ -50,226 +63,107 @@ from conexa_backup.errors import (
     UnsafeArchiveError,
     UnusableCopyError,
 )
-from conexa_backup.manifest import IndexEntry, Manifest, shown_path
+from conexa_backup.manifest import Manifest, shown_path
 from conexa_backup.pipeline import CHUNK
-from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import Target
 
 if TYPE_CHECKING:
     from conexa_backup.actions.context import Context
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WORKERS = 4  # packs fetched at once: enough to hide a cloud round trip, few scratch files
-NAMED = 5  # files (and packs) named in a message, at most
-_CACHE_KIB = 2048  # SQLite page cache of the temporary index: lookups are by index
-_BATCH = 500  # blob ids looked up per query (SQLite allows 32,766 parameters)
 WRITERS = 2  # threads checking and writing a pack's blobs while the next one is read
 IN_FLIGHT = 16 << 20  # bytes of blobs handed to the writers and not yet written, at most
-_SCHEMA = """
-CREATE TABLE entries (seq INTEGER PRIMARY KEY, path BLOB NOT NULL UNIQUE, type TEXT NOT NULL,
-    mode INTEGER, uid INTEGER, gid INTEGER, mtime_ns INTEGER, size INTEGER, target BLOB);
-CREATE TABLE need (blob BLOB NOT NULL, entry INTEGER NOT NULL, offset INTEGER NOT NULL,
-    length INTEGER NOT NULL);
-CREATE INDEX need_by_blob ON need (blob);
-CREATE TABLE wanted (blob BLOB PRIMARY KEY, found INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
-"""
-_COLUMNS = "SELECT path, mode, uid, gid, mtime_ns, size, target FROM entries WHERE type = ?"
-_IN_ORDER = f"{_COLUMNS} ORDER BY seq"
-_BY_PATH = f"{_COLUMNS} ORDER BY path DESC"
 
 
-def _lines(stream: IO[bytes]) -> Iterator[bytes]:
-    """The lines of ``stream`` (read in large chunks: a decompressing reader is no file)."""
-    rest = b""
-    while data := stream.read(CHUNK):
-        parts = (rest + data).split(b"\n")
-        rest = parts.pop()
-        yield from (p for p in parts if p.strip())
-    if rest.strip():
-        yield rest
-
-
-@dataclass
-class Counts:
-    """What an index holds (what a restore of it must make)."""
-
-    files: int = 0
-    bytes: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-
-
-class Needs:
-    """A backup's uploads index in a temporary SQLite file: entries, and each needed blob's
-    places (entry, offset, length) and whether a good pack has given it yet. One thread."""
-
-    def __init__(self, scratch: Path, piece_size: int = packs.PIECE_SIZE) -> None:
-        self.path = scratch / scratch_name(f"needs-{secrets.token_hex(4)}")
-        self.piece_size = piece_size
-        self.counts = Counts()
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self.path.chmod(0o600)
-        for pragma in ("journal_mode = OFF", "synchronous = OFF", "temp_store = FILE",
-                       f"cache_size = -{_CACHE_KIB}"):
-            self._db.execute(f"PRAGMA {pragma}")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        self._db.close()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> Needs:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- loading -------------------------------------------------------------------------------
-
-    def load(self, stream: IO[bytes]) -> Counts:
-        """Read the index from ``stream`` (decompressed JSON lines) and check it.
-
-        Raises:
-            UnsafeArchiveError: an entry is absolute, holds ``..`` or NUL, lies through a
-                symlink of the index, is stored twice, or the root is not a folder.
-            IntegrityError: a line is not an index entry, or a file's blobs do not fit its
-                size.
-        """
-        self._db.execute("BEGIN")
-        for seq, line in enumerate(_lines(stream)):
-            self._add(seq, IndexEntry.from_line(line))
-        self._check_links()
-        self._db.execute("COMMIT")
-        return self.counts
-
-    def _add(self, seq: int, entry: IndexEntry) -> None:
-        name = archive._clean_name(entry.path, shown_path(entry.path), "index entry")
-        if name == "." and entry.type != "dir":
-            raise UnsafeArchiveError("refusing index entry '.': the root is not a folder")
-        raw = os.fsencode(name)
-        target = None if entry.target is None else os.fsencode(entry.target)
-        try:
-            self._db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (seq, raw, entry.type, entry.mode, entry.uid, entry.gid,
-                              entry.mtime_ns, entry.size, target))
-        except sqlite3.IntegrityError:
-            raise UnsafeArchiveError(f"refusing index entry {shown_path(name)!r}: stored "
-                                     "twice") from None
-        if entry.type == "file":
-            self._add_file(seq, name, entry)
-        elif entry.type == "symlink":
-            self.counts.symlinks += 1
-        elif name != ".":
-            self.counts.dirs += 1
-
-    def _add_file(self, seq: int, name: str, entry: IndexEntry) -> None:
-        size, blobs = entry.size or 0, entry.blobs or ()
-        if size < 0 or len(blobs) != -(-size // self.piece_size):
-            raise IntegrityError(f"uploads index: {shown_path(name)}: {len(blobs)} blobs for "
-                                 f"{size} bytes")
-        for i, blob in enumerate(blobs):
-            try:
-                raw = bytes.fromhex(blob)
-            except ValueError:
-                raw = b""
-            if len(raw) != 32:
-                raise IntegrityError(f"uploads index: {shown_path(name)}: not a blob id")
-            offset = i * self.piece_size
-            self._db.execute("INSERT INTO need VALUES (?, ?, ?, ?)",
-                             (raw, seq, offset, min(self.piece_size, size - offset)))
-            self._db.execute("INSERT OR IGNORE INTO wanted (blob) VALUES (?)", (raw,))
-        self.counts.files += 1
-        self.counts.bytes += size
-
-    def _check_links(self) -> None:
-        """Refuse an entry whose path passes through a symlink of the index (writing it
-        would write through the link once links are made)."""
-        links = self._db.execute("SELECT path FROM entries WHERE type = 'symlink'")
-        for (link,) in links:
-            below = self._db.execute(
-                "SELECT path FROM entries WHERE path > ? AND path < ? LIMIT 1",
-                (link + b"/", link + b"0")).fetchone()
-            if below is not None:
-                raise UnsafeArchiveError(
-                    f"refusing index entry {shown_path(os.fsdecode(below[0]))!r}: its path "
-                    "passes through a symlink of the index")
-
-    # -- blobs ---------------------------------------------------------------------------------
-
-    def _rows_for(self, query: str, blobs: list[str]) -> Iterator[Any]:
-        """The rows of ``query`` (its ``{ids}`` a list of parameters) for ``blobs``, a
-        query per :data:`_BATCH` ids rather than one per blob. Only ``?`` marks are put
-        into the text: the ids are parameters."""
-        for i in range(0, len(blobs), _BATCH):
-            chunk = blobs[i:i + _BATCH]
-            yield from self._db.execute(query.format(ids=",".join("?" * len(chunk))),
-                                        [bytes.fromhex(b) for b in chunk])
-
-    def wanted_among(self, blobs: list[str]) -> set[str]:
-        """Those of ``blobs`` (a pack's) that are needed and not yet found."""
-        return {raw.hex() for (raw,) in self._rows_for(
-            "SELECT blob FROM wanted WHERE found = 0 AND blob IN ({ids})", blobs)}
-
-    def places_among(self, blobs: list[str]) -> dict[str, list[tuple[bytes, int, int]]]:
-        """Blob -> (path, offset, length) of every place it belongs, for ``blobs``."""
-        found: dict[str, list[tuple[bytes, int, int]]] = {}
-        for raw, path, offset, length in self._rows_for(
-                "SELECT n.blob, e.path, n.offset, n.length FROM need n JOIN entries e "
-                "ON e.seq = n.entry WHERE n.blob IN ({ids})", blobs):
-            found.setdefault(raw.hex(), []).append((path, offset, length))
-        return found
-
-    def want(self, raw_ids: Iterable[bytes]) -> None:
-        """Want these blobs (raw 32-byte ids) without knowing their files (a backup's refs)."""
-        self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR IGNORE INTO wanted (blob) VALUES (?)",
-                             ((raw,) for raw in raw_ids))
-        self._db.execute("COMMIT")
-
-    def found(self, blobs: Iterable[str]) -> None:
-        """Mark ``blobs`` given by a good pack. One transaction: in autocommit each row was
-        one, and a write of its page (a tenth of a restore's time, with thousands of
-        blobs)."""
-        self._db.execute("BEGIN")
-        self._db.executemany("UPDATE wanted SET found = 1 WHERE blob = ?",
-                             ((bytes.fromhex(b),) for b in blobs))
-        self._db.execute("COMMIT")
-
-    def missing(self) -> tuple[int, int, list[str], list[str]]:
-        """(blobs missing, files affected, the first files' names, the first blobs)."""
-        blobs = self._db.execute("SELECT count(*) FROM wanted WHERE found = 0").fetchone()[0]
-        if not blobs:
-            return 0, 0, [], []
-        files = self._db.execute(
-            "SELECT count(DISTINCT n.entry) FROM need n JOIN wanted w ON w.blob = n.blob "
-            "WHERE w.found = 0").fetchone()[0]
-        first = self._db.execute(
-            "SELECT DISTINCT e.path FROM need n JOIN wanted w ON w.blob = n.blob JOIN entries "
-            "e ON e.seq = n.entry WHERE w.found = 0 ORDER BY e.seq LIMIT ?", (NAMED,))
-        ids = self._db.execute("SELECT blob FROM wanted WHERE found = 0 LIMIT 20")
-        return (blobs, files, [shown_path(os.fsdecode(p)) for (p,) in first],
-                [b.hex() for (b,) in ids])
-
-    def entries(self, kind: str, *, deepest_first: bool = False) -> Iterator[tuple[Any, ...]]:
-        """(path, mode, uid, gid, mtime_ns, size, target) of every entry of ``kind``, in index
-        order (or by path, descending: what a folder holds before the folder)."""
-        return iter(self._db.execute(_BY_PATH if deepest_first else _IN_ORDER, (kind,)))
-
-def read_needs(copy: Copy, backup_id: str, manifest: Manifest, keys: Keys,
-               piece_size: int = packs.PIECE_SIZE) -> Needs:
-    """The copy's uploads index, checked against the manifest, loaded into :class:`Needs`.
+def read_index(ctx: Context, copy: Copy, backup_id: str, manifest: Manifest,
+               consume: Callable[[IO[bytes]], T], *, run: PackRun | None = None,
+               whole: bool = False) -> tuple[T, list[str]]:
+    """Run ``consume`` on the copy's uploads index (plain JSON lines), checked: the artifact
+    against the manifest and, for an index stored in pieces (:mod:`uploads_index`), each
+    piece against its id as read from a good pack of the copy's target (``run`` and
+    ``whole`` as for :class:`PackReading`). Returns what ``consume`` did and the pieces'
+    blob ids (none for an index stored whole).
 
     Raises:
-        IntegrityError: damaged. UnusableCopyError: intact but unsafe, malformed or
-        undecryptable here. StorageError: unreadable.
+        IntegrityError: damaged: the artifact, or a piece in no good pack (naming the packs).
+        UnusableCopyError: intact but unsafe, malformed or unreadable with this host's keys.
+        StorageError: unreadable.
     """
     artifact = manifest.artifact("uploads-index")
     if artifact is None:
         raise IntegrityError(f"backup {backup_id}: manifest lists no uploads index")
-    needs = Needs(keys.staging, piece_size)
+    keys = ctx.keys()
+    if manifest.uploads is None or manifest.uploads.index != "chunks":
+        return read_plain(copy, backup_id, artifact, consume, keys), []
+    chunks = read_plain(copy, backup_id, artifact, read_chunks, keys)
+    where = f"target {copy.target.name!r}: backup {backup_id}"
+    with tempfile.TemporaryDirectory(dir=keys.staging, prefix="index-") as folder:
+        path = Path(folder) / CHUNKS_FILE
+        _join_pieces(ctx, copy, backup_id, manifest, chunks, path, run, whole)
+        with path.open("rb") as plain:
+            try:
+                result = consume(plain)
+            except UnsafeArchiveError as exc:  # every piece matched its id: intact
+                raise UnusableCopyError(f"{where}: uploads index (every piece matches its "
+                                        f"id): {exc}") from None
+    return result, [c.id for c in chunks]
+
+
+def _join_pieces(ctx: Context, copy: Copy, backup_id: str, manifest: Manifest,
+                 chunks: list[Chunk], path: Path, shared: PackRun | None,
+                 whole: bool) -> None:
+    """Write the index's pieces, in order, into the new file ``path``: those the ``shared``
+    run read from this target already from its cache, the others from the target's packs
+    (read as the blobs of one file, each checked against its id), then cached for it.
+
+    Raises:
+        IntegrityError: a piece is in no good pack. As :func:`fetch_packs` otherwise.
+    """
+    keys, target = ctx.keys(), copy.target.name
+    run = shared or PackRun()
+    key = dedup_key_for(ctx, manifest, f"target {target!r}: backup {backup_id}")
+    with Needs(keys.staging) as needs, BlobIndex.open(ctx.config.state_dir) as index:
+        needs.load_chunks(chunks)
+        tree = _Tree(path.parent, needs)
+        tree.create()
+        offsets = list(itertools.accumulate((c.size for c in chunks), initial=0))
+        cached = run.pieces.write(target, chunks, offsets, path)
+        needs.found(cached)
+        # The others must be written, so a pack this run has checked already is read again
+        # (plan_packs would count its blobs as found unread); known bad ones are skipped.
+        pieces_run = PackRun(listings=run.listings, checked={
+            k: why for k, why in run.checked.items() if why is not None})
+        reading = PackReading(copy.target, index, keys.staging, key,
+                              identities_for(keys, manifest), pieces_run, whole=whole)
+        try:
+            fetch_packs(reading, needs, tree)
+        finally:
+            run.bytes_read += pieces_run.bytes_read
+            for checked, why in pieces_run.checked.items():
+                run.checked.setdefault(checked, why)
+        damage = lacking(reading, needs, backup_id, of="its uploads index")
+        if damage is not None:
+            raise damage
+    if shared is not None:
+        shared.pieces.add(target, chunks, offsets, path, keys.staging)
+
+
+def read_needs(ctx: Context, copy: Copy, backup_id: str, manifest: Manifest,
+               piece_size: int = packs.PIECE_SIZE, *, run: PackRun | None = None,
+               whole: bool = False) -> Needs:
+    """The copy's uploads index (:func:`read_index`) loaded into :class:`Needs`; its
+    ``chunks`` are the ids of the pieces it was stored in.
+
+    Raises:
+        As :func:`read_index`.
+    """
+    needs = Needs(ctx.keys().staging, piece_size)
     try:
-        read_plain(copy, backup_id, artifact, needs.load, keys)
+        _, needs.chunks = read_index(ctx, copy, backup_id, manifest, needs.load, run=run,
+                                     whole=whole)
     except BaseException:
         needs.close()
         raise
@@ -286,6 +180,7 @@ class PackRun:
     listings: dict[str, dict[str, int]] = field(default_factory=dict)
     checked: dict[tuple[str, str], str | None] = field(default_factory=dict)
     bytes_read: int = 0  # stored bytes of the packs read
+    pieces: PieceCache = field(default_factory=PieceCache)  # index pieces read, by target
 
     def listing(self, target: Target) -> dict[str, int]:
         """Pack name -> stored size, for every pack ``target`` lists.
@@ -457,7 +352,7 @@ def _take(reading: PackReading, needs: Needs, name: str, size: int,
 class _Writing:
     """A pack's needed blobs, checked against their ids and written into the tree by
     :data:`WRITERS` threads (hashing and ``pwrite`` release the GIL) while the main thread
-    reads on: a job per :data:`_BATCH` blobs (a future per tiny blob would cost more than
+    reads on: a job per :data:`BATCH` blobs (a future per tiny blob would cost more than
     the blob), and at most :data:`IN_FLIGHT` bytes or twice as many jobs as threads
     waiting, so memory stays flat whatever a pack holds."""
 
@@ -532,12 +427,12 @@ _Written = tuple[list[str], IntegrityError | None]
 
 
 def _chunks(refs: list[packs.BlobRef]) -> Iterator[list[packs.BlobRef]]:
-    """``refs`` in runs of at most :data:`_BATCH` blobs and about 4 MiB (a larger blob
+    """``refs`` in runs of at most :data:`BATCH` blobs and about 4 MiB (a larger blob
     alone)."""
     chunk: list[packs.BlobRef] = []
     size = 0
     for ref in refs:
-        if chunk and (len(chunk) >= _BATCH or size + ref.length > 4 << 20):
+        if chunk and (len(chunk) >= BATCH or size + ref.length > 4 << 20):
             yield chunk
             chunk, size = [], 0
         chunk.append(ref)
@@ -554,10 +449,12 @@ def _bad(reading: PackReading, name: str, exc: IntegrityError) -> None:
     reading.index.mark_bad(reading.target.name, name, str(exc))
 
 
-def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityError | None:
+def lacking(reading: PackReading, needs: Needs, backup_id: str,
+            of: str | None = None) -> IntegrityError | None:
     """The damage when some needed blob was in no good pack: which backup and target, how
     many blobs and files, the first files, and the packs at fault (damaged, or missing from
-    the target though this host's cache says they held the blobs); None when nothing lacks."""
+    the target though this host's cache says they held the blobs); None when nothing lacks.
+    ``of`` names what lacks them, when not files (the index)."""
     count, files, first, blobs = needs.missing()
     if not count:
         return None
@@ -574,8 +471,8 @@ def lacking(reading: PackReading, needs: Needs, backup_id: str) -> IntegrityErro
         culprits = list(reading.problems.values())
     more = f" and {files - len(first)} more" if files > len(first) else ""
     why = "; ".join(culprits[:NAMED]) or "no pack on the target holds them"
-    what = f"{files} file(s) ({', '.join(first)}{more})" if files else \
-        "its files (their names need the age identity)"
+    what = of or (f"{files} file(s) ({', '.join(first)}{more})" if files else
+                  "its files (their names need the age identity)")
     return IntegrityError(f"backup {backup_id}: target {target!r} lacks {count} blob(s) of "
                           f"{what}: {why}")
 
@@ -623,7 +520,7 @@ def extract_copy(ctx: Context, backup: Backup, copy: Copy, manifest: Manifest,
     keys = ctx.keys()
     where = f"target {copy.target.name!r}: backup {backup.id}"
     key = dedup_key_for(ctx, manifest, where)
-    with read_needs(copy, backup.id, manifest, keys, piece_size) as needs, \
+    with read_needs(ctx, copy, backup.id, manifest, piece_size) as needs, \
             BlobIndex.open(ctx.config.state_dir) as index:
         staging.mkdir(mode=0o700)
         tree = _Tree(staging, needs)

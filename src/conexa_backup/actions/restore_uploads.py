@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conexa_backup import archive
-from conexa_backup.actions import restore_packs
+from conexa_backup.actions import restore_packs, uploads_index
 from conexa_backup.actions.fetch import from_first_good, local_writes, read_plain
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError, UnusableCopyError, UsageError
@@ -66,7 +66,7 @@ def extract(ctx: Context, backup: Backup, dest: Path, source: str | None,
         expected = manifest.uploads
         assert expected is not None
         remove_tree(staging)  # a leftover of an interrupted restore of ours
-        got: restore_packs.Counts | archive.TreeStats
+        got: uploads_index.Counts | archive.TreeStats
         try:
             with local_writes(dest.parent):
                 if expected.format == "packs":

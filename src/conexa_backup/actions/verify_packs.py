@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from conexa_backup import packs
 from conexa_backup.actions.restore_packs import (
-    Needs,
     PackReading,
     PackRun,
     dedup_key_for,
@@ -23,6 +22,7 @@ from conexa_backup.actions.restore_packs import (
     read_needs,
     save_pack,
 )
+from conexa_backup.actions.uploads_index import Needs
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.catalog import Copy
 from conexa_backup.errors import ConexaError, IntegrityError, ObjectNotFoundError
@@ -50,7 +50,7 @@ def verify_copy(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
     keys = ctx.keys()
     where = f"target {copy.target.name!r}: backup {backup_id}"
     key = dedup_key_for(ctx, manifest, where)
-    with read_needs(copy, backup_id, manifest, keys) as needs, \
+    with read_needs(ctx, copy, backup_id, manifest, run=run, whole=True) as needs, \
             BlobIndex.open(ctx.config.state_dir) as index:
         reading = PackReading(copy.target, index, keys.staging, key,
                               identities_for(keys, manifest), run, whole=True)
@@ -113,8 +113,10 @@ def download_packs(ctx: Context, backup_id: str, copy: Copy, manifest: Manifest,
         for name in sorted(listed):
             save_pack(target, name, folder / name[:2] / name)
         return len(listed)
-    with read_needs(copy, backup_id, manifest, keys) as needs, \
+    with read_needs(ctx, copy, backup_id, manifest) as needs, \
             BlobIndex.open(ctx.config.state_dir) as index:
+        # The pieces the index was stored in are saved too: the by-hand script reads them.
+        needs.want(bytes.fromhex(c) for c in needs.chunks)
         reading = PackReading(target, index, keys.staging, None, identities, run)
         saved = 0
         for name in plan_packs(reading, needs):
