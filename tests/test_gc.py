@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -42,16 +43,24 @@ def gc_config(ws: Workspace, uploads: str = "", extra: str = KEEP_LAST_1) -> Non
 # -- helpers --------------------------------------------------------------------------------------
 
 def tree(ws: Workspace, files: dict[str, bytes]) -> None:
-    """Make the uploads folder hold exactly ``files``."""
+    """Make the uploads folder hold exactly ``files``, every entry with the same old mtime:
+    with :func:`blobs`' contents, the index is the same bytes on every run, so where it is
+    cut into pieces (by content) is too, and the tests' pack layouts never vary."""
     shutil.rmtree(ws.uploads)
     ws.uploads.mkdir(parents=True)
     for name, data in files.items():
         (ws.uploads / name).write_bytes(data)
+    for path in (*ws.uploads.iterdir(), ws.uploads):
+        os.utime(path, ns=(OLD_NS, OLD_NS))
+
+
+OLD_NS = 1_700_000_000 * 10**9
 
 
 def blobs(prefix: str, n: int, size: int = 20_000) -> dict[str, bytes]:
-    """``n`` files of random (incompressible) bytes: shares of content are shares of bytes."""
-    return {f"{prefix}{i}.bin": os.urandom(size) for i in range(n)}
+    """``n`` files of random (incompressible) bytes, the same on every run (seeded by name):
+    shares of content are shares of bytes."""
+    return {f"{prefix}{i}.bin": random.Random(f"{prefix}{i}").randbytes(size) for i in range(n)}
 
 
 def age_packs(root: Path, seconds: int = 2 * DAY) -> None:
@@ -92,17 +101,22 @@ def complete(root: Path) -> list[str]:
     return sorted(p.parent.name for p in root.glob("*/manifest.json"))
 
 
-def named_blobs(root: Path, backup_id: str, key: AgeKey | None = None,
-                dedup: bytes | None = None) -> set[str]:
-    """The blob ids a backup references: the pieces its uploads index is stored in, and
-    the blobs the index names (read from the pieces the packs hold; when one is missing,
-    the pieces alone: the backup is not whole anyway)."""
+def pieces_of(root: Path, backup_id: str, key: AgeKey | None = None) -> list[str]:
+    """The ids of the pieces a backup's uploads index is stored in, in order."""
     manifest = Manifest.from_json((root / backup_id / "manifest.json").read_bytes(), "t")
     artifact = manifest.artifact("uploads-index")
     assert artifact is not None and manifest.uploads is not None
     assert manifest.uploads.index == "chunks"
     raw = plain((root / backup_id / artifact.name).read_bytes(), key)
-    pieces = [str(json.loads(line)["chunk"]) for line in raw.splitlines()]
+    return [str(json.loads(line)["chunk"]) for line in raw.splitlines()]
+
+
+def named_blobs(root: Path, backup_id: str, key: AgeKey | None = None,
+                dedup: bytes | None = None) -> set[str]:
+    """The blob ids a backup references: the pieces its uploads index is stored in, and
+    the blobs the index names (read from the pieces the packs hold; when one is missing,
+    the pieces alone: the backup is not whole anyway)."""
+    pieces = pieces_of(root, backup_id, key)
     held = _held(root, key, dedup, keep=set(pieces))
     if any(held.get(p) is None for p in pieces):
         return set(pieces)
@@ -127,7 +141,8 @@ def prune(ws: Workspace, *args: str, code: int = 0) -> dict[str, Any]:
     return dict(entries[0])
 
 
-def history(ws: Workspace, keep: int, drop: int, gone: int) -> tuple[str, str, list[str]]:
+def history(ws: Workspace, keep: int, drop: int, gone: int,
+            key: AgeKey | None = None) -> tuple[str, str, list[str]]:
     """Three backups: ``keep`` files with ``drop`` more (pack ``mixed``: mostly dropped
     later), then with ``gone`` others (pack ``dead``: unreferenced once pruned, as is the
     second index's piece it holds), then the kept files alone (a pack holding only the third
@@ -141,16 +156,17 @@ def history(ws: Workspace, keep: int, drop: int, gone: int) -> tuple[str, str, l
     (dead,) = set(stored_packs(ws.backups)) - {mixed}
     tree(ws, kept)
     ids.append(backup(ws))
-    assert len(tail(ws, {mixed, dead})) == 1
+    assert len(tail(ws, {mixed, dead}, key)) == 1
     return mixed, dead, ids
 
 
-def tail(ws: Workspace, before: set[str]) -> set[str]:
-    """The packs stored since ``before``, each holding one piece of an index and nothing
-    else (a backup of a tree that only lost files stores its new index, nothing more)."""
+def tail(ws: Workspace, before: set[str], key: AgeKey | None = None) -> set[str]:
+    """The packs stored since ``before``, holding pieces of the newest backup's index and
+    nothing else (a backup of a tree that only lost files stores its new index, no more)."""
     new = set(stored_packs(ws.backups)) - before
+    pieces = set(pieces_of(ws.backups, complete(ws.backups)[-1], key))
     with BlobIndex.open(ws.state) as index:  # (the packs may be encrypted)
-        assert all(len(index.pack_blobs(name)) == 1 for name in new)
+        assert all({b for b, _ in index.pack_blobs(name)} <= pieces for name in new)
     return new
 
 
@@ -333,8 +349,8 @@ def encrypted(ws: Workspace, *, identity: bool, uploads: str = "") -> tuple[AgeK
 
 def test_encrypted_without_identity_deletes_but_does_not_repack(ws: Workspace) -> None:
     key, dedup = encrypted(ws, identity=False)
-    mixed, dead, _ = history(ws, 2, 4, 2)
-    index_only = tail(ws, {mixed, dead})
+    mixed, dead, _ = history(ws, 2, 4, 2, key)
+    index_only = tail(ws, {mixed, dead}, key)
     age_packs(ws.backups)
     gc = prune(ws)["gc"]
     assert gc["deleted_packs"] == [dead] and gc["repacked_packs"] == []

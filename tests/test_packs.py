@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pyrage import decrypt, x25519
 
 from conexa_backup import catalog, packs
+from conexa_backup.actions import uploads_index
 from conexa_backup.errors import IntegrityError, UnusableCopyError
 from conexa_backup.packs import PackWriter, StoredPack, blob_id, file_blobs, open_pack, read_index
 from conexa_backup.storage.local import LocalTarget, LocalTargetConfig
@@ -358,10 +359,12 @@ def by_hand(index: Path, packs_dir: Path, dest: Path) -> subprocess.CompletedPro
                            str(dest)], capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.parametrize("pieces", [False, True], ids=["index whole", "index in pieces"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "age"])
 def test_the_by_hand_script_rebuilds_the_tree(tmp_path: Path, scratch: Path,
-                                              age_key: x25519.Identity,
-                                              encrypted: bool) -> None:
+                                              age_key: x25519.Identity, encrypted: bool,
+                                              pieces: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     src, stored_dir, packs_dir = tmp_path / "src", tmp_path / "stored", tmp_path / "packs"
     src.mkdir()
     stored_dir.mkdir()
@@ -372,9 +375,17 @@ def test_the_by_hand_script_rebuilds_the_tree(tmp_path: Path, scratch: Path,
     def keep(pack: StoredPack) -> None:
         (stored_dir / pack.name).write_bytes(pack.path.read_bytes())
 
+    monkeypatch.setattr(uploads_index, "CUT_MASK", 0)  # a cut after every line
     with PackWriter(scratch, keep, key=key, pack_size=1500,
                     recipients=[age_key.to_public()] if encrypted else []) as writer:
         entries = index_tree(src, writer, key)
+        lines = "".join(json.dumps(e) + "\n" for e in entries).encode()
+        listed = []
+        if pieces:  # as a backup stores it: each piece a blob, the list in its place
+            for chunk, data in uploads_index.cut(io.BytesIO(lines), key):
+                writer.add(chunk.id, data)
+                listed.append(chunk.to_line())
+            assert len(listed) >= 3
     assert len(writer.packs) >= 2
     for pack in stored_dir.iterdir():  # what a person does: age -d, then zstd -d
         compressed = pack
@@ -384,11 +395,18 @@ def test_the_by_hand_script_rebuilds_the_tree(tmp_path: Path, scratch: Path,
         subprocess.run(["zstd", "-q", "-d", str(compressed), "-o", str(packs_dir / pack.name)],
                        check=True, timeout=60)
     index = tmp_path / "uploads.index.jsonl"
-    index.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    index.write_bytes(b"".join(listed) if pieces else lines)
     done = by_hand(index, packs_dir, tmp_path / "restored")
     assert done.returncode == 0, done.stderr
     assert tree_snapshot(tmp_path / "restored") == tree_snapshot(src)
     assert (tmp_path / "restored" / "latest").is_symlink()
+    if pieces:  # a piece that does not match what the list says is refused
+        wrong = json.loads(listed[1])
+        wrong["sha256"] = "0" * 64
+        index.write_bytes(b"".join([listed[0], json.dumps(wrong).encode() + b"\n",
+                                    *listed[2:]]))
+        done = by_hand(index, packs_dir, tmp_path / "again")
+        assert done.returncode != 0 and "does not match: damaged" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "../outside", "a/../../outside"])

@@ -83,5 +83,6 @@ def test_the_list_of_pieces_reads_back_and_malformed_lines_are_refused() -> None
                 {"chunk": good["chunk"]}, [1, 2]):
         with pytest.raises(IntegrityError, match="uploads index"):
             read_chunks(io.BytesIO(json.dumps(bad).encode() + b"\n"))
-    with pytest.raises(IntegrityError, match="uploads index"):
-        read_chunks(io.BytesIO(b"not json\n"))
+    for text in (b"not json\n", b"", b"\n"):
+        with pytest.raises(IntegrityError, match="uploads index"):
+            read_chunks(io.BytesIO(text))

@@ -294,7 +294,7 @@ def read_chunks(stream: IO[bytes]) -> list[Chunk]:
     """The pieces a stored index lists (its artifact, decompressed), in order.
 
     Raises:
-        IntegrityError: a line is not a piece.
+        IntegrityError: a line is not a piece, or there is none.
     """
     chunks = []
     for line in _lines(stream):
@@ -307,6 +307,8 @@ def read_chunks(stream: IO[bytes]) -> list[Chunk]:
                 or not 0 < chunk.size <= packs.MAX_CONTENT:
             raise IntegrityError(f"uploads index: malformed piece {line[:120]!r}")
         chunks.append(chunk)
+    if not chunks:  # an index holds its root at least
+        raise IntegrityError("uploads index: the list of its pieces is empty")
     return chunks
 
 
