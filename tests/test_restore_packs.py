@@ -260,6 +260,16 @@ def index_packs(ws: Workspace, backup_id: str, new_since: str | None = None) -> 
     return {ws.backups / packs.pack_key(name) for name in names}
 
 
+def harm_pack(pack: Path, harm: str) -> str:
+    """Delete (``lost``) or flip a byte of (``flipped``) a stored pack; what the damage
+    will be said as."""
+    if harm == "lost":
+        pack.unlink()
+        return "is not on target 'local'"
+    flip(pack)
+    return "stored bytes do not match"
+
+
 def flip(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -275,11 +285,7 @@ def test_a_target_missing_or_damaging_a_pack(ws: Workspace, tmp_path: Path, harm
         os.utime(path, ns=(10**18, 10**18), follow_symlinks=False)
     backup_id = backup(ws)  # so its pieces are in a pack of their own, beside novo.pdf
     pack, files = pack_and_files(ws, backup_id)
-    if harm == "lost":
-        pack.unlink()
-    else:
-        flip(pack)
-    why = "is not on target 'local'" if harm == "lost" else "stored bytes do not match"
+    why = harm_pack(pack, harm)
 
     # Local first (config order): it lacks blobs, so the other copy is used, and the damage
     # is recorded for status, list and prune.
@@ -306,7 +312,6 @@ def test_a_target_missing_or_damaging_a_pack(ws: Workspace, tmp_path: Path, harm
     assert f"backup {backup_id}" in step["detail"] and pack.name in step["detail"], step
 
 
-
 @pytest.mark.parametrize("harm", ["lost", "flipped"])
 def test_a_target_missing_or_damaging_the_pack_of_the_index(ws: Workspace, tmp_path: Path,
                                                            harm: str) -> None:
@@ -315,11 +320,7 @@ def test_a_target_missing_or_damaging_the_pack_of_the_index(ws: Workspace, tmp_p
     two_targets(ws)
     backup_id = backup(ws)
     (pack,) = index_packs(ws, backup_id)  # a small tree: one pack
-    if harm == "lost":
-        pack.unlink()
-    else:
-        flip(pack)
-    why = "is not on target 'local'" if harm == "lost" else "stored bytes do not match"
+    why = harm_pack(pack, harm)
     result = restore_to(ws, backup_id, tmp_path / "r")
     assert result.returncode == 0, result.stderr
     assert "used the copy on 'other'" in result.stderr and "its uploads index" in result.stderr
