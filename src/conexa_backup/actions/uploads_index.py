@@ -331,7 +331,7 @@ class PieceCache:
         with path.open("r+b") as out:
             for chunk, offset in zip(chunks, offsets, strict=False):
                 place = self._where.get((target, chunk.id))
-                if place is not None:
+                if place is not None and place[1] == chunk.size:  # (a list may lie: read it)
                     out.seek(offset)
                     self._file.seek(place[0])
                     out.write(self._file.read(place[1]))
