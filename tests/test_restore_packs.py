@@ -14,7 +14,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -335,6 +337,40 @@ def test_a_target_missing_or_damaging_the_pack_of_the_index(ws: Workspace, tmp_p
     assert f"backup {backup_id}" in problem and "its uploads index" in problem, problem
     assert pack.name in problem and why in problem, problem
     assert listed_by_id(ws)[backup_id]["targets"] == ["other"]  # the damage is said
+
+
+KILLED_READING = """
+import os, signal, sys
+from pathlib import Path
+from conexa_backup.actions.context import Context
+from conexa_backup.actions.restore_packs import read_index
+from conexa_backup.config import load_config
+
+ctx = Context(load_config(Path(sys.argv[1]))[0])
+(backup,) = ctx.scan(ctx.targets())
+(copy,) = backup.copies
+def die(plain):
+    print(os.listdir(ctx.state_dir("staging")), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as a run killed while it reads the index
+read_index(ctx, copy, backup.id, copy.manifest, die)
+"""
+
+
+def test_a_run_killed_while_it_reads_the_index_leaves_it_to_the_next_sweep(
+        ws: Workspace) -> None:
+    """The pieces are joined in ``state_dir/staging`` (in plaintext, for an encrypted
+    backup): under a scratch name, so the next run's sweep removes what a killed run left."""
+    packs_config(ws)
+    backup(ws)
+    killed = subprocess.run([sys.executable, "-c", KILLED_READING, str(ws.config)],
+                            capture_output=True, text=True, check=False, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    staging = ws.state / "staging"
+    left = [p for p in staging.iterdir() if p.name.startswith("index-")]
+    assert len(left) == 1 and (left[0] / "uploads.index.jsonl").stat().st_size > 0
+    assert left[0].name in killed.stdout
+    backup(ws)  # the next run that takes the lock sweeps first
+    assert not left[0].exists()
 
 
 def test_a_backup_with_its_index_stored_whole_restores_verifies_and_drills(

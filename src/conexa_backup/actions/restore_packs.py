@@ -34,8 +34,9 @@ import hashlib
 import itertools
 import logging
 import os
+import secrets
+import shutil
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from conexa_backup.errors import (
 )
 from conexa_backup.manifest import Manifest, shown_path
 from conexa_backup.pipeline import CHUNK
+from conexa_backup.scratch import scratch_name
 from conexa_backup.storage.base import Target
 
 if TYPE_CHECKING:
@@ -100,8 +102,12 @@ def read_index(ctx: Context, copy: Copy, backup_id: str, manifest: Manifest,
         return read_plain(copy, backup_id, artifact, consume, keys), []
     chunks = read_plain(copy, backup_id, artifact, read_chunks, keys)
     where = f"target {copy.target.name!r}: backup {backup_id}"
-    with tempfile.TemporaryDirectory(dir=keys.staging, prefix="index-") as folder:
-        path = Path(folder) / CHUNKS_FILE
+    # Named as scratch: a run killed here leaves the joined index (an encrypted backup's in
+    # plaintext) to the next run's sweep.
+    folder = keys.staging / scratch_name(f"index-{secrets.token_hex(3)}")
+    folder.mkdir(mode=0o700)
+    try:
+        path = folder / CHUNKS_FILE
         _join_pieces(ctx, copy, backup_id, manifest, chunks, path, run, whole)
         with path.open("rb") as plain:
             try:
@@ -109,6 +115,8 @@ def read_index(ctx: Context, copy: Copy, backup_id: str, manifest: Manifest,
             except UnsafeArchiveError as exc:  # every piece matched its id: intact
                 raise UnusableCopyError(f"{where}: uploads index (every piece matches its "
                                         f"id): {exc}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return result, [c.id for c in chunks]
 
 
