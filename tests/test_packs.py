@@ -382,9 +382,9 @@ def test_the_by_hand_script_rebuilds_the_tree(tmp_path: Path, scratch: Path,
         lines = "".join(json.dumps(e) + "\n" for e in entries).encode()
         listed = []
         if pieces:  # as a backup stores it: each piece a blob, the list in its place
-            for chunk, data in uploads_index.cut(io.BytesIO(lines), key):
-                writer.add(chunk.id, data)
-                listed.append(chunk.to_line())
+            cutter = uploads_index.Cutter(key, lambda chunk, data: writer.add(chunk.id, data))
+            cutter.feed(lines.splitlines(keepends=True))
+            listed = [chunk.to_line() for chunk in cutter.finish()]
             assert len(listed) >= 3
     assert len(writer.packs) >= 2
     for pack in stored_dir.iterdir():  # what a person does: age -d, then zstd -d

@@ -14,7 +14,7 @@ from conexa_backup.actions.uploads_index import (
     CUT_MASK,
     MAX_CHUNK,
     Chunk,
-    cut,
+    Cutter,
     read_chunks,
 )
 from conexa_backup.errors import IntegrityError
@@ -36,7 +36,15 @@ def _index(n: int, *, extra: dict[int, bytes] | None = None, skip: frozenset[int
 
 
 def _pieces(data: bytes, key: bytes | None = None) -> list[tuple[Chunk, bytes]]:
-    return list(cut(io.BytesIO(data), key))
+    """The pieces :class:`Cutter` hands on for the index ``data``, fed in batches of lines
+    as the walk feeds it."""
+    handed: list[tuple[Chunk, bytes]] = []
+    cutter = Cutter(key, lambda chunk, piece: handed.append((chunk, piece)))
+    lines = data.splitlines(keepends=True)
+    for i in range(0, len(lines), 4096):
+        cutter.feed(lines[i:i + 4096])
+    assert cutter.finish() == [chunk for chunk, _ in handed]
+    return handed
 
 
 def test_pieces_join_to_the_index_and_are_named_as_blobs() -> None:

@@ -24,16 +24,15 @@ import logging
 import os
 import sqlite3
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from conexa_backup import archive, filecache, packs, signals
-from conexa_backup.actions.uploads_index import Chunk, cut
+from conexa_backup.actions.uploads_index import Chunk, Cutter
 from conexa_backup.blobindex import BlobIndex, Losses, RefsWriter
 from conexa_backup.catalog import Backup
 from conexa_backup.crypto import load_dedup_key
@@ -289,7 +288,7 @@ class _Open:
 FOLDER_IN_MEMORY = 10_000  # files of one folder cached as a block; more: file by file
 # (measured, 100,000 small files with two folders of 20,000: a first backup peaked at 150 MB
 # of RSS with 20,000 here, 116 MB with 10,000)
-LINES = 4096  # index lines gathered before one write to the spool
+LINES = 4096  # index lines gathered before they go to the cutter
 PRESENT_BATCH = 16  # a folder's blobs asked about in one query, above this many
 
 
@@ -303,7 +302,7 @@ class _Stage:
     folder, took most of an unchanged backup's time: measured).
     """
 
-    def __init__(self, packer: _Packer, cache: FileCache, key: bytes | None, out: IO[bytes],
+    def __init__(self, packer: _Packer, cache: FileCache, key: bytes | None, out: Cutter,
                  counts: _Counts, refs: RefsWriter, losses: Losses, live: list[str],
                  floor: int) -> None:
         self.packer, self.cache, self.key, self.out = packer, cache, key, out
@@ -322,7 +321,7 @@ class _Stage:
         self.lines.append(entry.to_line())
 
     def _flush_lines(self) -> None:
-        self.out.write(b"".join(self.lines))
+        self.out.feed(self.lines)
         self.lines.clear()
 
     def run(self, root: Path) -> None:
@@ -630,9 +629,7 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
     counts = _Counts()
     assert ctx.config.uploads is not None
     share = ctx.config.uploads.rehash_share
-    with BlobIndex.open(ctx.config.state_dir) as index, \
-            tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+b",
-                                          dir=str(ctx.state_dir("staging"))) as spool:
+    with BlobIndex.open(ctx.config.state_dir) as index:
         floor = index.losses().count  # before the syncs: see Losses.holds
         for target in list(run.alive):
             try:
@@ -650,10 +647,11 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
         with FileCache.open(ctx.config.state_dir, root, key_fingerprint(key),
                             rehash_share=share, rehash_all=rehash) as cache, \
                 index.refs_writer(run.backup_id) as refs:
-            stage = _Stage(packer, cache, key, spool, counts, refs, losses, live, floor)
+            cutter = Cutter(key, _piece_to(packer, refs))
+            stage = _Stage(packer, cache, key, cutter, counts, refs, losses, live, floor)
             try:
                 stage.run(root)
-                chunks = _index_to_packs(spool, key, packer, refs)
+                chunks = cutter.finish()
                 packer.finish()
             except BaseException:
                 packer.abort()
@@ -671,15 +669,13 @@ def _store_uploads(ctx: Context, run: _Run, root: Path, *,
                          "index": "chunks"}
 
 
-def _index_to_packs(spool: IO[bytes], key: bytes | None, packer: _Packer,
-                    refs: RefsWriter) -> list[Chunk]:
-    """Store the index the walk wrote to ``spool`` in pieces (:func:`uploads_index.cut`),
-    each a blob given to the packer (stored where a target lacks it: an unchanged piece
-    costs its hash) and referenced by the backup; return the pieces, in order."""
-    spool.seek(0)
-    chunks = []
-    for chunk, data in cut(spool, key):
+def _piece_to(packer: _Packer, refs: RefsWriter) -> Callable[[Chunk, bytes], None]:
+    """Where a piece of the index goes (:class:`uploads_index.Cutter`): to the packer as a
+    blob (stored where a target lacks it: an unchanged piece costs its hash), and into the
+    backup's refs."""
+
+    def take(chunk: Chunk, data: bytes) -> None:
         packer.add(chunk.id, data)
-        chunks.append(chunk)
-    refs.add(c.id for c in chunks)
-    return chunks
+        refs.add((chunk.id,))
+
+    return take

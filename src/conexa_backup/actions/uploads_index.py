@@ -3,7 +3,7 @@
 The index is JSON lines, one per entry (:class:`~conexa_backup.manifest.IndexEntry`), in the
 walk's order. A backup whose manifest says ``uploads.index = "chunks"`` stores it in the
 target's packs, like the files: cut after each line whose CRC-32 ends in nine zero bits
-(:func:`cut`: about every 512th line, and at :data:`MAX_CHUNK`), each piece a blob named as
+(:class:`Cutter`: about every 512th line, and at :data:`MAX_CHUNK`), each piece a blob named as
 the files' are, so that a piece of the index unchanged since an earlier backup is a blob the
 target already holds and costs nothing to store again. Its ``uploads-index`` artifact then
 lists the pieces in order (:class:`Chunk`, one JSON line each: blob id, size, SHA-256).
@@ -25,7 +25,7 @@ import secrets
 import sqlite3
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
@@ -268,26 +268,40 @@ class Chunk:
                 f'"sha256": "{self.sha256}"}}\n').encode()
 
 
-def cut(stream: IO[bytes], key: bytes | None) -> Iterator[tuple[Chunk, bytes]]:
-    """The index read from ``stream`` (JSON lines) in pieces, each with its bytes: cut after
-    a line whose CRC-32 has the bits of :data:`CUT_MASK` clear, or once a piece holds
-    :data:`MAX_CHUNK` bytes. Blob ids are keyed with ``key`` as the files' are."""
-    lines: list[bytes] = []
-    size = 0
-    for line in stream:
-        lines.append(line)
-        size += len(line)
-        if zlib.crc32(line) & CUT_MASK == 0 or size >= MAX_CHUNK:
-            yield _chunk(b"".join(lines), key)
-            lines, size = [], 0
-    if lines:
-        yield _chunk(b"".join(lines), key)
+class Cutter:
+    """Cuts the index into pieces as the walk gives its lines: after a line whose CRC-32 has
+    the bits of :data:`CUT_MASK` clear, or once a piece holds :data:`MAX_CHUNK` bytes. Each
+    finished piece goes to ``on_piece`` with its bytes (ids keyed with ``key``, as the files'
+    are); only the piece being filled is held."""
 
+    def __init__(self, key: bytes | None,
+                 on_piece: Callable[[Chunk, bytes], object]) -> None:
+        self._key, self._on_piece = key, on_piece
+        self._lines: list[bytes] = []
+        self._size = 0
+        self.chunks: list[Chunk] = []  # the pieces handed on, in order
 
-def _chunk(data: bytes, key: bytes | None) -> tuple[Chunk, bytes]:
-    digest = hashlib.sha256(data).hexdigest()
-    blob = digest if key is None else packs.blob_id(data, key)
-    return Chunk(blob, len(data), digest), data
+    def feed(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self._lines.append(line)
+            self._size += len(line)
+            if zlib.crc32(line) & CUT_MASK == 0 or self._size >= MAX_CHUNK:
+                self._emit()
+
+    def finish(self) -> list[Chunk]:
+        """Hand on the last piece; return every piece, in order."""
+        if self._lines:
+            self._emit()
+        return self.chunks
+
+    def _emit(self) -> None:
+        data = b"".join(self._lines)
+        self._lines, self._size = [], 0
+        digest = hashlib.sha256(data).hexdigest()
+        blob = digest if self._key is None else packs.blob_id(data, self._key)
+        chunk = Chunk(blob, len(data), digest)
+        self.chunks.append(chunk)
+        self._on_piece(chunk, data)
 
 
 def read_chunks(stream: IO[bytes]) -> list[Chunk]:
