@@ -138,29 +138,38 @@ def _database_steps(d: _Drill) -> None:
     db = d.manifest.database
     if db is None:
         return
-    dump: dict[str, Path] = {}
+    dump: dict[str, restore_db.StagedDump] = {}
+    counted: dict[str, str] = {}
 
     def fetch() -> str:
-        dump["path"] = restore_db.fetch_dump(d.ctx, d.backup, d.copy.target.name)
+        dump["it"] = restore_db.fetch_dump(d.ctx, d.backup, d.copy.target.name)
         return "SHA-256 of every byte verified"
 
     def restore() -> str:
+        staged = dump["it"]
         try:
             # Ours before it exists: the name is this drill's own, and a signal landing just
             # after CREATE DATABASE (before any line below it) would otherwise leave it
             # behind. Dropping one never created is a no-op (DROP ... IF EXISTS).
             d.created_db = True
-            restore_db.create_database(d.info, db, d.dbname)
-            restore_db.restore(d.info, dump["path"], d.dbname)
+            # A dump whose data offsets we filled in is counted at once (and restored as
+            # stored if that fails); the row counts step then reports that count.
+            summary = restore_db.restore_checked(d.info, staged, db, d.dbname, count=False)
+            if summary is not None:
+                counted["rows"] = summary
         finally:
-            restore_db.discard(dump["path"])
+            staged.discard()
         return (f"pg_restore --exit-on-error -j {d.info.jobs} into a throwaway database, "
                 f"{d.info.describe(d.dbname).split(' at ')[-1]}")
 
+    def row_counts() -> str:
+        if "rows" in counted:
+            return counted["rows"]
+        return restore_db.check_row_counts(d.info, d.dbname, db.tables)
+
     d.step("fetch database", fetch)
     d.step("restore database", restore)
-    d.step("row counts", lambda: restore_db.check_row_counts(d.info, d.dbname, db.tables),
-           critical=False)
+    d.step("row counts", row_counts, critical=False)
     d.step("schema objects", lambda: _check_objects(d.info, d.dbname, db.objects),
            critical=False)
     for query in d.ctx.config.drill.checks:

@@ -165,7 +165,7 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
         ctx.reporter.step(f"restoring database into {name!r}")
         restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)
     finally:
-        restore_db.discard(dump)
+        dump.discard()
     return name
 
 
