@@ -38,3 +38,7 @@ extra=""
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored: it is neither" || true
 .venv/bin/python -c "import conexa_backup" # fail loudly if the install did not work
+# An editable install has no bytecode, and where PYTHONDONTWRITEBYTECODE is set every start
+# would compile the package again (~60 ms of a 0.1 s `status`): compile it once, as pip does
+# for a wheel. Python ignores a .pyc older than its source.
+.venv/bin/python -m compileall -q src >/dev/null

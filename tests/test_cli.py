@@ -137,6 +137,10 @@ def test_module_entry_point_and_version() -> None:
     out = subprocess.run([sys.executable, "-m", "conexa_backup", "--version"],
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("conexa-backup ")
+    # A lone --version is answered before the command line is built: the same answer.
+    parsed = subprocess.run([sys.executable, "-m", "conexa_backup", "-q", "--version"],
+                            capture_output=True, text=True, check=True).stdout
+    assert parsed == out
 
 
 def test_json_outputs_are_one_document_and_nothing_else(ws: Workspace) -> None:

@@ -383,7 +383,8 @@ def test_a_signal_raised_at_once_supersedes_one_still_held() -> None:
 
 def test_a_signal_during_start_up_exits_143_with_the_message(tmp_path: Path) -> None:
     """Held while the program imports, then raised: never a traceback nor a silent death."""
-    proc = subprocess.Popen([sys.executable, "-m", "conexa_backup", "--version"],
+    # Not a lone --version: that one is answered before anything is imported or installed.
+    proc = subprocess.Popen([sys.executable, "-m", "conexa_backup", "-q", "--version"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_sigterm_pending_after_exec)
     out, err = proc.communicate(timeout=30)

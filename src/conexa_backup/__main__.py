@@ -12,6 +12,10 @@ from conexa_backup import signals
 
 def main() -> None:
     """Console-script entry point."""
+    if sys.argv[1:] == ["--version"]:  # asked by scripts and monitoring: answered at once
+        from conexa_backup import __version__
+        sys.stdout.write(f"conexa-backup {__version__}\n")
+        return
     try:
         signals.install()
         with signals.held():

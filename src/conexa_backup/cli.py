@@ -19,32 +19,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from conexa_backup import __version__, events, htmlreport, render, signals
-from conexa_backup.actions import inspect, journal, monitor, setup
-from conexa_backup.actions.backup import run_backup
-from conexa_backup.actions.context import Context, NullReporter, Reporter
-from conexa_backup.actions.delete import delete as run_delete
-from conexa_backup.actions.drill import run_drills
-from conexa_backup.actions.history import history
-from conexa_backup.actions.prune import problems as prune_problems
-from conexa_backup.actions.prune import prune as run_prune
-from conexa_backup.actions.restore import RestoreOptions, run_restore
-from conexa_backup.config import load_config
-from conexa_backup.config.loading import permission_warning
+from conexa_backup import __version__, signals
 from conexa_backup.errors import ConexaError, ConfigError, ExitCode, PartialFailure, UsageError
-from conexa_backup.locking import run_lock
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
-from conexa_backup.notify.base import Event, Kind
-from conexa_backup.notify.dispatch import dispatch
-from conexa_backup.server.tokens import issue_machine_token, machine_tokens, revoke_machine_token
-from conexa_backup.state import atomic_write, last_drills, record_run, sweep_stale
+
+if TYPE_CHECKING:
+    from conexa_backup.actions.context import Context, Reporter
+    from conexa_backup.notify.base import Event, Kind
+
+# Start-up time matters (monitoring runs `status` every few minutes, the API's jobs start the
+# CLI): each command imports the actions, renderers and libraries it needs when it runs, so
+# `--version`, `list` and `status` never load psycopg, the charts or the cloud SDKs.
 
 T = TypeVar("T")
 
@@ -125,6 +117,9 @@ class State:
         soft_wrap=True, width=None if sys.stdout.isatty() else 160))
     err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
     secrets: list[str] = field(default_factory=list)
+    # Whose secrets to add on first use: reading them parses the database URL (psycopg),
+    # which `list` and `status` need not load unless they have an error to redact.
+    secrets_of: Context | None = None
 
 
 STATE = State()
@@ -138,6 +133,10 @@ RefArg = Annotated[str, typer.Argument(help="Backup id, or 'latest'.")]
 
 
 def _redact(text: str) -> str:
+    if STATE.secrets_of is not None:
+        ctx, STATE.secrets_of = STATE.secrets_of, None
+        with contextlib.suppress(ConexaError):
+            STATE.secrets = ctx.secrets()
     for secret in STATE.secrets:
         text = text.replace(secret, "********")
     return text
@@ -174,14 +173,16 @@ def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
 
 
 def _context(reporter: Reporter | None = None) -> Context:
+    from conexa_backup.actions.context import Context, NullReporter
+    from conexa_backup.config import load_config
+    from conexa_backup.config.loading import permission_warning
     config, path = load_config(STATE.config_path)
     with contextlib.suppress(OSError):
         warning = permission_warning(path, path.read_text(encoding="utf-8"))
         if warning:
             STATE.err.print(f"warning: {escape(warning)}", highlight=False)
     ctx = Context(config, path, reporter or NullReporter())
-    with contextlib.suppress(ConexaError):
-        STATE.secrets = ctx.secrets()
+    STATE.secrets_of = ctx
     return ctx
 
 
@@ -193,6 +194,8 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
     With ``alert``, a failure (or interruption) is recorded and sent to the notifiers, and a
     backup pings heartbeat monitors when it starts.
     """
+    from conexa_backup import events, render
+    from conexa_backup.notify.base import Event
     started = time.monotonic()
     show = progress and not STATE.quiet and STATE.err.is_terminal
     reporter = render.ProgressReporter(STATE.err) if show else None
@@ -204,6 +207,9 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
                 start_file_log(ctx.config.state_dir)
                 stack.callback(stop_file_logs)
             if lock:
+                from conexa_backup.actions import journal
+                from conexa_backup.locking import run_lock
+                from conexa_backup.state import sweep_stale
                 stack.enter_context(run_lock(ctx.state_dir(), what))
                 for stale in sweep_stale(ctx.config.state_dir):
                     logging.getLogger(LOGGER).warning("removed stale scratch %s", stale)
@@ -236,6 +242,9 @@ def _alert(ctx: Context, event: Event) -> None:
 
     Nothing here may change the run's result: problems become warnings on stderr.
     """
+    from conexa_backup.actions import monitor
+    from conexa_backup.notify.dispatch import dispatch
+    from conexa_backup.state import record_run
     # Error texts come from libraries and servers: no secret leaves through them either.
     event.error = _redact(event.error) if event.error else event.error
     event.title = _redact(event.title)
@@ -253,6 +262,7 @@ def _alert(ctx: Context, event: Event) -> None:
 
 
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[Console], None]) -> None:
+    from conexa_backup import render
     if as_json:
         render.print_json(STATE.out, data())
     elif not STATE.quiet:
@@ -286,7 +296,7 @@ def _main(
                                           help="Show the version and exit.")] = False,
 ) -> None:
     STATE.config_path, STATE.verbose, STATE.quiet = None, False, False
-    STATE.secrets = []
+    STATE.secrets, STATE.secrets_of = [], None
     _apply_globals(config=config, verbose=verbose, quiet=quiet)
 
 
@@ -294,8 +304,8 @@ def _apply_globals(config: Path | None = None, verbose: bool = False,
                    quiet: bool = False) -> None:
     """Set what the global options ask for; an option not given (None, False) changes
     nothing."""
-    if config is not None:
-        STATE.config_path = config
+    if config is not None:  # after the command's name it comes as click gives it: a str
+        STATE.config_path = Path(config)
     if quiet:
         STATE.quiet = True
     if verbose and not STATE.verbose:  # one stderr handler, however often -v is given
@@ -324,6 +334,8 @@ def backup(
         "says (a stale cache then cannot hide a change).")] = False,
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
+    from conexa_backup import events
+    from conexa_backup.actions.backup import run_backup
     def act() -> None:
         with _session("backup", lock=True, alert="backup") as ctx:
             try:
@@ -346,6 +358,7 @@ def backup(
 
 
 def _show_backup(result: Any, as_json: bool) -> None:
+    from conexa_backup import render
     if as_json:
         render.print_json(STATE.out, render.backup_json(result))
     elif STATE.quiet:
@@ -359,6 +372,9 @@ def _show_backup(result: Any, as_json: bool) -> None:
 @app.command("list")
 def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     """Every backup: id, time, size, where it is stored, status."""
+    from conexa_backup import render
+    from conexa_backup.actions import inspect
+    from conexa_backup.state import last_drills
     def act() -> None:
         unreachable: dict[str, str] = {}
         with _session("list", lock=False, log_file=False, progress=False) as ctx:
@@ -387,6 +403,8 @@ def restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Restore database and uploads: proven in a fresh copy first, then swapped in."""
+    from conexa_backup import events, render
+    from conexa_backup.actions.restore import RestoreOptions, run_restore
     def act() -> None:
         if only not in (None, "database", "uploads"):
             raise UsageError("--only must be 'database' or 'uploads'")
@@ -427,6 +445,9 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-read every stored artifact and check it; with --drill, prove the backup restores."""
+    from conexa_backup import render
+    from conexa_backup.actions import inspect
+    from conexa_backup.notify.base import Event
     def act() -> None:
         if drill:
             _drill(ref, _drill_source(source, target), all_targets, junit, as_json)
@@ -473,6 +494,8 @@ def _drill_source(source: str | None, targets: list[str] | None) -> str | None:
 
 def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
            as_json: bool) -> None:
+    from conexa_backup import events, render
+    from conexa_backup.actions.drill import run_drills
     if source and all_targets:
         raise UsageError("--from and --all-targets exclude each other")
     with _session("drill", lock=False, alert="drill") as ctx:
@@ -493,6 +516,8 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Health of every target; Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
+    from conexa_backup import render
+    from conexa_backup.actions import monitor
     def act() -> None:
         try:
             with _session("status", lock=False, log_file=False, progress=False) as ctx:
@@ -519,6 +544,7 @@ def download(
         "--from", "--target", help="Read from this target (default: the first good copy).")] = None,
 ) -> None:
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
+    from conexa_backup.actions import inspect
     def act() -> None:
         with _session("download", lock=False) as ctx:
             notes: list[str] = []
@@ -540,6 +566,7 @@ def delete(
 ) -> None:
     """Remove one backup (manifest first, so it is never half-listed as complete); a copy
     prune always keeps stays, with the reason, unless --force."""
+    from conexa_backup.actions.delete import delete as run_delete
     def act() -> None:
         _confirm(f"delete backup {backup_id}", yes)
         with _session("delete", lock=True) as ctx:
@@ -570,6 +597,9 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply each target's retention policy, showing why each backup stays or goes."""
+    from conexa_backup import events, render
+    from conexa_backup.actions.prune import problems as prune_problems
+    from conexa_backup.actions.prune import prune as run_prune
     def act() -> None:
         when = _parse_time(at) if at else None
         preview = dry_run or when is not None  # --at previews: never delete by a future clock
@@ -609,6 +639,10 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Summary of a period: backups, failures, sizes, drills, RPO/RTO, storage and cost."""
+    from conexa_backup import events, htmlreport, render
+    from conexa_backup.actions import monitor
+    from conexa_backup.actions.history import history
+    from conexa_backup.notify.dispatch import dispatch
     def act() -> None:
         if lang not in htmlreport.LANGS:
             raise UsageError(f"--lang {lang!r}: use one of {', '.join(htmlreport.LANGS)}")
@@ -648,6 +682,7 @@ def _write_file(path: Path, data: bytes) -> None:
     Raises:
         ConexaError: it cannot be written (one line naming it).
     """
+    from conexa_backup.state import atomic_write
     try:
         atomic_write(path, data)
     except OSError as exc:
@@ -657,6 +692,8 @@ def _write_file(path: Path, data: bytes) -> None:
 @app.command("notify-test")
 def notify_test(as_json: JsonOpt = False) -> None:
     """Send a test message through every configured notifier; report each outcome."""
+    from conexa_backup import events, render
+    from conexa_backup.notify.dispatch import dispatch
     def act() -> None:
         with _session("notify-test", lock=False, log_file=True, progress=False) as ctx:
             if not ctx.config.notify:
@@ -680,6 +717,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented starter config file (mode 0600)."""
+    from conexa_backup.actions import setup
     def act() -> None:
         written = setup.init(path, force=force)
         if not STATE.quiet:
@@ -691,6 +729,8 @@ def init(
 @app.command()
 def check(as_json: JsonOpt = False) -> None:
     """Validate the config and test every connection, without making a backup."""
+    from conexa_backup import render
+    from conexa_backup.actions import setup
     def act() -> None:
         with _session("check", lock=False, log_file=False, progress=False) as ctx:
             results = setup.check(ctx)
@@ -740,6 +780,8 @@ def token_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Make a machine token and print it, once: only its SHA-256 is kept (state_dir)."""
+    from conexa_backup import render
+    from conexa_backup.server.tokens import issue_machine_token
     def act() -> str:
         return issue_machine_token(_context().config, name, role)
     token = _guard(act)
@@ -756,6 +798,7 @@ def token_create(
 @token_app.command("list")
 def token_list(as_json: JsonOpt = False) -> None:
     """The machine tokens: name, role, creation time (never the tokens)."""
+    from conexa_backup.server.tokens import machine_tokens
     found = _guard(lambda: machine_tokens(_context().config.state_dir))
 
     def human(console: Console) -> None:
@@ -769,6 +812,7 @@ def token_revoke(
     name: Annotated[str, typer.Argument(help="The token's name (see `serve token list`).")],
 ) -> None:
     """Forget a machine token: requests bearing it are refused from now on."""
+    from conexa_backup.server.tokens import revoke_machine_token
     _guard(lambda: revoke_machine_token(_context().config.state_dir, name))
 
 

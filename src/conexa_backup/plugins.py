@@ -10,6 +10,7 @@ values name such a module.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from collections.abc import Callable
@@ -53,7 +54,7 @@ class Registry(Generic[M]):
     def types(self) -> dict[str, PluginType[M]]:
         """Every known type: built-ins first, then entry points (built-ins win)."""
         found = {n: self._load(n, importlib.import_module(m)) for n, m in self.builtin.items()}
-        for ep in importlib.metadata.entry_points(group=self.group):
+        for ep in _entry_points().get(self.group, []):
             if ep.name not in found:
                 found[ep.name] = self._load(ep.name, importlib.import_module(ep.value))
         return found
@@ -68,3 +69,14 @@ class Registry(Generic[M]):
         if len(models) == 1:
             return models[0]
         return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
+
+
+@functools.cache
+def _entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
+    """Every installed entry point by group, read once for both families (it reads every
+    package's metadata: ~9 ms a time, at each start)."""
+    groups: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            groups.setdefault(ep.group, []).append(ep)
+    return groups

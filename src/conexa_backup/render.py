@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from conexa_backup.actions.monitor import LEVELS, drill_failure
@@ -285,6 +283,13 @@ class ProgressReporter:
     """Shows each step with a byte counter on a terminal (stderr)."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import (  # only on a terminal
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+        )
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=None),
             DownloadColumn(), console=console, transient=True,
@@ -397,6 +402,7 @@ def drills_human(console: Console, results: Sequence[DrillResult]) -> None:
 
 def drill_junit(results: Sequence[DrillResult]) -> str:
     """JUnit XML: a test suite per drilled copy, a test case per step."""
+    import xml.etree.ElementTree as ET  # for --junit only
     suites = ET.Element("testsuites", name="conexa-backup restore drills")
     for r in results:
         failures = sum(1 for s in r.steps if not s.ok)

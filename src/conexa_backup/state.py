@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from conexa_backup.manifest import id_sort_key
 from conexa_backup.scratch import stale
 
 VERIFIED = "verified.json"
@@ -178,6 +177,7 @@ class Checks:
         """The newest backup id whose copy on ``target`` passed a verify or drill and has not
         been found damaged since."""
         ids = [i for (i, t) in self.passed if t == target and (i, t) not in self.damaged]
+        from conexa_backup.manifest import id_sort_key  # pydantic: not for every command
         return max(ids, key=id_sort_key) if ids else None
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr
 
@@ -21,10 +21,12 @@ from conexa_backup.catalog import Backup, ManifestCache, Use, refresh, resolve, 
 from conexa_backup.config import Config
 from conexa_backup.crypto import load_identities, load_public_key
 from conexa_backup.errors import ConexaError, ConfigError, UsageError
-from conexa_backup.postgres import ConnInfo, conninfo, parse_url
 from conexa_backup.state import private_dir
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
+
+if TYPE_CHECKING:  # psycopg: imported by the commands that reach the database, when they do
+    from conexa_backup.postgres import ConnInfo
 
 MIN_SECRET_LENGTH = 8
 
@@ -73,11 +75,13 @@ class Context:
 
     @cached_property
     def db(self) -> ConnInfo:
+        from conexa_backup.postgres import conninfo
         return conninfo(self.config.database)
 
     @cached_property
     def drill_db(self) -> ConnInfo:
         """Where drills restore: ``[drill].database_url``, else the configured server."""
+        from conexa_backup.postgres import ConnInfo, parse_url
         drill = self.config.drill
         if drill.database_url is None:
             return self.db

@@ -8,8 +8,8 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from conexa_backup.actions import verify_packs
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import (
     from_first_good,
@@ -17,7 +17,6 @@ from conexa_backup.actions.fetch import (
     read_verified,
     save_verified,
 )
-from conexa_backup.actions.restore_packs import PackRun
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage, resolve
 from conexa_backup.errors import (
     ConfigError,
@@ -29,6 +28,9 @@ from conexa_backup.errors import (
 from conexa_backup.manifest import MANIFEST_NAME, Manifest
 from conexa_backup.pipeline import copy_stream
 from conexa_backup.state import record_damaged, record_verified
+
+if TYPE_CHECKING:  # the packs machinery: loaded by verify and download, not by list
+    from conexa_backup.actions.restore_packs import PackRun
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ def _verify_packs(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
     assert copy.manifest is not None
     before = run.bytes_read
     try:
+        from conexa_backup.actions import verify_packs
         verify_packs.verify_copy(ctx, backup_id, copy, copy.manifest, run)
     except ConfigError:  # a backup host holds no identity: check the stored bytes only
         _verify_stored(ctx, copy, backup_id, run, check)
@@ -99,6 +102,7 @@ def _verify_stored(ctx: Context, copy: Copy, backup_id: str, run: PackRun,
     :func:`verify_packs.verify_stored`; what it could not check is said in ``problems``
     without failing the copy."""
     try:
+        from conexa_backup.actions import verify_packs
         check.problems.append(verify_packs.verify_stored(ctx, backup_id, copy, run))
     except (IntegrityError, StorageError) as exc:
         check.ok = False
@@ -131,6 +135,7 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
     else:
         chosen = [resolve(backups, ref or "latest", notes, use=Use.CHECK)]
     results = []
+    from conexa_backup.actions.restore_packs import PackRun
     run = PackRun()  # each target's packs listed once, each pack read at most once
     for backup in chosen:
         for copy in backup.copies:
@@ -174,6 +179,7 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
                 save_verified(copy, backup.id, artifact, out / artifact.name)
             if manifest.uploads is not None and manifest.uploads.format == "packs":
                 ctx.reporter.step(f"downloading the packs it needs from {copy.target.name}")
+                from conexa_backup.actions import verify_packs
                 with local_writes(dest):
                     verify_packs.download_packs(ctx, backup.id, copy, manifest,
                                                  out / "packs")

@@ -7,16 +7,16 @@ STARTTLS (default, port 587), implicit TLS (``security = "tls"``, port 465) or p
 from __future__ import annotations
 
 import logging
-import smtplib
-import ssl
 import time
-from email.message import EmailMessage
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, SecretStr
 
 from conexa_backup.notify.base import Event, NotifierConfig, NotifyError
+
+if TYPE_CHECKING:  # smtplib and email load when a message is sent, not with every config
+    from email.message import EmailMessage
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class EmailNotifier:
         self.config = config
 
     def message(self, event: Event) -> EmailMessage:
+        from email.message import EmailMessage
         msg = EmailMessage()
         msg["Subject"] = f"[conexa-backup] {event.title}"
         msg["From"] = self.config.sender
@@ -60,6 +61,8 @@ class EmailNotifier:
         return c.password.get_secret_value() if c.password else None
 
     def _deliver(self, msg: EmailMessage) -> None:
+        import smtplib
+        import ssl
         c = self.config
         context = ssl.create_default_context(cafile=str(c.cafile) if c.cafile else None)
         port = c.port or {"starttls": 587, "tls": 465, "none": 25}[c.security]
@@ -77,6 +80,7 @@ class EmailNotifier:
             smtp.send_message(msg)
 
     def send(self, event: Event) -> None:
+        import smtplib
         msg = self.message(event)
         what = f"email notifier {self.config.label()!r}"
         for attempt in range(1, self.config.retries + 1):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from conexa_backup.notify.base import NotifyError
@@ -26,6 +24,8 @@ def request(url: str, *, payload: Any = None, timeout: float, retries: int,
     Raises:
         NotifyError: naming ``what`` (never the URL: webhook URLs are secrets).
     """
+    import urllib.error  # with http.client and ssl: loaded when a message is sent
+    import urllib.request
     data = None if payload is None else json.dumps(payload).encode()
     hdrs = {"User-Agent": "conexa-backup", **(headers or {})}
     if data is not None:
