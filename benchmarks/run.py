@@ -372,9 +372,14 @@ class Bench:
         fx = self.fixtures
         self.run(step("bash", "-c", SEED_DUMP, "bash", self.cluster.url(SOURCE_DB),
                       fx / "dump.sql.gz"))
+        # The limit for a restore: what pg_restore -j2 does from the best input it can have,
+        # a seekable file whose table of contents holds every data block's offset.
         self.run(step("pg_dump", "-Fc", "-Z0", "-f", fx / "conexa.dump", "-d", SOURCE_DB))
         self.fixture_backup("fixture", SOURCE_DB, self.uploads)
+        self.fixture_backup("fixture_db", SOURCE_DB, None)  # what the drill proves
         if self.args.large_scale:
+            self.run(step("pg_dump", "-Fc", "-Z0", "-f", fx / "conexa_large.dump",
+                          "-d", LARGE_DB))
             self.fixture_backup("fixture_large", LARGE_DB, None)
 
     def fixture_backup(self, name: str, db: str, uploads: Path | None) -> None:
@@ -520,6 +525,20 @@ class Bench:
             return Trial([cmd], finish=lambda: self.check_and_drop(db, source))
         return Case(key, label, build)
 
+    def conexa_drill(self, key: str, label: str, fixture: str) -> Case:
+        config = self.work / "configs" / f"{fixture}.toml"
+
+        def build(_tag: str) -> Trial:
+            return Trial([step(*self.conexa(config, "verify", self.backup_ids[fixture],
+                                            "--drill"))])
+        return Case(key, label, build)
+
+    def quick(self, key: str, label: str, *args: str) -> Case:
+        """A command monitoring runs every few minutes, against the fixture's config (status
+        exits 1 or 2 when it warns: only its time counts here)."""
+        config = self.work / "configs" / "fixture.toml"
+        return self.bare(key, label, step(*self.conexa(config, *args), check=False))
+
     def cases(self) -> list[Case]:
         a, up = self.args, self.uploads
         cases = [
@@ -537,6 +556,8 @@ class Bench:
                                    "uncompressed)"),
             self.bare("startup", "`python -m conexa_backup --version` (start-up cost alone)",
                       step(sys.executable, "-m", "conexa_backup", "--version")),
+            self.quick("status_json", "`conexa-backup status --json`", "status", "--json"),
+            self.quick("list_json", "`conexa-backup list --json`", "list", "--json"),
             self.conexa_backup("fanout", "conexa-backup backup to local + S3 + GCS",
                                uploads=up, clouds=("s3", "gcs")),
             self.conexa_backup("fanout_s3", "conexa-backup backup to local + S3",
@@ -548,6 +569,8 @@ class Bench:
                               "conexa-backup restores (its artifact, decompressed)",
                               "fixture.dump"),
             self.conexa_restore("conexa_restore", "conexa-backup restore --only database"),
+            self.conexa_drill("drill", "conexa-backup verify --drill (a database-only backup)",
+                              "fixture_db"),
         ]
         if a.many_small_files:
             n = f"{a.many_small_files} small files"
@@ -572,10 +595,14 @@ class Bench:
                 self.conexa_backup("large_conexa_db_par", "conexa-backup backup, database only, "
                                    f"`dump_jobs = 2`, {s}", db=LARGE_DB, uploads=None,
                                    dump_jobs=2),
+                self.bare_restore("large_pg_restore", f"`pg_restore -j2` (custom file from "
+                                  f"`pg_dump -f`), {s}", "conexa_large.dump", LARGE_DB),
                 self.bare_restore("large_pg_restore_own", f"`pg_restore -j2` of the same dump, {s}",
                                   "fixture_large.dump", LARGE_DB),
                 self.conexa_restore("large_conexa_restore", "conexa-backup restore --only "
                                     f"database, {s}", "fixture_large", LARGE_DB),
+                self.conexa_drill("large_drill", f"conexa-backup verify --drill, {s}",
+                                  "fixture_large"),
             ]
         return cases
 
@@ -685,16 +712,23 @@ GROUPS: list[tuple[str, list[str], str]] = [
      "serving the uploads (moto, in the benchmark's own process, and fake-gcs-server), time "
      "that real S3 and GCS spend on their own machines; the CPU s column is conexa-backup's "
      "own (with its pg_dump), what the copies cost it."),
-    ("Restore (database)", ["seed_restore", "pg_restore", "pg_restore_own", "conexa_restore"],
+    ("Start-up", ["startup", "status_json", "list_json"],
+     "What monitoring and the admin API's jobs run every few minutes, on a warm cache, against "
+     "the fixture backup's config (one local target, one backup)."),
+    ("Restore (database)", ["seed_restore", "pg_restore", "pg_restore_own", "conexa_restore",
+                            "drill"],
      "Each into a new database, dropped afterwards; row counts checked against the source. "
-     "conexa-backup's dump is written by `pg_dump` into a pipe, so its table of contents has no "
-     "data offsets and `pg_restore` must scan for each table's data: the second `pg_restore` "
-     "row is the same dump conexa-backup restores, the first a seekable `pg_dump -f` file."),
+     "The first `pg_restore` row is the limit: a seekable `pg_dump -f` file, whose table of "
+     "contents gives each table's data offset. conexa-backup's dump is written by `pg_dump` "
+     "into a pipe, without offsets: the second `pg_restore` row is that dump as stored; "
+     "conexa-backup fills the offsets into its staging copy before `pg_restore` reads it. The "
+     "drill restores a database-only backup into a throwaway database and proves it (row "
+     "counts, schema objects), then drops it."),
     ("Many small files", ["tar", "small_tar", "small_seed", "conexa", "small_conexa"],
      "Rows without a file count use the regular uploads tree."),
     ("Large scale", ["pg_dump", "large_pg_dump", "large_pg_dump_dir", "large_conexa_db",
-                     "large_conexa_db_par", "conexa", "large_conexa", "large_pg_restore_own",
-                     "large_conexa_restore"],
+                     "large_conexa_db_par", "conexa", "large_conexa", "large_pg_restore",
+                     "large_pg_restore_own", "large_conexa_restore", "large_drill"],
      "Rows without a scale use the regular database. The fixed costs (Python start-up, "
      "connecting, creating the database) weigh less here."),
 ]
@@ -741,10 +775,11 @@ def group_sections(results: dict[str, Result], extras: Mapping[str, list[str]]) 
 Goal = tuple[str, str, bool | None]  # (goal, measured, met; None when not measured)
 
 
-def ratio(results: dict[str, Result], num: str, den: str) -> float | None:
+def ratio(results: dict[str, Result], num: str, den: str, minus: float = 0.0) -> float | None:
+    """(median of ``num`` - ``minus``) / median of ``den``."""
     a = results[num].median() if num in results else None
     b = results[den].median() if den in results else None
-    return a / b if a is not None and b else None
+    return (a - minus) / b if a is not None and b else None
 
 
 def ratio_goal(text: str, value: float | None, limit: float, *, at_least: bool) -> Goal:
@@ -767,7 +802,7 @@ def rss_goals(results: dict[str, Result]) -> list[Goal]:
 
 def flat_goal(results: dict[str, Result], key: str, text: str, *, both_ways: bool) -> list[Goal]:
     """Peak RSS of ``key`` within 10% of the regular backup's (or at most 10% above it)."""
-    if key not in results:
+    if key not in results or "conexa" not in results:
         return []
     base, other = results["conexa"].peak_bytes(), results[key].peak_bytes()
     if not base or other is None:
@@ -778,7 +813,8 @@ def flat_goal(results: dict[str, Result], key: str, text: str, *, both_ways: boo
 
 
 def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
-    seed_size, own_size = (results[k].size() for k in ("seed", "conexa"))
+    seed_size, own_size = (results[k].size() if k in results else None
+                           for k in ("seed", "conexa"))
     size_goal: Goal = ("backup output ≤ the seed's", "not measured", None)
     if seed_size and own_size:
         size_goal = (size_goal[0], f"{mb(own_size)} vs {mb(seed_size)} MB",
@@ -788,10 +824,10 @@ def goals(results: dict[str, Result], args: argparse.Namespace) -> list[Goal]:
                    ratio(results, "seed", "conexa"), 4, at_least=True),
         size_goal,
         *scale_goals(results, "", ""),
-        ratio_goal("local + S3 + GCS ≤ 1.3x local only",
-                   ratio(results, "fanout", "conexa"), 1.3, at_least=False),
-        ratio_goal("(for reference) restore ≤ 1.15x `pg_restore -j2` of a `pg_dump -f` file",
-                   ratio(results, "conexa_restore", "pg_restore"), 1.15, at_least=False),
+        ratio_goal("local + S3 + GCS: conexa-backup's own CPU s ≤ 1.5x local only's "
+                   "(wall time with the emulators on the same cores: reported, not a goal)",
+                   cpu_ratio(results, "fanout", "conexa"), 1.5, at_least=False),
+        *startup_goals(results),
         ratio_goal("restore ≥ 1.7x faster than the seed's (seed time / conexa-backup time)",
                    ratio(results, "seed_restore", "conexa_restore"), 1.7, at_least=True),
         *(scale_goals(results, f"scale {args.large_scale:g}: ", "large_")
@@ -816,10 +852,35 @@ def scale_goals(results: dict[str, Result], prefix: str, key: str) -> list[Goal]
                    "/dev/null` (faster than one stream)",
                    ratio(results, f"{key}conexa_db_par", f"{key}pg_dump"), 0.9999,
                    at_least=False),
-        ratio_goal(f"{prefix}restore ≤ 1.15x `pg_restore -j2` of the same dump",
-                   ratio(results, f"{key}conexa_restore", f"{key}pg_restore_own"), 1.15,
+        ratio_goal(f"{prefix}restore ≤ 1.15x `pg_restore -j2` of a seekable `pg_dump -f` file "
+                   f"+ {FIXED_S} s: (restore - {FIXED_S} s) / limit",
+                   ratio(results, f"{key}conexa_restore", f"{key}pg_restore", minus=FIXED_S),
+                   1.15, at_least=False),
+        ratio_goal(f"{prefix}drill of a database-only backup ≤ 1.25x that limit + {FIXED_S} s",
+                   ratio(results, f"{key}drill", f"{key}pg_restore", minus=FIXED_S), 1.25,
                    at_least=False),
     ]
+
+
+FIXED_S = 0.5  # start-up, connecting, creating the database: allowed on top of the limit
+STARTUP_S = 0.2
+
+
+def cpu_ratio(results: dict[str, Result], num: str, den: str) -> float | None:
+    a = results[num].cpu() if num in results else None
+    b = results[den].cpu() if den in results else None
+    return a / b if a is not None and b else None
+
+
+def startup_goals(results: dict[str, Result]) -> list[Goal]:
+    found: list[Goal] = []
+    for key in ("startup", "status_json", "list_json"):
+        if key in results:
+            t = results[key].median()
+            found.append((f"{results[key].case.label} ≤ {STARTUP_S} s (warm cache)",
+                          "not measured" if t is None else f"{t:.2f} s",
+                          None if t is None else t <= STARTUP_S))
+    return found
 
 
 def goal_lines(items: list[Goal]) -> list[str]:
@@ -829,7 +890,7 @@ def goal_lines(items: list[Goal]) -> list[str]:
 
 def throughput_lines(bench: Bench, results: dict[str, Result]) -> list[str]:
     """Uploads throughput, estimated as (backup time - database-only time)."""
-    if "small_conexa" not in results:
+    if not {"small_conexa", "small_tar", "conexa", "tar"} <= set(results):
         return []
     rows = []
     db_only = results["conexa_db"].median() if "conexa_db" in results else None
@@ -943,6 +1004,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (default 1)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"),
                    help="Markdown report to write (default docs/benchmarks.md)")
+    p.add_argument("--only", metavar="KEYS", default="",
+                   help="run only these pipelines (comma-separated keys, e.g. conexa,fanout; for "
+                        "an A/B of one change: the report then says the rest was not measured)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="parent folder for the temporary data (default: the system temp dir)")
     args = p.parse_args(argv)
@@ -985,7 +1049,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.make_fixtures()
             machine, data = machine_info(bench.cluster), data_info(bench)
             log(f"benchmarking: {args.warmup} warm-up + {args.runs} measured round(s)")
-            results = run_all(bench.cases(), args.runs, args.warmup, bench.run)
+            cases = bench.cases()
+            if args.only:
+                keys = set(args.only.split(","))
+                unknown = keys - {c.key for c in cases}
+                if unknown:
+                    log(f"unknown pipeline(s): {', '.join(sorted(unknown))}")
+                    return 2
+                cases = [c for c in cases if c.key in keys]
+            results = run_all(cases, args.runs, args.warmup, bench.run)
             text = render_report(bench, machine, data, results, (started, datetime.now(UTC)))
     except KeyboardInterrupt:
         log("interrupted; everything created was removed")

@@ -185,16 +185,35 @@ def server_info(conn: psycopg.Connection[Any]) -> ServerInfo:
 
 # -- snapshot and row counts ------------------------------------------------------------------
 
-_TABLES = """
-SELECT n.nspname, c.relname
+_USER_TABLES = """
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname !~ '^pg_(toast|temp_)'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1, 2
 """
+_TABLES = "SELECT n.nspname, c.relname" + _USER_TABLES + "ORDER BY 1, 2"
+_TABLES_BY_SIZE = ("SELECT n.nspname, c.relname, pg_relation_size(c.oid)" + _USER_TABLES
+                   + "ORDER BY 3 DESC, 1, 2")
+
+
+def tables_by_size(conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
+    """(schema, table, bytes) of every user table (the tables :func:`row_counts` counts),
+    largest first."""
+    rows = conn.execute(_TABLES_BY_SIZE).fetchall()
+    return [(str(a), str(b), int(n)) for a, b, n in rows]
+
+
+def count_rows(conn: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> dict[str, int]:
+    """Exact row count of each of ``tables``, keyed ``schema.table``."""
+    counts: dict[str, int] = {}
+    for schema, table in tables:
+        query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+        row = conn.execute(query).fetchone()
+        assert row is not None
+        counts[f"{schema}.{table}"] = int(row[0])
+    return counts
 
 
 class TableLockTimeout(Exception):

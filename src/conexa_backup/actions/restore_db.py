@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 from psycopg import sql
 
-from conexa_backup import dumpoffsets, postgres, process
+from conexa_backup import dumpoffsets, postgres, process, signals
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.fetch import from_first_good, local_writes, read_plain
 from conexa_backup.archive import extract_stream
@@ -94,9 +95,9 @@ class StagedDump:
 
 class _Watched:
     """A sink that shows each chunk to an :class:`~conexa_backup.dumpoffsets.OffsetFinder`
-    on its way to ``out``."""
+    on its way to the file ``out``."""
 
-    def __init__(self, out: ThreadedSink, finder: dumpoffsets.OffsetFinder) -> None:
+    def __init__(self, out: BinaryIO, finder: dumpoffsets.OffsetFinder) -> None:
         self._out, self._finder = out, finder
 
     def write(self, data: bytes) -> int:
@@ -129,11 +130,12 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None,
                 with open(staging, "wb") as out:
                     staging.chmod(0o600)
                     # Written from a thread: decompressing and copying into the page
-                    # cache overlap (measured on 2 cores: 1.5 -> 1.1 s for a 1.3 GB dump).
-                    with ThreadedSink(out, "write-dump", WRITE_AHEAD_CHUNKS) as writer:
+                    # cache overlap (measured on 2 cores: 1.5 -> 1.1 s for a 1.3 GB dump),
+                    # and so does the search for the data blocks (0.05 s per 120 MiB).
+                    with ThreadedSink(_Watched(out, finder), "write-dump",
+                                      WRITE_AHEAD_CHUNKS) as writer:
                         read_plain(copy, backup.id, artifact,
-                                   lambda plain: copy_stream(plain, _Watched(writer, finder)),
-                                   ctx.keys())
+                                   lambda plain: copy_stream(plain, writer), ctx.keys())
                 return StagedDump(staging, _fill_offsets(staging, finder))
         except BaseException:
             discard(staging)
@@ -263,17 +265,54 @@ def check_row_counts(info: ConnInfo, name: str, expected: dict[str, int]) -> str
 
     Returns a one-line summary ("12 tables, 176547 rows").
     """
-    with info.connect(name) as conn:
-        try:
-            actual = postgres.row_counts(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError(f"counting rows in {name!r}: "
-                                f"{first_line(exc)}") from None
+    try:
+        actual = _count_rows(info, name)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"counting rows in {name!r}: {first_line(exc)}") from None
     problems = [f"{t}: {actual.get(t, 'missing')} rows, expected {n}"
                 for t, n in sorted(expected.items()) if actual.get(t) != n]
     problems += [f"{t}: unexpected table" for t in sorted(set(actual) - set(expected))]
     fail_if(problems, f"restored database {name!r} differs from the backup")
     return f"{len(expected)} tables, {sum(expected.values())} rows"
+
+
+def _count_rows(info: ConnInfo, name: str) -> dict[str, int]:
+    """Every table's row count in database ``name``, on ``info.jobs`` connections at once:
+    the tables dealt out largest first to the least loaded (a restore's last step, on the
+    same cores pg_restore -j used; 0.57 s for a 1.3 GB database on one connection).
+
+    Raises:
+        psycopg.Error: a query failed. DatabaseError: a connection failed.
+    """
+    with info.connect(name) as conn:
+        tables = postgres.tables_by_size(conn)
+    groups: list[list[tuple[str, str]]] = [[] for _ in range(max(1, min(info.jobs,
+                                                                        len(tables))))]
+    load = [0] * len(groups)
+    for schema, table, size in tables:
+        least = load.index(min(load))
+        groups[least].append((schema, table))
+        load[least] += size + 1
+    counted: list[dict[str, int]] = [{} for _ in groups]
+    errors: list[BaseException] = []
+
+    def count(i: int) -> None:
+        try:
+            with info.connect(name) as conn:
+                counted[i] = postgres.count_rows(conn, groups[i])
+        except Exception as exc:  # raised again by the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=count, args=(i,), name=f"count-rows-{i}", daemon=True)
+               for i in range(1, len(groups))]
+    for thread in threads:
+        signals.start(thread)
+    count(0)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {k: v for part in counted for k, v in part.items()}
 
 
 def fail_if(problems: list[str], what: str) -> None:

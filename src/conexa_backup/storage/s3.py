@@ -237,10 +237,17 @@ class S3Target:
             "s3", endpoint_url=config.endpoint_url,
             # s3v4: pre-signed URLs would otherwise be SigV2 (us-east-1, custom endpoints),
             # which AWS refuses for newer buckets and regions.
+            # No payload signing: SigV4 would hash every byte of every part a second time
+            # (botocore skips it by itself only over https). Each part and object we send
+            # carries its SHA-256 in x-amz-checksum-sha256, a signed header, and the store
+            # refuses a body that does not match it; the one other body, the list of parts
+            # that completes an upload, is checked by the composite SHA-256 the store
+            # returns (commit): the same protection, each byte hashed once.
             config=BotoConfig(retries={"max_attempts": config.retries, "mode": "standard"},
                               signature_version="s3v4", connect_timeout=10, read_timeout=120,
                               request_checksum_calculation="when_required",
-                              response_checksum_validation="when_required"))
+                              response_checksum_validation="when_required",
+                              s3={"payload_signing_enabled": False}))
 
     def describe(self) -> str:
         where = f" at {self.config.endpoint_url}" if self.config.endpoint_url else ""
