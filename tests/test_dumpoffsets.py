@@ -2,11 +2,12 @@
 
 The reference is pg_dump itself: the same database dumped into a pipe and with ``-f`` at the
 same (faked) second differ only in the offsets, and the patched pipe dump must be byte for byte
-the ``-f`` file. Run on the Conexa-like sample, Chinook, the Pagila schema, and a database made
-to trip a search (an empty table, a row whose chunk length has four zero bytes, large objects
-holding the very bytes a block header is found by). Mutated archives never make the finder
-raise nor point an offset anywhere but at its own block's header; a wrong offset that reaches
-pg_restore anyway is caught and the dump restored as stored.
+the ``-f`` file, for pg_dump 15, 16 and 18 (the three layouts of the archive versions read).
+Run on the Conexa-like sample, Chinook, the Pagila schema, and a database made to trip a search
+(an empty table, a row whose chunk length has four zero bytes, large objects holding the very
+bytes a block header is found by). Mutated archives never make the finder raise nor point an
+offset anywhere but at its own block's header; a wrong offset that reaches pg_restore anyway
+is caught and the dump restored as stored.
 """
 
 from __future__ import annotations
@@ -56,10 +57,25 @@ def tricky(cluster: Cluster) -> Iterator[str]:
     cluster.drop_database(name)
 
 
-def _dump(cluster: Cluster, db: str, *extra: str) -> bytes:
+# pg_dump 16 and 18 (archive versions 1.15 and 1.16; the system's 15 writes 1.14), unpacked by
+# scripts/bootstrap.sh --test from the PostgreSQL builds inside two PyPI wheels.
+CLIENTS = Path(__file__).resolve().parents[1] / ".venv" / "pg-clients"
+
+
+def _pg_dump(version: str) -> tuple[str, dict[str, str]]:
+    if version == "15":
+        return "pg_dump", {}
+    folder = CLIENTS / version
+    assert (folder / "bin" / "pg_dump").exists(), f"{folder}: run scripts/bootstrap.sh --test"
+    return str(folder / "bin" / "pg_dump"), {"LD_LIBRARY_PATH": str(folder / "lib")}
+
+
+def _dump(cluster: Cluster, db: str, *extra: str, version: str = "15") -> bytes:
     """``pg_dump -Fc -Z0`` at FAKE_TIME: into a pipe (no ``extra``) or a file (``-f``)."""
-    argv = ["faketime", "-f", FAKE_TIME, "pg_dump", "-Fc", "-Z0", "--no-password", "-d", db, *extra]
-    proc = subprocess.run(argv, env=cluster.env(), capture_output=True, check=True)
+    program, env = _pg_dump(version)
+    argv = ["faketime", "-f", FAKE_TIME, program, "-Fc", "-Z0", "--no-password", "-d", db,
+            *extra]
+    proc = subprocess.run(argv, env={**cluster.env(), **env}, capture_output=True, check=True)
     return proc.stdout
 
 
@@ -94,6 +110,19 @@ def test_a_patched_pipe_dump_is_pg_dumps_own_file(cluster: Cluster, tmp_path: Pa
         if step == 1 and len(piped) > 2 << 20:
             continue
         assert _patched(piped, tmp_path, step) == seekable
+
+
+@pytest.mark.parametrize("version", ["16", "18"])
+@pytest.mark.parametrize("dataset", ["drill_chinook", "tricky"])
+def test_other_pg_dump_versions(cluster: Cluster, tmp_path: Path,
+                                request: pytest.FixtureRequest, dataset: str,
+                                version: str) -> None:
+    db = request.getfixturevalue(dataset)
+    piped = _dump(cluster, db, version=version)
+    assert piped[5:7] == bytes([1, {"16": 15, "18": 16}[version]])  # the archive's version
+    out = tmp_path / "file.dump"
+    _dump(cluster, db, "-f", str(out), version=version)
+    assert _patched(piped, tmp_path, 4096) == out.read_bytes()
 
 
 def test_large_objects_stop_the_search(cluster: Cluster, tricky: str) -> None:

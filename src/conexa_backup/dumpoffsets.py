@@ -136,11 +136,15 @@ def _read_entries(r: _Reader, version: tuple[int, int],
         r.str(), r.str(), r.str()  # tableoid, oid, tag
         desc = r.str()
         r.int()  # section
-        for _ in range(5 if version >= (1, 14) else 4):  # defn, drop, copy, namespace,
-            r.str()                                      # tablespace, (table access method)
+        # defn, drop, copy, namespace, tablespace (and from 1.14 the table access method)
+        for _ in range(6 if version >= (1, 14) else 5):
+            r.str()
         if version >= (1, 16):
             r.int()  # relkind
-        r.str(), r.str()  # owner, "with oids"
+        r.str()  # owner
+        if r.str() not in (b"false", b"true"):  # "with oids": where we are is not an entry
+            raise NotPatchable(f"entry {dump_id}: not the TOC layout of version "
+                               f"{version[0]}.{version[1]}")
         while r.str() is not None:  # dependencies, ended by a null string
             pass
         field = r.pos
