@@ -89,7 +89,7 @@ def _find(data: bytes, step: int) -> dumpoffsets.OffsetFinder:
 def _patched(data: bytes, tmp: Path, step: int = 1 << 20) -> bytes:
     finder = _find(data, step)
     offsets = finder.offsets()
-    assert offsets, finder.failed
+    assert offsets, finder.failed  # every dataset here has table data
     path = tmp / "patched.dump"
     path.write_bytes(data)
     dumpoffsets.apply(path, offsets, finder.off_size)
@@ -148,6 +148,16 @@ def test_patched_dump_restores_in_parallel_to_the_same_database(
         assert plain_dump(cluster.env(), copy) == plain_dump(cluster.env(), tricky)
     finally:
         cluster.drop_database(copy)
+
+
+def test_a_database_without_tables_has_nothing_to_fill(cluster: Cluster) -> None:
+    cluster.drop_database("offsets_empty")
+    cluster.create_database("offsets_empty")
+    try:
+        finder = _find(_dump(cluster, "offsets_empty"), 4096)
+    finally:
+        cluster.drop_database("offsets_empty")
+    assert finder.failed is None and finder.offsets() == []
 
 
 def test_archives_not_understood_are_left_alone(cluster: Cluster, tmp_path: Path) -> None:

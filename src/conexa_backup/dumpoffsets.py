@@ -237,7 +237,8 @@ class OffsetFinder:
         self._tail = window[max(begin, len(window) - keep):] if begin <= len(window) else b""
 
     def offsets(self) -> list[tuple[int, int]] | None:
-        """(offset field, block start) pairs to fill in, or None: leave the archive as it is."""
+        """(offset field, block start) pairs to fill in (none when the archive has no data
+        blocks), or None: leave the archive as it is."""
         if self._toc is None and self.failed is None:  # the stream ended before a retry
             self._try_at = 0
             self.feed(b"")
@@ -246,8 +247,7 @@ class OffsetFinder:
         slots = self._toc.slots
         if not self._stopped and len(self._found) < len(slots):
             return None  # a block not found in order: trust none of them
-        return [(slot.field, pos) for slot, pos in zip(slots, self._found, strict=False)] \
-            or None
+        return [(slot.field, pos) for slot, pos in zip(slots, self._found, strict=False)]
 
     @property
     def off_size(self) -> int:

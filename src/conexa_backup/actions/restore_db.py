@@ -151,6 +151,8 @@ def _fill_offsets(staging: Path, finder: dumpoffsets.OffsetFinder) -> Callable[[
         log.info("dump restored as stored, without data offsets: %s",
                  finder.failed or "its blocks were not found in order")
         return None
+    if not offsets:  # no table data: nothing to seek to
+        return None
     try:
         return dumpoffsets.apply(staging, offsets, finder.off_size)
     except OSError as exc:
