@@ -96,6 +96,10 @@ def _global_option_given(ctx: Any, param: Any, value: Any) -> None:
         _apply_globals(**{param.name: value})
 
 
+# Commands grouped as a sysadmin thinks of them, in `--help`.
+DAILY, RECOVERY, MAINTENANCE, SETUP, API = (
+    "Every day", "Recovery", "Maintenance", "Setting up", "The admin panel's API")
+
 app = typer.Typer(
     cls=_Group,
     name="conexa-backup",
@@ -317,7 +321,7 @@ def _apply_globals(config: Path | None = None, verbose: bool = False,
         logger.addHandler(handler)
 
 
-@app.command()
+@app.command(rich_help_panel=DAILY)
 def backup(
     as_json: JsonOpt = False,
     target: TargetOpt = None,
@@ -369,7 +373,7 @@ def _show_backup(result: Any, as_json: bool) -> None:
         STATE.out.print(result.id, markup=False, highlight=False)
 
 
-@app.command("list")
+@app.command("list", rich_help_panel=DAILY)
 def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     """Every backup: id, time, size, where it is stored, status."""
     from conexa_backup import render
@@ -387,7 +391,7 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     _guard(act)
 
 
-@app.command()
+@app.command(rich_help_panel=RECOVERY)
 def restore(
     ref: RefArg = "latest",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm replacing live data.")] = False,
@@ -427,7 +431,7 @@ def restore(
     _guard(act)
 
 
-@app.command()
+@app.command(rich_help_panel=RECOVERY)
 def verify(
     ref: RefArg = "latest",
     all_backups: Annotated[bool, typer.Option("--all", help="Every backup.")] = False,
@@ -513,7 +517,7 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
         raise typer.Exit(int(ExitCode.FAILURE))
 
 
-@app.command()
+@app.command(rich_help_panel=DAILY)
 def status(as_json: JsonOpt = False) -> None:
     """Health of every target; Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."""
     from conexa_backup import render
@@ -536,7 +540,7 @@ def status(as_json: JsonOpt = False) -> None:
     _guard(act)
 
 
-@app.command()
+@app.command(rich_help_panel=RECOVERY)
 def download(
     ref: RefArg,
     to: Annotated[Path, typer.Option("--to", help="Folder to put <id>/ in.")],
@@ -555,7 +559,7 @@ def download(
     _guard(act)
 
 
-@app.command()
+@app.command(rich_help_panel=MAINTENANCE)
 def delete(
     backup_id: Annotated[str, typer.Argument(help="Backup id.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm.")] = False,
@@ -564,8 +568,7 @@ def delete(
         "--force", help="Delete copies prune always keeps too (the newest, the newest "
                         "verified, object-locked, unreadable).")] = False,
 ) -> None:
-    """Remove one backup (manifest first, so it is never half-listed as complete); a copy
-    prune always keeps stays, with the reason, unless --force."""
+    """Remove one backup, manifest first; a copy prune always keeps stays unless --force."""
     from conexa_backup.actions.delete import delete as run_delete
     def act() -> None:
         _confirm(f"delete backup {backup_id}", yes)
@@ -586,7 +589,7 @@ def delete(
     _guard(act)
 
 
-@app.command()
+@app.command(rich_help_panel=MAINTENANCE)
 def prune(
     target: TargetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; delete nothing.")]
@@ -625,7 +628,7 @@ def _parse_time(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-@app.command()
+@app.command(rich_help_panel=DAILY)
 def report(
     days: Annotated[int, typer.Option("--days", min=1, help="Length of the period.")] = 7,
     send: Annotated[bool, typer.Option(
@@ -689,7 +692,37 @@ def _write_file(path: Path, data: bytes) -> None:
         raise ConexaError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-@app.command("notify-test")
+@app.command(rich_help_panel=SETUP)
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path("backup.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter config file (mode 0600)."""
+    from conexa_backup.actions import setup
+    def act() -> None:
+        written = setup.init(path, force=force)
+        if not STATE.quiet:
+            STATE.out.print(f"wrote {written}; edit it, then run `conexa-backup check`",
+                            markup=False)
+    _guard(act)
+
+
+@app.command(rich_help_panel=SETUP)
+def check(as_json: JsonOpt = False) -> None:
+    """Validate the config and test every connection, without making a backup."""
+    from conexa_backup import render
+    from conexa_backup.actions import setup
+    def act() -> None:
+        with _session("check", lock=False, log_file=False, progress=False) as ctx:
+            results = setup.check(ctx)
+        _emit(as_json, lambda: render.check_json(results),
+              lambda c: render.check_human(c, results))
+        if not all(r.ok for r in results):
+            raise typer.Exit(int(ExitCode.FAILURE))
+    _guard(act)
+
+
+@app.command("notify-test", rich_help_panel=SETUP)
 def notify_test(as_json: JsonOpt = False) -> None:
     """Send a test message through every configured notifier; report each outcome."""
     from conexa_backup import events, render
@@ -711,33 +744,41 @@ def notify_test(as_json: JsonOpt = False) -> None:
     _guard(act)
 
 
-@app.command()
-def init(
-    path: Annotated[Path, typer.Argument(help="Where to write it.")] = Path("backup.toml"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+config_app = typer.Typer(help="The config file: check one, or print the one in effect.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config", rich_help_panel=SETUP)
+
+
+@config_app.command("validate")
+def config_validate(
+    path: Annotated[Path | None, typer.Argument(
+        help="The file (default: the one every command reads: --config, "
+             "$CONEXA_BACKUP_CONFIG, ./backup.toml, /etc/conexa-backup/backup.toml).")] = None,
 ) -> None:
-    """Write a commented starter config file (mode 0600)."""
-    from conexa_backup.actions import setup
+    """Check a config file without connecting to anything: exit 0 when it is valid, 2 when
+    not (for config management: Ansible's validate=)."""
     def act() -> None:
-        written = setup.init(path, force=force)
+        from conexa_backup.config.loading import find_config, parse_config, read_text
+        src = find_config(path or STATE.config_path)
+        parse_config(read_text(src), src)
         if not STATE.quiet:
-            STATE.out.print(f"wrote {written}; edit it, then run `conexa-backup check`",
-                            markup=False)
+            STATE.out.print(f"{src}: valid", markup=False, highlight=False)
     _guard(act)
 
 
-@app.command()
-def check(as_json: JsonOpt = False) -> None:
-    """Validate the config and test every connection, without making a backup."""
-    from conexa_backup import render
-    from conexa_backup.actions import setup
+@config_app.command("show")
+def config_show(as_json: JsonOpt = False) -> None:
+    """Print the configuration in effect as TOML: defaults filled in, ${VAR}s and the seed's
+    environment variables applied, secrets as ********, each value's origin as a comment."""
     def act() -> None:
-        with _session("check", lock=False, log_file=False, progress=False) as ctx:
-            results = setup.check(ctx)
-        _emit(as_json, lambda: render.check_json(results),
-              lambda c: render.check_human(c, results))
-        if not all(r.ok for r in results):
-            raise typer.Exit(int(ExitCode.FAILURE))
+        from conexa_backup.config import show
+        from conexa_backup.config.loading import find_config
+        doc, origin = show.effective(find_config(STATE.config_path))
+        if as_json:
+            from conexa_backup import render
+            render.print_json(STATE.out, doc)
+        else:
+            STATE.out.file.write(show.to_toml(doc, origin))
     _guard(act)
 
 
@@ -745,7 +786,7 @@ serve_app = typer.Typer(help="The HTTP API for the admin panel (docs/server.md).
                         invoke_without_command=True)
 token_app = typer.Typer(help="Machine tokens: bearer tokens for scripts.", no_args_is_help=True)
 serve_app.add_typer(token_app, name="token")
-app.add_typer(serve_app, name="serve")
+app.add_typer(serve_app, name="serve", rich_help_panel=API)
 
 
 @serve_app.callback()

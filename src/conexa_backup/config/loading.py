@@ -235,11 +235,19 @@ def parse_config(text: str, src: Path, env: Mapping[str, str] | None = None) -> 
 def load_config(explicit: Path | None = None) -> tuple[Config, Path]:
     """Find and load the config file; see :func:`find_config` and :func:`parse_config`."""
     src = find_config(explicit)
+    return parse_config(read_text(src), src), src
+
+
+def read_text(src: Path) -> str:
+    """The config file's text.
+
+    Raises:
+        ConfigError: it cannot be read, or is not UTF-8.
+    """
     try:
-        text = src.read_text(encoding="utf-8")
+        return src.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{src}: cannot read config file: {exc}") from None
-    return parse_config(text, src), src
 
 
 _SECRET_KEYS = {"password", "secret", "secret_access_key", "webhook_url", "identity", "url",
