@@ -26,7 +26,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from conexa_backup import __version__, signals
+from conexa_backup import __version__, completion, signals
 from conexa_backup.errors import ConexaError, ConfigError, ExitCode, PartialFailure, UsageError
 from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 
@@ -106,7 +106,7 @@ app = typer.Typer(
     help="Backups of the Conexa PostgreSQL database and uploads folder that you can restore.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -131,9 +131,11 @@ STATE = State()
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TargetOpt = Annotated[
     list[str] | None,
-    typer.Option("--target", "-t", help="Only this target."),
+    typer.Option("--target", "-t", help="Only this target.",
+                 autocompletion=completion.target_names),
 ]
-RefArg = Annotated[str, typer.Argument(help="Backup id, or 'latest'.")]
+RefArg = Annotated[str, typer.Argument(help="Backup id, or 'latest'.",
+                                       autocompletion=completion.backup_ids)]
 
 
 def _redact(text: str) -> str:
@@ -403,7 +405,8 @@ def restore(
     no_safety_backup: Annotated[bool, typer.Option(
         "--no-safety-backup", help="Skip the backup of the live state taken first.")] = False,
     source: Annotated[str | None, typer.Option(
-        "--from", "--target", help="Read from this target.")] = None,
+        "--from", "--target", help="Read from this target.",
+        autocompletion=completion.target_names)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore database and uploads: proven in a fresh copy first, then swapped in."""
@@ -441,7 +444,7 @@ def verify(
         "within the RTO.")] = False,
     source: Annotated[str | None, typer.Option(
         "--from", help="With --drill: the target whose copy to drill (--target works "
-        "too).")] = None,
+        "too).", autocompletion=completion.target_names)] = None,
     all_targets: Annotated[bool, typer.Option(
         "--all-targets", help="With --drill: drill the copy on every target.")] = False,
     junit: Annotated[Path | None, typer.Option(
@@ -545,7 +548,8 @@ def download(
     ref: RefArg,
     to: Annotated[Path, typer.Option("--to", help="Folder to put <id>/ in.")],
     source: Annotated[str | None, typer.Option(
-        "--from", "--target", help="Read from this target (default: the first good copy).")] = None,
+        "--from", "--target", help="Read from this target (default: the first good copy).",
+        autocompletion=completion.target_names)] = None,
 ) -> None:
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
     from conexa_backup.actions import inspect
@@ -561,7 +565,8 @@ def download(
 
 @app.command(rich_help_panel=MAINTENANCE)
 def delete(
-    backup_id: Annotated[str, typer.Argument(help="Backup id.")],
+    backup_id: Annotated[str, typer.Argument(help="Backup id.",
+                                             autocompletion=completion.backup_ids)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Confirm.")] = False,
     target: TargetOpt = None,
     force: Annotated[bool, typer.Option(
