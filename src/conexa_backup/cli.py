@@ -63,6 +63,13 @@ class _Group(typer.core.TyperGroup):
         for param in [*self.params, *(p for c in self.commands.values() for p in c.params)]:
             _plain_metavar(param)
 
+    def get_params(self, ctx: Any) -> Any:
+        """Every option, the shell-completion flags Typer adds later included, shown bare."""
+        params = super().get_params(ctx)
+        for param in params:
+            _plain_metavar(param)
+        return params
+
     def get_help_option(self, ctx: Any) -> Any:
         """``--help``, made on first use (hence not in ``__init__``), shown like any flag."""
         option = super().get_help_option(ctx)
