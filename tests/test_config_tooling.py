@@ -88,6 +88,12 @@ def test_show_prints_the_config_in_effect_with_origins_and_no_secret(tmp_path: P
     assert lines["keep_within"].endswith("# from the environment (a seed variable: see `check`)")
     assert lines["bucket"].endswith("# from the file, with its ${VAR}s from the environment")
     assert lines["access_key_id"].endswith("# from the file")
+    # Global options after the sub-command's name work here too.
+    quiet = tmp_path / "no-notify.toml"
+    quiet.write_text(path.read_text().split("[[notify]]")[0], encoding="utf-8")
+    quiet.chmod(0o600)
+    plain = _run("config", "show", "--config", str(quiet), env=ENV)
+    assert "notify = []  # default" in plain.stdout.splitlines(), plain.stdout
     as_json = _run("--config", str(path), "config", "show", "--json", env=ENV)
     data = json.loads(as_json.stdout)
     assert data["retention"]["keep_within"] == "10d" and data["targets"][1]["retries"] == 6

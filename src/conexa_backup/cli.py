@@ -54,13 +54,14 @@ class _Group(typer.core.TyperGroup):
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         shared = [p for p in self.params if p.name in GLOBAL_OPTIONS]
-        for command in self.commands.values():
+        commands = _all_commands(self)
+        for command in commands:  # those of `config` and `serve token` too
             for param in shared:
                 again = copy.copy(param)
                 again.expose_value = False  # the command's function does not take it
                 again.callback = _global_option_given
                 command.params.append(again)
-        for param in [*self.params, *(p for c in self.commands.values() for p in c.params)]:
+        for param in [*self.params, *(p for c in commands for p in c.params)]:
             _plain_metavar(param)
 
     def get_params(self, ctx: Any) -> Any:
@@ -82,6 +83,16 @@ class _Group(typer.core.TyperGroup):
         if command is not None:
             _plain_metavar(command.get_help_option(ctx))
         return command
+
+
+def _all_commands(group: Any) -> list[Any]:
+    """The commands under ``group``, those of its sub-groups (and the sub-groups) included."""
+    found: list[Any] = []
+    for command in group.commands.values():
+        found.append(command)
+        if hasattr(command, "commands"):
+            found += _all_commands(command)
+    return found
 
 
 def _plain_metavar(param: Any) -> None:

@@ -44,7 +44,9 @@ def effective(src: Path, env: Mapping[str, str] | None = None) -> tuple[dict[str
     doc = _hide(config.model_dump(mode="json", exclude_none=True))
 
     def origin(path: Path_) -> str:
-        if _get(seeded, path) != _get(expanded, path):
+        before, after = _get(expanded, path), _get(seeded, path)
+        # The seed's variables may add an empty list to fill later: that is no value of theirs.
+        if after != before and not (before is _MISSING and after in ([], {})):
             return "from the environment (a seed variable: see `check`)"
         written = _get(raw, path)
         if written is _MISSING:
