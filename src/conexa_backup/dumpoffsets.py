@@ -38,6 +38,7 @@ MAGIC = b"PGDMP"
 VERSIONS = ((1, 12), (1, 16))  # the archive versions whose layout is read here
 MAX_HEAD = 64 << 20  # a TOC larger than this (a schema of ~100,000 objects) is left unpatched
 ZERO_INT = b"\x00" * 5  # intSize 4: a sign byte and four zeros
+SEAM = len(ZERO_INT) + 6 - 1  # a header and its zero int cut across two feeds: all but a byte
 BLK_DATA, BLK_BLOBS = 1, 3
 NOT_SET, SET = 1, 2
 TEXT_DATA = {"TABLE DATA"}  # whose blocks are COPY text or INSERTs: NUL-free
@@ -159,6 +160,19 @@ def _read_entries(r: _Reader, version: tuple[int, int],
     return r.pos, tuple(slots)
 
 
+def _find(edge: bytes, edge_at: int, data: bytes, at: int, pattern: bytes,
+          start: int) -> int | None:
+    """The first offset at or after ``start`` where ``pattern`` lies, in ``edge`` (the seam,
+    starting at ``edge_at``) or ``data`` (starting at ``at``); None if in neither."""
+    i = edge.find(pattern, max(0, start - edge_at))
+    if i >= 0 and edge_at + i < at:
+        return edge_at + i
+    j = data.find(pattern, max(0, start - at))
+    found = [x for x in (edge_at + i if i >= 0 else None, at + j if j >= 0 else None)
+             if x is not None]
+    return min(found) if found else None
+
+
 def _header(slot: Slot) -> bytes:
     kind = BLK_DATA if slot.text else BLK_BLOBS
     return bytes([kind, 0]) + slot.dump_id.to_bytes(4, "little")
@@ -178,12 +192,13 @@ class OffsetFinder:
         self._try_at = 0  # TOC bytes held before reading it again: doubled on each miss
         self._tail = b""  # the last bytes fed, for a header cut across two feeds
         self._found: list[int] = []
-        self._stopped = False  # at a block that is not text: no search beyond it
+        self._next = 0  # where the next header may start
+        self._done = False  # every block found, or the search stopped at a binary one
         self.failed: str | None = None
 
     def feed(self, data: bytes) -> None:
         """Look at the next bytes of the archive."""
-        if self.failed is None and not self._stopped:
+        if self.failed is None and not self._done:
             try:
                 self._feed(data)
             except NotPatchable as exc:
@@ -209,32 +224,41 @@ class OffsetFinder:
             self._search(data, self._seen)
 
     def _search(self, data: bytes, at: int) -> None:
-        """Find the next blocks' headers in ``data`` (which starts at offset ``at``)."""
+        """Find the next blocks' headers in ``data`` (which starts at offset ``at``).
+
+        ``data`` is searched where it lies: only the few bytes around the seam with the last
+        feed are joined (a header may be cut across two feeds), never the whole MiB.
+        """
         toc = self._toc
         assert toc is not None
-        window, base = self._tail + data, at - len(self._tail)
-        begin = 0  # where in ``window`` the next header may start
+        edge_at = at - len(self._tail)
+        edge = self._tail + data[:SEAM]
         while len(self._found) < len(toc.slots):
             slot = toc.slots[len(self._found)]
             if not self._found:  # the first block starts where the TOC ends
-                need = toc.data_start - base + 6
-                if len(window) < need:
-                    break
-                if window[need - 6:need] != _header(slot):
-                    raise NotPatchable("the first data block is not where the TOC ends")
                 pos = toc.data_start
-            else:
-                hit = window.find(ZERO_INT + _header(slot), begin)
-                if hit < 0:
+                off = pos - edge_at
+                if off + 6 > len(edge) and pos + 6 > at + len(data):
                     break
-                pos = base + hit + len(ZERO_INT)
+                got = edge[off:off + 6] if off + 6 <= len(edge) else data[pos - at:pos - at + 6]
+                if got != _header(slot):
+                    raise NotPatchable("the first data block is not where the TOC ends")
+            else:
+                hit = _find(edge, edge_at, data, at, ZERO_INT + _header(slot), self._next)
+                if hit is None:
+                    break
+                pos = hit + len(ZERO_INT)
             self._found.append(pos)
-            begin = pos - base + 6
+            self._next = pos + 6
             if not slot.text:
-                self._stopped = True  # binary from here: a search could be fooled
-                return
-        keep = len(ZERO_INT) + 5  # a header cut across feeds: all of it but its last byte
-        self._tail = window[max(begin, len(window) - keep):] if begin <= len(window) else b""
+                break  # binary from here: a search could be fooled
+        if len(self._found) == len(toc.slots) or (self._found and not toc.slots[
+                len(self._found) - 1].text):
+            self._done = True
+            return
+        end = at + len(data)
+        src, src_at = (data, at) if len(data) >= SEAM else (self._tail + data, edge_at)
+        self._tail = src[max(0, max(self._next, end - SEAM) - src_at):]
 
     def offsets(self) -> list[tuple[int, int]] | None:
         """(offset field, block start) pairs to fill in (none when the archive has no data
@@ -245,7 +269,7 @@ class OffsetFinder:
         if self.failed is not None or self._toc is None:
             return None
         slots = self._toc.slots
-        if not self._stopped and len(self._found) < len(slots):
+        if not self._done:
             return None  # a block not found in order: trust none of them
         return [(slot.field, pos) for slot, pos in zip(slots, self._found, strict=False)]
 
