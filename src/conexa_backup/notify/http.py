@@ -29,6 +29,13 @@ _lock = threading.Lock()
 def _session(retries: int) -> requests.Session:
     """The session for ``retries`` attempts in all (one per retry policy, shared: its
     connections are reused from one notification to the next)."""
+    with _lock:
+        if retries not in _sessions:
+            _sessions[retries] = _new_session(retries)
+        return _sessions[retries]
+
+
+def _new_session(retries: int) -> requests.Session:
     import requests
     from urllib3.util.retry import Retry
 
@@ -40,21 +47,18 @@ def _session(retries: int) -> requests.Session:
     # urllib3 logs each retry at WARNING with the request's path: a Slack or webhook URL's
     # path is its secret, and an unconfigured root logger would print it on stderr.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    with _lock:
-        if retries not in _sessions:
-            again = max(0, retries - 1)
-            policy = _CappedRetry(
-                total=again, connect=again, read=again, status=again, other=0,
-                backoff_factor=1.0, backoff_max=8.0, status_forcelist=RETRIED_STATUSES,
-                allowed_methods=frozenset({"GET", "POST"}), respect_retry_after_header=True,
-                raise_on_status=False)
-            session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(max_retries=policy)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            session.headers["User-Agent"] = "conexa-backup"
-            _sessions[retries] = session
-        return _sessions[retries]
+    again = max(0, retries - 1)
+    policy = _CappedRetry(
+        total=again, connect=again, read=again, status=again, other=0,
+        backoff_factor=1.0, backoff_max=8.0, status_forcelist=RETRIED_STATUSES,
+        allowed_methods=frozenset({"GET", "POST"}), respect_retry_after_header=True,
+        raise_on_status=False)
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(max_retries=policy)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = "conexa-backup"
+    return session
 
 
 def request(url: str, *, payload: Any = None, timeout: float, retries: int,
