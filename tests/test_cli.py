@@ -130,7 +130,8 @@ def test_status_never_says_never_ago(ws: Workspace) -> None:
     result = ws.run("status")
     assert result.returncode == 2, result.stdout  # CRITICAL: no backup yet
     assert "never ago" not in result.stdout
-    assert "(never)" in result.stdout and "last good drill never" in result.stdout
+    assert "newest backup - (never, at most 26 h" in result.stdout
+    assert "last good drill never" in result.stdout
 
 
 def test_module_entry_point_and_version() -> None:

@@ -109,12 +109,19 @@ def backup_ok(ws: Any) -> str:
 
 
 def listed(ws: Any) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = json.loads(assert_ok(ws.run("list", "--json")))
+    """``list --json``: exit 0, or exit 1 exactly when no backup listed is usable."""
+    result = ws.run("list", "--json")
+    entries: list[dict[str, Any]] = json.loads(result.stdout)
+    usable = any(e["status"] == "complete" or e["targets"] for e in entries)
+    if entries and not usable:
+        assert result.returncode == 1 and "has a usable copy" in result.stderr, result.stderr
+        return entries
+    assert_ok(result)
     return entries
 
 
 def listed_by_id(ws: Any) -> dict[str, dict[str, Any]]:
-    """``list --json`` by id (exit 0 expected)."""
+    """``list --json`` by id (see :func:`listed` for its exit code)."""
     return {e["id"]: e for e in listed(ws)}
 
 

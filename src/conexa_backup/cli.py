@@ -356,6 +356,9 @@ def backup(
     rehash: Annotated[bool, typer.Option(
         "--rehash", help="Packs format: read every uploads file, whatever the file cache "
         "says (a stale cache then cannot hide a change).")] = False,
+    allow_clock_skew: Annotated[bool, typer.Option(
+        "--allow-clock-skew", help="Store the backup even though this host's clock is behind "
+        "the newest backup's time (it is then filed before it).")] = False,
 ) -> None:
     """Dump the database, archive uploads, store on every target, commit. Prints the id."""
     from conexa_backup import events
@@ -365,7 +368,7 @@ def backup(
             try:
                 result = run_backup(ctx, target_names=target, prune=not no_prune,
                                     accept_shrink=accept_shrink, backup_id=backup_id,
-                                    rehash=rehash)
+                                    rehash=rehash, allow_clock_skew=allow_clock_skew)
             except PartialFailure as exc:
                 if exc.result is not None:
                     _show_backup(exc.result, as_json)
@@ -408,6 +411,11 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
               lambda c: render.list_human(c, backups, proven))
         if unreachable:
             _fail("could not list " + "; ".join(unreachable.values()), ExitCode.PARTIAL)
+        if backups and not any(b.good_copies for b in backups):
+            # Like verify: a list of backups none of which could be restored is a failure,
+            # whatever the table says (cron and scripts see the exit code, not the table).
+            _fail(f"none of the {len(backups)} backup(s) listed has a usable copy (each is "
+                  f"damaged or incomplete)", ExitCode.FAILURE)
     _guard(act)
 
 

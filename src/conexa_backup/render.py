@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # types only: the CLI imports each action when its command ru
     from conexa_backup.actions.backup import BackupResult
     from conexa_backup.actions.drill import DrillResult
     from conexa_backup.actions.inspect import CopyCheck
-    from conexa_backup.actions.monitor import Health
+    from conexa_backup.actions.monitor import Health, TargetHealth
     from conexa_backup.actions.prune import TargetPrune
     from conexa_backup.actions.restore import RestoreResult
     from conexa_backup.actions.setup import CheckResult
@@ -40,7 +40,7 @@ def human_bytes(n: int | None) -> str:
 
 
 def human_age(seconds: float) -> str:
-    minutes = int(seconds // 60)
+    minutes = max(0, int(seconds // 60))  # never "-5 min": a clock behind is said elsewhere
     if minutes < 60:
         return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
@@ -200,6 +200,7 @@ def status_json(h: Health) -> dict[str, Any]:
             "drill_age_seconds": round(t.drill_age_seconds)
             if t.drill_age_seconds is not None else None,
             "damaged": t.damaged,
+            "max_backup_age_seconds": t.max_age_seconds, "max_backup_age_rule": t.age_rule,
             "problems": t.problems} for t in h.targets],
     }
 
@@ -209,12 +210,19 @@ def _ago(seconds: float | None) -> str:
     return "never" if seconds is None else f"{human_age(seconds)} ago"
 
 
+def _limit(t: TargetHealth) -> str:
+    """``, at most 32 d (monthly archive tier: …)``: what the target's age is held to."""
+    if t.max_age_seconds is None:
+        return ""
+    return f", at most {human_age(t.max_age_seconds)}: {t.age_rule}"
+
+
 def status_human(console: Console, h: Health) -> None:
     """A Nagios-style first line, then one line per target."""
     console.print(f"CONEXA-BACKUP {h.label} - {escape(h.summary)}", highlight=False)
     for t in h.targets:
         console.print(f"  {t.target}: {LEVELS[t.level]}; newest backup "
-                      f"{t.newest_backup or '-'} ({_ago(t.backup_age_seconds)}); "
+                      f"{t.newest_backup or '-'} ({_ago(t.backup_age_seconds)}{_limit(t)}); "
                       f"last good drill {_ago(t.drill_age_seconds)}",
                       markup=False, highlight=False)
         for d in t.damaged:

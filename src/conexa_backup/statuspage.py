@@ -308,11 +308,14 @@ def _targets(f: Facts, lang: str) -> str:
         newest = t_.get("newest_backup")
         age = t_.get("backup_age_seconds")
         if newest:
-            late = isinstance(age, int | float) and age > f.max_backup_age_seconds
+            # Each target's own limit (an archive tier is sent one backup a month).
+            limit = t_.get("max_backup_age_seconds")
+            limit = limit if isinstance(limit, int | float) else f.max_backup_age_seconds
+            late = isinstance(age, int | float) and age > limit
             newest_cell = (f'<span class="{"bad" if late else "good"}">'
                            f'{"✗" if late else "✓"} {escape(str(newest))}</span><br>'
                            + _e(lang, "age", age=_age(age, lang),
-                                objective=duration(f.max_backup_age_seconds, lang)))
+                                objective=duration(limit, lang)))
         else:
             newest_cell = f'<span class="bad">✗ {_e(lang, "never")}</span>'
         damaged = t_.get("damaged") or []

@@ -48,6 +48,7 @@ from conexa_backup.errors import (
     UsageError,
 )
 from conexa_backup.manifest import (
+    ID_FORMAT,
     ID_PATTERN,
     MANIFEST_NAME,
     Artifact,
@@ -56,6 +57,7 @@ from conexa_backup.manifest import (
     Manifest,
     SkippedPath,
     UploadsInfo,
+    id_sort_key,
     new_backup_id,
 )
 from conexa_backup.pipeline import (
@@ -386,6 +388,7 @@ def run_backup(
     accept_shrink: bool = False,
     backup_id: str | None = None,
     rehash: bool = False,
+    allow_clock_skew: bool = False,
 ) -> BackupResult:
     """Make one backup of ``parts`` on the selected targets. The caller holds the run lock.
 
@@ -398,14 +401,18 @@ def run_backup(
     An uploads folder that is empty or shrank by more than ``max_shrink`` since the last
     trusted backup is stored with a warning and holds pruning back, unless ``accept_shrink``.
 
-    A target whose retention would not keep this backup (a monthly tier mid-month) is skipped.
-    Whatever a failed run stored is removed again (it has no manifest and would only take
-    space); earlier backups are never touched. With ``prune``, each target that stored the
-    backup is then pruned by its policy (``prune_after_backup``); a target where the backup
-    failed is never pruned in that run.
+    A target whose retention would not keep this backup (a monthly tier mid-month) is skipped;
+    if every target it is sent to fails, it is sent to the skipped ones after all (a partial
+    run). A backup whose id would sort before the newest complete backup (the host's clock
+    stepped back) is refused, unless ``allow_clock_skew`` (or a restore's safety backup,
+    which must never block a restore: it is logged). Whatever a failed run stored is removed
+    again (it has no manifest and would only take space); earlier backups are never touched.
+    With ``prune``, each target that stored the backup is then pruned by its policy
+    (``prune_after_backup``); a target where the backup failed is never pruned in that run.
 
     Raises:
-        UsageError: ``backup_id`` is not an id, or a backup already has it.
+        UsageError: ``backup_id`` is not an id, or a backup already has it; the clock is
+            behind the newest complete backup (:func:`check_clock`).
         ConexaError: nothing usable was stored (every target failed, pg_dump failed...).
         PartialFailure: stored and committed on some targets only (see ``.result``).
     """
@@ -420,25 +427,26 @@ def run_backup(
     existing = ctx.scan(targets, unreachable=unreachable)
     backup_id = _claim_id(backup_id, {b.id for b in existing}) if backup_id \
         else new_backup_id(started, {b.id for b in existing})
+    check_clock(backup_id, existing, allowed=allow_clock_skew or kind == "safety")
     reachable = [t for t in targets if t.name not in unreachable]
     skipped = _not_retained(ctx, reachable, existing, Candidate(backup_id, True, kind))
-    run = _Run(ctx, backup_id, [t for t in reachable if t.name not in skipped],
-               dict(unreachable), recipients=parse_recipients(ctx.config.encryption.recipients)
-               if ctx.config.encryption.recipients else [],
-               signing_key=load_signing_key(ctx.config.signing.key_file)
-               if ctx.config.signing.key_file else None)
-    run.uploads_before, run.accept_shrink = _uploads_before(existing), accept_shrink
-    run.rehash, run.existing = rehash, existing
-    log.info("backup %s started (%s) on %s", run.backup_id, kind,
-             ", ".join(t.name for t in run.alive))
+    setup = _Setup(backup_id, existing, accept_shrink, rehash)
+    run = setup.run(ctx, [t for t in reachable if t.name not in skipped], unreachable)
     try:
-        manifest = _produce(ctx, run, kind, parts, started)
-        ctx.reporter.step("writing manifest")
-        stored = _commit(run, manifest)
-    except BaseException:
-        run.discard(targets)  # no manifest anywhere: nothing of this run may linger
-        raise
-    run.discard([t for t in targets if t.name not in stored])
+        manifest, stored = _store(ctx, run, kind, parts, started, targets)
+    except ConexaError:
+        fallback = [t for t in reachable if t.name in skipped]
+        if not fallback or not run.failures.keys() >= {t.name for t in run.alive}:
+            raise
+        # Every target the policy chose failed; the archive tiers it skipped are healthy as
+        # far as anyone knows. A backup stored where retention would not pick it is better
+        # than none (the README: "the backup goes everywhere anyway").
+        log.warning("every target chosen for backup %s failed (%s); sending it to the "
+                    "targets its retention skipped: %s", backup_id, ", ".join(run.failures),
+                    ", ".join(t.name for t in fallback))
+        run = setup.run(ctx, fallback, {**unreachable, **run.failures})
+        skipped = {}
+        manifest, stored = _store(ctx, run, kind, parts, started, targets)
     for hook in run.on_commit:
         hook(stored)
     result = BackupResult(manifest, stored, run.failures, time.monotonic() - t0, skipped)
@@ -451,6 +459,70 @@ def run_backup(
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
                              f"but failed on: {failed}", result=result)
     return result
+
+
+@dataclass
+class _Setup:
+    """What every attempt at storing one backup shares (see :meth:`run`)."""
+
+    backup_id: str
+    existing: list[Backup]
+    accept_shrink: bool
+    rehash: bool
+
+    def run(self, ctx: Context, alive: Sequence[Target], failed: dict[str, str]) -> _Run:
+        """A new run sending this backup to ``alive``; ``failed``: targets already out."""
+        enc, signing = ctx.config.encryption, ctx.config.signing
+        run = _Run(ctx, self.backup_id, list(alive), dict(failed),
+                   recipients=parse_recipients(enc.recipients) if enc.recipients else [],
+                   signing_key=load_signing_key(signing.key_file) if signing.key_file else None)
+        run.uploads_before, run.accept_shrink = _uploads_before(self.existing), self.accept_shrink
+        run.rehash, run.existing = self.rehash, self.existing
+        log.info("backup %s started on %s", self.backup_id, ", ".join(t.name for t in alive))
+        return run
+
+
+def _store(ctx: Context, run: _Run, kind: str, parts: Sequence[str], started: datetime,
+           targets: Sequence[Target]) -> tuple[Manifest, list[str]]:
+    """Produce and commit the backup on ``run``'s targets: (its manifest, where it is
+    complete). On any failure nothing of this run stays on ``targets`` (no manifest
+    anywhere); on success what targets that failed hold of it is removed."""
+    try:
+        manifest = _produce(ctx, run, kind, parts, started)
+        ctx.reporter.step("writing manifest")
+        stored = _commit(run, manifest)
+    except BaseException:
+        run.discard(targets)  # no manifest anywhere: nothing of this run may linger
+        raise
+    run.discard([t for t in targets if t.name not in stored])
+    return manifest, stored
+
+
+def check_clock(backup_id: str, existing: Sequence[Backup], *, allowed: bool) -> None:
+    """Refuse an id that would sort before the newest complete backup: the host's clock was
+    stepped back (or the backup would be filed in the past, ``latest`` would still name the
+    older one, and once the clock is fixed prune would take it for the oldest). ``allowed``:
+    log it and go on.
+
+    Raises:
+        UsageError: the id's time is before the newest complete backup's (both named).
+    """
+    newest = next((b for b in reversed(existing) if b.complete_copies), None)
+    if newest is None or id_sort_key(backup_id) > id_sort_key(newest.id):
+        return
+    message = (f"this host's clock ({_id_time(backup_id)}) is behind the newest backup, "
+               f"{newest.id} ({_id_time(newest.id)}): this backup would be filed before it")
+    if allowed:
+        log.warning("%s (allowed)", message)
+        return
+    raise UsageError(message, hint="fix the clock (NTP, `timedatectl`), or pass "
+                     "--allow-clock-skew to store it anyway")
+
+
+def _id_time(backup_id: str) -> str:
+    """A backup id's time as people read it: ``2026-12-05 00:00:00 UTC``."""
+    at = datetime.strptime(backup_id.partition("-")[0], ID_FORMAT).replace(tzinfo=UTC)
+    return f"{at:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def next_id(ctx: Context, when: datetime) -> str:

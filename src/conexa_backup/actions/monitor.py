@@ -18,13 +18,16 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
 from conexa_backup.manifest import Manifest
 from conexa_backup.state import atomic_write, checks, drills, runs
+
+if TYPE_CHECKING:
+    from conexa_backup.config.models import Config
 
 LEVELS = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 # How bad, to combine targets: a target with no backup (CRITICAL) must not hide behind
@@ -46,6 +49,8 @@ class TargetHealth:
     drill_age_seconds: float | None = None
     problems: list[str] = field(default_factory=list)
     damaged: list[dict[str, Any]] = field(default_factory=list)  # see damaged_copies
+    max_age_seconds: float | None = None  # what the newest backup is held to (expected_age)
+    age_rule: str | None = None  # and why, for people
 
 
 @dataclass
@@ -84,6 +89,32 @@ def damaged_copies(backups: Sequence[Backup], target: str | None = None) -> list
     return found
 
 
+# An archive tier (retention.Policy.period_tier) receives the first backup of each period:
+# its newest backup is up to one period old by design. The longest such period, by rule.
+_TIER_PERIODS = (("keep_weekly", "weekly", timedelta(days=7)),
+                 ("keep_monthly", "monthly", timedelta(days=31)),
+                 ("keep_yearly", "yearly", timedelta(days=366)))
+
+
+def expected_age(config: Config, target: str) -> tuple[timedelta, str]:
+    """How old ``target``'s newest good backup may be before ``status`` is CRITICAL, and the
+    rule that says so, for people: the target's own ``max_backup_age``; else, for an archive
+    tier (only weekly/monthly/yearly rules: it is sent the first backup of each period), its
+    shortest period plus ``[monitoring] max_backup_age``; else ``max_backup_age``."""
+    own = next((t.max_backup_age for t in config.targets if t.name == target), None)
+    if own is not None:
+        return parse_duration(own), f"the target's max_backup_age ({own})"
+    base = config.monitoring.max_backup_age
+    policy = config.retention_for(target).policy()
+    if policy.period_tier:
+        for field_name, label, period in _TIER_PERIODS:
+            if getattr(policy, field_name) not in (None, 0):
+                return (period + parse_duration(base),
+                        f"{label} archive tier: {human_duration(period)} + max_backup_age "
+                        f"({base})")
+    return parse_duration(base), f"max_backup_age ({base})"
+
+
 def _stored_with_problems(backup: Backup, manifest: Manifest) -> str | None:
     """Why a target's newest backup, though complete, needs a look: its uploads were suspect
     (an empty or shrunken folder: a volume not mounted) or the run stored it with warnings
@@ -98,14 +129,14 @@ def _stored_with_problems(backup: Backup, manifest: Manifest) -> str | None:
 
 def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
                    now: datetime) -> TargetHealth:
-    mon = ctx.config.monitoring
     health = TargetHealth(name, 0, damaged=damaged_copies(backups, name))
     here = [(b, c) for b in backups for c in b.copies if c.target.name == name]
     good = [b for b, c in here if c.state == "complete"]
     trusted = [b for b, c in here if b.trusts(c)]  # suspect uploads are not a fresh backup
     if trusted and (manifest := trusted[-1].manifest) is not None:
         health.newest_backup = trusted[-1].id
-        health.backup_age_seconds = (now - manifest.finished_at).total_seconds()
+        # Never a negative age: a clock behind the backup's is said once, by health().
+        health.backup_age_seconds = max(0.0, (now - manifest.finished_at).total_seconds())
     if good and (manifest := good[-1].manifest) and (why := _stored_with_problems(good[-1],
                                                                                    manifest)):
         health.level = 1  # a green status after a backup of an empty folder would lie
@@ -114,15 +145,17 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
         health.level = 1
         since = f" since {d['at'][:16].replace('T', ' ')}" if d["at"] else ""
         health.problems.append(f"{d['id']} damaged{since}: {d['why']}")
-    max_age = parse_duration(mon.max_backup_age)
+    max_age, health.age_rule = expected_age(ctx.config, name)
+    health.max_age_seconds = max_age.total_seconds()
     # Say "good" where some complete backups are not (damaged, or uploads suspect).
     good_ = "good " if health.damaged or len(trusted) != len(good) else ""
     if health.backup_age_seconds is None:
         health.level = 2
         health.problems.append(f"no {good_ or 'complete '}backup")
-    elif health.backup_age_seconds > max_age.total_seconds():
+    elif health.backup_age_seconds > health.max_age_seconds:
         health.level = 2
-        health.problems.append(f"newest {good_}backup older than {mon.max_backup_age}")
+        health.problems.append(f"newest {good_}backup older than "
+                               f"{human_duration(max_age)} ({health.age_rule})")
     _drill_health(ctx, health, now)
     return health
 
@@ -180,23 +213,53 @@ def health(ctx: Context, now: datetime | None = None,
             targets.append(TargetHealth(target.name, 3, problems=[unreachable[target.name]]))
         else:
             targets.append(_target_health(ctx, target.name, backups, now))
-    backup_runs = [r for r in runs(ctx.config.state_dir) if r.get("kind") == "backup"]
+    recorded_runs = runs(ctx.config.state_dir)
+    backup_runs = [r for r in recorded_runs if r.get("kind") == "backup"]
     last = backup_runs[-1] if backup_runs else None
     level = worst([t.level for t in targets])
-    if last is not None and last.get("outcome") in ("failure", "partial"):
-        level = worst([level, 1])
     problems = [f"{t.target}: {p}" for t in targets for p in t.problems]
     if last is not None and last.get("outcome") in ("failure", "partial"):
+        level = worst([level, 1])
         problems.append(f"last backup run: {last.get('outcome')}")
+    for why in (_verify_failed(recorded_runs), _clock_behind(backups, now)):
+        if why is not None:
+            level = worst([level, 1])
+            problems.append(why)
     summary = "; ".join(problems) if problems else _ok_summary(targets)
     good = [b for b in backups if b.trusted and b.manifest is not None]
     newest = good[-1] if good else None
-    age = (now - newest.manifest.finished_at).total_seconds() \
+    age = max(0.0, (now - newest.manifest.finished_at).total_seconds()) \
         if newest is not None and newest.manifest is not None else None
     recorded = drills(ctx.config.state_dir)
     return Health(level, targets, last, summary,
                   sum(1 for b in backups if not b.complete_copies), newest, age,
                   recorded[-1] if recorded else None)
+
+
+CLOCK_SLACK = timedelta(minutes=5)  # hosts' clocks disagree by seconds; a step is more
+
+
+def _clock_behind(backups: Sequence[Backup], now: datetime) -> str | None:
+    """A warning when this host's clock is behind the newest complete backup's finish
+    (a clock stepped back: ages would be negative and a new backup would be refused)."""
+    finished = [m.finished_at for b in backups if (m := b.manifest) is not None]
+    if not finished or max(finished) <= now + CLOCK_SLACK:
+        return None
+    ahead = next(b for b in backups if b.manifest and b.manifest.finished_at == max(finished))
+    return (f"this host's clock ({now:%Y-%m-%d %H:%M} UTC) is behind the newest backup, "
+            f"{ahead.id}, which finished at {max(finished):%Y-%m-%d %H:%M} UTC: fix the clock")
+
+
+def _verify_failed(recorded: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why the newest ``verify`` run failed (for any reason: damage, a target that could not
+    be read, no backup to verify), said until a later verify passes; None when it passed or
+    none ran. Damage it proved is also shown per copy; this says the check itself failed."""
+    verifies = [r for r in recorded if r.get("kind") == "verify"]
+    if not verifies or verifies[-1].get("outcome") != "failure":
+        return None
+    newest = verifies[-1]
+    at = str(newest.get("time") or "?")[:16].replace("T", " ")
+    return f"last verify run failed at {at}: {first_line(newest.get('error'))}"
 
 
 def _ok_summary(targets: Sequence[TargetHealth]) -> str:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, ClassVar, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from conexa_backup.durations import parse_duration
 from conexa_backup.errors import StorageError
 from conexa_backup.retention import RetentionConfig
 
@@ -46,6 +47,16 @@ class TargetConfig(BaseModel):
     type: str
     retention: RetentionConfig | None = None  # else the top-level [retention]
     price_per_gb_month: float | None = Field(default=None, ge=0)  # for `report` estimates
+    # How old this target's newest good backup may be before `status` is CRITICAL; default:
+    # [monitoring] max_backup_age, plus the period of an archive tier (monitor.expected_age).
+    max_backup_age: str | None = None
+
+    @field_validator("max_backup_age")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
 
 
 @dataclass(frozen=True)

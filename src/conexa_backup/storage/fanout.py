@@ -20,9 +20,13 @@ log = logging.getLogger(__name__)
 
 
 class AllTargetsFailed(StorageError):
+    """Every target of one upload failed; each failure names its target."""
+
     def __init__(self, failures: dict[str, str]) -> None:
-        detail = "; ".join(failures.values())
-        super().__init__("all", f"every target failed: {detail}")
+        # Not StorageError's "target 'X': ": there is no one target to name, and each
+        # failure already names its own.
+        ConexaError.__init__(self, "every target failed: " + "; ".join(failures.values()))
+        self.target = ", ".join(failures)
         self.failures = failures
 
 
