@@ -44,6 +44,7 @@ from conexa_backup.config.loading import parse_config, permission_warning, secre
 from conexa_backup.config.models import Config
 from conexa_backup.crypto import fingerprint
 from conexa_backup.errors import ConfigError
+from conexa_backup.server import listing
 from conexa_backup.testing.compare import plain_dump, tree_snapshot
 from conexa_backup.testing.emulators import S3Server
 from tests.conftest import Workspace
@@ -661,6 +662,50 @@ def test_unreadable_trusted_key_is_named(tmp_path: Path, signing: SigningKey) ->
     with pytest.raises(ConfigError, match=r"^signing\.public_key_files: cannot load .*gone\.pub"):
         _ = ctx.verifier
 
+
+# -- a copy refused for its signature: messages -----------------------------------------------
+
+def _altered_on_a_second_target(ws: Workspace, signing: SigningKey, tmp_path: Path) -> str:
+    """A signed backup on targets ``local`` and ``second``, its manifest altered on
+    ``second`` only; its id."""
+    second = tmp_path / "second"
+    ws.write_config(signing_toml(signing.private, signing.public)
+                    + f'[[targets]]\nname = "second"\ntype = "local"\npath = {toml_str(second)}\n')
+    backup_id = backup_json(ws)["id"]
+    altered = second / backup_id / "manifest.json"
+    altered.write_bytes(altered.read_bytes() + b"\n")
+    return backup_id
+
+
+def test_copy_refused_for_its_signature_is_listed_damaged_signature(
+        ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
+    """``list`` says ``damaged (signature)``; JSON and the API give the copy's reason."""
+    backup_id = _altered_on_a_second_target(ws, signing, tmp_path)
+    row = next(line for line in assert_ok(ws.run("list")).splitlines()
+               if line.startswith(backup_id))
+    assert "damaged (signature)" in row, row
+    entry = listed_by_id(ws)[backup_id]
+    assert entry["targets"] == ["local"], entry
+    assert entry["damaged_targets"]["second"]["reason"] == "signature", entry
+    ctx = Context(parse_config(ws.config.read_text(), ws.config))
+    api = listing.entry(ctx.scan(ctx.targets())[0], {}, {})
+    copies = {c["target"]: c for c in api["targets"]}
+    assert (copies["second"]["state"], copies["second"]["reason"]) == ("damaged", "signature")
+    assert (copies["local"]["state"], copies["local"]["reason"]) == ("complete", None)
+
+
+def test_restore_from_a_copy_refused_for_its_signature_fails(
+        ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
+    """``restore --from`` the refused copy's target says why and exits 1 (failed), never
+    "no complete copy" (a usage error); the good copy still restores."""
+    backup_id = _altered_on_a_second_target(ws, signing, tmp_path)
+    result = ws.run("restore", "--from", "second", backup_id, "--only", "database",
+                    "--to-database", f"{ws.dbname}_second", "--yes")
+    message = assert_error(result, 1, backup_id, "second", "signature")
+    assert "no complete copy" not in message
+    assert not database_exists(ws, f"{ws.dbname}_second")
+    assert_ok(ws.run("restore", "--from", "local", backup_id, "--only", "database",
+                     "--to-database", f"{ws.dbname}_local", "--yes"))
 
 # -- S3 Object Lock (moto) --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from conexa_backup.errors import (
     ConexaError,
     IntegrityError,
     ObjectNotFoundError,
+    SignatureError,
     StorageError,
     UsageError,
 )
@@ -65,6 +66,7 @@ class Copy:
     damage: Damage | None = None  # found bad by a verify, drill or restore (state.checks)
     state_dir: Path | None = None  # where to record damage found while reading it
     signed_by: str | None = None  # the trusted key (crypto.key_id) its signature verified with
+    refused_signature: bool = False  # its manifest was refused for its signature (a problem)
 
     @property
     def complete(self) -> bool:
@@ -86,6 +88,17 @@ class Copy:
         if self.manifest is None:
             return (None, self.problem) if self.problem else None
         return (self.damage.at, self.damage.why) if self.damage is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        """What kind of damage a damaged copy has: ``signature`` (its manifest refused for
+        its signature: none, altered, or a key not trusted here), ``manifest`` (unreadable
+        or invalid), ``data`` (found bad by a check, or by its listing); None otherwise."""
+        if self.state != "damaged":
+            return None
+        if self.manifest is None:
+            return "signature" if self.refused_signature else "manifest"
+        return "data"
 
     def seen_bad(self, exc: Exception) -> None:
         """Record that reading this copy found it corrupt or missing a file (``exc``, see
@@ -292,12 +305,14 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             manifest, signature = named.get(MANIFEST_NAME), named.get(SIGNATURE_NAME)
             if manifest is not None and with_manifests and verifier is not None and not signature:
                 copy.problem = f"target {target.name!r}: {backup_id}: manifest is not signed"
+                copy.refused_signature = True
             elif manifest is not None and with_manifests:
                 try:
                     copy.manifest, copy.signed_by = read_signed(
                         target, backup_id, cache, stamp(manifest, signature), verifier)
                 except ConexaError as exc:
                     copy.problem = str(exc)
+                    copy.refused_signature = isinstance(exc, SignatureError)
                     log.warning("%s", exc)
             if copy.manifest is not None and copy.damage is None:
                 copy.damage = listed_damage(copy.manifest, named, target.name)
@@ -350,9 +365,10 @@ def refresh(backup: Backup, verifier: TrustedKeys | None = None) -> None:
         try:
             copy.manifest, copy.signed_by = read_signed(copy.target, backup.id,
                                                         verifier=verifier)
-            copy.problem = None
+            copy.problem, copy.refused_signature = None, False
         except ConexaError as exc:
             copy.manifest, copy.problem = None, str(exc)
+            copy.refused_signature = isinstance(exc, SignatureError)
             log.warning("%s", exc)
 
 

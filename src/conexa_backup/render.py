@@ -124,7 +124,7 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
         "uploads_skipped": m.uploads.skipped if m and m.uploads else 0,
         "suspect": b.suspect,
         "targets": [c.target.name for c in b.good_copies],
-        "damaged_targets": {c.target.name: {"at": why[0], "why": why[1]}
+        "damaged_targets": {c.target.name: {"at": why[0], "why": why[1], "reason": c.reason}
                             for c in b.copies if (why := c.why_damaged) is not None},
         "incomplete_targets": [c.target.name for c in b.copies if c.state == "incomplete"],
         "drills": proven,
@@ -158,7 +158,11 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
             tags = ["suspect"] * bool(e["suspect"]) + [f"{n} warning{'s' * (n != 1)}"] * bool(n)
             status = f"[yellow]complete ({', '.join(tags)})[/]"
         if e["damaged_targets"]:
-            status = f"[red]damaged[/] ({', '.join(e['damaged_targets'])})"
+            damaged = e["damaged_targets"]
+            # Copies refused for their signature say so (which target: the lines below).
+            what = "signature" if all(d["reason"] == "signature" for d in damaged.values()) \
+                else ", ".join(damaged)
+            status = f"[red]damaged[/] ({what})"
         where = ", ".join(e["targets"]) or "-"
         if e["incomplete_targets"]:
             where += f" (incomplete: {', '.join(e['incomplete_targets'])})"

@@ -20,7 +20,7 @@ from conexa_backup.actions.fetch import Keys
 from conexa_backup.catalog import Backup, ManifestCache, Use, refresh, resolve, scan
 from conexa_backup.config import Config
 from conexa_backup.crypto import TrustedKeys, load_identities, load_trusted_keys
-from conexa_backup.errors import ConexaError, ConfigError, UsageError
+from conexa_backup.errors import ConexaError, ConfigError, IntegrityError, UsageError
 from conexa_backup.state import private_dir
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
@@ -134,6 +134,8 @@ class Context:
 
         Raises:
             UsageError: unknown target, no such backup, or no complete copy (on ``source``).
+            IntegrityError: every copy's manifest, or the one on ``source``, is unusable
+            (refused for its signature, or invalid).
         """
         if source is not None:
             self.targets([source])  # an unknown name is a usage error
@@ -143,6 +145,10 @@ class Context:
             raise UsageError(f"backup {backup.id} has no usable copy left: "
                              + "; ".join(c.problem for c in backup.copies if c.problem))
         if source is not None and all(c.target.name != source for c in backup.complete_copies):
+            refused = [c for c in backup.copies if c.target.name == source and c.problem]
+            if refused:  # its manifest is there, and unusable: damaged, not missing
+                raise IntegrityError(f"backup {backup.id}: the copy on target {source!r} is "
+                                     f"damaged ({refused[0].reason}): {refused[0].problem}")
             raise UsageError(f"backup {backup.id} has no complete copy on target {source!r}")
         return backup
 
