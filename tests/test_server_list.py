@@ -56,7 +56,7 @@ def test_list_shows_a_cli_backup_in_the_seed_shape_beside_list_json(api: Api) ->
     assert entry["location"] == ["local"]
     assert entry["kind"] == "scheduled" and entry["state"] == "complete"
     assert entry["targets"] == [{"target": "local", "state": "complete", "verified_at": None,
-                                 "damaged_at": None, "why": None}]
+                                 "damaged_at": None, "why": None, "reason": None}]
     [cli] = json.loads(assert_ok(api.ws.run("list", "--json")))
     assert entry["size_bytes"] == cli["size_bytes"] > 0
     for key, value in cli.items():  # every field of list --json, the same

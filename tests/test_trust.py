@@ -39,10 +39,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pyrage import x25519
 
+from conexa_backup.actions.context import Context
 from conexa_backup.config.loading import parse_config, permission_warning, secrets_written_in
 from conexa_backup.config.models import Config
 from conexa_backup.crypto import fingerprint
 from conexa_backup.errors import ConfigError
+from conexa_backup.server import listing
 from conexa_backup.testing.compare import plain_dump, tree_snapshot
 from conexa_backup.testing.emulators import S3Server
 from tests.conftest import Workspace
@@ -552,6 +554,159 @@ def test_backup_host_with_the_wrong_public_key(ws: Workspace, signing: SigningKe
     assert_refused_everywhere(ws, backup_id, tmp_path)
 
 
+
+# -- key rotation: several trusted public keys ------------------------------------------------
+
+def key_id_of(public: Path) -> str:
+    """A signing key's id as the README says to compute it: SHA-256 of the key's 32 raw bytes
+    (the tail of its DER form), 16 hex digits."""
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(public), "-outform", "DER"],
+                         check=True, capture_output=True).stdout
+    return "sha256:" + hashlib.sha256(der[-32:]).hexdigest()[:16]
+
+
+def trust_toml(key_file: Path | None, *publics: Path) -> str:
+    """``[signing]`` with the list form: every key in ``publics`` trusted."""
+    text = "[signing]\n" + (f"key_file = {toml_str(key_file)}\n" if key_file else "")
+    return text + f"public_key_files = [{', '.join(toml_str(p) for p in publics)}]\n"
+
+
+def test_rotated_signing_key_keeps_older_backups_trusted(ws: Workspace, signing: SigningKey,
+                                                         tmp_path: Path) -> None:
+    """After a rotation, backups signed with the old key and with the new one are both good
+    (trusted keys: old and new), and each says which key signed it."""
+    ws.write_config(signing_toml(signing.private, signing.public))
+    old = backup_json(ws)["id"]
+    new_key = make_signing_key(tmp_path / "new keys")
+    ws.write_config(trust_toml(new_key.private, signing.public, new_key.public))
+    new = backup_json(ws)["id"]
+    old_id, new_id = key_id_of(signing.public), key_id_of(new_key.public)
+    assert old_id != new_id
+    entries = listed_by_id(ws)
+    assert [entries[b]["status"] for b in (old, new)] == ["complete", "complete"], entries
+    assert (entries[old]["signed_by"], entries[new]["signed_by"]) == (old_id, new_id)
+    human = assert_ok(ws.run("list"))
+    assert old_id in human and new_id in human, human
+    for backup_id in (old, new):
+        assert_ok(ws.run("verify", backup_id))
+    assert_ok(ws.run("restore", old, "--only", "database", "--to-database",
+                     f"{ws.dbname}_old_key", "--yes"))
+    # A reading host with a fresh cache agrees.
+    ws.write_config(trust_toml(None, new_key.public, signing.public))
+    shutil.rmtree(ws.state / "cache", ignore_errors=True)
+    assert listed_by_id(ws)[old]["signed_by"] == old_id
+
+
+def test_backup_signed_by_a_key_no_longer_trusted_says_unknown_key(
+        ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
+    """Drop the old key from the trusted ones: its backups are refused as signed by an
+    unknown key (named by its id), not as altered."""
+    ws.write_config(signing_toml(signing.private, signing.public))
+    old = backup_json(ws)["id"]
+    new_key = make_signing_key(tmp_path / "new keys")
+    ws.write_config(signing_toml(new_key.private, new_key.public))
+    entry = listed_by_id(ws)[old]
+    assert entry["status"] == "damaged", entry
+    why = entry["damaged_targets"]["local"]["why"]
+    assert "unknown key" in why and key_id_of(signing.public) in why, why
+    assert "changed after" not in why, why
+    message = assert_error(ws.run("restore", old, "--yes"), 1, old, "unknown key")
+    assert "changed after" not in message
+    assert_error(ws.run("verify", old), 1, "unknown key")
+
+
+def test_signature_of_an_older_manifest_without_a_key_id(ws: Workspace, signing: SigningKey,
+                                                         tmp_path: Path) -> None:
+    """A manifest made before signatures named their key (no ``signed_by``) still verifies,
+    and the key that verified it is named; checked with other keys only, it is refused and
+    the message says both possibilities."""
+    ws.write_config(signing_toml(signing.private, signing.public))
+    backup_id = backup_json(ws)["id"]
+    data = read_manifest(ws, backup_id)
+    data.pop("signed_by", None)
+    write_manifest(ws, backup_id, data)
+    sig = subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-inkey",
+                          str(signing.private), "-in", str(manifest_path(ws, backup_id))],
+                         check=True, capture_output=True).stdout
+    (ws.backups / backup_id / "manifest.json.sig").write_bytes(base64.b64encode(sig) + b"\n")
+    other = make_signing_key(tmp_path / "other")
+    ws.write_config(trust_toml(None, other.public, signing.public))
+    entry = listed_by_id(ws)[backup_id]
+    assert (entry["status"], entry["signed_by"]) == ("complete", key_id_of(signing.public))
+    ws.write_config(trust_toml(None, other.public))
+    why = listed_by_id(ws)[backup_id]["damaged_targets"]["local"]["why"]
+    assert "changed after it was made" in why and "not trusted here" in why, why
+
+
+@pytest.mark.parametrize(("signing_text", "expected"), [
+    ('public_key_files = "/etc/k.pub"\n', r"signing\.public_key_files \(line \d+\): .*list"),
+    ("public_key_files = []\n", r"signing\.public_key_files \(line \d+\): .*at least 1"),
+    ('public_key_file = "/etc/a.pub"\npublic_key_files = ["/etc/b.pub"]\n',
+     r"signing.*: set public_key_file or public_key_files, not both"),
+])
+def test_trusted_keys_config_errors_are_one_line(signing_text: str, expected: str) -> None:
+    text = ('[database]\nurl = "postgresql://u@h/db"\n'
+            '[[targets]]\nname = "l"\ntype = "local"\npath = "/tmp/x"\n[signing]\n'
+            + signing_text)
+    with pytest.raises(ConfigError, match=r"fuzz\.toml: " + expected) as caught:
+        parse_config(text, Path("fuzz.toml"), env={})
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_trusted_key_is_named(tmp_path: Path, signing: SigningKey) -> None:
+    missing = tmp_path / "gone.pub"
+    text = ('[database]\nurl = "postgresql://u@h/db"\n'
+            '[[targets]]\nname = "l"\ntype = "local"\npath = "/tmp/x"\n'
+            + trust_toml(None, signing.public, missing))
+    ctx = Context(parse_config(text, Path("fuzz.toml"), env={}))
+    with pytest.raises(ConfigError, match=r"^signing\.public_key_files: cannot load .*gone\.pub"):
+        _ = ctx.verifier
+
+
+# -- a copy refused for its signature: messages -----------------------------------------------
+
+def _altered_on_a_second_target(ws: Workspace, signing: SigningKey, tmp_path: Path) -> str:
+    """A signed backup on targets ``local`` and ``second``, its manifest altered on
+    ``second`` only; its id."""
+    second = tmp_path / "second"
+    ws.write_config(signing_toml(signing.private, signing.public)
+                    + f'[[targets]]\nname = "second"\ntype = "local"\npath = {toml_str(second)}\n')
+    backup_id = backup_json(ws)["id"]
+    altered = second / backup_id / "manifest.json"
+    altered.write_bytes(altered.read_bytes() + b"\n")
+    return backup_id
+
+
+def test_copy_refused_for_its_signature_is_listed_damaged_signature(
+        ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
+    """``list`` says ``damaged (signature)``; JSON and the API give the copy's reason."""
+    backup_id = _altered_on_a_second_target(ws, signing, tmp_path)
+    row = next(line for line in assert_ok(ws.run("list")).splitlines()
+               if line.startswith(backup_id))
+    assert "damaged (signature)" in row, row
+    entry = listed_by_id(ws)[backup_id]
+    assert entry["targets"] == ["local"], entry
+    assert entry["damaged_targets"]["second"]["reason"] == "signature", entry
+    ctx = Context(parse_config(ws.config.read_text(), ws.config))
+    api = listing.entry(ctx.scan(ctx.targets())[0], {}, {})
+    copies = {c["target"]: c for c in api["targets"]}
+    assert (copies["second"]["state"], copies["second"]["reason"]) == ("damaged", "signature")
+    assert (copies["local"]["state"], copies["local"]["reason"]) == ("complete", None)
+
+
+def test_restore_from_a_copy_refused_for_its_signature_fails(
+        ws: Workspace, signing: SigningKey, tmp_path: Path) -> None:
+    """``restore --from`` the refused copy's target says why and exits 1 (failed), never
+    "no complete copy" (a usage error); the good copy still restores."""
+    backup_id = _altered_on_a_second_target(ws, signing, tmp_path)
+    result = ws.run("restore", "--from", "second", backup_id, "--only", "database",
+                    "--to-database", f"{ws.dbname}_second", "--yes")
+    message = assert_error(result, 1, backup_id, "second", "signature")
+    assert "no complete copy" not in message
+    assert not database_exists(ws, f"{ws.dbname}_second")
+    assert_ok(ws.run("restore", "--from", "local", backup_id, "--only", "database",
+                     "--to-database", f"{ws.dbname}_local", "--yes"))
+
 # -- S3 Object Lock (moto) --------------------------------------------------------------------
 
 _buckets = iter(range(1_000_000))
@@ -966,7 +1121,7 @@ SECTION_KEYS = {
     "drill": ["database_url", "password_file", "checks", "rto_objective", "uploads_sample"],
     "monitoring": ["max_backup_age", "max_drill_age", "metrics_file", "currency"],
     "encryption": ["recipients", "identity_file", "identity"],
-    "signing": ["key_file", "public_key_file"],
+    "signing": ["key_file", "public_key_file", "public_key_files"],
 }
 TARGET_KEYS = ["name", "type", "path", "bucket", "prefix", "region", "endpoint_url",
                "storage_class", "sse", "kms_key_id", "access_key_id", "secret_access_key",

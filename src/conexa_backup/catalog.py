@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
 
-from conexa_backup.crypto import SIGNATURE_NAME, check_signature
+from conexa_backup.crypto import SIGNATURE_NAME, TrustedKeys
 from conexa_backup.errors import (
     BackupNotFoundError,
     ConexaError,
     IntegrityError,
     ObjectNotFoundError,
+    SignatureError,
     StorageError,
     UsageError,
 )
@@ -65,6 +65,8 @@ class Copy:
     problem: str | None = None  # why a copy with a manifest file is still not usable
     damage: Damage | None = None  # found bad by a verify, drill or restore (state.checks)
     state_dir: Path | None = None  # where to record damage found while reading it
+    signed_by: str | None = None  # the trusted key (crypto.key_id) its signature verified with
+    refused_signature: bool = False  # its manifest was refused for its signature (a problem)
 
     @property
     def complete(self) -> bool:
@@ -86,6 +88,17 @@ class Copy:
         if self.manifest is None:
             return (None, self.problem) if self.problem else None
         return (self.damage.at, self.damage.why) if self.damage is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        """What kind of damage a damaged copy has: ``signature`` (its manifest refused for
+        its signature: none, altered, or a key not trusted here), ``manifest`` (unreadable
+        or invalid), ``data`` (found bad by a check, or by its listing); None otherwise."""
+        if self.state != "damaged":
+            return None
+        if self.manifest is None:
+            return "signature" if self.refused_signature else "manifest"
+        return "data"
 
     def seen_bad(self, exc: Exception) -> None:
         """Record that reading this copy found it corrupt or missing a file (``exc``, see
@@ -116,6 +129,12 @@ class Backup:
     @property
     def manifest(self) -> Manifest | None:
         return next((c.manifest for c in self.copies if c.manifest is not None), None)
+
+    @property
+    def signed_by(self) -> str | None:
+        """The trusted key its manifest's signature verified with (the first copy's that
+        did); None when no keys are configured, or no copy verified."""
+        return next((c.signed_by for c in self.copies if c.signed_by is not None), None)
 
     @property
     def complete_copies(self) -> list[Copy]:
@@ -200,18 +219,26 @@ def stamp(manifest: ObjectInfo, signature: ObjectInfo | None) -> str:
 
 
 def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = None,
-                  listed: str | None = None, verifier: Any = None) -> Manifest:
+                  listed: str | None = None, verifier: TrustedKeys | None = None) -> Manifest:
     """Read and validate ``<id>/manifest.json`` from ``target``, or from ``cache`` when the
     listing's :func:`stamp` (``listed``) matches the cached one.
 
-    With ``verifier`` (an Ed25519 public key), the manifest must carry a valid signature
-    (``manifest.json.sig``), checked on every read, cached or not; only manifests that passed
-    are cached.
+    With ``verifier`` (the trusted Ed25519 public keys), the manifest must carry a valid
+    signature by one of them (``manifest.json.sig``), checked on every read, cached or not;
+    only manifests that passed are cached.
 
     Raises:
-        ObjectNotFoundError: no manifest there. IntegrityError: unreadable, unsigned or
-        altered manifest.
+        ObjectNotFoundError: no manifest there. SignatureError: unsigned, altered, or signed
+        by a key not trusted. IntegrityError: unreadable manifest.
     """
+    return read_signed(target, backup_id, cache, listed, verifier)[0]
+
+
+def read_signed(target: Target, backup_id: str, cache: ManifestCache | None = None,
+                listed: str | None = None,
+                verifier: TrustedKeys | None = None) -> tuple[Manifest, str | None]:
+    """:func:`read_manifest`, and the id of the trusted key its signature verified with
+    (None without ``verifier``). Raises as :func:`read_manifest`."""
     key = f"{backup_id}/{MANIFEST_NAME}"
     cached = cache.get(target.name, backup_id, listed) if cache and listed is not None else None
     if cached is not None:
@@ -220,14 +247,15 @@ def read_manifest(target: Target, backup_id: str, cache: ManifestCache | None = 
         with target.open(key) as fh:
             data = fh.read(16 << 20)  # a manifest is a few KB; refuse to slurp anything huge
         signature = _read_signature(target, backup_id) if verifier is not None else None
+    signer = None
     if verifier is not None:
-        check_signature(verifier, data, signature, f"target {target.name!r}: {key}")
+        signer = verifier.check(data, signature, f"target {target.name!r}: {key}")
     manifest = Manifest.from_json(data, f"target {target.name!r}: {key}")
     if manifest.id != backup_id:
         raise IntegrityError(f"target {target.name!r}: {key} describes backup {manifest.id}")
     if cached is None and cache is not None and listed is not None:
         cache.put(target.name, backup_id, listed, data, signature)
-    return manifest
+    return manifest, signer
 
 
 def _read_signature(target: Target, backup_id: str) -> bytes | None:
@@ -241,7 +269,7 @@ def _read_signature(target: Target, backup_id: str) -> bytes | None:
 
 def scan(targets: Sequence[Target], *, with_manifests: bool = True,
          unreachable: dict[str, str] | None = None,
-         cache: ManifestCache | None = None, verifier: Any = None,
+         cache: ManifestCache | None = None, verifier: TrustedKeys | None = None,
          state_dir: Path | None = None) -> list[Backup]:
     """Every backup id found on ``targets``, oldest first.
 
@@ -277,12 +305,14 @@ def scan(targets: Sequence[Target], *, with_manifests: bool = True,
             manifest, signature = named.get(MANIFEST_NAME), named.get(SIGNATURE_NAME)
             if manifest is not None and with_manifests and verifier is not None and not signature:
                 copy.problem = f"target {target.name!r}: {backup_id}: manifest is not signed"
+                copy.refused_signature = True
             elif manifest is not None and with_manifests:
                 try:
-                    copy.manifest = read_manifest(target, backup_id, cache,
-                                                  stamp(manifest, signature), verifier)
+                    copy.manifest, copy.signed_by = read_signed(
+                        target, backup_id, cache, stamp(manifest, signature), verifier)
                 except ConexaError as exc:
                     copy.problem = str(exc)
+                    copy.refused_signature = isinstance(exc, SignatureError)
                     log.warning("%s", exc)
             if copy.manifest is not None and copy.damage is None:
                 copy.damage = listed_damage(copy.manifest, named, target.name)
@@ -325,7 +355,7 @@ def _forget_gone(state_dir: Path, seen: Checks, target: str, listed: Iterable[st
             log.warning("could not update the damaged-copies record: %s", exc)
 
 
-def refresh(backup: Backup, verifier: Any = None) -> None:
+def refresh(backup: Backup, verifier: TrustedKeys | None = None) -> None:
     """Re-read each copy's manifest from its target (not the cache): what a restore, download
     or drill relies on must be what is stored now."""
     key = f"{backup.id}/{MANIFEST_NAME}"
@@ -333,10 +363,12 @@ def refresh(backup: Backup, verifier: Any = None) -> None:
         if not any(o.key == key for o in copy.objects):
             continue
         try:
-            copy.manifest, copy.problem = read_manifest(copy.target, backup.id,
-                                                        verifier=verifier), None
+            copy.manifest, copy.signed_by = read_signed(copy.target, backup.id,
+                                                        verifier=verifier)
+            copy.problem, copy.refused_signature = None, False
         except ConexaError as exc:
             copy.manifest, copy.problem = None, str(exc)
+            copy.refused_signature = isinstance(exc, SignatureError)
             log.warning("%s", exc)
 
 

@@ -7,7 +7,8 @@
   temporary file that is used only after decryption (and its authentication) succeeded.
 - A signed manifest (``manifest.json.sig``, an Ed25519 signature of the manifest's exact
   bytes) lets ``verify``/``restore`` refuse a backup changed by someone holding only storage
-  credentials: the manifest pins every artifact's SHA-256.
+  credentials: the manifest pins every artifact's SHA-256. The manifest names the key that
+  signs it (``signed_by``, a :func:`key_id`); readers may trust several keys (a rotation).
 
 Both libraries are imported only when configured (``pip install 'conexa-backup[crypto]'``).
 """
@@ -17,13 +18,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
+import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from conexa_backup import signals
-from conexa_backup.errors import ConfigError, IntegrityError
+from conexa_backup.errors import ConfigError, IntegrityError, SignatureError
 from conexa_backup.pipeline import Gather, Sink
 
 SIGNATURE_NAME = "manifest.json.sig"
@@ -183,29 +187,96 @@ def sign(manifest: bytes, key: Any) -> bytes:
     return base64.b64encode(signature) + b"\n"
 
 
-def load_public_key(path: Path) -> Any:
+def key_id(public_key: Any) -> str:
+    """A short, stable id of an Ed25519 public key, recorded in the manifests it signs and
+    shown by ``list``: ``sha256:`` and the first 16 hex digits of the SHA-256 of its 32 raw
+    bytes (``openssl pkey -pubin -in KEY.pub -outform DER | tail -c 32 | sha256sum``)."""
+    serialization = _import("cryptography.hazmat.primitives.serialization")
+    raw: bytes = public_key.public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+_KEY_ID = re.compile(r"sha256:[0-9a-f]{16}")
+
+
+def load_public_key(path: Path, setting: str = "signing.public_key_file") -> Any:
+    """The Ed25519 public key in the PEM file ``path`` (``setting`` names it in errors).
+
+    Raises:
+        ConfigError: unreadable, or not an Ed25519 public key.
+    """
     serialization = _import("cryptography.hazmat.primitives.serialization")
     ed25519 = _import("cryptography.hazmat.primitives.asymmetric.ed25519")
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"signing.public_key_file: cannot load {path}: {exc}") from None
+        raise ConfigError(f"{setting}: cannot load {path}: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ConfigError(f"signing.public_key_file: {path} is not an Ed25519 key")
+        raise ConfigError(f"{setting}: {path} is not an Ed25519 key")
     return key
 
 
-def check_signature(public_key: Any, manifest: bytes, signature: bytes | None,
-                    where: str) -> None:
-    """Raise IntegrityError unless ``signature`` is a valid signature of ``manifest``."""
-    exceptions = _import("cryptography.exceptions")
-    if signature is None:
-        raise IntegrityError(f"{where}: manifest is not signed")
+def load_trusted_keys(paths: Sequence[Path], setting: str) -> TrustedKeys:
+    """The keys in the PEM files ``paths`` (``setting`` names them in errors).
+
+    Raises:
+        ConfigError: a file unreadable, or not an Ed25519 public key.
+    """
+    return TrustedKeys([load_public_key(path, setting) for path in paths])
+
+
+class TrustedKeys:
+    """The Ed25519 public keys a manifest may be signed with (old and new ones, across a key
+    rotation), by :func:`key_id`."""
+
+    def __init__(self, keys: Sequence[Any]) -> None:
+        self.keys = {key_id(k): k for k in keys}
+
+    def check(self, manifest: bytes, signature: bytes | None, where: str) -> str:
+        """The id of the trusted key that made ``signature``, a valid signature of
+        ``manifest``. Every trusted key is tried, the one the manifest names first.
+
+        Raises:
+            SignatureError: no signature; not readable; made by a key the manifest names
+            (``signed_by``) that is not trusted here ("signed by an unknown key", its id
+            said); else altered. A manifest naming no key (made before key ids were
+            recorded) may also be signed by a key not trusted here: the message says both.
+        """
+        exceptions = _import("cryptography.exceptions")
+        if signature is None:
+            raise SignatureError(f"{where}: manifest is not signed")
+        altered = (f"{where}: manifest signature is invalid: the backup was changed after it "
+                   "was made")
+        try:
+            raw = base64.b64decode(signature.strip(), validate=True)
+        except ValueError:
+            raise SignatureError(altered) from None
+        claimed = signer_named(manifest)
+        for kid in sorted(self.keys, key=lambda k: k != claimed):
+            try:
+                self.keys[kid].verify(raw, manifest)
+            except (exceptions.InvalidSignature, ValueError):
+                continue
+            return kid
+        if claimed is not None and claimed not in self.keys:
+            raise SignatureError(f"{where}: manifest is signed by an unknown key {claimed} "
+                                 f"(trusted here: {', '.join(self.keys)})")
+        if claimed is None:
+            raise SignatureError(f"{where}: manifest signature matches no trusted key: the "
+                                 "backup was changed after it was made, or signed by a key "
+                                 "not trusted here")
+        raise SignatureError(altered)
+
+
+def signer_named(manifest: bytes) -> str | None:
+    """The key id an unverified manifest says signed it (``signed_by``), if it names one in
+    the :func:`key_id` form; None otherwise (never raises)."""
     try:
-        public_key.verify(base64.b64decode(signature.strip(), validate=True), manifest)
-    except (exceptions.InvalidSignature, ValueError):
-        raise IntegrityError(f"{where}: manifest signature is invalid: the backup was "
-                             "changed after it was made") from None
+        claimed = json.loads(manifest).get("signed_by")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return claimed if isinstance(claimed, str) and _KEY_ID.fullmatch(claimed) else None
 
 
 def load_dedup_key(key_file: Path) -> bytes:

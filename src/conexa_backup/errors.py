@@ -112,6 +112,11 @@ class IntegrityError(ConexaError):
     """Stored bytes do not match the manifest (size or SHA-256), or a restore check failed."""
 
 
+class SignatureError(IntegrityError):
+    """A manifest refused for its signature: none, not readable, altered, or made by a key
+    that is not trusted here (``[signing]``)."""
+
+
 class UnsafeArchiveError(ConexaError):
     """An archive member would land outside its destination or is a device/special file.
 

@@ -211,6 +211,10 @@ class Manifest(_Model):
     # What the backup could not take or found suspicious (unreadable files, a shrunken uploads
     # folder...): a backup with warnings is complete but the run is partial (exit 3).
     warnings: list[str] = Field(default_factory=list)
+    # The id of the key that signs it (crypto.key_id), when [signing] has a key: covered by
+    # the signature, and what tells a key not trusted here from an alteration. Not written
+    # when None (older tools keep unknown keys: extra="allow").
+    signed_by: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -220,7 +224,8 @@ class Manifest(_Model):
         return next((a for a in self.artifacts if a.kind == kind), None)
 
     def to_json(self) -> bytes:
-        return (self.model_dump_json(indent=2) + "\n").encode()
+        unset = {"signed_by"} if self.signed_by is None else None
+        return (self.model_dump_json(indent=2, exclude=unset) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:

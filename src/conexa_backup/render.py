@@ -124,10 +124,11 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
         "uploads_skipped": m.uploads.skipped if m and m.uploads else 0,
         "suspect": b.suspect,
         "targets": [c.target.name for c in b.good_copies],
-        "damaged_targets": {c.target.name: {"at": why[0], "why": why[1]} for c in b.copies
-                            if (why := c.why_damaged) is not None},
+        "damaged_targets": {c.target.name: {"at": why[0], "why": why[1], "reason": c.reason}
+                            for c in b.copies if (why := c.why_damaged) is not None},
         "incomplete_targets": [c.target.name for c in b.copies if c.state == "incomplete"],
         "drills": proven,
+        "signed_by": b.signed_by,  # the trusted key its signature verified with ([signing])
     }
 
 
@@ -142,10 +143,12 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
         console.print("no backups yet")
         return
     table = Table(box=None, pad_edge=False)
-    for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status", "Drill"):
+    signed = any(b.signed_by for b in backups)  # which key signed each: after a rotation
+    for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status", "Drill",
+                *(["Signed by"] if signed else [])):
         # Ids and times are what scripts and people copy: never wrap or cut them.
         table.add_column(col, justify="right" if col == "Size" else "left",
-                         no_wrap=col in ("ID", "Created (UTC)", "Size", "Status"))
+                         no_wrap=col in ("ID", "Created (UTC)", "Size", "Status", "Signed by"))
     for b in reversed(backups):
         e = backup_entry(b, drills)
         created = (e["created_at"] or "-").replace("T", " ").rstrip("Z")[:19]
@@ -155,14 +158,18 @@ def list_human(console: Console, backups: Sequence[Backup], drills: Drills | Non
             tags = ["suspect"] * bool(e["suspect"]) + [f"{n} warning{'s' * (n != 1)}"] * bool(n)
             status = f"[yellow]complete ({', '.join(tags)})[/]"
         if e["damaged_targets"]:
-            status = f"[red]damaged[/] ({', '.join(e['damaged_targets'])})"
+            damaged = e["damaged_targets"]
+            # Copies refused for their signature say so (which target: the lines below).
+            what = "signature" if all(d["reason"] == "signature" for d in damaged.values()) \
+                else ", ".join(damaged)
+            status = f"[red]damaged[/] ({what})"
         where = ", ".join(e["targets"]) or "-"
         if e["incomplete_targets"]:
             where += f" (incomplete: {', '.join(e['incomplete_targets'])})"
         proven = ", ".join(f"{'ok' if d['ok'] else '[red]FAILED[/]'} ({t})"
                            for t, d in e["drills"].items()) or "-"
         table.add_row(b.id, created, e["kind"] or "-", human_bytes(e["size_bytes"]), where,
-                      status, proven)
+                      status, proven, *([e["signed_by"] or "-"] if signed else []))
     console.print(table)
     for b in reversed(backups):  # why, under the table: a reason does not fit in a column
         e = backup_entry(b, drills)

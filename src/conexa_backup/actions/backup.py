@@ -35,6 +35,7 @@ from conexa_backup.crypto import (
     SIGNATURE_NAME,
     Encryptor,
     fingerprint,
+    key_id,
     load_signing_key,
     parse_recipients,
     sign,
@@ -655,6 +656,7 @@ def _produce(ctx: Context, run: _Run, kind: str, parts: Sequence[str],
         hostname=socket.gethostname(), started_at=started, finished_at=datetime.now(UTC),
         database=database, uploads=uploads, artifacts=run.artifacts,
         warnings=run.warnings,
+        signed_by=key_id(run.signing_key.public_key()) if run.signing_key is not None else None,
     )
 
 

@@ -19,8 +19,8 @@ from pydantic import SecretStr
 from conexa_backup.actions.fetch import Keys
 from conexa_backup.catalog import Backup, ManifestCache, Use, refresh, resolve, scan
 from conexa_backup.config import Config
-from conexa_backup.crypto import load_identities, load_public_key
-from conexa_backup.errors import ConexaError, ConfigError, UsageError
+from conexa_backup.crypto import TrustedKeys, load_identities, load_trusted_keys
+from conexa_backup.errors import ConexaError, ConfigError, IntegrityError, UsageError
 from conexa_backup.state import private_dir
 from conexa_backup.storage.base import Target
 from conexa_backup.storage.registry import create_target
@@ -120,7 +120,7 @@ class Context:
         what verifies, drills and restores found (``state_dir/damaged.json``).
         """
         # Manifests cached before signatures were required were never checked: separate cache.
-        name = "manifests-signed" if self.config.signing.public_key_file else "manifests"
+        name = "manifests-signed" if self.config.signing.trusted_key_files[1] else "manifests"
         cache = None if fresh else ManifestCache(self.config.state_dir / "cache" / name)
         return scan(targets, with_manifests=with_manifests, unreachable=unreachable,
                     cache=cache, verifier=self.verifier, state_dir=self.config.state_dir)
@@ -134,6 +134,8 @@ class Context:
 
         Raises:
             UsageError: unknown target, no such backup, or no complete copy (on ``source``).
+            IntegrityError: every copy's manifest, or the one on ``source``, is unusable
+            (refused for its signature, or invalid).
         """
         if source is not None:
             self.targets([source])  # an unknown name is a usage error
@@ -143,14 +145,22 @@ class Context:
             raise UsageError(f"backup {backup.id} has no usable copy left: "
                              + "; ".join(c.problem for c in backup.copies if c.problem))
         if source is not None and all(c.target.name != source for c in backup.complete_copies):
+            refused = [c for c in backup.copies if c.target.name == source and c.problem]
+            if refused:  # its manifest is there, and unusable: damaged, not missing
+                raise IntegrityError(f"backup {backup.id}: the copy on target {source!r} is "
+                                     f"damaged ({refused[0].reason}): {refused[0].problem}")
             raise UsageError(f"backup {backup.id} has no complete copy on target {source!r}")
         return backup
 
     @cached_property
-    def verifier(self) -> Any:
-        """The Ed25519 public key manifests must be signed with, if ``[signing]`` has one."""
-        path = self.config.signing.public_key_file
-        return load_public_key(path) if path is not None else None
+    def verifier(self) -> TrustedKeys | None:
+        """The Ed25519 public keys manifests must be signed with, if ``[signing]`` has any.
+
+        Raises:
+            ConfigError: a key file unreadable, or not an Ed25519 public key.
+        """
+        setting, paths = self.config.signing.trusted_key_files
+        return load_trusted_keys(paths, setting) if paths else None
 
     def keys(self) -> Keys:
         """Scratch space and age identities for reading backups (identities loaded on use)."""

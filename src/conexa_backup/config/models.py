@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from conexa_backup.config.server import ServerConfig
 from conexa_backup.durations import parse_duration
@@ -130,7 +131,25 @@ class SigningConfig(_Model):
     """``[signing]``: Ed25519 manifest signatures (PEM keys, e.g. made with openssl)."""
 
     key_file: Path | None = None  # private key, on the backup host: sign every manifest
-    public_key_file: Path | None = None  # where backups are read: refuse unsigned/altered ones
+    # Where backups are read: refuse unsigned or altered ones, and those signed by any other
+    # key. One key, or several (after a rotation: the old and the new one).
+    public_key_file: Path | None = None
+    public_key_files: list[Path] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SigningConfig:
+        if self.public_key_file is not None and self.public_key_files is not None:
+            raise PydanticCustomError("signing", "set public_key_file or public_key_files, "
+                                      "not both (list every trusted key in public_key_files)")
+        return self
+
+    @property
+    def trusted_key_files(self) -> tuple[str, list[Path]]:
+        """The setting that names the trusted public keys, and their files (none: no
+        signature is required)."""
+        if self.public_key_files is not None:
+            return "signing.public_key_files", list(self.public_key_files)
+        return "signing.public_key_file", [p for p in (self.public_key_file,) if p is not None]
 
 
 class MonitoringConfig(_Model):

@@ -147,7 +147,8 @@ def entry(backup: Backup, drills: dict[tuple[str, str], dict[str, Any]],
     """One backup: the seed's ``id``, ``date``, ``size``, ``status`` and ``location`` (the
     targets holding a good copy), then what ``list --json`` says of it
     (:func:`render.backup_entry`), its ``status`` there renamed ``state``, and ``targets``:
-    every copy with its state, last passed check and, if damaged, since when and why."""
+    every copy with its state, last passed check and, if damaged, since when, why and what
+    kind of damage (``reason``: :attr:`Copy.reason`)."""
     rich = render.backup_entry(backup, drills)
     created = rich["created_at"] or backup.id
     date = f"{created[0:4]}-{created[5:7]}-{created[8:10]}" if rich["created_at"] \
@@ -159,7 +160,8 @@ def entry(backup: Backup, drills: dict[tuple[str, str], dict[str, Any]],
         why = c.why_damaged
         copies.append({"target": c.target.name, "state": c.state,
                        "verified_at": passed.get((backup.id, c.target.name)),
-                       "damaged_at": why[0] if why else None, "why": why[1] if why else None})
+                       "damaged_at": why[0] if why else None, "why": why[1] if why else None,
+                       "reason": c.reason})
     rest = {k: v for k, v in rich.items() if k not in seed and k != "targets"}
     return {**seed, **rest, "state": rich["status"], "targets": copies}
 
