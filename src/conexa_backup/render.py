@@ -246,7 +246,8 @@ def verify_human(console: Console, checks: Sequence[CopyCheck]) -> None:
 
 def check_json(results: Sequence[CheckResult]) -> dict[str, Any]:
     return {"ok": all(r.ok for r in results),
-            "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail} for r in results]}
+            "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail, "warnings": r.warnings}
+                       for r in results]}
 
 
 def check_human(console: Console, results: Sequence[CheckResult]) -> None:
@@ -254,6 +255,9 @@ def check_human(console: Console, results: Sequence[CheckResult]) -> None:
         mark = "[green]ok[/]  " if r.ok else "[red]FAIL[/]"
         console.print(f"{mark} {r.name}: ", end="")
         console.print(r.detail, markup=False)
+        for warning in r.warnings:
+            console.print("     [yellow]warning[/]: ", end="")
+            console.print(warning, markup=False)
 
 
 def restore_human(console: Console, r: RestoreResult) -> None:
