@@ -6,7 +6,8 @@ signatures, immutability"), and what the tool does with hostile input.
 - Ed25519 manifest signatures: an altered, unsigned or foreign-signed manifest is damaged and
   is never listed as good, verified, restored or drilled;
 - S3 Object Lock (moto): objects carry a retain-until date, locked versions cannot be deleted,
-  prune still works (a delete marker);
+  prune still works (a delete marker) and says the copy is hidden, not deleted (more in
+  test_s3_leftovers.py);
 - secrets never reach argv, output, logs or JSON; a world-readable config holding literal
   secrets is warned about;
 - hostile config files (fuzzed with hypothesis) and hostile manifests end in a clean refusal.
@@ -776,7 +777,10 @@ def test_locked_version_cannot_be_deleted_but_prune_hides_it(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     plans = {p["target"]: p for p in json.loads(result.stdout)}
-    assert plans["s3"]["deleted"] == [old], plans["s3"]
+    # Not deleted: hidden, and said so (the bucket keeps the locked versions until their date).
+    assert plans["s3"]["deleted"] == [], plans["s3"]
+    assert [h["id"] for h in plans["s3"]["hidden"]] == [old], plans["s3"]
+    assert plans["s3"]["hidden"][0]["locked_until"].startswith("20")
     assert set(listed_by_id(ws)) == {new}
     visible = {o["Key"].split("/")[0]
                for o in client.list_objects_v2(Bucket=locked_bucket)["Contents"]}

@@ -88,8 +88,10 @@ def backup_human(console: Console, result: BackupResult) -> None:
     for warning in result.warnings:
         console.print(f"[yellow]warning[/]: {escape(warning)}")
     for p in result.pruned:
-        if p.deleted:
-            console.print(f"pruned {len(p.deleted)} backup(s) from {p.target}", markup=False)
+        if p.gone():
+            hidden = f" ({len(p.hidden)} hidden: the bucket keeps them)" if p.hidden else ""
+            console.print(f"pruned {len(p.gone())} backup(s) from {p.target}{hidden}",
+                          markup=False)
         if p.gc is not None and (p.gc.deleted or p.gc.repacked or p.gc.skipped):
             for line in gc_lines(p, dry_run=False):
                 console.print(line, markup=False)
@@ -261,7 +263,8 @@ def verify_human(console: Console, checks: Sequence[CopyCheck]) -> None:
 
 def check_json(results: Sequence[CheckResult]) -> dict[str, Any]:
     return {"ok": all(r.ok for r in results),
-            "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail} for r in results]}
+            "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail, "warnings": r.warnings}
+                       for r in results]}
 
 
 def check_human(console: Console, results: Sequence[CheckResult]) -> None:
@@ -269,6 +272,9 @@ def check_human(console: Console, results: Sequence[CheckResult]) -> None:
         mark = "[green]ok[/]  " if r.ok else "[red]FAIL[/]"
         console.print(f"{mark} {r.name}: ", end="")
         console.print(r.detail, markup=False)
+        for warning in r.warnings:
+            console.print("     [yellow]warning[/]: ", end="")
+            console.print(warning, markup=False)
 
 
 def restore_human(console: Console, r: RestoreResult) -> None:
@@ -335,10 +341,34 @@ def prune_entry(p: TargetPrune) -> dict[str, Any]:
         "target": p.target,
         "skipped": p.skipped,
         "deleted": p.deleted,
+        # Deleted but kept by the bucket (versioned, Object Lock): until when, when locked.
+        "hidden": [{"id": i, "locked_until": iso(until)} for i, until in p.hidden.items()],
         "errors": p.errors,
         "plan": [{"id": d.id, "keep": d.keep, "reason": d.reason} for d in p.decisions],
         "gc": gc_entry(p),
+        "expired_versions": p.expired_versions,
+        "aborted_uploads": p.aborted_uploads,
+        "warnings": p.warnings,
     }
+
+
+def hidden_until(until: datetime | None) -> str:
+    """Why a hidden copy is still in the bucket, for people."""
+    if until is None:
+        return "kept by the bucket's versioning until a lifecycle rule expires it"
+    return f"locked until {until.isoformat(timespec='seconds').replace('+00:00', 'Z')}"
+
+
+def sweep_lines(p: TargetPrune, dry_run: bool) -> list[str]:
+    """What prune cleared on an S3 target besides backups (would clear, in a dry run)."""
+    lines = []
+    if p.expired_versions:
+        lines.append(f"{p.target}: {'would remove' if dry_run else 'removed'} "
+                     f"{p.expired_versions} hidden version(s) whose Object Lock has ended")
+    if p.aborted_uploads:
+        lines.append(f"{p.target}: {'would abort' if dry_run else 'aborted'} "
+                     f"{p.aborted_uploads} abandoned multipart upload(s) older than a day")
+    return lines
 
 
 def gc_entry(p: TargetPrune) -> dict[str, Any] | None:
@@ -382,15 +412,21 @@ def prune_human(console: Console, results: Sequence[TargetPrune], dry_run: bool)
         table.add_column("Decision")
         for d in p.decisions:
             verdict = "keep" if d.keep else ("would delete" if dry_run else "deleted")
-            if not d.keep and not dry_run and d.id not in p.deleted:
+            if not d.keep and d.id in p.hidden:
+                why = hidden_until(p.hidden[d.id])
+                verdict = f"{'would hide' if dry_run else 'hidden'} ({why})"
+            elif not d.keep and not dry_run and d.id not in p.deleted:
                 verdict = "[red]delete failed[/]"
             table.add_row(d.id, f"{verdict} ({'; '.join(d.reasons)})")
         console.print(table)
-        for line in gc_lines(p, dry_run):
+        for line in [*gc_lines(p, dry_run), *sweep_lines(p, dry_run)]:
             console.print(line, markup=False)
         for error in [*p.errors, *(p.gc.errors if p.gc else [])]:
             console.print("[red]error[/]: ", end="")
             console.print(error, markup=False)
+        for warning in p.warnings:
+            console.print("[yellow]warning[/]: ", end="")
+            console.print(warning, markup=False)
 
 
 # -- drills -------------------------------------------------------------------------------------

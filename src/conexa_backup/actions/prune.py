@@ -2,7 +2,8 @@
 
 The plan comes from the pure planner; this module only lists, decides what may be touched, and
 deletes (manifest first). It never deletes objects the tool did not write, and it skips a target
-it was told not to touch (one whose backup just failed).
+it was told not to touch (one whose backup just failed). On S3 it then sweeps what the bucket
+keeps beside (``sweep.py``): hidden versions whose lock has ended, abandoned uploads.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from datetime import UTC, datetime
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.gc import GcReport, gc_target
 from conexa_backup.actions.inspect import delete_copy
+from conexa_backup.actions.sweep import abort_stale_uploads, sweep_versions
 from conexa_backup.blobindex import BlobIndex
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError
 from conexa_backup.retention import Candidate, Decision, floors, plan
 from conexa_backup.state import checks, forget_copies
 from conexa_backup.storage.base import Target
-from conexa_backup.storage.s3 import S3TargetConfig
+from conexa_backup.storage.s3 import S3Target, S3TargetConfig
 
 log = logging.getLogger(__name__)
 UNREADABLE = "manifest unreadable: kept for inspection"
@@ -33,10 +35,21 @@ class TargetPrune:
 
     target: str
     decisions: list[Decision] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # gone for good (from the bucket too)
+    # Deleted, but the bucket keeps the versions behind delete markers (a versioned bucket):
+    # id -> until when Object Lock keeps them (None: no lock, versioning alone keeps them).
+    # A dry run fills it from the target's object_lock_* config for the copies it would delete.
+    hidden: dict[str, datetime | None] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the target was not pruned at all
     gc: GcReport | None = None  # garbage collection of packs, when the target has any
+    expired_versions: int = 0  # hidden versions of ours whose lock ended: removed (would be)
+    aborted_uploads: int = 0  # our multipart uploads older than a day: aborted (would be)
+    warnings: list[str] = field(default_factory=list)  # housekeeping that failed (not errors)
+
+    def gone(self) -> list[str]:
+        """The backups no longer listed on this target after this prune: deleted or hidden."""
+        return [*self.deleted, *self.hidden]
 
 
 def problems(results: Sequence[TargetPrune]) -> list[str]:
@@ -93,21 +106,30 @@ def must_keep(ctx: Context, backups: Sequence[Backup], backup_id: str, target: s
     held = floors(candidates(backups, target)[0], verified_here(ctx, target)).reasons(backup_id)
     if held:
         return "; ".join(held)
-    config = next((t for t in ctx.config.targets if t.name == target), None)
-    if isinstance(config, S3TargetConfig):
-        stored = [o.modified for o in copy.objects]
-        newest = max((t for t in stored if t is not None), default=None)
-        until = config.locked_until(None if None in stored else newest)
-        if until is not None and until > now:
-            return (f"object-locked ({config.object_lock_mode}) until "
-                    f"{until.isoformat(timespec='seconds').replace('+00:00', 'Z')}: the "
-                    f"bucket keeps it until then")
+    lock = _lock(ctx, copy)
+    if lock is not None and lock[1] > now:
+        return (f"object-locked ({lock[0]}) until "
+                f"{lock[1].isoformat(timespec='seconds').replace('+00:00', 'Z')}: the "
+                f"bucket keeps it until then")
     return None
+
+
+def _lock(ctx: Context, copy: Copy) -> tuple[str, datetime] | None:
+    """The Object Lock mode of ``copy``'s target and until when it keeps the copy, as the
+    target's config says (None: the target does not lock)."""
+    config = next((t for t in ctx.config.targets if t.name == copy.target.name), None)
+    if not isinstance(config, S3TargetConfig) or config.object_lock_mode is None:
+        return None
+    stored = [o.modified for o in copy.objects]
+    newest = max((t for t in stored if t is not None), default=None)
+    until = config.locked_until(None if None in stored else newest)
+    return None if until is None else (config.object_lock_mode, until)
 
 
 def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now: datetime,
                  dry_run: bool) -> TargetPrune:
-    """Plan and (unless ``dry_run``) apply retention on one target."""
+    """Plan and (unless ``dry_run``) apply retention on one target; on S3, then sweep
+    (:func:`_sweep`)."""
     result = TargetPrune(target.name)
     policy = ctx.config.retention_for(target.name).policy()
     cands, copies = candidates(backups, target.name)
@@ -117,9 +139,11 @@ def prune_target(ctx: Context, target: Target, backups: Sequence[Backup], *, now
     result.decisions += [Decision(i, True, [UNREADABLE]) for i in damaged]
     if not dry_run:
         _delete(ctx, target, copies, result)
+    if isinstance(target, S3Target):
+        _sweep(ctx, target, copies, result, now=now, dry_run=dry_run)
     if uses_packs(ctx, backups, target.name):
         ctx.reporter.step(f"collecting packs on {target.name}")
-        gone = result.deleted if not dry_run else [d.id for d in result.decisions if not d.keep]
+        gone = result.gone() if not dry_run else [d.id for d in result.decisions if not d.keep]
         result.gc = gc_target(ctx, target, backups, set(gone), now=now, dry_run=dry_run)
     return result
 
@@ -147,6 +171,29 @@ def _delete(ctx: Context, target: Target, copies: dict[str, Copy], result: Targe
         except ConexaError as exc:
             result.errors.append(f"{decision.id}: {exc}")
             log.error("prune %s on %s: %s", decision.id, target.name, exc)
+
+
+def _sweep(ctx: Context, target: S3Target, copies: dict[str, Copy], result: TargetPrune, *,
+           now: datetime, dry_run: bool) -> None:
+    """An S3 target's housekeeping (``sweep.py``), and the truth about this run's deletes:
+    a copy whose versions the bucket still keeps was hidden, not deleted. A dry run cannot
+    ask the bucket about copies it has not deleted: it says what the lock config implies."""
+    ctx.reporter.step(f"looking for hidden versions and abandoned uploads on {target.name}")
+    swept = sweep_versions(target, now, dry_run=dry_run)
+    if dry_run:
+        for decision in (d for d in result.decisions if not d.keep and d.id in copies):
+            lock = _lock(ctx, copies[decision.id])
+            if lock is not None and lock[1] > now:
+                result.hidden[decision.id] = lock[1]
+    else:
+        for backup_id in [i for i in result.deleted if i in swept.hidden]:
+            result.deleted.remove(backup_id)
+            result.hidden[backup_id] = swept.hidden[backup_id]
+    result.expired_versions = swept.expired
+    result.aborted_uploads, warnings = abort_stale_uploads(target, now, dry_run=dry_run)
+    result.warnings += [*swept.warnings, *warnings]
+    for warning in result.warnings:
+        log.warning("prune %s: %s", target.name, warning)
 
 
 def prune(ctx: Context, target_names: Sequence[str] | None = None, *, dry_run: bool = False,
@@ -177,7 +224,7 @@ def prune(ctx: Context, target_names: Sequence[str] | None = None, *, dry_run: b
 def _forget_refs(ctx: Context, backups: Sequence[Backup], results: Sequence[TargetPrune]) -> None:
     """Drop the cached blob ids of backups left on no target. Only after every target was
     listed: a backup seen nowhere because a target was down may still be there."""
-    deleted = {(i, r.target) for r in results for i in r.deleted}
+    deleted = {(i, r.target) for r in results for i in r.gone()}
     keep = [b.id for b in backups if any((b.id, c.target.name) not in deleted for c in b.copies)]
     try:
         with BlobIndex.open(ctx.config.state_dir) as index:

@@ -7,15 +7,17 @@ import importlib.resources
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conexa_backup import archive, postgres
 from conexa_backup.actions.context import Context
 from conexa_backup.config.loading import seed_env_notes
 from conexa_backup.crypto import load_dedup_key
-from conexa_backup.errors import ConexaError, UsageError
+from conexa_backup.errors import ConexaError, StorageError, UsageError
+from conexa_backup.storage import s3_versions
 from conexa_backup.storage.base import Target
+from conexa_backup.storage.s3 import S3Target
 
 
 def starter_config() -> str:
@@ -47,6 +49,7 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warnings: list[str] = field(default_factory=list)  # worth knowing; not failures
 
 
 def _run(name: str, probe: Callable[[], str]) -> CheckResult:
@@ -125,10 +128,20 @@ def _check_state_dir(ctx: Context) -> str:
     return f"{path} writable"
 
 
-def _check_target(target: Target) -> str:
+def _check_target(target: Target, warnings: list[str]) -> str:
+    """Write, read back and delete a probe object; on S3 also say (in ``warnings``) what
+    would let old versions pile up, and a probe the bucket keeps anyway.
+
+    Raises:
+        ConexaError: the target refused or mangled the probe.
+    """
     key = f"conexa-probe-{secrets.token_hex(6)}"
     payload = secrets.token_bytes(64)
-    upload = target.writer(key)
+    s3 = target if isinstance(target, S3Target) else None
+    # On S3 the probe must not outlive the check: no Object Lock headers (a locked probe would
+    # stay, billed, for the whole lock period), then every version removed by id (a plain
+    # delete on a versioned bucket only hides it).
+    upload = s3.writer(key, lock=False) if s3 is not None else target.writer(key)
     upload.write(payload)
     upload.commit()
     try:
@@ -136,8 +149,16 @@ def _check_target(target: Target) -> str:
             if fh.read() != payload:
                 raise ConexaError(f"target {target.name!r}: probe object read back differently")
     finally:
-        with contextlib.suppress(ConexaError):
-            target.delete(key)
+        if s3 is None:
+            with contextlib.suppress(ConexaError):
+                target.delete(key)
+        else:
+            try:
+                s3_versions.purge(s3, key)
+            except StorageError as exc:  # a bucket default retention: the target still works
+                warnings.append(str(exc))
+    if s3 is not None:
+        warnings += s3_versions.lifecycle_warnings(s3)
     return f"{target.describe()}: write, read and delete work"
 
 
@@ -155,7 +176,11 @@ def check(ctx: Context) -> list[CheckResult]:
         _run("state_dir", lambda: _check_state_dir(ctx)),
     ]
     for target in ctx.targets():
-        results.append(_run(f"target {target.name}", lambda t=target: _check_target(t)))  # type: ignore[misc]
+        warnings: list[str] = []
+        result = _run(f"target {target.name}",
+                      lambda t=target, w=warnings: _check_target(t, w))  # type: ignore[misc]
+        result.warnings = warnings
+        results.append(result)
     return results
 
 

@@ -119,9 +119,10 @@ def _b64(digest: bytes) -> str:
 class _S3Upload:
     """A multipart upload fed by ``write``; see the module docstring."""
 
-    def __init__(self, target: S3Target, key: str) -> None:
+    def __init__(self, target: S3Target, key: str, lock: bool = True) -> None:
         self._t = target
         self._key = key
+        self._lock = lock
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._part_digests: list[bytes] = []
@@ -151,7 +152,7 @@ class _S3Upload:
         if self._upload_id is None:
             self._upload_id = self._t.call(
                 "create_multipart_upload", Key=self._t.full_key(self._key),
-                ChecksumAlgorithm="SHA256", **self._t.put_args())["UploadId"]
+                ChecksumAlgorithm="SHA256", **self._t.put_args(self._lock))["UploadId"]
         number = len(self._parts) + 1
         digest = self._spool_hash.digest()
         self._spool.seek(0)
@@ -172,7 +173,8 @@ class _S3Upload:
             self._spool.seek(0)
             response = self._t.call("put_object", Key=key, Body=self._spool,
                                     ContentLength=self._spool_len, ChecksumAlgorithm="SHA256",
-                                    ChecksumSHA256=_b64(digest), **self._t.put_args())
+                                    ChecksumSHA256=_b64(digest),
+                                    **self._t.put_args(self._lock))
             expected = _b64(digest)
         else:
             if self._spool_len or not self._parts:
@@ -256,9 +258,10 @@ class S3Target:
     def full_key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def put_args(self) -> dict[str, Any]:
+    def put_args(self, lock: bool = True) -> dict[str, Any]:
+        """Headers every object is written with; no Object Lock ones unless ``lock``."""
         args: dict[str, Any] = {}
-        if self.config.object_lock_mode:
+        if lock and self.config.object_lock_mode:
             days = self.config.lock_days() or 1
             args["ObjectLockMode"] = self.config.object_lock_mode
             args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=days)
@@ -297,9 +300,11 @@ class S3Target:
             code, f"{code}: {err.get('Message', '')}".strip())
         return StorageError(self.name, what)
 
-    def writer(self, key: str) -> _S3Upload:
+    def writer(self, key: str, *, lock: bool = True) -> _S3Upload:
+        """Start writing ``key``; ``lock=False`` sends no Object Lock headers (``check``'s
+        probe, which must not outlive the check; a bucket default retention still applies)."""
         check_key(key)
-        return _S3Upload(self, key)
+        return _S3Upload(self, key, lock)
 
     def open(self, key: str) -> BinaryIO:
         response = self.call("get_object", Key=self.full_key(key))
@@ -324,18 +329,26 @@ class S3Target:
             raise self._error(exc, key) from None
         return url
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def pages(self, method: str, prefix: str = "") -> Iterator[dict[str, Any]]:
+        """The pages of a paginated listing (``list_objects_v2``, ``list_object_versions``,
+        ``list_multipart_uploads``) of the full keys starting with our prefix + ``prefix``.
+
+        Raises:
+            StorageError: the listing failed (mapped as :meth:`call` does).
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
-        paginator = self.client.get_paginator("list_objects_v2")
+        paginator = self.client.get_paginator(method)
         try:
-            for page in paginator.paginate(Bucket=self.config.bucket,
-                                           Prefix=self.prefix + prefix):
-                for obj in page.get("Contents", []):
-                    yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"],
-                                     obj.get("LastModified"), obj.get("ETag"))
+            yield from paginator.paginate(Bucket=self.config.bucket, Prefix=self.prefix + prefix)
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, None) from None
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for page in self.pages("list_objects_v2", prefix):
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"],
+                                 obj.get("LastModified"), obj.get("ETag"))
 
     def delete(self, key: str) -> None:
         self.call("delete_object", Key=self.full_key(key))
