@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from conexa_backup import signals
-from conexa_backup.actions import journal, restore_db, restore_uploads
+from conexa_backup.actions import journal, preflight, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup, Use
@@ -94,6 +94,15 @@ def _plan(ctx: Context, opts: RestoreOptions, notes: list[str]) -> _Plan:
                  in_place_uploads=want_up and opts.uploads_to is None)
 
 
+def _preflight(ctx: Context, plan: _Plan, opts: RestoreOptions) -> None:
+    """Check what the restore needs before the safety backup (:mod:`preflight`)."""
+    live = plan.database if plan.in_place_db else None
+    if live is not None and not restore_db.database_exists(ctx.db, live):
+        live = None
+    preflight.check_restore(ctx, plan.manifest, database=plan.database, uploads=plan.uploads,
+                            replaces=live, safety_dump=opts.safety_backup and live is not None)
+
+
 def _safety_backup(ctx: Context, plan: _Plan) -> str | None:
     """Back up what the restore will replace (parts that exist now)."""
     parts = []
@@ -117,6 +126,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
     Raises:
         UsageError: no such backup, or a destination that must not be overwritten.
+        PreflightError: this host lacks what the restore needs (an identity that fits, a
+        tool, CREATEDB, room): found before any work, the safety backup included.
         IntegrityError: every copy of the backup is damaged or missing ("no good copy").
         UnusableCopyError: no copy could be restored, some being intact (each one's reason).
         ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
@@ -126,6 +137,7 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     plan = _plan(ctx, opts, passed)
     result = RestoreResult(plan.backup.id, fallbacks=passed)
     stamp = datetime.now(UTC).strftime(ID_FORMAT)
+    _preflight(ctx, plan, opts)
     if opts.safety_backup and (plan.in_place_db or plan.in_place_uploads):
         result.safety_backup_id = _safety_backup(ctx, plan)
 
