@@ -582,13 +582,17 @@ def download(
         autocompletion=completion.target_names)] = None,
 ) -> None:
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
+    from conexa_backup import render
     from conexa_backup.actions import inspect
     def act() -> None:
+        read_from: dict[str, str] = {}
         with _session("download", lock=False) as ctx:
             notes: list[str] = []
             with _notes(notes):
-                _, folder = inspect.download(ctx, ref, to, source, notes)
-        if not STATE.quiet:
+                _, folder = inspect.download(ctx, ref, to, source, notes, read_from)
+        if not STATE.quiet:  # stdout: the folder alone (scripts use it); where from: stderr
+            for line in render.read_from_lines(read_from):
+                STATE.err.print(line, markup=False, highlight=False)
             STATE.out.print(str(folder), markup=False, highlight=False)
     _guard(act)
 

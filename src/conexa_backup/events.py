@@ -32,6 +32,9 @@ def restore_event(result: RestoreResult) -> Event:
     """Restored; a copy passed over as damaged is named, with why, in ``details.fallbacks``
     (one line of text, so that email and Slack show it too)."""
     details = {"database": result.database, "uploads": str(result.uploads or "")}
+    if result.read_from:
+        details["read_from"] = ", ".join(f"{name} from {target!r}"
+                                         for name, target in result.read_from.items())
     if result.fallbacks:
         details["fallbacks"] = "; ".join(result.fallbacks)
     fell_back = " from a fallback copy" if result.fallbacks else ""

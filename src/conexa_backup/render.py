@@ -264,6 +264,8 @@ def check_human(console: Console, results: Sequence[CheckResult]) -> None:
 def restore_human(console: Console, r: RestoreResult) -> None:
     console.print(f"restored backup [bold]{r.backup_id}[/] in {r.seconds:.1f} s "
                   "(recovery time; the objective is under 1 hour)")
+    for line in read_from_lines(r.read_from):
+        console.print(line, markup=False, highlight=False)
     if r.safety_backup_id:
         console.print(f"safety backup of the previous state: {r.safety_backup_id}")
     if r.database:
@@ -281,7 +283,12 @@ def restore_json(r: RestoreResult) -> dict[str, Any]:
             "uploads": str(r.uploads) if r.uploads else None,
             "previous_uploads": str(r.previous_uploads) if r.previous_uploads else None,
             "safety_backup_id": r.safety_backup_id, "duration_seconds": round(r.seconds, 3),
-            "fallbacks": r.fallbacks}
+            "fallbacks": r.fallbacks, "read_from": r.read_from}
+
+
+def read_from_lines(read_from: dict[str, str]) -> list[str]:
+    """``database.dump.zst from target 's3'``: one line per artifact read."""
+    return [f"{name} from target {target!r}" for name, target in read_from.items()]
 
 
 class ProgressReporter:

@@ -50,6 +50,8 @@ class RestoreResult:
     seconds: float = 0.0
     # Damaged copies passed over for a good one: which, and why (stderr and the event).
     fallbacks: list[str] = field(default_factory=list)
+    # What was read (artifact names; "packs/" for a packs backup's blobs) -> from which target.
+    read_from: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,11 +147,12 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     staged_uploads: Path | None = None
     try:
         if plan.database is not None:
-            restored_db = _prepare_database(ctx, plan, opts, result.fallbacks)
+            restored_db = _prepare_database(ctx, plan, opts, result)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(ctx, plan.backup, plan.uploads,
-                                                     opts.source, result.fallbacks)
+                                                     opts.source, result.fallbacks,
+                                                     result.read_from)
         with signals.held():  # the swap itself is never interrupted half-way
             _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
@@ -164,7 +167,7 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
 
 def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
-                      fallbacks: list[str]) -> str:
+                      result: RestoreResult) -> str:
     """Restore into the final name (side by side) or a temporary one (in place)."""
     assert plan.database is not None and plan.manifest.database is not None
     name = plan.database
@@ -172,7 +175,8 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
         name = restore_db.derived_name(plan.database, f"__restoring_{plan.backup.id}")
         restore_db.drop_database(ctx.db, name)  # a leftover of an interrupted restore of ours
     ctx.reporter.step("fetching database dump")
-    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, fallbacks)
+    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, result.fallbacks,
+                                 result.read_from)
     try:
         ctx.reporter.step(f"restoring database into {name!r}")
         restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)
