@@ -5,7 +5,9 @@ restore the database into a throwaway database with errors fatal, prove it compl
 table's row count as recorded in the dump's snapshot, every schema object, the configured check
 queries), extract the uploads into a throwaway folder and prove every file (count, bytes, the
 SHA-256 of each file, or of a random sample), and time the whole recovery against
-``rto_objective``. Everything it creates is dropped at the end, also on failure or interrupt.
+``rto_objective`` (only a drill whose every step passed is timed). Everything it creates is
+dropped at the end, also on failure or interrupt. A copy this host cannot decrypt (no age
+identity that fits) is not drilled at all: "could not drill", recorded as not run.
 """
 
 from __future__ import annotations
