@@ -34,6 +34,7 @@ from psycopg import sql
 from conexa_backup.actions import drill as drill_action
 from conexa_backup.actions.context import Context
 from conexa_backup.config import load_config
+from conexa_backup.crypto import fingerprint
 from conexa_backup.state import checks, verified
 from conexa_backup.testing.cluster import Cluster, find_bindir
 from conexa_backup.testing.emulators import GCSServer, S3Server
@@ -117,6 +118,11 @@ def _backup(ws: Workspace) -> str:
 
 def _steps(checks: Sequence[str] = ()) -> list[str]:
     return [*DB_STEPS, *(f"check: {q}" for q in checks), *UPLOADS_STEPS, RTO_STEP]
+
+
+def _failed_steps(checks: Sequence[str] = ()) -> list[str]:
+    """The steps of a drill that failed before its end: the recovery time is not judged."""
+    return _steps(checks)[:-1]
 
 
 @dataclass
@@ -234,6 +240,8 @@ def _assert_failed_at(ws: Workspace, run: DrillRun, backup_id: str, failed: str,
     assert result["ok"] is False and result["target"] == target
     by_name = run.steps()
     assert list(by_name) == list(steps)
+    # A failed drill recovered nothing to time: no "recovery time" row, unless that failed.
+    assert (RTO_STEP in by_name) == (failed == RTO_STEP), list(by_name)
     assert [n for n, s in by_name.items() if not s["ok"]] == [failed], result["steps"]
     message = by_name[failed]["detail"]
     for fragment in detail:
@@ -380,9 +388,90 @@ def test_drill_usage_errors(ws: Workspace) -> None:
     assert not (ws.root / "j.xml").exists()
 
 
+def test_verify_drill_json_that_fails_early_prints_a_json_error(ws: Workspace) -> None:
+    """Exit 2 before any drill: the error is on stderr, and ``--json`` still gets one JSON
+    document on stdout (before: nothing, and a JSON reader failed on an empty answer)."""
+    for args, said in ((["verify", "--drill", "--json"], "no complete backup"),
+                       (["verify", "--drill", "--from", "nope", "--json"], "nope"),
+                       (["verify", "--json"], "no complete backup")):
+        result = ws.run(*args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        answer = json.loads(result.stdout)
+        assert answer == {"ok": False, "error": answer["error"], "exit_code": 2}, answer
+        assert said in answer["error"] and said in result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_a_failed_drill_shows_no_recovery_time(ws: Workspace) -> None:
+    """Before: a drill that failed at its first step still had a "recovery time ... ok" row
+    (the failure was quick), and the table ended with "recovery time 0.2 s"."""
+    backup_id = _backup(ws)
+    _flip_middle_byte(ws.backups / backup_id / "database.dump.zst")
+    run = _drill(ws)
+    assert RTO_STEP not in run.steps()
+    assert RTO_STEP not in [c.get("name") for c in run.junit.iter("testcase")]
+    human = ws.run("verify", "--drill", backup_id)
+    assert human.returncode == 1, human.stdout + human.stderr
+    assert "FAILED" in human.stdout
+    assert not re.search(r"(?m)^recovery time\s+ok", human.stdout), human.stdout
+    assert "recovery time not measured: the drill failed" in human.stdout
+    assert not re.search(r"recovery time [0-9]", human.stdout), human.stdout
+
+
+def test_a_drill_without_a_fitting_identity_could_not_run(ws: Workspace, tmp_path: Path) -> None:
+    """An encrypted backup on a host with no age identity (then with one that is not a
+    recipient): "could not drill", exit 2, recorded as not run; never a failed drill, a
+    damaged copy, a verified one, or a failure in list, status or the report."""
+    from tests.test_trust import encryption_toml, make_age_key, toml_str
+    key = make_age_key(tmp_path / "keys" / "age-identity.txt")
+    other = make_age_key(tmp_path / "keys" / "other.txt")
+    ws.write_config(encryption_toml(key, identity=False))
+    backup_id = _backup(ws)
+    wanted = fingerprint(key.recipient)
+    configs = [encryption_toml(key, identity=False),
+               encryption_toml(key, identity=False) + f"identity_file = {toml_str(other.file)}\n"]
+    for n, config in enumerate(configs, start=1):
+        ws.write_config(config)
+        junit = ws.root / f"not-run-{n}.xml"
+        proc = ws.run("verify", "--drill", backup_id, "--json", "--junit", str(junit))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "could not drill" in proc.stderr and wanted in proc.stderr
+        report = json.loads(proc.stdout)
+        (result,) = report["drills"]
+        assert report["ok"] is False and result["ok"] is False
+        assert result["outcome"] == "not_run" and result["steps"] == []
+        assert wanted in result["not_run"]
+        if n == 2:
+            assert fingerprint(other.recipient) in result["not_run"]
+        else:
+            assert "identity_file" in result["not_run"]
+        suite = _suite(DrillRun(proc, report, ET.parse(junit).getroot()), "local")  # noqa: S314
+        assert (suite.get("failures"), suite.get("skipped")) == ("0", "1")
+
+        recorded = json.loads((ws.state / "drills.json").read_text())["drills"]
+        assert [d["outcome"] for d in recorded] == ["not_run"] * (2 * n - 1)  # human runs too
+        assert checks(ws.state).damage(backup_id, "local") is None
+        assert backup_id not in verified(ws.state)
+        assert not (ws.backups / backup_id / "drill.json").exists()
+        human = ws.run("verify", "--drill", backup_id)
+        assert human.returncode == 2 and "COULD NOT DRILL" in human.stdout
+        assert "FAILED" not in human.stdout and "recovery time" not in human.stdout
+
+    listing = json.loads(ws.run("list", "--json").stdout)
+    assert listing[0]["status"] == "complete" and listing[0]["targets"] == ["local"]
+    assert listing[0]["drills"] == {}  # nothing proven, nothing failed
+    status = ws.run("status", "--json")
+    problems = json.loads(status.stdout)["targets"][0]["problems"]
+    assert any(p.startswith(f"could not drill {backup_id}") for p in problems), problems
+    assert not any("drill" in p and "failed" in p for p in problems), problems
+    assert json.loads(status.stdout)["last_drill"] is None
+    drills = json.loads(ws.run("report", "--json").stdout)["drills"]
+    assert (drills["runs"], drills["failed"], drills["not_run"]) == (0, 0, 4)
+
+
 # -- drills that must fail ----------------------------------------------------------------------
 
-AFTER_FETCH_FAILED = ["fetch database", *UPLOADS_STEPS, RTO_STEP]
+AFTER_FETCH_FAILED = ["fetch database", *UPLOADS_STEPS]  # no recovery time: nothing recovered
 
 
 def test_corrupted_dump_fails_at_fetch(ws: Workspace) -> None:
@@ -420,7 +509,7 @@ def test_row_count_disagreeing_with_the_manifest_fails(ws: Workspace) -> None:
     path.write_text(text.replace(f'"public.students": {count}', f'"public.students": {wrong}'))
     assert path.stat().st_size != before  # a changed manifest: the cache must not be used
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, "row counts", _steps(),
+    _assert_failed_at(ws, run, backup_id, "row counts", _failed_steps(),
                       ["public.students", f"{count} rows, expected {wrong}"])
 
 
@@ -452,7 +541,8 @@ def test_failing_check_query_fails_that_check_only(ws: Workspace, query: str,
     backup_id = _backup(ws)
     run = _drill(ws)
     # The dump restored as stored: a check the data fails says nothing about the copy.
-    _assert_failed_at(ws, run, backup_id, f"check: {query}", _steps([CHECK, query]), expected,
+    _assert_failed_at(ws, run, backup_id, f"check: {query}", _failed_steps([CHECK, query]),
+                      expected,
                       damaged=False)
 
 
@@ -473,7 +563,8 @@ def test_file_missing_from_the_restored_uploads_fails(ws: Workspace, ghost: str,
     data = zstandard.ZstdCompressor().compress(lines + json.dumps(entry).encode() + b"\n")
     _replace_index(ws, backup_id, data)
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(), [f"missing {shown}"])
+    _assert_failed_at(ws, run, backup_id, "uploads files", _failed_steps(),
+                      [f"missing {shown}"])
 
 
 def _replace_index(ws: Workspace, backup_id: str, data: bytes) -> None:
@@ -520,7 +611,7 @@ def test_symlink_target_differing_from_the_index_fails(ws: Workspace) -> None:
     data = zstandard.ZstdCompressor().compress(edited)
     _replace_index(ws, backup_id, data)
     run = _drill(ws)
-    _assert_failed_at(ws, run, backup_id, "uploads files", _steps(),
+    _assert_failed_at(ws, run, backup_id, "uploads files", _failed_steps(),
                       ["symlink nowhere points to '../nowhere', index says '../somewhere'"])
 
 
@@ -532,7 +623,7 @@ def test_pg_restore_error_fails_the_restore_with_its_stderr(ws: Workspace) -> No
                                   'echo "Command was: SELECT 1;" >&2\nexit 1'))
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "restore database",
-                      ["fetch database", "restore database", *UPLOADS_STEPS, RTO_STEP],
+                      ["fetch database", "restore database", *UPLOADS_STEPS],
                       ["pg_restore failed (exit 1)", "simulated restore error"],
                       damaged=False)
 
@@ -558,7 +649,7 @@ def test_real_restore_error_fails_the_restore_and_says_why(ws: Workspace) -> Non
     backup_id, role = _backup_with_a_lost_owner(ws)
     run = _drill(ws)
     _assert_failed_at(ws, run, backup_id, "restore database",
-                      ["fetch database", "restore database", *UPLOADS_STEPS, RTO_STEP],
+                      ["fetch database", "restore database", *UPLOADS_STEPS],
                       ["pg_restore failed (exit 1)", f'role "{role}" does not exist'],
                       full=True, damaged=False)
 

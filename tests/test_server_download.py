@@ -76,6 +76,7 @@ def test_each_artifact_downloads_as_stored_with_its_headers(api: Api, ws: Worksp
         assert answer.headers["content-disposition"] == \
             f'attachment; filename="{bid}-{stored.name}"'
         assert answer.headers["accept-ranges"] == "bytes"
+        assert answer.headers["x-conexa-target"] == "local"  # where it was read from
         assert answer.headers["etag"] == f'"{hashlib.sha256(body).hexdigest()}"'
         assert answer.headers["content-type"] == (
             "application/json" if word == "manifest" else "application/octet-stream")
@@ -161,11 +162,13 @@ def test_target_chooses_the_copy_and_a_damaged_first_copy_is_passed_over(ws: Wor
         path = URL.format(bid) + "?artifact=database"
         answer, body, _ = _fetch(api, path + "&target=second")
         assert (answer.status_code, body) == (200, good)
+        assert answer.headers["x-conexa-target"] == "second"
         assert _downloads(api)[-1]["detail"]["target"] == "second"
         _, body, _ = _fetch(api, path + "&target=local")  # asked for: read, and aborted
         assert len(body) < len(good)
         answer, body, _ = _fetch(api, path)  # now known damaged: the other copy first
         assert (answer.status_code, body) == (200, good)
+        assert answer.headers["x-conexa-target"] == "second"
         assert _downloads(api)[-1]["detail"]["target"] == "second"
         assert api.get(path + "&target=nowhere").status_code == 422
     finally:

@@ -312,7 +312,8 @@ def test_wrong_identity_fails_cleanly(ws: Workspace, age_key: AgeKey, tmp_path: 
 
     result = ws.run("restore", backup_id, "--to-database", target, "--uploads-to", str(dest),
                     "--yes")
-    assert_error(result, 1, "cannot decrypt", backup_id)
+    # Refused before any work: the manifest's recipients are not the configured identity's.
+    assert_error(result, 2, "cannot decrypt", backup_id, fingerprint(age_key.recipient))
     assert "no good copy" not in result.stderr  # the copy is intact: the key does not fit
     assert other.identity not in result.stdout + result.stderr
     assert ws.cluster.databases() == dbs
@@ -323,7 +324,7 @@ def test_wrong_identity_fails_cleanly(ws: Workspace, age_key: AgeKey, tmp_path: 
     # In place, too: the live system is left exactly as it was.
     live_db, live_tree = plain_dump(ws.cluster.env(), ws.dbname), tree_snapshot(ws.uploads)
     result = ws.run("restore", backup_id, "--yes", "--no-safety-backup")
-    assert_error(result, 1, "cannot decrypt")
+    assert_error(result, 2, "cannot decrypt")
     assert plain_dump(ws.cluster.env(), ws.dbname) == live_db
     assert tree_snapshot(ws.uploads) == live_tree
     assert ws.cluster.databases() == dbs
@@ -987,7 +988,7 @@ def test_secrets_never_in_argv_output_logs_or_json(
     for verbose in (["--verbose"], []):
         wrong_key = {**env, "AGE_IDENTITY": other.identity}
         run = watched(*verbose, "restore", backup_id, "--to-database", f"{target}_x", "--yes",
-                      code=1, run_env=wrong_key)
+                      code=2, run_env=wrong_key)  # refused before any work (preflight)
         assert "cannot decrypt" in run.result.stderr
         bad_identity = {**env, "AGE_IDENTITY": "AGE-SECRET-KEY-1" + secrets["age identity body"]
                         [::-1]}

@@ -166,13 +166,21 @@ def _redact(text: str) -> str:
     return text
 
 
-def _fail(message: str, code: ExitCode) -> NoReturn:
-    STATE.err.print(f"[red]error:[/] {escape(_redact(message))}", highlight=False)
+def _fail(message: str, code: ExitCode, as_json: bool = False) -> NoReturn:
+    """The one way a command fails: an ``error:`` line on stderr and exit ``code``; with
+    ``as_json`` (a ``--json`` command that printed no answer) also the JSON error document
+    ``{"ok": false, "error": ..., "exit_code": N}`` on stdout."""
+    text = _redact(message)
+    if as_json:
+        from conexa_backup import render
+        render.print_json(STATE.out, render.error_json(text, int(code)))
+    STATE.err.print(f"[red]error:[/] {escape(text)}", highlight=False)
     raise typer.Exit(int(code))
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    """Run an action; turn known errors into one line and their exit code."""
+def _guard(fn: Callable[[], T], *, as_json: bool = False) -> T:
+    """Run an action; turn known errors into one line and their exit code (and, with
+    ``as_json``, the JSON error document on stdout: see :func:`_fail`)."""
     try:
         return fn()
     except typer.Exit:
@@ -181,19 +189,19 @@ def _guard(fn: Callable[[], T]) -> T:
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         hint = f" ({exc.hint})" if exc.hint else ""
-        _fail(f"{exc}{hint}", exc.exit_code)
+        _fail(f"{exc}{hint}", exc.exit_code, as_json)
     except KeyboardInterrupt as exc:
-        _interrupted(exc)
+        _interrupted(exc, as_json)
     except Exception as exc:  # a bug: say so, briefly, unless asked for details
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         _fail(f"unexpected {type(exc).__name__}: {exc} (a bug; run with --verbose for details)",
-              ExitCode.FAILURE)
+              ExitCode.FAILURE, as_json)
 
 
-def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
+def _interrupted(exc: KeyboardInterrupt, as_json: bool = False) -> NoReturn:
     how = f" by {exc.args[0]}" if exc.args else ""
-    _fail(f"interrupted{how}; partial work was removed", signals.exit_code(exc))
+    _fail(f"interrupted{how}; partial work was removed", signals.exit_code(exc), as_json)
 
 
 def _context(reporter: Reporter | None = None) -> Context:
@@ -501,7 +509,7 @@ def verify(
               lambda c: render.verify_human(c, checks))
         if not checks or not all(c.ok for c in checks):
             raise typer.Exit(int(ExitCode.FAILURE))
-    _guard(act)
+    _guard(act, as_json=as_json)  # failed before its answer: a JSON error document
 
 
 @contextlib.contextmanager
@@ -542,8 +550,12 @@ def _drill(ref: str, source: str | None, all_targets: bool, junit: Path | None,
         except OSError as exc:
             raise ConexaError(f"cannot write {junit}: {exc.strerror}") from None
     _emit(as_json, lambda: render.drills_json(results), lambda c: render.drills_human(c, results))
-    if not all(r.ok for r in results):
+    if any(not r.ok and r.not_run is None for r in results):
         raise typer.Exit(int(ExitCode.FAILURE))
+    unrun = [r for r in results if r.not_run is not None]
+    if unrun:  # the answer is printed: the error line only (exit 2, a host not set up)
+        _fail(f"could not drill {unrun[0].backup_id} on "
+              f"{', '.join(r.target for r in unrun)}: {unrun[0].not_run}", ExitCode.USAGE)
 
 
 @app.command(rich_help_panel=DAILY)
@@ -578,13 +590,17 @@ def download(
         autocompletion=completion.target_names)] = None,
 ) -> None:
     """Fetch a backup's files as stored, plus its manifest, checking every byte."""
+    from conexa_backup import render
     from conexa_backup.actions import inspect
     def act() -> None:
+        read_from: dict[str, str] = {}
         with _session("download", lock=False) as ctx:
             notes: list[str] = []
             with _notes(notes):
-                _, folder = inspect.download(ctx, ref, to, source, notes)
-        if not STATE.quiet:
+                _, folder = inspect.download(ctx, ref, to, source, notes, read_from)
+        if not STATE.quiet:  # stdout: the folder alone (scripts use it); where from: stderr
+            for line in render.read_from_lines(read_from):
+                STATE.err.print(line, markup=False, highlight=False)
             STATE.out.print(str(folder), markup=False, highlight=False)
     _guard(act)
 

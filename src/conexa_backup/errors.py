@@ -130,6 +130,12 @@ class UnusableCopyError(ConexaError):
     that does not fit, an archive member refused): not damaged, so never "no good copy"."""
 
 
+class PreflightError(ConfigError):
+    """This host lacks something a restore (or drill) needs: an age identity that fits the
+    backup, a client tool, a role allowed to create the database, room to stage it. Found
+    before any work, so nothing was done (no safety backup either)."""
+
+
 class PartialFailure(ConexaError):
     """The run completed on some targets but failed on others; ``result`` is what it made."""
 

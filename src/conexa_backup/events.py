@@ -32,6 +32,9 @@ def restore_event(result: RestoreResult) -> Event:
     """Restored; a copy passed over as damaged is named, with why, in ``details.fallbacks``
     (one line of text, so that email and Slack show it too)."""
     details = {"database": result.database, "uploads": str(result.uploads or "")}
+    if result.read_from:
+        details["read_from"] = ", ".join(f"{name} from {target!r}"
+                                         for name, target in result.read_from.items())
     if result.fallbacks:
         details["fallbacks"] = "; ".join(result.fallbacks)
     fell_back = " from a fallback copy" if result.fallbacks else ""
@@ -41,13 +44,19 @@ def restore_event(result: RestoreResult) -> Event:
 
 
 def drill_event(results: Sequence[DrillResult]) -> Event:
+    """Passed, FAILED, or (every copy that did not pass could not be drilled here: no age
+    identity) "could not run": still a failure for the notifiers, since nothing was proven,
+    but said as such, never as a failed drill."""
     ok = all(r.ok for r in results)
     first = results[0]
     failed = {r.target: "; ".join(f"{s.name}: {s.detail}" for s in r.steps if not s.ok)
-              for r in results if not r.ok}
+              or f"could not drill here: {r.not_run}" for r in results if not r.ok}
+    verdict = "passed" if ok else "FAILED"
+    if not ok and all(r.ok or r.not_run is not None for r in results):
+        verdict = "could not run here"
     return Event(
         "drill", "success" if ok else "failure",
-        f"restore drill of {first.backup_id} {'passed' if ok else 'FAILED'}",
+        f"restore drill of {first.backup_id} {verdict}",
         backup_id=first.backup_id,
         duration_seconds=max(r.recovery_seconds for r in results),
         targets_ok=[r.target for r in results if r.ok], targets_failed=failed,

@@ -55,6 +55,11 @@ def print_json(console: Console, data: Any) -> None:
     console.file.flush()
 
 
+def error_json(message: str, exit_code: int) -> dict[str, Any]:
+    """What a ``--json`` command prints on stdout when it fails before its answer."""
+    return {"ok": False, "error": message, "exit_code": exit_code}
+
+
 # -- backup -----------------------------------------------------------------------------------
 
 def backup_json(result: BackupResult) -> dict[str, Any]:
@@ -280,6 +285,8 @@ def check_human(console: Console, results: Sequence[CheckResult]) -> None:
 def restore_human(console: Console, r: RestoreResult) -> None:
     console.print(f"restored backup [bold]{r.backup_id}[/] in {r.seconds:.1f} s "
                   "(recovery time; the objective is under 1 hour)")
+    for line in read_from_lines(r.read_from):
+        console.print(line, markup=False, highlight=False)
     if r.safety_backup_id:
         console.print(f"safety backup of the previous state: {r.safety_backup_id}")
     if r.database:
@@ -297,7 +304,12 @@ def restore_json(r: RestoreResult) -> dict[str, Any]:
             "uploads": str(r.uploads) if r.uploads else None,
             "previous_uploads": str(r.previous_uploads) if r.previous_uploads else None,
             "safety_backup_id": r.safety_backup_id, "duration_seconds": round(r.seconds, 3),
-            "fallbacks": r.fallbacks}
+            "fallbacks": r.fallbacks, "read_from": r.read_from}
+
+
+def read_from_lines(read_from: dict[str, str]) -> list[str]:
+    """``database.dump.zst from target 's3'``: one line per artifact read."""
+    return [f"{name} from target {target!r}" for name, target in read_from.items()]
 
 
 class ProgressReporter:
@@ -437,7 +449,15 @@ def drills_json(results: Sequence[DrillResult]) -> dict[str, Any]:
 
 
 def drills_human(console: Console, results: Sequence[DrillResult]) -> None:
+    """A table of steps per drilled copy, then its recovery time: only when it was judged
+    (a failed drill recovered nothing to time); a copy that could not be drilled here says
+    why instead."""
     for r in results:
+        if r.not_run is not None:
+            console.print(f"restore drill of {r.backup_id} from {r.target}: [yellow]COULD NOT "
+                          f"DRILL[/] here (not run; the copy is not judged)")
+            console.print(f"  {r.not_run}\n", markup=False, highlight=False)
+            continue
         verdict = "[green]PASSED[/]" if r.ok else "[red]FAILED[/]"
         table = Table(title=f"restore drill of {r.backup_id} from {r.target}: {verdict}",
                       box=None, pad_edge=False, title_justify="left")
@@ -447,8 +467,11 @@ def drills_human(console: Console, results: Sequence[DrillResult]) -> None:
             table.add_row(escape(s.name), "[green]ok[/]" if s.ok else "[red]FAIL[/]",
                           f"{s.seconds:.2f} s", escape(s.detail.splitlines()[0]))
         console.print(table)
-        console.print(f"recovery time {r.recovery_seconds:.1f} s; objective "
-                      f"{r.rto_objective_seconds:.0f} s\n")
+        if r.measured:
+            console.print(f"recovery time {r.recovery_seconds:.1f} s; objective "
+                          f"{r.rto_objective_seconds:.0f} s\n")
+        else:
+            console.print("recovery time not measured: the drill failed\n")
 
 
 def drill_junit(results: Sequence[DrillResult]) -> str:
@@ -458,9 +481,14 @@ def drill_junit(results: Sequence[DrillResult]) -> str:
     for r in results:
         failures = sum(1 for s in r.steps if not s.ok)
         suite = ET.SubElement(suites, "testsuite", {
-            "name": f"drill {r.backup_id} {r.target}", "tests": str(len(r.steps)),
-            "failures": str(failures), "errors": "0", "time": f"{r.recovery_seconds:.3f}",
-            "timestamp": r.started_at.isoformat()})
+            "name": f"drill {r.backup_id} {r.target}", "tests": str(len(r.steps) or 1),
+            "failures": str(failures), "errors": "0", "skipped": str(int(not r.steps)),
+            "time": f"{r.recovery_seconds:.3f}", "timestamp": r.started_at.isoformat()})
+        if not r.steps:  # could not drill here (or nothing to drill): skipped, not failed
+            case = ET.SubElement(suite, "testcase", {
+                "classname": f"drill.{r.target}", "name": "drill", "time": "0.000"})
+            ET.SubElement(case, "skipped", message=r.not_run or "nothing to drill")
+            continue
         for s in r.steps:
             case = ET.SubElement(suite, "testcase", {
                 "classname": f"drill.{r.target}", "name": s.name, "time": f"{s.seconds:.3f}"})
@@ -493,6 +521,7 @@ def report_text(r: dict[str, Any]) -> str:
                  f"{'met' if r['rpo']['met'] else 'NOT MET'}")
     rec = d["recovery_seconds"]
     lines.append(f"drills: {d['runs']} run, {d['passed']} passed, {d['failed']} failed"
+                 + (f", {d['not_run']} could not run here" if d.get("not_run") else "")
                  + (f"; recovery {rec['min']:.0f}-{rec['max']:.0f} s (median "
                     f"{rec['median']:.0f} s)" if rec else ""))
     missed = "NOT MET (the newest drill failed or was too slow, or none ran)"

@@ -195,7 +195,7 @@ def record_drill(state_dir: Path, result: dict[str, Any], damage: str | None = N
     """Append a drill result (``DrillResult.to_dict()``); the newest ``KEEP_DRILLS`` are kept.
 
     A passed drill counts as a verification; ``damage`` (why the copy did not restore) marks
-    the copy damaged.
+    the copy damaged; a drill that could not run does neither.
     """
     _append(state_dir / DRILLS, "drills", result, KEEP_DRILLS)
     copy = str(result["backup_id"]), str(result["target"])
@@ -205,10 +205,17 @@ def record_drill(state_dir: Path, result: dict[str, Any], damage: str | None = N
         record_damaged(state_dir, *copy, damage)
 
 
-def drills(state_dir: Path) -> list[dict[str, Any]]:
-    """Recorded drill results, oldest first."""
+def drill_records(state_dir: Path) -> list[dict[str, Any]]:
+    """Every recorded drill, oldest first, those that could not run (``outcome``
+    ``not_run``: no age identity here) included."""
     found = _read(state_dir / DRILLS).get("drills", [])
     return [d for d in found if isinstance(d, dict)]
+
+
+def drills(state_dir: Path) -> list[dict[str, Any]]:
+    """Recorded drills that ran (passed or failed), oldest first: one that could not run
+    proved nothing either way, so it is no failed drill (see :func:`drill_records`)."""
+    return [d for d in drill_records(state_dir) if d.get("outcome") != "not_run"]
 
 
 def last_drills(state_dir: Path) -> dict[tuple[str, str], dict[str, Any]]:

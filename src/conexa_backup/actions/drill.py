@@ -5,7 +5,9 @@ restore the database into a throwaway database with errors fatal, prove it compl
 table's row count as recorded in the dump's snapshot, every schema object, the configured check
 queries), extract the uploads into a throwaway folder and prove every file (count, bytes, the
 SHA-256 of each file, or of a random sample), and time the whole recovery against
-``rto_objective``. Everything it creates is dropped at the end, also on failure or interrupt.
+``rto_objective`` (only a drill whose every step passed is timed). Everything it creates is
+dropped at the end, also on failure or interrupt. A copy this host cannot decrypt (no age
+identity that fits) is not drilled at all: "could not drill", recorded as not run.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from typing import IO
 import psycopg
 
 from conexa_backup import postgres
-from conexa_backup.actions import restore_db, restore_uploads
+from conexa_backup.actions import preflight, restore_db, restore_uploads
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.restore_packs import read_index
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage
 from conexa_backup.durations import parse_duration
-from conexa_backup.errors import ConexaError, IntegrityError
+from conexa_backup.errors import ConexaError, ConfigError, IntegrityError
 from conexa_backup.manifest import IndexEntry, Manifest, shown_path
 from conexa_backup.pipeline import copy_stream, hash_file
 from conexa_backup.postgres import ConnInfo
@@ -42,6 +44,7 @@ from conexa_backup.state import record_drill
 
 log = logging.getLogger(__name__)
 RTO_STEP = "recovery time"
+NOT_RUN = "not_run"  # a drill's outcome when this host could not drill the copy
 
 
 @dataclass
@@ -62,10 +65,25 @@ class DrillResult:
     steps: list[Step] = field(default_factory=list)
     recovery_seconds: float = 0.0
     size_bytes: int | None = None  # the drilled backup's stored bytes (restore estimates)
+    # Why this host could not drill the copy at all (no age identity that fits): no step
+    # ran, and the drill says nothing about the copy (neither passed nor failed).
+    not_run: str | None = None
 
     @property
     def ok(self) -> bool:
-        return bool(self.steps) and all(s.ok for s in self.steps)
+        return self.not_run is None and bool(self.steps) and all(s.ok for s in self.steps)
+
+    @property
+    def outcome(self) -> str:
+        """``passed``, ``failed`` or ``not_run`` (could not drill here)."""
+        if self.not_run is not None:
+            return NOT_RUN
+        return "passed" if self.ok else "failed"
+
+    @property
+    def measured(self) -> bool:
+        """Whether the recovery time was judged: only when every other step passed."""
+        return any(s.name == RTO_STEP for s in self.steps)
 
     @property
     def damage(self) -> str | None:
@@ -83,6 +101,7 @@ class DrillResult:
         data = asdict(self)
         data["started_at"] = self.started_at.isoformat().replace("+00:00", "Z")
         data["ok"] = self.ok
+        data["outcome"] = self.outcome
         return data
 
 
@@ -316,9 +335,21 @@ def _link_problem(root: Path, entry: IndexEntry) -> str | None:
 
 
 def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:
-    """Drill one copy; never raises for a failed check (see the result's steps)."""
+    """Drill one copy; never raises for a failed check (see the result's steps).
+
+    A copy this host cannot decrypt (no age identity, or none of its recipients) is not
+    drilled: the result says why in ``not_run``, with no step. The recovery time is judged
+    only when every other step passed: a failed drill recovered nothing to time.
+    """
     assert copy.manifest is not None
     d = _Drill(ctx, backup, copy, copy.manifest)
+    try:
+        preflight.check_identity(ctx, backup.id, preflight.reads(copy.manifest, database=True,
+                                                                 uploads=True))
+    except ConfigError as exc:  # no identity, none that fits, or one that cannot be read
+        d.result.not_run = str(exc)
+        log.warning("could not drill %s on %s: %s", backup.id, copy.target.name, exc)
+        return d.result
     t0 = time.monotonic()
     try:
         for part in (_database_steps, _uploads_steps):  # independent: report both
@@ -326,8 +357,9 @@ def drill_copy(ctx: Context, backup: Backup, copy: Copy) -> DrillResult:
                 part(d)
         d.result.recovery_seconds = round(time.monotonic() - t0, 3)
         objective = d.result.rto_objective_seconds
-        d.step(RTO_STEP, lambda: _check_rto(d.result.recovery_seconds, objective),
-               critical=False)
+        if all(s.ok for s in d.result.steps):
+            d.step(RTO_STEP, lambda: _check_rto(d.result.recovery_seconds, objective),
+                   critical=False)
     finally:
         d.cleanup()
     return d.result
@@ -362,10 +394,13 @@ def run_drills(ctx: Context, ref: str, *, source: str | None = None, all_targets
 
 
 def record(ctx: Context, results: list[DrillResult]) -> None:
-    """Keep drill results in ``state_dir/drills.json`` and as ``drill.json`` beside the copy."""
+    """Keep drill results in ``state_dir/drills.json`` and as ``drill.json`` beside the copy
+    (a drill that could not run: in ``drills.json`` only, as such)."""
     for result in results:
         data = result.to_dict()
         record_drill(ctx.config.state_dir, data, result.damage)
+        if result.not_run is not None:
+            continue  # the copy's own record keeps saying what was last proven of it
         target = next(t for t in ctx.targets() if t.name == result.target)
         try:
             upload = target.writer(f"{result.backup_id}/drill.json")

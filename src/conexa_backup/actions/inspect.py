@@ -155,11 +155,13 @@ def verify(ctx: Context, ref: str | None, *, all_backups: bool = False,
 
 
 def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
-             notes: list[str] | None = None) -> tuple[str, Path]:
+             notes: list[str] | None = None,
+             read_from: dict[str, str] | None = None) -> tuple[str, Path]:
     """Fetch a backup's files as stored (plus manifest) into ``dest/<id>/``, checked; for a
     packs-format backup also the packs its uploads need, as stored, under
     ``dest/<id>/packs/<2 hex>/<name>`` (docs/packs.md, "By hand").
     ``latest`` is the newest as it is (damaged or suspect too, said in ``notes``).
+    ``read_from`` gets each file's name (``packs/`` for the packs) -> the target it came from.
 
     Raises:
         UsageError: no such backup, or the folder already exists.
@@ -189,6 +191,11 @@ def download(ctx: Context, ref: str, dest: Path, source: str | None = None,
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             raise
+        if read_from is not None:
+            names = [a.name for a in manifest.artifacts] + [MANIFEST_NAME] + (
+                ["packs/"] if manifest.uploads is not None
+                and manifest.uploads.format == "packs" else [])
+            read_from.update(dict.fromkeys(names, copy.target.name))
         return out
 
     return backup.id, from_first_good(backup, attempt, prefer=source)

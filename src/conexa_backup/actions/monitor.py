@@ -24,7 +24,7 @@ from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
 from conexa_backup.manifest import Manifest
-from conexa_backup.state import atomic_write, checks, drills, runs
+from conexa_backup.state import atomic_write, checks, drill_records, drills, runs
 
 if TYPE_CHECKING:
     from conexa_backup.config.models import Config
@@ -163,12 +163,17 @@ def _target_health(ctx: Context, name: str, backups: Sequence[Backup],
 def _drill_health(ctx: Context, health: TargetHealth, now: datetime) -> None:
     """WARNING when no drill passed within ``max_drill_age``, or when the newest drill on the
     target failed, for any reason (a check query, pg_restore, differing counts; not only
-    damage): it stays said until a later drill passes."""
+    damage): it stays said until a later drill passes; and when the newest drill there could
+    not run (no age identity here), said as such, never as a failure."""
     mon = ctx.config.monitoring
     here = [d for d in drills(ctx.config.state_dir) if d.get("target") == health.target]
     if here and not here[-1].get("ok"):
         health.level = max(health.level, 1)
         health.problems.append(drill_failure(here[-1]))
+    tried = [d for d in drill_records(ctx.config.state_dir) if d.get("target") == health.target]
+    if tried and tried[-1].get("outcome") == "not_run":  # since the newest drill that ran
+        health.level = max(health.level, 1)
+        health.problems.append(could_not_drill(tried[-1]))
     passed = [d for d in here if d.get("ok")]
     when = parse_time(passed[-1].get("started_at")) if passed else None
     if passed and when is not None:
@@ -190,6 +195,13 @@ def drill_failure(drill: dict[str, Any]) -> str:
     why = why or "no step ran"
     at = str(drill.get("started_at") or "?")[:16].replace("T", " ")
     return f"restore drill of {drill.get('backup_id')} failed at {at}: {why}"
+
+
+def could_not_drill(drill: dict[str, Any]) -> str:
+    """One line for a recorded drill that could not run here: which backup, when, why."""
+    at = str(drill.get("started_at") or "?")[:16].replace("T", " ")
+    return (f"could not drill {drill.get('backup_id')} at {at} (not run, not a failure): "
+            f"{first_line(drill.get('not_run'))}")
 
 
 def health(ctx: Context, now: datetime | None = None,
@@ -414,8 +426,9 @@ def report(ctx: Context, days: int, now: datetime | None = None,
     in_period = [b for b in catalog if b.manifest and b.manifest.finished_at >= since
                  and b.manifest.kind == "scheduled"]
     gaps = [seconds for _, seconds in backup_gaps(restorable_times(catalog), since, now)]
-    period_drills = [d for d in drills(ctx.config.state_dir)
-                     if (t := parse_time(d.get("started_at"))) is not None and t >= since]
+    tried = [d for d in drill_records(ctx.config.state_dir)
+             if (t := parse_time(d.get("started_at"))) is not None and t >= since]
+    period_drills = [d for d in tried if d.get("outcome") != "not_run"]
     recovery = [float(d.get("recovery_seconds") or 0) for d in period_drills if d.get("ok")]
     rto = parse_duration(ctx.config.drill.rto_objective).total_seconds()
     rto_met, last_drill = rto_verdict(period_drills, rto)
@@ -451,6 +464,7 @@ def report(ctx: Context, days: int, now: datetime | None = None,
         "drills": {"runs": len(period_drills),
                    "passed": sum(1 for d in period_drills if d.get("ok")),
                    "failed": sum(1 for d in period_drills if not d.get("ok")),
+                   "not_run": len(tried) - len(period_drills),
                    "recovery_seconds": {"min": min(recovery), "median": statistics.median(
                        recovery), "max": max(recovery)} if recovery else None},
         "rto": {"objective_seconds": rto, "met": rto_met, "last_drill": last_drill},

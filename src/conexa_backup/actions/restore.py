@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from conexa_backup import signals
-from conexa_backup.actions import journal, restore_db, restore_uploads
+from conexa_backup.actions import journal, preflight, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup, Use
@@ -50,6 +50,8 @@ class RestoreResult:
     seconds: float = 0.0
     # Damaged copies passed over for a good one: which, and why (stderr and the event).
     fallbacks: list[str] = field(default_factory=list)
+    # What was read (artifact names; "packs/" for a packs backup's blobs) -> from which target.
+    read_from: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +96,15 @@ def _plan(ctx: Context, opts: RestoreOptions, notes: list[str]) -> _Plan:
                  in_place_uploads=want_up and opts.uploads_to is None)
 
 
+def _preflight(ctx: Context, plan: _Plan, opts: RestoreOptions) -> None:
+    """Check what the restore needs before the safety backup (:mod:`preflight`)."""
+    live = plan.database if plan.in_place_db else None
+    if live is not None and not restore_db.database_exists(ctx.db, live):
+        live = None
+    preflight.check_restore(ctx, plan.manifest, database=plan.database, uploads=plan.uploads,
+                            replaces=live, safety_dump=opts.safety_backup and live is not None)
+
+
 def _safety_backup(ctx: Context, plan: _Plan) -> str | None:
     """Back up what the restore will replace (parts that exist now)."""
     parts = []
@@ -117,6 +128,8 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
     Raises:
         UsageError: no such backup, or a destination that must not be overwritten.
+        PreflightError: this host lacks what the restore needs (an identity that fits, a
+        tool, CREATEDB, room): found before any work, the safety backup included.
         IntegrityError: every copy of the backup is damaged or missing ("no good copy").
         UnusableCopyError: no copy could be restored, some being intact (each one's reason).
         ProcessError/DatabaseError: pg_restore or the server refused; nothing live changed.
@@ -126,6 +139,7 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     plan = _plan(ctx, opts, passed)
     result = RestoreResult(plan.backup.id, fallbacks=passed)
     stamp = datetime.now(UTC).strftime(ID_FORMAT)
+    _preflight(ctx, plan, opts)
     if opts.safety_backup and (plan.in_place_db or plan.in_place_uploads):
         result.safety_backup_id = _safety_backup(ctx, plan)
 
@@ -133,11 +147,12 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
     staged_uploads: Path | None = None
     try:
         if plan.database is not None:
-            restored_db = _prepare_database(ctx, plan, opts, result.fallbacks)
+            restored_db = _prepare_database(ctx, plan, opts, result)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(ctx, plan.backup, plan.uploads,
-                                                     opts.source, result.fallbacks)
+                                                     opts.source, result.fallbacks,
+                                                     result.read_from)
         with signals.held():  # the swap itself is never interrupted half-way
             _swap(ctx, plan, restored_db, staged_uploads, stamp, result)
     except BaseException:
@@ -152,7 +167,7 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
 
 def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
-                      fallbacks: list[str]) -> str:
+                      result: RestoreResult) -> str:
     """Restore into the final name (side by side) or a temporary one (in place)."""
     assert plan.database is not None and plan.manifest.database is not None
     name = plan.database
@@ -160,7 +175,8 @@ def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
         name = restore_db.derived_name(plan.database, f"__restoring_{plan.backup.id}")
         restore_db.drop_database(ctx.db, name)  # a leftover of an interrupted restore of ours
     ctx.reporter.step("fetching database dump")
-    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, fallbacks)
+    dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, result.fallbacks,
+                                 result.read_from)
     try:
         ctx.reporter.step(f"restoring database into {name!r}")
         restore_db.restore_into(ctx.db, dump, plan.manifest.database, name)

@@ -106,8 +106,10 @@ class _Watched:
 
 
 def fetch_dump(ctx: Context, backup: Backup, source: str | None,
-               fallbacks: list[str] | None = None) -> StagedDump:
-    """Decompress the database artifact of the first good copy into ``state_dir/staging``.
+               fallbacks: list[str] | None = None,
+               read_from: dict[str, str] | None = None) -> StagedDump:
+    """Decompress the database artifact of the first good copy into ``state_dir/staging``;
+    ``read_from`` gets the artifact's name -> the target it was read from.
 
     pg_restore needs a seekable file (or a folder) to restore in parallel; the checksum of the
     stored bytes is verified while they stream, and the result is discarded if it does not
@@ -141,7 +143,14 @@ def fetch_dump(ctx: Context, backup: Backup, source: str | None,
             discard(staging)
             raise
 
-    return from_first_good(backup, attempt, prefer=source, fallbacks=fallbacks)
+    def noted(copy: Copy, manifest: Manifest) -> StagedDump:
+        dump = attempt(copy, manifest)
+        artifact = manifest.artifact("database")
+        if read_from is not None and artifact is not None:
+            read_from[artifact.name] = copy.target.name
+        return dump
+
+    return from_first_good(backup, noted, prefer=source, fallbacks=fallbacks)
 
 
 def _fill_offsets(staging: Path, finder: dumpoffsets.OffsetFinder) -> Callable[[], None] | None:

@@ -43,8 +43,11 @@ def has_uploads(manifest: Manifest) -> bool:
 
 
 def extract(ctx: Context, backup: Backup, dest: Path, source: str | None,
-            fallbacks: list[str] | None = None) -> Path:
+            fallbacks: list[str] | None = None,
+            read_from: dict[str, str] | None = None) -> Path:
     """Extract the uploads of the first good copy next to ``dest``; return the folder.
+    ``read_from`` gets what was read (the archive's name; a packs backup's index and
+    ``packs/``) -> the target it was read from.
 
     A tar-format backup is its ``uploads`` archive; a packs-format one its uploads index
     and the blobs in the copy's target's packs (:mod:`restore_packs`). Copies skipped as
@@ -87,6 +90,12 @@ def extract(ctx: Context, backup: Backup, dest: Path, source: str | None,
         except BaseException:
             remove_tree(staging)
             raise
+        if read_from is not None:
+            packs = expected.format == "packs"
+            read = manifest.artifact("uploads-index" if packs else "uploads")
+            assert read is not None
+            read_from.update({read.name: copy.target.name,
+                              **({"packs/": copy.target.name} if packs else {})})
         return staging
 
     return from_first_good(backup, attempt, prefer=source, fallbacks=fallbacks)

@@ -26,6 +26,7 @@ from conexa_backup.server.errors import ApiError, answer, outcome_of
 
 router = APIRouter(prefix="/api/admin", tags=["backups"])
 _log = logging.getLogger(LOGGER)
+TARGET_HEADER = "X-Conexa-Target"  # the target a file was read from (or signed on)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -112,13 +113,14 @@ def download(id: str, request: Request, services: ServicesDep, principal: Admin,
     where = {"artifact": artifact, "target": found.copy.target.name}
     if found.url is not None:
         audit(request, "download", "ok: redirected", id, **where)
-        return RedirectResponse(found.url, status_code=307)
+        return RedirectResponse(found.url, status_code=307,
+                                headers={TARGET_HEADER: found.copy.target.name})
     return _send(request, found, where)
 
 
 def _send(request: Request, found: action.Stored, where: dict[str, Any]) -> Response:
     etag = f'"{found.sha256}"'
-    headers = {"Accept-Ranges": "bytes", "ETag": etag,
+    headers = {"Accept-Ranges": "bytes", "ETag": etag, TARGET_HEADER: found.copy.target.name,
                "Content-Disposition": f'attachment; filename="{found.backup_id}-{found.name}"'}
     try:
         chosen = byte_range(request.headers.get("range"), request.headers.get("if-range"),

@@ -109,7 +109,8 @@ def create_app(services: Services) -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Range", "If-Range"],
                            expose_headers=["Content-Disposition", "Content-Range",
-                                           "Content-Length", "ETag", "Accept-Ranges"])
+                                           "Content-Length", "ETag", "Accept-Ranges",
+                                           "X-Conexa-Target"])
     app.add_middleware(AuditTrail, services=services)
     if services.config.server is not None and services.config.server.auth.insecure_no_auth:
         app.add_middleware(LoopbackHostOnly)
