@@ -64,14 +64,20 @@ def check_entry(ws: Workspace, name: str = "target s3") -> dict[str, Any]:
     return entry
 
 
+def locked_target(ws: Workspace, s3_server: S3Server, bucket: str, mode: str, *,
+                  days: int) -> tuple[str, Any]:
+    """Config: ``keep_last = 1`` and an S3 target locking ``mode`` for ``days``; one backup
+    made (not pruned). Returns its id and the S3 target."""
+    ws.write_config("[retention]\nkeep_last = 1\n" + s3_target_toml(
+        s3_server, bucket, f'object_lock_mode = "{mode}"\nobject_lock_days = {days}\n'))
+    return backup_json(ws, "--no-prune")["id"], target_named(ws, "s3")
+
+
 # -- hidden, not deleted -----------------------------------------------------------------------
 
 def test_prune_reports_locked_copies_as_hidden_not_deleted(
         ws: Workspace, s3_server: S3Server, locked_bucket: str) -> None:
-    ws.write_config("[retention]\nkeep_last = 1\n" + s3_target_toml(
-        s3_server, locked_bucket, 'object_lock_mode = "COMPLIANCE"\nobject_lock_days = 2\n'))
-    source = backup_json(ws, "--no-prune")["id"]
-    s3 = target_named(ws, "s3")
+    source, s3 = locked_target(ws, s3_server, locked_bucket, "COMPLIANCE", days=2)
     first, second = old_id(3), old_id(2)
     seed(s3, ws.backups / source, first)
     before = datetime.now(UTC)
@@ -106,10 +112,7 @@ def _expire_now(client: Any, bucket: str, key: str, version: str) -> datetime:
 
 def test_prune_removes_hidden_versions_once_their_lock_has_passed(
         ws: Workspace, s3_server: S3Server, locked_bucket: str) -> None:
-    ws.write_config("[retention]\nkeep_last = 1\n" + s3_target_toml(
-        s3_server, locked_bucket, 'object_lock_mode = "GOVERNANCE"\nobject_lock_days = 1\n'))
-    source = backup_json(ws, "--no-prune")["id"]
-    s3 = target_named(ws, "s3")
+    source, s3 = locked_target(ws, s3_server, locked_bucket, "GOVERNANCE", days=1)
     old = old_id(3)
     seed(s3, ws.backups / source, old)
     assert [h["id"] for h in prune_json(ws)["hidden"]] == [old]
