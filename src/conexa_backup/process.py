@@ -9,6 +9,9 @@ Rules it enforces (principle 5):
 - a child is killed when the code driving it fails, so nothing is left running: each child
   leads its own process group and the whole group is killed, so the parallel workers of
   ``pg_dump -j``/``pg_restore -j`` go with it instead of finishing their table unseen;
+- a child dies with the tool even when the tool is killed outright (Linux,
+  :mod:`deathsig`): the code that starts a child reaps it before returning, so the thread
+  that started it (whose end the kernel watches) always outlives it;
 - the one exception: the API server's jobs (the CLI run in the background) outlive the call
   that starts them, by design; :func:`spawn_detached` starts one, :func:`poll_child` reaps it.
 """
@@ -22,6 +25,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -29,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from conexa_backup import signals
+from conexa_backup import deathsig, signals
 from conexa_backup.errors import ProcessError
 
 log = logging.getLogger(__name__)
@@ -126,18 +130,25 @@ def run(
 def _popen(argv: Sequence[str], env: Mapping[str, str] | None, label: str,
            stdout: IO[bytes] | int) -> subprocess.Popen[bytes]:
     """Start ``argv`` as the leader of its own process group (see :func:`_kill_group`), stderr
-    piped, stdin closed.
+    piped, stdin closed, set to die with us (:mod:`deathsig`).
 
     Raises:
-        ProcessError: the program is missing.
+        ProcessError: the program is missing (or not executable).
     """
+    environ = child_env(env)
+    # Looked up here as Popen would (the child's PATH): the helper execs a path, and a missing
+    # program must still fail here, before anything starts, with this message.
+    program = shutil.which(argv[0], path=os.pathsep.join(os.get_exec_path(environ)))
+    if program is None:
+        raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="")
     try:
         return subprocess.Popen(
-            list(argv), env=child_env(env), stdout=stdout, stderr=subprocess.PIPE,
+            deathsig.wrap(program, argv), env=environ, stdout=stdout, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, bufsize=0, process_group=0,
         )
-    except FileNotFoundError as exc:
-        raise ProcessError(f"{label} not found on PATH", returncode=None, stderr_tail="") from exc
+    except FileNotFoundError as exc:  # removed since the look-up
+        raise ProcessError(f"{label} not found on PATH", returncode=None,
+                           stderr_tail="") from exc
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
