@@ -189,7 +189,7 @@ def _guard(fn: Callable[[], T], *, as_json: bool = False) -> T:
         if STATE.verbose:
             STATE.err.print(_redact(traceback.format_exc()), markup=False)
         hint = f" ({exc.hint})" if exc.hint else ""
-        _fail(f"{exc}{hint}", exc.exit_code, as_json)
+        _fail(f"{exc}{hint}" + "".join(f"; {n}" for n in _left(exc)), exc.exit_code, as_json)
     except KeyboardInterrupt as exc:
         _interrupted(exc, as_json)
     except Exception as exc:  # a bug: say so, briefly, unless asked for details
@@ -201,7 +201,14 @@ def _guard(fn: Callable[[], T], *, as_json: bool = False) -> T:
 
 def _interrupted(exc: KeyboardInterrupt, as_json: bool = False) -> NoReturn:
     how = f" by {exc.args[0]}" if exc.args else ""
-    _fail(f"interrupted{how}; partial work was removed", signals.exit_code(exc), as_json)
+    left = "; ".join(_left(exc)) or "partial work was removed"
+    _fail(f"interrupted{how}; {left}", signals.exit_code(exc), as_json)
+
+
+def _left(exc: BaseException) -> list[str]:
+    """What the run could not clean up on its way out, when it says so (a note the action
+    added to the exception, e.g. a failed backup it could not remove from a target)."""
+    return [str(note) for note in getattr(exc, "__notes__", [])]
 
 
 def _context(reporter: Reporter | None = None) -> Context:

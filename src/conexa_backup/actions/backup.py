@@ -145,13 +145,17 @@ class _Run:
     # hook must not raise).
     on_commit: list[Callable[[Sequence[str]], None]] = field(default_factory=list)
 
-    def discard(self, targets: Sequence[Target]) -> None:
-        """Delete what this run stored on ``targets`` (a failed copy frees its space).
+    def discard(self, targets: Sequence[Target]) -> list[str]:
+        """Delete what this run stored on ``targets`` (a failed copy frees its space); return
+        the names of the targets where a delete failed (each failure logged). Never raises
+        :class:`ConexaError`.
 
         The manifest (and its signature) go first, on every target, recorded or not: a run
-        interrupted while committing may have stored one that was never recorded.
+        interrupted while committing may have stored one that was never recorded. Every
+        other key was recorded before its upload began (:meth:`upload`).
         """
         commit_keys = [f"{self.backup_id}/{MANIFEST_NAME}", f"{self.backup_id}/{SIGNATURE_NAME}"]
+        left = []
         for target in targets:
             keys = commit_keys + [k for k in self.written.pop(target.name, [])
                                   if k not in commit_keys]
@@ -160,16 +164,27 @@ class _Run:
                     target.delete(key)
                 except ConexaError as exc:
                     log.warning("could not remove %s from %s: %s", key, target.name, exc)
+                    if target.name not in left:
+                        left.append(target.name)
+        return left
 
     def upload(self, filename: str, feed: Callable[[Sink], T]) -> T:
         """Write ``<id>/<filename>`` to every live target with what ``feed`` writes; targets
         that fail drop out (their error recorded); raises only when every target failed."""
+        key = f"{self.backup_id}/{filename}"
         multi: MultiUpload | None = None
         try:
             # Made whole before a signal is raised, so that the except below aborts every
             # upload it began (their temporary files included).
             with signals.held():
-                multi = MultiUpload(self.alive, f"{self.backup_id}/{filename}")
+                # Recorded as written before a byte is sent, so that :meth:`discard` deletes it
+                # wherever it may be whole: a signal can come once a target has it in place
+                # (after one target's commit and before the next one's, or as commit
+                # returns), and abort() does not undo a commit. Deleting what was never
+                # stored is harmless.
+                for target in self.alive:
+                    self.written.setdefault(target.name, []).append(key)
+                multi = MultiUpload(self.alive, key)
             result = feed(multi)
             stored = multi.commit()
         except BaseException:
@@ -179,8 +194,9 @@ class _Run:
         finally:
             if multi is not None:
                 self.failures.update(multi.failures)
-        for target in stored:
-            self.written.setdefault(target, []).append(multi.key)
+        for name, keys in self.written.items():  # no longer pending where it failed
+            if name not in stored and key in keys:
+                keys.remove(key)
         self.alive = [t for t in self.alive if t.name in stored]
         return result
 
@@ -492,8 +508,12 @@ def _store(ctx: Context, run: _Run, kind: str, parts: Sequence[str], started: da
         manifest = _produce(ctx, run, kind, parts, started)
         ctx.reporter.step("writing manifest")
         stored = _commit(run, manifest)
-    except BaseException:
-        run.discard(targets)  # no manifest anywhere: nothing of this run may linger
+    except BaseException as exc:
+        left = run.discard(targets)  # no manifest anywhere: nothing of this run may linger
+        if left:  # said with the error, or "partial work was removed" would not be true
+            exc.add_note(f"backup {run.backup_id} may be left incomplete on "
+                         f"{', '.join(left)}: removing it failed (see the log; prune removes "
+                         "incomplete backups once a day old)")
         raise
     run.discard([t for t in targets if t.name not in stored])
     return manifest, stored
