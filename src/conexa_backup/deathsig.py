@@ -21,10 +21,13 @@ Choices, and why:
   come: it then stops itself with the same signal instead of running the program.
 - **SIGTERM, not SIGKILL.** The death signal is not passed on to a child's own children (a
   forked process starts with none). ``pg_dump -j`` and ``pg_restore -j`` fork their workers,
-  and a SIGKILLed leader leaves each worker finishing the table it is on. On SIGTERM (and
-  SIGINT), these tools' own handler sends SIGTERM to every worker and a cancel request for
-  the server's running query, then exits; before they connect, SIGTERM's default action
-  ends them. The group kill (SIGKILL) on every normal exit path stays as it was.
+  and a SIGKILLed leader leaves each worker finishing the table it is on (measured: with
+  SIGKILL, tests/test_children.py's restore left both ``pg_restore`` workers running). On
+  SIGTERM (and SIGINT), these tools' own handler sends SIGTERM to every worker and a cancel
+  request for the server's running query, then exits; before they connect, SIGTERM's
+  default action ends them. The price: a program that ignored SIGTERM would outlive us; the
+  only children are PostgreSQL's client tools. The group kill (SIGKILL) on every normal exit
+  path stays as it was.
 - **The forking thread must outlive its child.** The kernel sends the signal when the
   *thread* that forked the child ends, not the process. :mod:`process` guarantees this: a
   child is always reaped (or killed and reaped) before the call that started it returns
