@@ -26,8 +26,9 @@ Choices, and why:
   SIGTERM (and SIGINT), these tools' own handler sends SIGTERM to every worker and a cancel
   request for the server's running query, then exits; before they connect, SIGTERM's
   default action ends them. The price: a program that ignored SIGTERM would outlive us; the
-  only children are PostgreSQL's client tools. The group kill (SIGKILL) on every normal exit
-  path stays as it was.
+  only children are PostgreSQL's client tools (a ``bin_dir`` wrapper script should ``exec``
+  the real tool: what the script itself starts gets no death signal). The group kill
+  (SIGKILL) on every normal exit path stays as it was.
 - **The forking thread must outlive its child.** The kernel sends the signal when the
   *thread* that forked the child ends, not the process. :mod:`process` guarantees this: a
   child is always reaped (or killed and reaped) before the call that started it returns
