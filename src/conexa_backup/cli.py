@@ -32,6 +32,7 @@ from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 
 if TYPE_CHECKING:
     from conexa_backup.actions.context import Context, Reporter
+    from conexa_backup.actions.recover import Settled
     from conexa_backup.notify.base import Event, Kind
 
 # Start-up time matters (monitoring runs `status` every few minutes, the API's jobs start the
@@ -220,11 +221,13 @@ def _context(reporter: Reporter | None = None) -> Context:
 
 @contextlib.contextmanager
 def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = True,
-             alert: Kind | None = None) -> Iterator[Context]:
+             alert: Kind | None = None,
+             settled: list[Settled] | None = None) -> Iterator[Context]:
     """Config, log file, lock and (on a terminal) a progress display for one command.
 
-    With ``alert``, a failure (or interruption) is recorded and sent to the notifiers, and a
-    backup pings heartbeat monitors when it starts.
+    With ``lock``, first settles what killed runs left (``recover.settle``): said as warnings
+    on stderr, or appended to ``settled``. With ``alert``, a failure (or interruption) is
+    recorded and sent to the notifiers, and a backup pings heartbeat monitors when it starts.
     """
     from conexa_backup import events, render
     from conexa_backup.notify.base import Event
@@ -239,15 +242,21 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
                 start_file_log(ctx.config.state_dir)
                 stack.callback(stop_file_logs)
             if lock:
-                from conexa_backup.actions import journal
+                from conexa_backup.actions import recover
                 from conexa_backup.locking import run_lock
-                from conexa_backup.state import sweep_stale
                 stack.enter_context(run_lock(ctx.state_dir(), what))
-                for stale in sweep_stale(ctx.config.state_dir):
-                    logging.getLogger(LOGGER).warning("removed stale scratch %s", stale)
-                recovered = journal.recover(ctx.config.state_dir, ctx.db)
-                if recovered:
-                    STATE.err.print(f"warning: {recovered}", highlight=False)
+                done = recover.settle(ctx)  # what killed runs left: before any new work
+                for line in done.lines():
+                    logging.getLogger(LOGGER).warning("%s", line)
+                if settled is not None:  # `recover` reports it as its answer
+                    settled.append(done)
+                else:
+                    if done.journal:
+                        STATE.err.print(f"warning: {escape(done.journal)}", highlight=False)
+                    if done.removed:
+                        STATE.err.print(f"warning: removed {len(done.removed)} database(s) "
+                                        "or folder(s) left by a killed run: "
+                                        f"{escape(', '.join(done.removed))}", highlight=False)
             if reporter is not None:
                 stack.enter_context(reporter)
             if alert == "backup":
@@ -466,6 +475,20 @@ def restore(
         _emit(as_json, lambda: render.restore_json(result),
               lambda c: render.restore_human(c, result))
     _guard(act)
+
+
+@app.command(rich_help_panel=RECOVERY)
+def recover(as_json: JsonOpt = False) -> None:
+    """Finish or undo a restore a kill interrupted; remove what killed runs left behind."""
+    def act() -> None:
+        settled: list[Settled] = []
+        with _session("recover", lock=True, settled=settled):
+            pass  # the locked session does the work (every locked command does it first)
+        done = settled[0]
+        _emit(as_json, done.to_dict,
+              lambda c: c.print("\n".join(done.lines()) or "nothing to recover",
+                                markup=False, highlight=False))
+    _guard(act, as_json=as_json)
 
 
 @app.command(rich_help_panel=RECOVERY)
