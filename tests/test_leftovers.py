@@ -3,6 +3,10 @@
 - The ``__restoring_`` database and ``.restoring-`` folder of a restore killed outright, and a
   drill's throwaway database, are removed by the next locked run; a live run's are kept, and
   nothing outside our names is ever touched.
+- A pending restore journal (killed between the two swaps) is CRITICAL in ``status`` and a
+  failure in ``list`` until ``recover`` (or any locked run) settles it.
+- Incomplete copies (a prune or backup killed half-way) are counted and sized by ``list`` and
+  ``status``.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conexa_backup.actions import restore_db
+from conexa_backup.actions import journal, restore_db, restore_uploads
+from conexa_backup.testing.compare import tree_snapshot
 from tests.conftest import Workspace
 from tests.test_failures import (
     REAL_BIN,
@@ -31,6 +37,8 @@ from tests.test_failures import (
     processes_with_env,
     wait_for,
 )
+
+PENDING = "an interrupted restore left uploads and database from different backups"
 
 
 def _backup(ws: Workspace) -> str:
@@ -186,3 +194,84 @@ def test_an_interrupt_just_after_create_database_leaves_no_restoring_database(
     monkeypatch.setattr(restore_db.StagedDump, "discard", interrupted)
     ws.cli("restore", backup_id, "--yes", "--no-safety-backup")
     assert _restoring(ws) == []
+
+
+def _interrupted_between_swaps(ws: Workspace, backup_id: str) -> Path:
+    """The state a restore killed between the uploads swap and the database swap leaves:
+    the journal, the restored uploads live (the old ones kept aside), the restored database
+    loaded but not swapped in. Returns where the old uploads are."""
+    restored = restore_db.derived_name(ws.dbname, f"__restoring_{backup_id}_p1")
+    ws.cluster.execute(f'CREATE DATABASE "{restored}" TEMPLATE "{ws.dbname}"')
+    staged = ws.uploads.parent / f".{ws.uploads.name}.restoring-{backup_id}.1@x"
+    staged.mkdir()
+    (staged / "restored.txt").write_text("from the backup")
+    kept = ws.uploads.with_name(f"{ws.uploads.name}.before-restore-{backup_id}")
+    journal.begin(ws.state, uploads=ws.uploads, staged=staged, kept_uploads=kept,
+                  live_db=ws.dbname, restored_db=restored,
+                  keep_db=restore_db.derived_name(ws.dbname, "__before_restore_x"))
+    restore_uploads.swap_in(staged, ws.uploads, kept)
+    return kept
+
+
+def test_a_pending_journal_is_critical_until_recover_settles_it(ws: Workspace) -> None:
+    backup_id = _backup(ws)
+    before = tree_snapshot(ws.uploads)
+    _interrupted_between_swaps(ws, backup_id)
+    assert tree_snapshot(ws.uploads) != before
+
+    status = ws.run("status")
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert status.stdout.startswith("CONEXA-BACKUP CRITICAL - " + PENDING)
+    assert "`conexa-backup recover`" in status.stdout
+    as_json = json.loads(ws.run("status", "--json").stdout)
+    assert as_json["code"] == 2 and as_json["restore_pending"] is True
+    assert PENDING in as_json["summary"]
+    listing = ws.run("list")
+    assert listing.returncode == 1 and PENDING in listing.stderr, listing.stderr
+    assert backup_id in listing.stdout  # the table is still shown
+    listing = ws.run("list", "--json")
+    assert listing.returncode == 1 and PENDING in listing.stderr
+    assert [e["id"] for e in json.loads(listing.stdout)] == [backup_id]
+
+    result = ws.run("recover", "--json")
+    assert_ok(result)
+    assert "rolled back" in json.loads(result.stdout)["journal"]
+    assert tree_snapshot(ws.uploads) == before
+    assert _restoring(ws) == [] and _hidden(ws) == []
+    status = ws.run("status", "--json")
+    assert PENDING not in status.stdout and json.loads(status.stdout)["code"] != 2
+    assert ws.run("list").returncode == 0
+    nothing = ws.run("recover")
+    assert_ok(nothing)
+    assert nothing.stdout.strip() == "nothing to recover"
+
+
+def test_incomplete_copies_are_counted_and_sized(ws: Workspace) -> None:
+    ids = [_backup(ws) for _ in range(3)]
+    # A prune killed half-way: the manifest goes first, some artifacts stay.
+    sizes = 0
+    for backup_id in ids[:2]:
+        (ws.backups / backup_id / "manifest.json").unlink()
+        sizes += sum(p.stat().st_size for p in (ws.backups / backup_id).rglob("*")
+                     if p.is_file())
+    newest = max(datetime.strptime(i.split("-")[0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+                 for i in ids[:2])
+    after = newest + timedelta(days=1)
+
+    listing = assert_ok(ws.run("list"))
+    line = [x for x in listing.splitlines() if "incomplete copies" in x]
+    assert line == [f"2 incomplete copies, {_human(sizes)}, removed by prune after "
+                    f"{after:%Y-%m-%d %H:%M} UTC"], listing
+    entries = {e["id"]: e for e in json.loads(assert_ok(ws.run("list", "--json")))}
+    assert entries[ids[0]]["removed_after"] is not None
+    assert entries[ids[2]]["removed_after"] is None
+    status = ws.run("status")
+    assert line[0] in status.stdout, status.stdout
+    found = json.loads(ws.run("status", "--json").stdout)["incomplete_copies"]
+    assert found == {"copies": 2, "bytes": sizes,
+                     "removed_after": after.isoformat().replace("+00:00", "Z")}
+
+
+def _human(n: int) -> str:
+    from conexa_backup.render import human_bytes
+    return human_bytes(n)

@@ -418,7 +418,7 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     """Every backup: id, time, size, where it is stored, status."""
     from conexa_backup import render
     from conexa_backup.actions import inspect
-    from conexa_backup.state import last_drills
+    from conexa_backup.state import RESTORE_PENDING, last_drills, restore_pending
     def act() -> None:
         unreachable: dict[str, str] = {}
         with _session("list", lock=False, log_file=False, progress=False) as ctx:
@@ -426,6 +426,8 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
             proven = last_drills(ctx.config.state_dir)
         _emit(as_json, lambda: [render.backup_entry(b, proven) for b in reversed(backups)],
               lambda c: render.list_human(c, backups, proven))
+        if restore_pending(ctx.config.state_dir):  # worse than any listing problem
+            _fail(RESTORE_PENDING, ExitCode.FAILURE)
         if unreachable:
             _fail("could not list " + "; ".join(unreachable.values()), ExitCode.PARTIAL)
         if backups and not any(b.good_copies for b in backups):
