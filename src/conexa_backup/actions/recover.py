@@ -1,10 +1,10 @@
 """What every locked run does first, and all that ``conexa-backup recover`` does: settle what
 killed runs left behind.
 
-In this order, which matters: the restore journal first (a swap interrupted half-way is
-finished or undone; until then a restore's hidden folder may hold the live uploads), then the
-databases and folders of restores and drills that are gone (:mod:`leftovers`), and the scratch
-files in ``state_dir`` (``state.sweep_stale``). The caller holds the run lock.
+The scratch files in ``state_dir`` (``state.sweep_stale``: nothing live is ever there); then,
+in this order, which matters: the restore journal (a swap interrupted half-way is finished or
+undone; until then a restore's hidden folder may hold the live uploads), then the databases and
+folders of restores and drills that are gone (:mod:`leftovers`). The caller holds the run lock.
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def settle(ctx: Context) -> Settled:
 
     Raises:
         DatabaseError: the journal names databases and the server cannot be reached (the
-        leftovers are then not looked at: they wait for a run that can).
+        leftovers are then not looked at: they wait for a run that can; stale scratch files
+        are removed all the same).
         OSError: the journal's folders cannot be renamed.
     """
     state_dir = ctx.config.state_dir
-    done = Settled(journal=journal.recover(state_dir, ctx.db))
+    done = Settled(scratch=sweep_stale(state_dir))  # first: it needs no server
+    done.journal = journal.recover(state_dir, ctx.db)
     done.removed = leftovers.sweep(state_dir, leftovers.servers_of(ctx))
-    done.scratch = sweep_stale(state_dir)
     return done
