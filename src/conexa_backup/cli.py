@@ -32,6 +32,7 @@ from conexa_backup.logs import LOGGER, start_file_log, stop_file_logs
 
 if TYPE_CHECKING:
     from conexa_backup.actions.context import Context, Reporter
+    from conexa_backup.actions.recover import Settled
     from conexa_backup.notify.base import Event, Kind
 
 # Start-up time matters (monitoring runs `status` every few minutes, the API's jobs start the
@@ -227,11 +228,13 @@ def _context(reporter: Reporter | None = None) -> Context:
 
 @contextlib.contextmanager
 def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = True,
-             alert: Kind | None = None) -> Iterator[Context]:
+             alert: Kind | None = None,
+             settled: list[Settled] | None = None) -> Iterator[Context]:
     """Config, log file, lock and (on a terminal) a progress display for one command.
 
-    With ``alert``, a failure (or interruption) is recorded and sent to the notifiers, and a
-    backup pings heartbeat monitors when it starts.
+    With ``lock``, first settles what killed runs left (``recover.settle``): said as warnings
+    on stderr, or appended to ``settled``. With ``alert``, a failure (or interruption) is
+    recorded and sent to the notifiers, and a backup pings heartbeat monitors when it starts.
     """
     from conexa_backup import events, render
     from conexa_backup.notify.base import Event
@@ -246,15 +249,21 @@ def _session(what: str, *, lock: bool, log_file: bool = True, progress: bool = T
                 start_file_log(ctx.config.state_dir)
                 stack.callback(stop_file_logs)
             if lock:
-                from conexa_backup.actions import journal
+                from conexa_backup.actions import recover
                 from conexa_backup.locking import run_lock
-                from conexa_backup.state import sweep_stale
                 stack.enter_context(run_lock(ctx.state_dir(), what))
-                for stale in sweep_stale(ctx.config.state_dir):
-                    logging.getLogger(LOGGER).warning("removed stale scratch %s", stale)
-                recovered = journal.recover(ctx.config.state_dir, ctx.db)
-                if recovered:
-                    STATE.err.print(f"warning: {recovered}", highlight=False)
+                done = recover.settle(ctx)  # what killed runs left: before any new work
+                for line in done.lines():
+                    logging.getLogger(LOGGER).warning("%s", line)
+                if settled is not None:  # `recover` reports it as its answer
+                    settled.append(done)
+                else:
+                    if done.journal:
+                        STATE.err.print(f"warning: {escape(done.journal)}", highlight=False)
+                    if done.removed:
+                        STATE.err.print(f"warning: removed {len(done.removed)} database(s) "
+                                        "or folder(s) left by a killed run: "
+                                        f"{escape(', '.join(done.removed))}", highlight=False)
             if reporter is not None:
                 stack.enter_context(reporter)
             if alert == "backup":
@@ -416,7 +425,7 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
     """Every backup: id, time, size, where it is stored, status."""
     from conexa_backup import render
     from conexa_backup.actions import inspect
-    from conexa_backup.state import last_drills
+    from conexa_backup.state import RESTORE_PENDING, last_drills, restore_pending
     def act() -> None:
         unreachable: dict[str, str] = {}
         with _session("list", lock=False, log_file=False, progress=False) as ctx:
@@ -424,6 +433,8 @@ def list_(as_json: JsonOpt = False, target: TargetOpt = None) -> None:
             proven = last_drills(ctx.config.state_dir)
         _emit(as_json, lambda: [render.backup_entry(b, proven) for b in reversed(backups)],
               lambda c: render.list_human(c, backups, proven))
+        if restore_pending(ctx.config.state_dir):  # worse than any listing problem
+            _fail(RESTORE_PENDING, ExitCode.FAILURE)
         if unreachable:
             _fail("could not list " + "; ".join(unreachable.values()), ExitCode.PARTIAL)
         if backups and not any(b.good_copies for b in backups):
@@ -473,6 +484,20 @@ def restore(
         _emit(as_json, lambda: render.restore_json(result),
               lambda c: render.restore_human(c, result))
     _guard(act)
+
+
+@app.command(rich_help_panel=RECOVERY)
+def recover(as_json: JsonOpt = False) -> None:
+    """Finish or undo a restore a kill interrupted; remove what killed runs left behind."""
+    def act() -> None:
+        settled: list[Settled] = []
+        with _session("recover", lock=True, settled=settled):
+            pass  # the locked session does the work (every locked command does it first)
+        done = settled[0]
+        _emit(as_json, done.to_dict,
+              lambda c: c.print("\n".join(done.lines()) or "nothing to recover",
+                                markup=False, highlight=False))
+    _guard(act, as_json=as_json)
 
 
 @app.command(rich_help_panel=RECOVERY)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from conexa_backup.actions.incomplete import Incomplete, incomplete, removed_after
 from conexa_backup.actions.monitor import LEVELS, drill_failure
 
 if TYPE_CHECKING:  # types only: the CLI imports each action when its command runs
@@ -134,6 +135,9 @@ def backup_entry(b: Backup, drills: Drills | None = None) -> dict[str, Any]:
         "damaged_targets": {c.target.name: {"at": why[0], "why": why[1], "reason": c.reason}
                             for c in b.copies if (why := c.why_damaged) is not None},
         "incomplete_targets": [c.target.name for c in b.copies if c.state == "incomplete"],
+        # When prune may remove its incomplete copies (None: it has none).
+        "removed_after": iso(removed_after(b.id)) if any(
+            c.state == "incomplete" for c in b.copies) else None,
         "drills": proven,
         "signed_by": b.signed_by,  # the trusted key its signature verified with ([signing])
     }
@@ -145,10 +149,27 @@ def _drill_summary(d: dict[str, Any]) -> dict[str, Any]:
             "failed": None if d.get("ok") else drill_failure(d)}
 
 
+def incomplete_line(found: Incomplete) -> str | None:
+    """``2 incomplete copies, 140.0 MiB, removed by prune after …``, or None."""
+    return found.describe(human_bytes(found.bytes))
+
+
+def incomplete_json(found: Incomplete) -> dict[str, Any]:
+    return {"copies": found.copies, "bytes": found.bytes,
+            "removed_after": iso(found.removed_after)}
+
+
 def list_human(console: Console, backups: Sequence[Backup], drills: Drills | None = None) -> None:
     if not backups:
         console.print("no backups yet")
         return
+    _list_table(console, backups, drills)
+    line = incomplete_line(incomplete(backups))
+    if line is not None:  # under the table and its notes: disk the table does not show
+        console.print(line, markup=False, highlight=False)
+
+
+def _list_table(console: Console, backups: Sequence[Backup], drills: Drills | None) -> None:
     table = Table(box=None, pad_edge=False)
     signed = any(b.signed_by for b in backups)  # which key signed each: after a rotation
     for col in ("ID", "Created (UTC)", "Kind", "Size", "Targets", "Status", "Drill",
@@ -204,6 +225,8 @@ def status_json(h: Health) -> dict[str, Any]:
         "last_backup": backup_entry(h.last) if h.last else None,
         "age_seconds": round(h.age_seconds) if h.age_seconds is not None else None,
         "incomplete_backups": h.incomplete,
+        "incomplete_copies": incomplete_json(h.leftovers),
+        "restore_pending": h.restore_pending,
         "last_backup_run": h.last_run,
         "last_drill": h.last_drill,
         "targets": [{
@@ -246,6 +269,9 @@ def status_human(console: Console, h: Health) -> None:
     if h.last_run is not None:
         console.print(f"  last backup run: {h.last_run.get('outcome')} at "
                       f"{h.last_run.get('time')}", markup=False, highlight=False)
+    line = incomplete_line(h.leftovers)
+    if line is not None:
+        console.print(f"  {line}", markup=False, highlight=False)
 
 
 # -- verify / check / restore -----------------------------------------------------------------

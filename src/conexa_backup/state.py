@@ -30,6 +30,19 @@ VERIFIED = "verified.json"
 DAMAGED = "damaged.json"
 DRILLS = "drills.json"
 KEEP_DRILLS = 500
+RESTORE_JOURNAL = "restore-journal.json"  # written and read by actions/journal.py
+# What every command that reads the state says while a journal is pending (CRITICAL): the
+# live database and uploads may come from different backups until a locked run settles it.
+RESTORE_PENDING = (
+    "an interrupted restore left uploads and database from different backups; run any locked "
+    "command, e.g. `conexa-backup backup` or `conexa-backup recover`, to finish or undo it")
+
+
+def restore_pending(state_dir: Path) -> bool:
+    """Whether a restore's swap was interrupted and is not yet finished or undone (the journal
+    ``actions/journal.recover`` settles). Here, not there: ``status`` and ``list`` ask, and
+    must not load psycopg to."""
+    return (state_dir / RESTORE_JOURNAL).exists()
 
 
 def _read(path: Path) -> dict[str, Any]:

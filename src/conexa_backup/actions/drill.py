@@ -30,7 +30,7 @@ from typing import IO
 import psycopg
 
 from conexa_backup import postgres
-from conexa_backup.actions import preflight, restore_db, restore_uploads
+from conexa_backup.actions import leftovers, preflight, restore_db, restore_uploads
 from conexa_backup.actions.context import Context
 from conexa_backup.actions.restore_packs import read_index
 from conexa_backup.catalog import Backup, Copy, Use, proves_damage
@@ -127,7 +127,7 @@ class _Drill:
         objective = parse_duration(ctx.config.drill.rto_objective).total_seconds()
         self.result = DrillResult(backup.id, copy.target.name, datetime.now(UTC), objective,
                                   size_bytes=manifest.size_bytes)
-        self.created_db = False
+        self.record: Path | None = None  # the leftovers record of its database, once made
 
     def step(self, name: str, action: Callable[[], str], *, critical: bool = True) -> None:
         """Run one step and record it; a failed ``critical`` step raises _Stop (what follows
@@ -147,9 +147,17 @@ class _Drill:
         if not ok and critical:
             raise _Stop(name)
 
+    def claim_database(self) -> None:
+        """Record the throwaway database before it exists: a drill killed outright leaves it
+        to the next locked run (:mod:`leftovers`); its folder is swept from ``drills/``."""
+        self.record = leftovers.claim(self.ctx.config.state_dir, "drill",
+                                      databases=[("drill", self.dbname)])
+
     def cleanup(self) -> None:
-        if self.created_db:
-            restore_db.drop_database(self.info, self.dbname)
+        """Drop the database (recorded: a failed drop is retried by the next locked run) and
+        remove the folder; never raises but for an interrupt."""
+        if self.record is not None:
+            leftovers.settle(self.record, lambda _role: self.info)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -170,7 +178,7 @@ def _database_steps(d: _Drill) -> None:
             # Ours before it exists: the name is this drill's own, and a signal landing just
             # after CREATE DATABASE (before any line below it) would otherwise leave it
             # behind. Dropping one never created is a no-op (DROP ... IF EXISTS).
-            d.created_db = True
+            d.claim_database()
             # A dump whose data offsets we filled in is counted at once (and restored as
             # stored if that fails); the row counts step then reports that count.
             summary = restore_db.restore_checked(d.info, staged, db, d.dbname, count=False)

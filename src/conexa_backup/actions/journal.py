@@ -19,10 +19,12 @@ from psycopg import sql
 
 from conexa_backup.actions import restore_db, restore_uploads
 from conexa_backup.postgres import ConnInfo
+from conexa_backup.state import RESTORE_JOURNAL as JOURNAL
+from conexa_backup.state import restore_pending as pending
 from conexa_backup.state import write_json
 
+__all__ = ["JOURNAL", "begin", "end", "pending", "recover"]
 log = logging.getLogger(__name__)
-JOURNAL = "restore-journal.json"
 
 
 def begin(state_dir: Path, *, uploads: Path | None, staged: Path | None,

@@ -7,8 +7,11 @@ damaged (found bad by a verify, drill or restore, see ``Copy.state``), a target'
 backup was stored with warnings or suspect uploads (an empty or shrunken folder), or the last
 backup run failed or was partial while copies are still fresh; CRITICAL (2): a target's
 newest *trusted* backup (``Backup.trusts``: complete, not damaged, uploads not suspect) is
-older than ``max_backup_age`` (or there is none); UNKNOWN (3): the state cannot be read
-(bad config, a target that cannot be listed).
+older than ``max_backup_age`` (or there is none), or a restore's swap was interrupted and
+not yet settled (the restore journal is pending: the live database and uploads may come from
+different backups until a locked run finishes or undoes it); UNKNOWN (3): the state cannot be
+read (bad config, a target that cannot be listed). Incomplete copies (no manifest) are counted
+and sized (``incomplete``), not judged: prune removes them after a day.
 """
 
 from __future__ import annotations
@@ -21,10 +24,19 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from conexa_backup.actions.context import Context
+from conexa_backup.actions.incomplete import Incomplete, incomplete
 from conexa_backup.catalog import Backup
 from conexa_backup.durations import human_duration, parse_duration
 from conexa_backup.manifest import Manifest
-from conexa_backup.state import atomic_write, checks, drill_records, drills, runs
+from conexa_backup.state import (
+    RESTORE_PENDING,
+    atomic_write,
+    checks,
+    drill_records,
+    drills,
+    restore_pending,
+    runs,
+)
 
 if TYPE_CHECKING:
     from conexa_backup.config.models import Config
@@ -63,6 +75,8 @@ class Health:
     last: Backup | None = None  # the newest trusted backup anywhere (Backup.trusted)
     age_seconds: float | None = None
     last_drill: dict[str, Any] | None = None
+    leftovers: Incomplete = field(default_factory=Incomplete)  # incomplete copies, sized
+    restore_pending: bool = False  # an interrupted restore's journal (CRITICAL)
 
     @property
     def label(self) -> str:
@@ -237,6 +251,10 @@ def health(ctx: Context, now: datetime | None = None,
         if why is not None:
             level = worst([level, 1])
             problems.append(why)
+    pending = restore_pending(ctx.config.state_dir)
+    if pending:  # first: nothing else in the summary matters as much
+        level = worst([level, 2])
+        problems.insert(0, RESTORE_PENDING)
     summary = "; ".join(problems) if problems else _ok_summary(targets)
     good = [b for b in backups if b.trusted and b.manifest is not None]
     newest = good[-1] if good else None
@@ -245,7 +263,7 @@ def health(ctx: Context, now: datetime | None = None,
     recorded = drills(ctx.config.state_dir)
     return Health(level, targets, last, summary,
                   sum(1 for b in backups if not b.complete_copies), newest, age,
-                  recorded[-1] if recorded else None)
+                  recorded[-1] if recorded else None, incomplete(backups), pending)
 
 
 CLOCK_SLACK = timedelta(minutes=5)  # hosts' clocks disagree by seconds; a step is more

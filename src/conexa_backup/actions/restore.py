@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from conexa_backup import signals
-from conexa_backup.actions import journal, preflight, restore_db, restore_uploads
+from conexa_backup.actions import journal, leftovers, preflight, restore_db, restore_uploads
 from conexa_backup.actions.backup import run_backup
 from conexa_backup.actions.context import Context
 from conexa_backup.catalog import Backup, Use
@@ -145,9 +146,17 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
 
     restored_db: str | None = None
     staged_uploads: Path | None = None
+    # Recorded before they exist: a run killed while loading or extracting leaves them to the
+    # next locked run (leftovers.sweep). A database restored side by side is named by the
+    # user, not by us: it is not recorded (see README, "How a restore works").
+    loading = _restoring_name(plan)
+    record = leftovers.claim(
+        ctx.config.state_dir, "restore", databases=[("db", loading)] if loading else [],
+        folders=[restore_uploads.staging_path(plan.uploads, plan.backup.id)]
+        if plan.uploads is not None else [])
     try:
         if plan.database is not None:
-            restored_db = _prepare_database(ctx, plan, opts, result)
+            restored_db = _prepare_database(ctx, plan, opts, result, loading)
         if plan.uploads is not None:
             ctx.reporter.step("extracting uploads")
             staged_uploads = restore_uploads.extract(ctx, plan.backup, plan.uploads,
@@ -161,19 +170,34 @@ def run_restore(ctx: Context, opts: RestoreOptions) -> RestoreResult:
         if staged_uploads is not None and staged_uploads.exists():
             restore_uploads.remove_tree(staged_uploads)
         raise
+    finally:
+        # Whatever is still there under the recorded names (a signal between CREATE DATABASE
+        # and the line that would have noted it); swapped in, they no longer exist.
+        leftovers.settle(record, leftovers.servers_of(ctx))
     result.seconds = time.monotonic() - t0
     log.info("restore of %s finished in %.1f s", plan.backup.id, result.seconds)
     return result
 
 
+def _restoring_name(plan: _Plan) -> str | None:
+    """The database an in-place restore loads, ``<db>__restoring_<id>_p<pid>`` (whose it is:
+    the leftovers record says the rest); None when the database is not restored in place."""
+    if plan.database is None or not plan.in_place_db:
+        return None
+    return restore_db.derived_name(plan.database,
+                                   f"__restoring_{plan.backup.id}_p{os.getpid()}")
+
+
 def _prepare_database(ctx: Context, plan: _Plan, opts: RestoreOptions,
-                      result: RestoreResult) -> str:
-    """Restore into the final name (side by side) or a temporary one (in place)."""
+                      result: RestoreResult, loading: str | None) -> str:
+    """Restore into the final name (side by side) or ``loading`` (in place)."""
     assert plan.database is not None and plan.manifest.database is not None
-    name = plan.database
+    name = loading or plan.database
     if plan.in_place_db:
-        name = restore_db.derived_name(plan.database, f"__restoring_{plan.backup.id}")
-        restore_db.drop_database(ctx.db, name)  # a leftover of an interrupted restore of ours
+        # Versions before leftovers records named it without the pid, and never removed it
+        # unless the same backup was restored again; the run lock says it is no one's now.
+        restore_db.drop_database(ctx.db, restore_db.derived_name(
+            plan.database, f"__restoring_{plan.backup.id}"))
     ctx.reporter.step("fetching database dump")
     dump = restore_db.fetch_dump(ctx, plan.backup, opts.source, result.fallbacks,
                                  result.read_from)

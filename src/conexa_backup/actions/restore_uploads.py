@@ -22,6 +22,7 @@ from conexa_backup.actions.fetch import from_first_good, local_writes, read_plai
 from conexa_backup.catalog import Backup, Copy
 from conexa_backup.errors import ConexaError, UnusableCopyError, UsageError
 from conexa_backup.manifest import Manifest
+from conexa_backup.scratch import scratch_name
 
 if TYPE_CHECKING:
     from conexa_backup.actions.context import Context
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 
 
 def staging_path(dest: Path, backup_id: str) -> Path:
+    """Where the uploads of ``backup_id`` are extracted before the swap: a hidden sibling of
+    ``dest`` named for this process, ``.<dest>.restoring-<id>.<pid>@<where>`` (see
+    :mod:`conexa_backup.scratch`), recorded by the restore before it exists
+    (:mod:`leftovers`)."""
+    return dest.parent / scratch_name(f".{dest.name}.restoring-{backup_id}")
+
+
+def _legacy_staging_path(dest: Path, backup_id: str) -> Path:
+    """The name versions before leftovers records used (no owner in it)."""
     return dest.parent / f".{dest.name}.restoring-{backup_id}"
 
 
@@ -68,7 +78,10 @@ def extract(ctx: Context, backup: Backup, dest: Path, source: str | None,
     def attempt(copy: Copy, manifest: Manifest) -> Path:
         expected = manifest.uploads
         assert expected is not None
-        remove_tree(staging)  # a leftover of an interrupted restore of ours
+        remove_tree(staging)  # what this run's attempt on a copy before this one left
+        # An older version's leftover: restores hold the run lock, drills extract into a
+        # folder of their own.
+        remove_tree(_legacy_staging_path(dest, backup.id))
         got: uploads_index.Counts | archive.TreeStats
         try:
             with local_writes(dest.parent):
