@@ -10,6 +10,9 @@ first upload whose key ends with ``/ARTIFACT`` is the one); POINT is
 - ``committed``: every live target has committed it, and the run has not yet seen it
   returned.
 
+``SIGNAL_AT=prune:start:SIGNAL`` sends it as the prune after a complete backup begins on a
+target (the backup is committed and kept).
+
 With ``DELETE_FAILS=NAME``, every delete on the local target NAME fails (a target that went
 away while the run cleaned up).
 
@@ -27,13 +30,14 @@ import sys
 from typing import Any
 
 from conexa_backup.__main__ import main
+from conexa_backup.actions import prune as prune_module
 from conexa_backup.errors import StorageError
 from conexa_backup.storage.base import ObjectInfo
 from conexa_backup.storage.fanout import MultiUpload
 from conexa_backup.storage.local import LocalTarget
 
 ARTIFACT, POINT, SIGNAL = os.environ["SIGNAL_AT"].split(":")
-assert POINT in ("first-target", "committed"), POINT
+assert POINT in ("first-target", "committed", "start"), POINT
 _done = False
 
 
@@ -73,6 +77,17 @@ def _commit_then_signal(self: MultiUpload) -> dict[str, ObjectInfo]:
 
 
 MultiUpload.commit = _commit_then_signal  # type: ignore[method-assign]
+
+_prune_target = prune_module.prune_target
+
+
+def _signal_then_prune(*args: Any, **kwargs: Any) -> Any:
+    if ARTIFACT == "prune" and not _done:
+        _send()
+    return _prune_target(*args, **kwargs)
+
+
+prune_module.prune_target = _signal_then_prune
 
 _delete = LocalTarget.delete
 DELETE_FAILS = os.environ.get("DELETE_FAILS")

@@ -108,3 +108,16 @@ def test_a_restores_safety_backup_interrupted_half_way_leaves_nothing(
     assert sorted(p.relative_to(ws.uploads).as_posix() for p in ws.uploads.rglob("*")) == uploads
     # And the restore runs whole afterwards, from the same backup.
     assert_ok(ws.run("restore", backup_id, "--yes"))
+
+
+def test_a_backup_interrupted_while_pruning_says_it_is_complete(ws: Workspace) -> None:
+    """Found by review of issue 20: a signal during the prune that follows a committed backup
+    said "partial work was removed", while the backup is complete and stays (as it must)."""
+    second = _two_targets(ws)
+    at = "prune:start:SIGTERM"
+    result = _run_signalled(ws, at, "backup")
+    ids = {p.name for p in ws.backups.iterdir() if (p / "manifest.json").exists()}
+    assert len(ids) == 1 and (second / next(iter(ids)) / "manifest.json").exists(), ids
+    _assert_interrupted(result, at, f"backup {next(iter(ids))} is complete on local, second and "
+                        "kept; the prune after it was interrupted (the next one finishes it)")
+    assert ws.run("verify", "latest").returncode == 0

@@ -470,7 +470,12 @@ def run_backup(
     log.info("backup %s complete on %s (%d bytes, %.1f s)", run.backup_id, ", ".join(stored),
              manifest.size_bytes, result.seconds)
     if prune:
-        result.pruned = _prune_after(ctx, run, stored)
+        try:
+            result.pruned = _prune_after(ctx, run, stored)
+        except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: the backup itself is done
+            exc.add_note(f"backup {run.backup_id} is complete on {', '.join(stored)} and "
+                         "kept; the prune after it was interrupted (the next one finishes it)")
+            raise
     if run.failures:
         failed = "; ".join(run.failures.values())
         raise PartialFailure(f"backup {run.backup_id} is complete on {', '.join(stored)} "
