@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEATH_SIGNAL = signal.SIGTERM
 
@@ -72,9 +73,16 @@ except OSError as exc:
 """
 
 
+# The interpreter running us, as the kernel knows it: ``sys.executable`` may name a path this
+# user cannot execute (a venv whose python links into root's 0700 home, run by another user:
+# the process runs, yet exec of that path is refused). Exec'ed in the forked child, this
+# magic link is that very binary, reached without walking the path again.
+INTERPRETER = "/proc/self/exe"
+
+
 def supported() -> bool:
-    """Whether children can be tied to us: Linux, and an interpreter to run the helper."""
-    return sys.platform == "linux" and bool(sys.executable)
+    """Whether children can be tied to us: Linux, with /proc (to run the helper)."""
+    return sys.platform == "linux" and Path(INTERPRETER).exists()
 
 
 def wrap(program: str, argv: Sequence[str], parent: int | None = None) -> list[str]:
@@ -87,6 +95,6 @@ def wrap(program: str, argv: Sequence[str], parent: int | None = None) -> list[s
     """
     if not supported():
         return list(argv)
-    return [sys.executable, "-I", "-S", "-c", HELPER,
+    return [INTERPRETER, "-I", "-S", "-c", HELPER,
             str(os.getpid() if parent is None else parent), str(int(DEATH_SIGNAL)), program,
             *argv]
