@@ -232,6 +232,11 @@ def test_a_pending_journal_is_critical_until_recover_settles_it(ws: Workspace) -
     listing = ws.run("list", "--json")
     assert listing.returncode == 1 and PENDING in listing.stderr
     assert [e["id"] for e in json.loads(listing.stdout)] == [backup_id]
+    # The metrics file, written by runs that take no lock (verify, drills), says it too.
+    prom = ws.root / "conexa.prom"
+    ws.config.write_text(ws.config.read_text() + f'[monitoring]\nmetrics_file = "{prom}"\n')
+    ws.run("verify", backup_id)
+    assert "conexa_backup_restore_pending 1\n" in prom.read_text()
 
     result = ws.run("recover", "--json")
     assert_ok(result)
@@ -241,6 +246,8 @@ def test_a_pending_journal_is_critical_until_recover_settles_it(ws: Workspace) -
     status = ws.run("status", "--json")
     assert PENDING not in status.stdout and json.loads(status.stdout)["code"] != 2
     assert ws.run("list").returncode == 0
+    ws.run("verify", backup_id)
+    assert "conexa_backup_restore_pending 0\n" in prom.read_text()
     nothing = ws.run("recover")
     assert_ok(nothing)
     assert nothing.stdout.strip() == "nothing to recover"

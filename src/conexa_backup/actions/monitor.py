@@ -372,6 +372,11 @@ def metrics_text(ctx: Context) -> str:
           "verified since (alert on > 0).",
           [(f'{{target="{t.name}"}}', float(sum(1 for _, where in damaged if where == t.name)))
            for t in ctx.config.targets])
+    # Written by verify and drills too (not locked: they never settle it), so a restore a
+    # kill left half-swapped alerts before the next locked run.
+    gauge("restore_pending", "1 while an interrupted restore's journal is pending: uploads "
+          "and database may come from different backups (alert on 1).",
+          [("", float(restore_pending(ctx.config.state_dir)))])
     return "\n".join(lines) + "\n"
 
 
