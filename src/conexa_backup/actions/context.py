@@ -167,6 +167,11 @@ class Context:
         return Keys(self.state_dir("staging"), self._identities)
 
     def _identities(self) -> list[Any]:
+        return self._loaded_identities
+
+    @cached_property
+    def _loaded_identities(self) -> list[Any]:
+        """Read once per run: a restore's preflight and each artifact it decrypts ask."""
         enc = self.config.encryption
         if enc.identity is not None:
             return load_identities(enc.identity.get_secret_value(), "encryption.identity")

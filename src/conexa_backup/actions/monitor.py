@@ -272,12 +272,11 @@ CLOCK_SLACK = timedelta(minutes=5)  # hosts' clocks disagree by seconds; a step 
 def _clock_behind(backups: Sequence[Backup], now: datetime) -> str | None:
     """A warning when this host's clock is behind the newest complete backup's finish
     (a clock stepped back: ages would be negative and a new backup would be refused)."""
-    finished = [m.finished_at for b in backups if (m := b.manifest) is not None]
-    if not finished or max(finished) <= now + CLOCK_SLACK:
+    dated = [(m.finished_at, b.id) for b in backups if (m := b.manifest) is not None]
+    if not dated or (newest := max(dated))[0] <= now + CLOCK_SLACK:
         return None
-    ahead = next(b for b in backups if b.manifest and b.manifest.finished_at == max(finished))
     return (f"this host's clock ({now:%Y-%m-%d %H:%M} UTC) is behind the newest backup, "
-            f"{ahead.id}, which finished at {max(finished):%Y-%m-%d %H:%M} UTC: fix the clock")
+            f"{newest[1]}, which finished at {newest[0]:%Y-%m-%d %H:%M} UTC: fix the clock")
 
 
 def _verify_failed(recorded: Sequence[Mapping[str, Any]]) -> str | None:
